@@ -1,0 +1,298 @@
+"""Offline pruning baselines: magnitude, Wanda and SparseGPT, and the sequential driver that runs them.
+
+This file owns the three one-shot pruners of the paper's tables, each a pure function of tensors
+(W, its calibration statistics, rho) to a mask, and `prune_model`, which walks an OPT model block by
+block as the references do. Throughout, `rho` is the *active-weight ratio*: rho = 0.4 keeps 40% of
+each decoder Linear and prunes 60%. W is [d_out, d_in], as nn.Linear stores it; masks are bool, True = kept.
+
+    magnitude   S_ij = |W_ij|                       (Zhu & Gupta 2017; one threshold per matrix)
+    Wanda       S_ij = |W_ij| * ||X_j||_2           (Sun et al. 2023; compared within each output row)
+    SparseGPT   OBS with H = 2 X X^T, column by column through the Cholesky factor of H^-1
+                (Frantar & Alistarh 2023)
+
+References: locuslab/wanda `lib/prune.py` and IST-DASLab/sparsegpt `sparsegpt.py`; every deliberate
+difference from them is written next to the line it concerns. Imports: torch, numpy, tqdm, opt_model.
+"""
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from opt_model import UsageError
+
+SELECTS = ("sort", "topk", "kthvalue", "partition")
+# Measured by benchmarks/bench_pruners.py: numpy's introselect beats every torch kernel on CPU rows;
+# on CUDA `partition` would be a round trip to the host, and kthvalue is the fastest exact kernel there.
+FASTEST_SELECT = {"cpu": "partition", "cuda": "kthvalue"}
+# 1 - rho is computed in binary floating point (1 - 0.8 = 0.19999999999999996); rounding it to this
+# many decimals gives the count the references get from the decimal sparsity the user typed.
+SPARSITY_DECIMALS = 12
+
+
+def default_select(device) -> str:
+    return FASTEST_SELECT.get(torch.device(device).type, "kthvalue")
+
+
+def prune_count(n: int, rho: float) -> int:
+    """How many of n weights are pruned: int(n * (1 - rho)), as both references count."""
+    return int(n * round(1.0 - rho, SPARSITY_DECIMALS))
+
+
+def check_rho(rho: float) -> None:
+    if not 0.0 < rho <= 1.0:
+        raise UsageError(f"rho is the active-weight ratio and must lie in (0, 1], got {rho}")
+
+
+def check_nm(nm, d_in: int) -> None:
+    N, M = nm
+    if not 0 < N < M:
+        raise UsageError(f"an N:M pattern prunes N of every M weights and needs 0 < N < M, got {N}:{M}")
+    if d_in % M:
+        raise UsageError(f"N:M pruning needs d_in divisible by M, got d_in={d_in} and M={M}")
+
+
+# -----------------------------------------------------------------------------
+# Exact-k selection: the one rule every method uses
+
+
+def kth_smallest(S: torch.Tensor, k: int, select: str) -> torch.Tensor:
+    """The k-th smallest value of each row of S (rows, n) -> (rows,), by the kernel `select` names."""
+    if select == "topk":
+        return torch.topk(S, k, dim=1, largest=False, sorted=False).values.amax(dim=1)
+    if select == "partition" and S.device.type == "cpu":
+        # numpy's introselect, O(n) per row; it needs a host float32 array, so on CUDA we use kthvalue
+        row_kth = np.partition(S.detach().float().numpy(), k - 1, axis=1)[:, k - 1]
+        return torch.from_numpy(row_kth).to(S.dtype)
+    return torch.kthvalue(S, k, dim=1).values
+
+
+def prune_lowest(S: torch.Tensor, k: int, select: str = "sort") -> torch.Tensor:
+    """Bool mask, True on the k smallest scores of each row of S (..., n), ties to the lower index.
+
+    This is Wanda's own rule, `torch.sort(S, dim=-1, stable=True)[1][:, :k]`, and `select="sort"` runs it
+    literally. The other selects find the k-th smallest value t instead and prune every S < t, then as
+    many S == t as are still needed, lowest index first -- the same set as the stable sort, ties included.
+    (A bare `S <= t` would prune every tie, e.g. all weights of an input column that was always zero.)
+    """
+    if select not in SELECTS:
+        raise UsageError(f"select must be one of {SELECTS}, got {select!r}")
+    shape = S.shape
+    S = S.reshape(-1, shape[-1])  # (rows, n)
+    if k == 0:
+        return torch.zeros(shape, dtype=torch.bool, device=S.device)
+    if select == "sort":
+        order = torch.sort(S, dim=1, stable=True).indices[:, :k]
+        return torch.zeros_like(S, dtype=torch.bool).scatter_(1, order, True).reshape(shape)
+    t = kth_smallest(S, k, select)[:, None]  # (rows, 1)
+    pruned = S <= t
+    if (pruned.sum(dim=1) > k).any():  # ties at t in some row: keep the lowest-index ones pruned
+        ties = S == t
+        still_needed = k - (pruned & ~ties).sum(dim=1, keepdim=True)
+        pruned &= ~ties | (ties.cumsum(dim=1) <= still_needed)
+    return pruned.reshape(shape)
+
+
+def keep_mask(S: torch.Tensor, k: int, select: str = "sort", nm=None) -> torch.Tensor:
+    """Kept-weight mask of scores S (d_out, d_in): prune k per row, or N in every group of M columns."""
+    if nm is not None:
+        # a group is a tiny row of M scores; a stable sort of it is exact and cheap
+        N, M = nm
+        return ~prune_lowest(S.reshape(*S.shape[:-1], -1, M), N, "sort").reshape(S.shape)
+    return ~prune_lowest(S, k, select)
+
+
+# -----------------------------------------------------------------------------
+# Magnitude and Wanda: a score, then the selection
+
+
+def magnitude_mask(W: torch.Tensor, rho: float, group: str = "matrix", nm=None) -> torch.Tensor:
+    """Keep the largest |W_ij|: the rho fraction of the whole matrix (`group="matrix"`, as SparseGPT's
+    and Wanda's magnitude baselines) or of each output row (`group="row"`). With nm = (N, M), N of every
+    M consecutive weights of a row are pruned instead and rho is not used.
+
+    Difference from the references: their matrix rule is `thresh = sort(|W|)[k]; prune |W| <= thresh`,
+    which prunes k + 1 weights (more with ties). We prune exactly k, ties to the lower flat index.
+    """
+    check_rho(rho)
+    if group not in ("matrix", "row"):
+        raise UsageError(f"magnitude group must be 'matrix' or 'row', got {group!r}")
+    if nm is not None:
+        check_nm(nm, W.shape[1])
+    S = W.detach().abs().float()
+    select = default_select(W.device)
+    if group == "row" or nm is not None:
+        return keep_mask(S, prune_count(W.shape[1], rho), select, nm)
+    return keep_mask(S.reshape(1, -1), prune_count(W.numel(), rho), select).reshape(W.shape)
+
+
+def wanda_score(W: torch.Tensor, x_sqnorm: torch.Tensor) -> torch.Tensor:
+    """S_ij = |W_ij| * ||X_j||_2, with x_sqnorm_j = ||X_j||_2^2; float32 like the reference's product."""
+    return W.detach().abs().float() * x_sqnorm.float().sqrt()  # (d_out, d_in) * (d_in,)
+
+
+def wanda_mask(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, select: str | None = None,
+               nm=None) -> torch.Tensor:
+    """Wanda: in each output row keep the rho fraction of the largest S_ij = |W_ij| * ||X_j||_2.
+
+    x_sqnorm (d_in,) is sum_t X_tj^2 over a prompt's tokens (μ-MoE), or its mean over calibration windows
+    (the reference's `scaler_row`). Exactly int(d_in * (1 - rho)) weights per row are pruned, ties to the
+    lower column index; every `select` gives the identical mask, None picks the fastest on W's device.
+    With nm = (N, M), N of every M consecutive weights of a row are pruned instead and rho is not used.
+    """
+    check_rho(rho)
+    d_out, d_in = W.shape
+    if x_sqnorm.shape != (d_in,):
+        raise UsageError(f"x_sqnorm must have shape ({d_in},) for W of shape {tuple(W.shape)}, "
+                         f"got {tuple(x_sqnorm.shape)}")
+    if nm is not None:
+        check_nm(nm, d_in)
+    select = select or default_select(W.device)
+    return keep_mask(wanda_score(W, x_sqnorm), prune_count(d_in, rho), select, nm)
+
+
+# -----------------------------------------------------------------------------
+# SparseGPT
+
+
+def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, rho: float, blocksize: int = 128,
+                    percdamp: float = 0.01, nm=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT: prune W column by column and let the surviving weights absorb each column's error.
+
+    For the layer loss ||(W - Ŵ) X||^2 with Hessian H = 2 X X^T, Optimal Brain Surgeon removes weight
+    w_q at the cost w_q^2 / [H^-1]_qq and corrects the rest of its row by -w_q / [H^-1]_qq * H^-1_{q,:}.
+    Eliminating columns left to right, the needed rows of each successive inverse are the rows of the
+    upper Cholesky factor U of H^-1 (H^-1 = U^T U), so with d = U_ii, for each column i:
+
+        q = w with the pruned entries zeroed;   err = (w - q) / d;   W[:, i:] -= err ⊗ U[i, i:]
+
+    The mask is chosen per block of `blocksize` columns from the scores W^2 / diag(U)^2 over all rows
+    x block columns; inside a block the updates are applied at once to the later columns ("lazy batch").
+    Returns (W_pruned in W's dtype, mask). The scale of H does not matter (H is damped relative to its
+    own diagonal mean and the updates are scale-free), so any multiple of sum X^T X gives the same result.
+
+    Differences from the reference `fasterprune`: exactly k = int(numel_block * (1 - rho)) per block
+    (the reference's `<= sort[k]` prunes k + 1), exactly N per group with ties to the lower index (the
+    reference uses topk), and rho = 1 returns W untouched (the reference still zeroes dead columns).
+    """
+    check_rho(rho)
+    d_out, d_in = W.shape
+    if H.shape != (d_in, d_in):
+        raise UsageError(f"H must have shape ({d_in}, {d_in}) for W of shape {tuple(W.shape)}, "
+                         f"got {tuple(H.shape)}")
+    if nm is not None:
+        check_nm(nm, d_in)
+        if blocksize % nm[1]:
+            raise UsageError(f"blocksize {blocksize} must be a multiple of M={nm[1]} so no N:M group spans blocks")
+    keep = torch.ones_like(W, dtype=torch.bool)
+    if rho == 1.0 and nm is None:
+        return W.detach().clone(), keep
+    W_hat = W.detach().float().clone()
+    H = H.detach().float().clone()
+    if not torch.isfinite(H).all():
+        raise UsageError("H has inf or NaN entries: the calibration activations overflowed "
+                         "(gather them in float32 from a float32 or bfloat16 model)")
+
+    dead = torch.diag(H) == 0  # inputs that were always zero: their weights can go for free
+    H[dead, dead] = 1
+    W_hat[:, dead] = 0
+    H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
+    try:
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise UsageError(f"SparseGPT: H is not positive definite after dampening with percdamp={percdamp}; "
+                         "try a larger percdamp (e.g. 0.1) or more calibration samples") from None
+
+    for i1 in range(0, d_in, blocksize):
+        i2 = min(i1 + blocksize, d_in)
+        W1 = W_hat[:, i1:i2].clone()  # (d_out, count), updated as columns are pruned
+        U1 = U[i1:i2, i1:i2]
+        d = torch.diag(U1)
+        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        if nm is None:
+            pruned1 = ~keep_mask((W1 ** 2 / d[None, :] ** 2).reshape(1, -1), prune_count(W1.numel(), rho),
+                                 default_select(W1.device)).reshape(W1.shape)
+        else:
+            pruned1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:  # the group's mask is chosen from the *updated* weights
+                N, M = nm
+                pruned1[:, i:i + M] = prune_lowest(W1[:, i:i + M] ** 2 / d[None, i:i + M] ** 2, N)
+            w = W1[:, i]
+            q = w.masked_fill(pruned1[:, i], 0)
+            err = (w - q) / d[i]
+            W1[:, i:] -= torch.outer(err, U1[i, i:])
+            Q1[:, i], Err1[:, i] = q, err
+        W_hat[:, i1:i2] = Q1
+        W_hat[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        keep[:, i1:i2] = ~pruned1
+    return W_hat.to(W.dtype), keep
+
+
+# -----------------------------------------------------------------------------
+# The sequential driver: calibrate, prune and re-run one decoder block at a time
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+@torch.no_grad()
+def prune_model(model, calib_ids: torch.Tensor, method: str, rho: float, nm=None, select: str | None = None,
+                group: str = "matrix", blocksize: int = 128, percdamp: float = 0.01, device=None,
+                progress: bool = True) -> dict[str, float]:
+    """Prune every decoder Linear of `model` in place; return each one's kept fraction, by name.
+
+    As the references run it: the calibration windows calib_ids (N, seqlen) are embedded; then for each
+    block, one dense pass over all windows gathers each Linear's statistics from the inputs it really
+    sees (Wanda: x_sqnorm = mean over windows of sum_t X_tj^2; SparseGPT: H = (2/N) sum X^T X, both in
+    float32), the six Linears are pruned, and the *pruned* block is re-run to make the next block's
+    inputs. Embeddings and lm_head stay dense. Windows go through one at a time to bound memory.
+    magnitude needs no calibration (calib_ids may be None) and uses `group`; wanda uses `select`.
+    If `device` is given, each block is moved there for its turn and back (CPU offload).
+    """
+    if method not in METHODS:
+        raise UsageError(f"method must be one of {METHODS}, got {method!r}")
+    check_rho(rho)
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    calibrated = method != "magnitude"
+    if calibrated:
+        if calib_ids is None or calib_ids.ndim != 2 or calib_ids.dtype != torch.long:
+            raise UsageError("calib_ids must be a (N, seqlen) LongTensor of token ids, got "
+                             + ("None" if calib_ids is None else f"{calib_ids.dtype} {tuple(calib_ids.shape)}"))
+        hidden = [model.embed(ids[None].to(home)).to(device) for ids in calib_ids]  # N x (1, T, hidden)
+
+    report = {}
+    layers = model.decoder.layers
+    for b, block in enumerate(tqdm(layers, desc=f"{method} rho={rho}", disable=not progress)):
+        block.to(device)
+        linears = block.linears()
+        if calibrated:
+            stats = {name: None for name in linears}
+            name_of = {layer: name for name, layer in linears.items()}
+
+            def gather(layer, x):  # the dense Linear, noting the input it sees
+                X = x.reshape(-1, x.shape[-1]).float()  # (T, d_in): one window's tokens
+                name = name_of[layer]
+                s = (X ** 2).sum(dim=0) if method == "wanda" else X.T @ X
+                stats[name] = s if stats[name] is None else stats[name] + s
+                return layer(x)
+
+            for h in hidden:
+                block(h, gather)
+
+        for name, layer in linears.items():
+            W = layer.weight
+            if method == "magnitude":
+                keep = magnitude_mask(W, rho, group, nm)
+                W.mul_(keep)
+            elif method == "wanda":
+                keep = wanda_mask(W, stats[name] / len(hidden), rho, select, nm)
+                W.mul_(keep)
+            else:
+                W_pruned, keep = sparsegpt_prune(W, stats[name] * (2 / len(hidden)), rho, blocksize, percdamp, nm)
+                W.copy_(W_pruned)
+            report[f"decoder.layers.{b}.{name}"] = keep.sum().item() / keep.numel()
+
+        if calibrated:
+            hidden = [block(h) for h in hidden]  # the pruned block makes the next block's inputs
+        block.to(home)
+    return report
