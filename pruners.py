@@ -5,7 +5,7 @@ This file owns the three one-shot pruners of the paper's tables, each a pure fun
 block as the references do. Throughout, `rho` is the *active-weight ratio*: rho = 0.4 keeps 40% of
 each decoder Linear and prunes 60%. W is [d_out, d_in], as nn.Linear stores it; masks are bool, True = kept.
 
-    magnitude   S_ij = |W_ij|                       (Zhu & Gupta 2017; one threshold per matrix)
+    magnitude   S_ij = |W_ij|                       (Han et al. 2015; one threshold per matrix)
     Wanda       S_ij = |W_ij| * ||X_j||_2           (Sun et al. 2023; compared within each output row)
     SparseGPT   OBS with H = 2 X X^T, column by column through the Cholesky factor of H^-1
                 (Frantar & Alistarh 2023)
@@ -14,6 +14,8 @@ References: locuslab/wanda `lib/prune.py` and IST-DASLab/sparsegpt `sparsegpt.py
 difference from them is written next to the line it concerns. Imports: torch, numpy, tqdm, opt_model.
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -21,8 +23,12 @@ from tqdm import tqdm
 from opt_model import UsageError
 
 SELECTS = ("sort", "topk", "kthvalue", "partition")
-# Measured by benchmarks/bench_pruners.py: numpy's introselect beats every torch kernel on CPU rows;
-# on CUDA `partition` would be a round trip to the host, and kthvalue is the fastest exact kernel there.
+# CPU (2 cores, benchmarks/bench_pruners.py, OPT-125M's shapes, rho = 0.5): every exact select takes
+# 0.2-0.3x the stable sort's time. On an idle CPU partition and topk tie (one block's six masks: 59 ms
+# each, kthvalue 68 ms); with other processes busy on the cores, partition led in every run (0.15-0.45x
+# against topk's 0.2-0.6x).
+# CUDA: not measured here (no GPU on the machine this was written on); `partition` would be a round trip
+# to the host, and kthvalue is the one-pass exact kernel. Check with `bench_pruners.py --device cuda`.
 FASTEST_SELECT = {"cpu": "partition", "cuda": "kthvalue"}
 # 1 - rho is computed in binary floating point (1 - 0.8 = 0.19999999999999996); rounding it to this
 # many decimals gives the count the references get from the decimal sparsity the user typed.
@@ -60,9 +66,12 @@ def kth_smallest(S: torch.Tensor, k: int, select: str) -> torch.Tensor:
     if select == "topk":
         return torch.topk(S, k, dim=1, largest=False, sorted=False).values.amax(dim=1)
     if select == "partition" and S.device.type == "cpu":
-        # numpy's introselect, O(n) per row; it needs a host float32 array, so on CUDA we use kthvalue
-        row_kth = np.partition(S.detach().float().numpy(), k - 1, axis=1)[:, k - 1]
-        return torch.from_numpy(row_kth).to(S.dtype)
+        # numpy's introselect, O(n) per row, on a host array (on CUDA we use kthvalue); it releases
+        # the GIL, so the rows are split over as many threads as torch uses
+        parts = np.array_split(S.detach().float().numpy(), torch.get_num_threads())
+        with ThreadPoolExecutor(len(parts)) as pool:
+            kth = pool.map(lambda rows: np.partition(rows, k - 1, axis=1)[:, k - 1], parts)
+        return torch.from_numpy(np.concatenate(list(kth))).to(S.dtype)
     return torch.kthvalue(S, k, dim=1).values
 
 
@@ -85,7 +94,9 @@ def prune_lowest(S: torch.Tensor, k: int, select: str = "sort") -> torch.Tensor:
         return torch.zeros_like(S, dtype=torch.bool).scatter_(1, order, True).reshape(shape)
     t = kth_smallest(S, k, select)[:, None]  # (rows, 1)
     pruned = S <= t
-    if (pruned.sum(dim=1) > k).any():  # ties at t in some row: keep the lowest-index ones pruned
+    # every row has at least k scores <= t, so a total above rows * k means ties at t in some row:
+    # there, prune only as many of the tied scores as are needed, the lowest-index ones
+    if torch.count_nonzero(pruned) > pruned.shape[0] * k:
         ties = S == t
         still_needed = k - (pruned & ~ties).sum(dim=1, keepdim=True)
         pruned &= ~ties | (ties.cumsum(dim=1) <= still_needed)
@@ -95,7 +106,8 @@ def prune_lowest(S: torch.Tensor, k: int, select: str = "sort") -> torch.Tensor:
 def keep_mask(S: torch.Tensor, k: int, select: str = "sort", nm=None) -> torch.Tensor:
     """Kept-weight mask of scores S (d_out, d_in): prune k per row, or N in every group of M columns."""
     if nm is not None:
-        # a group is a tiny row of M scores; a stable sort of it is exact and cheap
+        # a group is a tiny row of M scores; a stable sort of it is exact and cheap (the references'
+        # topk(largest=False) leaves the order of ties unspecified)
         N, M = nm
         return ~prune_lowest(S.reshape(*S.shape[:-1], -1, M), N, "sort").reshape(S.shape)
     return ~prune_lowest(S, k, select)
@@ -158,17 +170,20 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, rho: float, blocksize: int
                     percdamp: float = 0.01, nm=None) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT: prune W column by column and let the surviving weights absorb each column's error.
 
-    For the layer loss ||(W - Ŵ) X||^2 with Hessian H = 2 X X^T, Optimal Brain Surgeon removes weight
-    w_q at the cost w_q^2 / [H^-1]_qq and corrects the rest of its row by -w_q / [H^-1]_qq * H^-1_{q,:}.
-    Eliminating columns left to right, the needed rows of each successive inverse are the rows of the
-    upper Cholesky factor U of H^-1 (H^-1 = U^T U), so with d = U_ii, for each column i:
+    For the layer loss ||(W - Ŵ) X||^2, with X (d_in, tokens) and Hessian H = 2 X X^T, Optimal Brain
+    Surgeon removes weight w_q at the cost w_q^2 / [H^-1]_qq and corrects the rest of its row by
+    -w_q / [H^-1]_qq * H^-1_{q,:}. Eliminating columns left to right, the rows needed from each successive
+    inverse are the rows of the upper Cholesky factor U of H^-1 (H^-1 = U^T U), so with d = U_ii:
 
         q = w with the pruned entries zeroed;   err = (w - q) / d;   W[:, i:] -= err ⊗ U[i, i:]
 
-    The mask is chosen per block of `blocksize` columns from the scores W^2 / diag(U)^2 over all rows
-    x block columns; inside a block the updates are applied at once to the later columns ("lazy batch").
-    Returns (W_pruned in W's dtype, mask). The scale of H does not matter (H is damped relative to its
-    own diagonal mean and the updates are scale-free), so any multiple of sum X^T X gives the same result.
+    Columns go in blocks of `blocksize`: the block's mask is chosen from the scores W^2 / diag(U)^2 over
+    all rows x block columns, each column's error updates the rest of its block at once, and the block's
+    errors update all later columns in one matmul (the "lazy batch" update). Weights of dead inputs
+    (H_jj = 0) are zeroed first, as in the reference; scoring 0, they are the first the mask prunes.
+    The scale of H does not matter (the damping is relative to its diagonal mean and the updates are
+    scale-free): any multiple of sum X^T X gives the same result. Returns (W_pruned in W's dtype, mask).
+    With nm = (N, M), N of every M consecutive weights of a row are pruned instead and rho is not used.
 
     Differences from the reference `fasterprune`: exactly k = int(numel_block * (1 - rho)) per block
     (the reference's `<= sort[k]` prunes k + 1), exactly N per group with ties to the lower index (the
@@ -190,14 +205,14 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, rho: float, blocksize: int
     H = H.detach().float().clone()
     if not torch.isfinite(H).all():
         raise UsageError("H has inf or NaN entries: the calibration activations overflowed "
-                         "(gather them in float32 from a float32 or bfloat16 model)")
+                         "(a float16 model? run it in bfloat16 or float32)")
 
     dead = torch.diag(H) == 0  # inputs that were always zero: their weights can go for free
     H[dead, dead] = 1
     W_hat[:, dead] = 0
-    H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
+    H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))  # dampening relative to H's own scale
     try:
-        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # reference: Hinv
     except torch.linalg.LinAlgError:
         raise UsageError(f"SparseGPT: H is not positive definite after dampening with percdamp={percdamp}; "
                          "try a larger percdamp (e.g. 0.1) or more calibration samples") from None
@@ -208,9 +223,9 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, rho: float, blocksize: int
         U1 = U[i1:i2, i1:i2]
         d = torch.diag(U1)
         Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
-        if nm is None:
-            pruned1 = ~keep_mask((W1 ** 2 / d[None, :] ** 2).reshape(1, -1), prune_count(W1.numel(), rho),
-                                 default_select(W1.device)).reshape(W1.shape)
+        if nm is None:  # one threshold over all rows x block columns, flattened row by row
+            scores = (W1 ** 2 / d[None, :] ** 2).reshape(1, -1)
+            pruned1 = prune_lowest(scores, prune_count(W1.numel(), rho), default_select(W1.device)).reshape(W1.shape)
         else:
             pruned1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
@@ -234,19 +249,47 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, rho: float, blocksize: int
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
+def gather_statistics(block, hidden: list[torch.Tensor], method: str) -> dict[str, torch.Tensor]:
+    """One dense pass of `block` over every window; per Linear, a float32 statistic of what it reads.
+
+        wanda      x_sqnorm = (1/N) sum_windows sum_t X_tj^2     (d_in,)       the reference's `scaler_row`
+        sparsegpt  H = (2/N) sum_windows X^T X                   (d_in, d_in)  the reference's `H`
+
+    with X the (T, d_in) input of one window and N the number of windows. (The references keep running
+    averages over windows; the sums are the same up to float rounding.)
+    """
+    linears = block.linears()
+    name_of = {layer: name for name, layer in linears.items()}
+    sums = dict.fromkeys(linears)
+    last = {"input": None, "stat": None}  # q, k and v read one tensor: its statistic is computed once
+
+    def dense_noting_input(layer, x):
+        if x is not last["input"]:
+            X = x.reshape(-1, x.shape[-1]).float()  # (T, d_in)
+            last.update(input=x, stat=(X ** 2).sum(dim=0) if method == "wanda" else X.T @ X)
+        name = name_of[layer]
+        sums[name] = last["stat"] if sums[name] is None else sums[name] + last["stat"]
+        return layer(x)
+
+    for h in hidden:
+        block(h, dense_noting_input)
+    scale = (1 if method == "wanda" else 2) / len(hidden)
+    return {name: s * scale for name, s in sums.items()}
+
+
 @torch.no_grad()
-def prune_model(model, calib_ids: torch.Tensor, method: str, rho: float, nm=None, select: str | None = None,
-                group: str = "matrix", blocksize: int = 128, percdamp: float = 0.01, device=None,
-                progress: bool = True) -> dict[str, float]:
+def prune_model(model, calib_ids: torch.Tensor | None, method: str, rho: float, nm=None,
+                select: str | None = None, group: str = "matrix", blocksize: int = 128, percdamp: float = 0.01,
+                device=None, progress: bool = True) -> dict[str, float]:
     """Prune every decoder Linear of `model` in place; return each one's kept fraction, by name.
 
-    As the references run it: the calibration windows calib_ids (N, seqlen) are embedded; then for each
+    As the references run it: the calibration windows calib_ids (N, seqlen) are embedded; then, block by
     block, one dense pass over all windows gathers each Linear's statistics from the inputs it really
-    sees (Wanda: x_sqnorm = mean over windows of sum_t X_tj^2; SparseGPT: H = (2/N) sum X^T X, both in
-    float32), the six Linears are pruned, and the *pruned* block is re-run to make the next block's
-    inputs. Embeddings and lm_head stay dense. Windows go through one at a time to bound memory.
-    magnitude needs no calibration (calib_ids may be None) and uses `group`; wanda uses `select`.
-    If `device` is given, each block is moved there for its turn and back (CPU offload).
+    sees, the six Linears are pruned, and the *pruned* block is re-run to make the next block's inputs.
+    Embeddings and lm_head stay dense. Windows go through one at a time to bound memory; statistics are
+    float32 whatever the model's dtype. magnitude needs no calibration (calib_ids may be None) and uses
+    `group`; wanda uses `select`. If `device` is given, each block is moved there for its turn and back
+    (offload of a model kept on the CPU); the hidden states of the N windows live on `device`.
     """
     if method not in METHODS:
         raise UsageError(f"method must be one of {METHODS}, got {method!r}")
@@ -261,37 +304,22 @@ def prune_model(model, calib_ids: torch.Tensor, method: str, rho: float, nm=None
         hidden = [model.embed(ids[None].to(home)).to(device) for ids in calib_ids]  # N x (1, T, hidden)
 
     report = {}
-    layers = model.decoder.layers
-    for b, block in enumerate(tqdm(layers, desc=f"{method} rho={rho}", disable=not progress)):
+    for b, block in enumerate(tqdm(model.decoder.layers, desc=f"{method} rho={rho}", disable=not progress)):
         block.to(device)
-        linears = block.linears()
         if calibrated:
-            stats = {name: None for name in linears}
-            name_of = {layer: name for name, layer in linears.items()}
-
-            def gather(layer, x):  # the dense Linear, noting the input it sees
-                X = x.reshape(-1, x.shape[-1]).float()  # (T, d_in): one window's tokens
-                name = name_of[layer]
-                s = (X ** 2).sum(dim=0) if method == "wanda" else X.T @ X
-                stats[name] = s if stats[name] is None else stats[name] + s
-                return layer(x)
-
-            for h in hidden:
-                block(h, gather)
-
-        for name, layer in linears.items():
+            stats = gather_statistics(block, hidden, method)
+        for name, layer in block.linears().items():
             W = layer.weight
             if method == "magnitude":
                 keep = magnitude_mask(W, rho, group, nm)
                 W.mul_(keep)
             elif method == "wanda":
-                keep = wanda_mask(W, stats[name] / len(hidden), rho, select, nm)
+                keep = wanda_mask(W, stats[name], rho, select, nm)
                 W.mul_(keep)
             else:
-                W_pruned, keep = sparsegpt_prune(W, stats[name] * (2 / len(hidden)), rho, blocksize, percdamp, nm)
+                W_pruned, keep = sparsegpt_prune(W, stats[name], rho, blocksize, percdamp, nm)
                 W.copy_(W_pruned)
             report[f"decoder.layers.{b}.{name}"] = keep.sum().item() / keep.numel()
-
         if calibrated:
             hidden = [block(h) for h in hidden]  # the pruned block makes the next block's inputs
         block.to(home)

@@ -1,0 +1,139 @@
+"""How long the offline pruners take on one OPT-125M-shaped decoder block, and which Wanda selection is fastest.
+
+    python benchmarks/bench_pruners.py [--device cpu|cuda] [--windows 16] [--seqlen 2048]
+
+1. The reference protocol for one block (random weights, random token ids through random embeddings):
+   gather the statistics of `windows` x `seqlen` tokens, prune the six Linears, re-run the pruned block.
+   This is `prune_model` on a one-block model, exactly what a real run does per block. The reference
+   calibrates on 128 windows; to finish in a minute or two we run 16 by default and scale the part that
+   grows with the windows (gather and re-run) to 128. `--windows 128` measures it outright (~4 min on a 2-core CPU).
+2. The pruning step alone (statistics given): SparseGPT and Wanda on all six Linears.
+3. Wanda's selection (`pruners.prune_lowest` on Wanda scores, the exact-k path with its tie step) for each
+   `select`, as a ratio to the reference `sort`, measured in the same run: the basis of FASTEST_SELECT.
+
+Times are medians of --repeats runs, interleaved (the protocol: one run each). On a shared CPU expect noise.
+"""
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from opt_model import OPTConfig, OPTForCausalLM  # noqa: E402
+from pruners import SELECTS, prune_lowest, prune_model, sparsegpt_prune, wanda_mask, wanda_score  # noqa: E402
+
+RHO = 0.5  # the paper's headline active ratio
+REFERENCE_WINDOWS = 128  # calibration windows of 2048 tokens in SparseGPT and Wanda
+STAT_TOKENS = 4096  # tokens behind the statistics of the prune-only timings; their content does not change the work
+SHAPES = {"q/k/v/out_proj 768x768": (768, 768), "fc1 3072x768": (3072, 768), "fc2 768x3072": (768, 3072)}
+DEAD_FRACTION = 0.1  # fc2 inputs come out of a ReLU: a column that never fired makes a block of ties
+
+
+def timed(fns, device, repeats):
+    """Median wall time in seconds of each fn in the dict fns, after one warm-up call each.
+
+    The calls are interleaved round by round, so a burst of load from another process on a shared CPU
+    slows every candidate alike instead of skewing one ratio.
+    """
+    times = {name: [] for name in fns}
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_ > 0:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_protocol(model, calib_ids, device, prune_seconds):
+    """One prune_model run per method; the part beyond the prune step scales with the windows."""
+    windows = len(calib_ids)
+    print(f"  {'method':<10}{f'{windows} windows':>14}{f'~{REFERENCE_WINDOWS} windows':>16}")
+    for method in ("wanda", "sparsegpt"):
+        trial = copy.deepcopy(model)
+        start = time.perf_counter()
+        prune_model(trial, calib_ids, method, RHO, device=device, progress=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        scaled = prune_seconds[method] + (seconds - prune_seconds[method]) * REFERENCE_WINDOWS / windows
+        print(f"  {method:<10}{seconds:>12.2f} s{scaled:>14.1f} s")
+
+
+def bench_prune_only(block, device, repeats):
+    """Median time to prune all six Linears of `block`, statistics given; returns it per method."""
+    g = torch.Generator(device=device).manual_seed(0)
+    linears = block.linears()
+    stats = {}
+    for name, layer in linears.items():
+        X = torch.randn(STAT_TOKENS, layer.in_features, device=device, generator=g)  # (tokens, d_in)
+        stats[name] = ((X ** 2).sum(dim=0), 2 * X.T @ X)
+
+    def all_six(method):
+        for name, layer in linears.items():
+            x_sqnorm, H = stats[name]
+            if method == "wanda":
+                wanda_mask(layer.weight, x_sqnorm, RHO)
+            else:
+                sparsegpt_prune(layer.weight, H, RHO)
+
+    methods = ("wanda", "sparsegpt")
+    times = timed({method: lambda method=method: all_six(method) for method in methods}, device, repeats)
+    for method, seconds in times.items():
+        print(f"  {method:<10}{seconds:>12.3f} s")
+    return times
+
+
+def bench_selection(device, repeats):
+    g = torch.Generator(device=device).manual_seed(0)
+    cases = {label: (shape, False) for label, shape in SHAPES.items()}
+    cases["fc2 768x3072, 10% dead inputs"] = (SHAPES["fc2 768x3072"], True)
+    print(f"  {'matrix':<32}{'sort ms':>9}" + "".join(f"{s + '/sort':>16}" for s in SELECTS[1:]))
+    for label, ((d_out, d_in), dead) in cases.items():
+        W = torch.randn(d_out, d_in, device=device, generator=g)
+        x_sqnorm = torch.rand(d_in, device=device, generator=g)
+        if dead:
+            x_sqnorm[torch.randperm(d_in, device=device, generator=g)[:int(DEAD_FRACTION * d_in)]] = 0
+        S, k = wanda_score(W, x_sqnorm), int(d_in * (1 - RHO))
+        times = timed({s: lambda s=s: prune_lowest(S, k, s) for s in SELECTS}, device, repeats)
+        print(f"  {label:<32}{1e3 * times['sort']:>9.2f}"
+              + "".join(f"{times[s] / times['sort']:>16.3f}" for s in SELECTS[1:]))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--windows", type=int, default=16, help="calibration windows (the reference: 128)")
+    parser.add_argument("--seqlen", type=int, default=2048, help="tokens per window (the reference: 2048)")
+    parser.add_argument("--repeats", type=int, default=5)
+    cli = parser.parse_args()
+    device = torch.device(cli.device)
+    torch.manual_seed(0)
+
+    config = OPTConfig(num_hidden_layers=1)  # OPT-125M's shapes: hidden 768, ffn 3072, 12 heads
+    model = OPTForCausalLM(config).requires_grad_(False).to(device)
+    print(f"device {device}, torch threads {torch.get_num_threads()}, rho {RHO}\n")
+
+    print(f"one block, pruning step alone (statistics of {STAT_TOKENS} random tokens given), "
+          f"median of {cli.repeats}")
+    prune_seconds = bench_prune_only(model.decoder.layers[0], device, cli.repeats)
+
+    calib_ids = torch.randint(0, config.vocab_size, (cli.windows, cli.seqlen))
+    print(f"\none block, whole protocol: gather {cli.windows} x {cli.seqlen} tokens, prune six Linears, re-run")
+    bench_protocol(model, calib_ids, device, prune_seconds)
+
+    print(f"\nWanda selection, exact k = int(d_in * (1 - rho)) per row, median of {cli.repeats}")
+    bench_selection(device, cli.repeats)
+
+
+if __name__ == "__main__":
+    main()
