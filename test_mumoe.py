@@ -9,18 +9,26 @@ Tests that need the real text and tokenizer files in ../shared/data skip with th
 
 import copy
 import json
+import math
 import shutil
+import subprocess
+import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
+import mumoe
 import opt_model
 import pruners
-from opt_model import OPTConfig, UsageError, load_model, load_tokenizer
-from pruners import magnitude_mask, prune_lowest, prune_model, sparsegpt_prune, wanda_mask, wanda_score
+from mumoe import count_macs, generate, linear_names, micro_experts, mumoe_logits
+from opt_model import OPTConfig, OPTForCausalLM, UsageError, load_model, load_tokenizer
+from pruners import SELECTS, magnitude_mask, prune_lowest, prune_model, sparsegpt_prune, wanda_mask, wanda_score
 
-SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+REPO = Path(__file__).resolve().parent
+SHARED_DATA = REPO.parent / "shared" / "data"
 TOKENIZER_DIR = SHARED_DATA / "opt-125m-tokenizer"
 needs_shared_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"real data and tokenizer files not found at {SHARED_DATA} (CI provides them)")
@@ -44,15 +52,18 @@ TINY_LAYOUTS = {
 }
 
 
-def save_tiny_opt(directory: Path, seed=0, **overrides):
-    """A random transformers OPTForCausalLM saved with save_pretrained; returns the reference model."""
+def save_tiny_opt(directory: Path, seed=0, random_layer_norms=True, **overrides):
+    """A random transformers OPTForCausalLM saved with save_pretrained; returns the reference model.
+
+    `random_layer_norms`: random LayerNorm affines too, so that a swapped or skipped LayerNorm shows. Off for
+    models whose perplexity must behave like a trained model's (pruning makes it worse)."""
     import transformers
 
     torch.manual_seed(seed)
     reference = transformers.OPTForCausalLM(tiny_hf_config(**overrides)).eval()
-    with torch.no_grad():  # random LayerNorm affines too, so a swapped or skipped LayerNorm shows
+    with torch.no_grad():
         for name, p in reference.named_parameters():
-            if "layer_norm" in name:
+            if "layer_norm" in name and random_layer_norms:
                 p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
     reference.save_pretrained(directory)
     return reference
@@ -70,6 +81,15 @@ def assert_close(ours, ref, atol, what):
     worst = diff.flatten().argmax().item()
     assert diff.max() <= atol, (f"{what}: max |diff| {diff.max():.3e} > {atol:.0e}; first disagreement at flat "
                                 f"index {worst}: ours {ours.flatten()[worst]:.6f} vs ref {ref.flatten()[worst]:.6f}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models here are tiny: on a busy 2-core machine, handing each small op to a second thread costs ~10 ms."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # =============================================================================
@@ -712,3 +732,232 @@ def test_cuda_selects_and_offload_match_cpu(tiny_opt):
         # CUDA and CPU kernels round differently, which may swap a near-tie pair now and then
         diff = n_diff(W == 0, offloaded.state_dict()[key] == 0)
         assert diff <= 0.01 * W.numel(), f"{key}: offloaded pruning differs from CPU pruning in {diff} zeros"
+
+
+# =============================================================================
+# mumoe: the router, the gate, the MAC count and the generation command
+
+TINY = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                 max_position_embeddings=64, word_embed_proj_dim=32)
+BATCH_ATOL = 1e-5  # one prompt alone vs. inside a batch: the same arithmetic, batched kernels
+# PyTorch's default init leaves the N(0, 1) embeddings in charge, and greedy decoding of such a model
+# repeats one token; Linears with std 2/sqrt(d_in) make every block matter.
+LINEAR_GAIN = 2.0
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    model = OPTForCausalLM(TINY).requires_grad_(False).eval()
+    for layer in linear_names(model):
+        layer.weight.normal_(0, LINEAR_GAIN / layer.in_features ** 0.5)
+    return model
+
+
+def random_ids(B, T, seed=1):
+    return torch.randint(3, TINY.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def prompt_masks(model, ids, rho, **kw):
+    """Every Linear's masks from one μ-MoE forward, by checkpoint name: name -> [M_b for each prompt]."""
+    masks = {}
+    model(ids, linear=micro_experts(rho, masks=masks, **kw))
+    return {name: masks[layer] for layer, name in linear_names(model).items()}
+
+
+# -----------------------------------------------------------------------------
+# The router and the gate
+
+
+@pytest.mark.parametrize("select", SELECTS)
+def test_routed_linear_matches_from_scratch_stable_sort(select):
+    """One Linear against Wanda's rule written out: stable ascending sort of |W| * ||X_j||, prune k per row."""
+    torch.manual_seed(2)
+    B, T, d_in, d_out, rho = 2, 16, 48, 40, 0.3
+    layer = nn.Linear(d_in, d_out).requires_grad_(False)
+    layer.weight[:, 5] = layer.weight[:, 6]  # duplicate scores ...
+    X = torch.randn(B, T, d_in)
+    X[:, :, 10:14] = 0  # ... and zero input columns: ties that only the exact-k rule resolves
+    k = int(d_in * (1 - rho))
+    expected = []
+    for X_b in X:
+        S = layer.weight.abs() * (X_b ** 2).sum(dim=0).sqrt()  # (d_out, d_in)
+        pruned = torch.sort(S, dim=1, stable=True).indices[:, :k]
+        M = torch.ones_like(S, dtype=torch.bool).scatter_(1, pruned, False)
+        expected.append(X_b @ (layer.weight * M).T + layer.bias)
+    with torch.no_grad():
+        Y = micro_experts(rho, select)(layer, X)
+    assert_close(Y, torch.stack(expected), 1e-6, f"routed Linear ({select}) vs from-scratch stable sort")
+
+
+def test_prompts_in_a_batch_are_routed_independently(tiny_model):
+    ids = random_ids(3, 24)
+    batched = mumoe_logits(tiny_model, ids, 0.5)
+    for b in range(3):
+        assert_close(batched[b], mumoe_logits(tiny_model, ids[b:b + 1], 0.5)[0], BATCH_ATOL, f"prompt {b} batched vs alone")
+    masks = prompt_masks(tiny_model, ids, 0.5)
+    assert any(not torch.equal(M[0], M[1]) for M in masks.values()), "the prompts should pick different experts"
+
+
+def test_rho_one_is_exactly_dense(tiny_model):
+    ids = random_ids(2, 20)
+    assert torch.equal(mumoe_logits(tiny_model, ids, 1.0), tiny_model(ids))
+    assert not torch.allclose(mumoe_logits(tiny_model, ids, 0.9), tiny_model(ids)), "rho < 1 must change the logits"
+
+
+def test_weights_are_left_untouched(tiny_model):
+    before = {name: p.clone() for name, p in tiny_model.state_dict().items()}
+    mumoe_logits(tiny_model, random_ids(2, 20), 0.4)
+    for name, p in tiny_model.state_dict().items():
+        assert torch.equal(p, before[name]), f"{name} was modified by a μ-MoE forward"
+
+
+@pytest.mark.parametrize("rho", [0.3, 0.75])
+def test_every_select_gives_identical_logits(tiny_model, rho):
+    ids = random_ids(2, 32)
+    reference = mumoe_logits(tiny_model, ids, rho, select="sort")
+    for select in SELECTS:
+        assert torch.equal(mumoe_logits(tiny_model, ids, rho, select=select), reference), f"{select} differs from sort"
+
+
+# -----------------------------------------------------------------------------
+# Active weights and MACs
+
+
+@pytest.mark.parametrize("rho", [0.3, 0.5, 0.8, 1.0])
+def test_active_weights_and_counter_match_count_macs(tiny_model, rho):
+    B, T = 2, 20
+    counter = Counter()
+    mumoe_logits(tiny_model, random_ids(B, T), rho, counter=counter)
+    analytic = count_macs(TINY, T, rho)
+    for layer, name in linear_names(tiny_model).items():
+        d_out, d_in = layer.weight.shape
+        kept = d_in - math.floor(d_in * (1 - rho) + 1e-9)  # the promise: int(d_in * (1 - rho)) pruned per row
+        assert counter[layer] == B * T * d_out * kept, f"{name}: nonzero weights used, rho={rho}"
+        assert counter[layer] == B * analytic.linear[name], f"{name}: counter vs count_macs, rho={rho}"
+    assert len(counter) == 6 * TINY.num_hidden_layers
+
+
+def test_count_macs_ours():
+    T, rho = 100, 0.5
+    dense, routed = count_macs(TINY, T, 1.0), count_macs(TINY, T, rho)
+    d, f, V = 32, 64, 128
+    per_block_dense = (4 * d * d + 2 * d * f) * T
+    assert dense.routing == {} and dense.total == 2 * per_block_dense + V * d * T
+    # routing per Linear: d_in*T for the norms + d_out*d_in for the scores; lm_head stays dense
+    per_block_routing = 4 * (d * T + d * d) + (d * T + f * d) + (f * T + d * f)
+    assert routed.total == 2 * (per_block_dense // 2 + per_block_routing) + V * d * T
+    assert routed.attention == dense.attention == 2 * 2 * d * T * (T + 1) // 2  # causal q k^T and AV
+    assert count_macs(TINY, T, rho, prefix=10).routing["decoder.layers.0.fc2"] == f * 10 + d * f
+    opt350m = OPTConfig(hidden_size=1024, ffn_dim=4096, num_hidden_layers=24, num_attention_heads=16,
+                        word_embed_proj_dim=512, do_layer_norm_before=False)
+    assert count_macs(opt350m, 1, 1.0).linear["decoder.project_in"] == 512 * 1024
+    with pytest.raises(UsageError):
+        count_macs(TINY, T, 0.5, convention="flops")
+
+
+OPT_13B = OPTConfig(hidden_size=5120, ffn_dim=20480, num_hidden_layers=40, num_attention_heads=40,
+                    vocab_size=50272, word_embed_proj_dim=5120)
+PAPER_TABLE = {1.0: 1.64e12, 0.8: 1.33e12, 0.6: 999e9, 0.4: 671e9, 0.2: 342e9}  # OPT-13B, T = 128
+
+
+@pytest.mark.parametrize("rho", sorted(PAPER_TABLE))
+def test_paper_table_for_opt_13b(rho):
+    total = count_macs(OPT_13B, 128, rho, convention="paper").total
+    assert abs(total / PAPER_TABLE[rho] - 1) <= 0.01, f"rho={rho}: {total:.4g} MACs vs the paper's {PAPER_TABLE[rho]:.4g}"
+
+
+def test_paper_table_reading():
+    """The 100% row is the dense model: with the scoring cost it would round to 1.66T, not 1.64T."""
+    dense = count_macs(OPT_13B, 128, 1.0, convention="paper")
+    assert round(dense.total / 1e10) == 164 and dense.routing == {}
+    scores = 40 * (4 * 5120 * 5120 + 2 * 5120 * 20480)
+    assert round((dense.total + scores) / 1e10) == 166
+    without_scores = count_macs(OPT_13B, 128, 0.6, convention="paper").total - scores
+    assert abs(without_scores / 999e9 - 1) > 0.01, "the rho < 1 rows need the scoring cost"
+
+
+# -----------------------------------------------------------------------------
+# Prefix routing and generation
+
+
+def test_prefix_routing_ignores_later_tokens(tiny_model):
+    N, rho = 12, 0.5
+    ids = random_ids(1, 30)
+    changed = ids.clone()
+    changed[:, N:] = random_ids(1, 30 - N, seed=7)
+    prefix_a, prefix_b = prompt_masks(tiny_model, ids, rho, prefix=N), prompt_masks(tiny_model, changed, rho, prefix=N)
+    assert all(torch.equal(prefix_a[name][0], prefix_b[name][0]) for name in prefix_a)
+    full_a, full_b = prompt_masks(tiny_model, ids, rho), prompt_masks(tiny_model, changed, rho)
+    assert any(not torch.equal(full_a[name][0], full_b[name][0]) for name in full_a), "without prefix they differ"
+    # routing on the first N tokens of the sequence = routing on those N tokens alone (the model is causal)
+    alone = prompt_masks(tiny_model, ids[:, :N], rho)
+    assert all(torch.equal(prefix_a[name][0], alone[name][0]) for name in alone)
+
+
+def test_prefix_longer_than_prompt_is_refused(tiny_model):
+    with pytest.raises(UsageError, match="prefix 11 is longer than the 10 tokens"):
+        mumoe_logits(tiny_model, random_ids(1, 10), 0.5, prefix=11)
+    with pytest.raises(UsageError, match="rho"):
+        micro_experts(1.5)
+
+
+def test_generation_keeps_the_prompts_experts(tiny_model):
+    """Masks remembered from the prompt's forward = routing every step on the prompt's tokens (prefix)."""
+    prompt, rho, steps = random_ids(1, 9)[0].tolist(), 0.4, 8
+    new = generate(tiny_model, prompt, steps, micro_experts(rho, masks={}))
+    ids = torch.tensor([prompt])
+    for _ in range(steps):
+        next_id = mumoe_logits(tiny_model, ids, rho, prefix=len(prompt))[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, next_id], dim=1)
+    assert new == ids[0, len(prompt):].tolist()
+    assert new != generate(tiny_model, prompt, steps, micro_experts(rho)), "re-routing at every step differs here"
+    assert new != generate(tiny_model, prompt, steps), "and so does the dense model"
+
+
+# -----------------------------------------------------------------------------
+# The command line
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory):
+    """A tiny random OPT with the real vocabulary (50272 ids) and, where ../shared/data is present, the real
+    tokenizer files beside it: what the command lines load. Bad input is caught before the tokenizer is read."""
+    directory = tmp_path_factory.mktemp("tiny_with_tokenizer")
+    save_tiny_opt(directory, random_layer_norms=False, vocab_size=50272, init_std=0.3)
+    for name in ("vocab.json", "merges.txt") if TOKENIZER_DIR.is_dir() else ():
+        shutil.copy(TOKENIZER_DIR / name, directory / name)
+    return directory
+
+
+@needs_shared_data
+def test_command_generates(tiny_with_tokenizer):
+    run = subprocess.run([sys.executable, str(REPO / "mumoe.py"), "--model", str(tiny_with_tokenizer), "--rho", "0.5",
+                          "--prompt", "Hello, my dog is", "--max-new-tokens", "4"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "--- dense:\nHello, my dog is" in run.stdout and "--- μ-MoE, rho = 0.5" in run.stdout
+    assert "(50.00%)" in run.stdout, "hidden 32 and ffn 64 split exactly in half at rho = 0.5"
+    assert "saved" in run.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rho", "0"], "rho"),
+    (["--rho", "1.5"], "rho"),
+    (["--prompt", "  "], "prompt is empty"),
+    (["--prefix", "99"], "--prefix 99"),
+    (["--model", "opt-7b"], "unknown model"),
+    (["--model", "/nonexistent/dir/opt"], "unknown model"),
+    (["--device", "cuda"], "CUDA is not available"),
+])
+def test_command_bad_input(tiny_with_tokenizer, capsys, args, message):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    if "--prefix" in args and not TOKENIZER_DIR.is_dir():
+        pytest.skip(f"checking --prefix against the prompt's length needs the tokenizer: {TOKENIZER_DIR} not found")
+    argv = ["--model", str(tiny_with_tokenizer), "--rho", "0.5", "--prompt", "Hello"] + args
+    with pytest.raises(SystemExit) as exit_info:
+        mumoe.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and message in err, err

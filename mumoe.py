@@ -1,0 +1,272 @@
+"""μ-MoE: test-time pruning as a micro-grained mixture of experts, its MAC count, and generation.
+
+This file owns the method of Koike-Akino, Liu & Wang (2025), "Test-Time Pruning as Micro-Grained
+Mixture-of-Experts". Wanda prunes a Linear once, from calibration data; μ-MoE prunes it again for
+every prompt, from that prompt's own activations. Read as a mixture of experts:
+
+    experts   every weight W_ij of a decoder Linear is a micro-expert: one multiply-accumulate
+    router    S_ij = |W_ij| * ||X_j||_2, where X_j is input feature j over the prompt's T tokens
+              (the Wanda score, pruners.wanda_score); in each output row i the top rho fraction of
+              S_i: is active: M_ij = 1 (pruners.wanda_mask, exact-k with ties to the lower index)
+    gate      Y = X (W ⊙ M)^T + b: only the active experts take part, for this prompt only
+
+Each Linear routes on the input it actually receives, so routing happens inside one forward pass,
+block after block. In a batch each prompt gets its own masks. Embeddings and lm_head stay dense.
+The paper routes a perplexity window on all of its tokens, the ones it then predicts included;
+`prefix=N` routes on the first N tokens only, a strictly causal variant.
+
+    micro_experts(rho, ...)          the μ-MoE Linear, a drop-in for opt_model.dense_linear
+    mumoe_logits(model, ids, rho)    (B, T) ids -> (B, T, vocab) logits, each prompt routed on itself
+    count_macs(config, T, rho)       the analytical MAC count, ours or the paper's convention
+    python mumoe.py --model opt-125m --rho 0.5 --prompt "..."    generation, dense beside μ-MoE
+
+Complexity (the paper's argument). A dense Linear with d inputs and d' outputs costs d·d'·T MACs for
+T tokens. μ-MoE costs rho·d·d'·T for the active experts, plus routing: d·T for the norms ||X_j||²,
+d·d' to score, about d·d' to select (introselect is linear on average) and d·d' to gate. Relative to
+the dense pass, routing is (3/T + 1/d') -- 0.3% at T = 2048, d' = 768 -- so the MACs fall almost as
+rho. In wall time the selection is what costs, which is why `select` is a parameter (see pruners).
+
+Imports: torch, opt_model (the model, its tokenizer, UsageError), pruners (Wanda's score and mask).
+"""
+
+import argparse
+import sys
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from opt_model import (LinearFn, OPTConfig, OPTDecoderLayer, UsageError, dense_linear, load_model,
+                       load_tokenizer)
+from pruners import SELECTS, check_rho, default_select, prune_count, wanda_mask
+
+# -----------------------------------------------------------------------------
+# Router, experts and gate
+
+
+def route(W: torch.Tensor, X: torch.Tensor, rho: float, select: str | None = None,
+          prefix: int | None = None) -> list[torch.Tensor]:
+    """Router: one keep-mask M_b (d_out, d_in) per prompt b of X (B, T, d_in), from its own tokens.
+
+    ||X_j||² = sum_t X_tj² is taken over all T tokens of the prompt (the paper's protocol), or over
+    the first `prefix` tokens only: then the masks cannot depend on anything after the prefix.
+    """
+    x_sqnorm = X[:, :prefix].float().square().sum(dim=1)  # (B, d_in), statistics in float32
+    return [wanda_mask(W, x_sqnorm_b, rho, select) for x_sqnorm_b in x_sqnorm]
+
+
+def gate(layer: nn.Linear, X: torch.Tensor, masks: list[torch.Tensor], counter: Counter | None = None):
+    """Experts and gate: Y_b = X_b (W ⊙ M_b)^T + b for each prompt b, with only its active experts.
+
+    The gated weight is a new tensor built once per prompt and Linear; `layer.weight` is never written.
+    (W * M, the bool mask promoted inside the kernel, is ~3x faster on CPU than torch.where(M, W, 0).)
+    """
+    W = layer.weight
+    Y = []
+    for X_b, M_b in zip(X, masks):  # X_b (T, d_in), M_b (d_out, d_in)
+        W_b = W * M_b
+        if counter is not None:  # the MACs the matmul below really does with nonzero weights
+            counter[layer] += torch.count_nonzero(W_b).item() * X_b.shape[0]
+        Y.append(F.linear(X_b, W_b, layer.bias))
+    return Y[0][None] if len(Y) == 1 else torch.stack(Y)  # (B, T, d_out); one prompt needs no copy
+
+
+def micro_experts(rho: float, select: str | None = None, prefix: int | None = None,
+                  counter: Counter | None = None, masks: dict | None = None) -> LinearFn:
+    """The μ-MoE Linear: a drop-in for `dense_linear`, as in `block(x, linear=micro_experts(0.5))`.
+
+    Every call routes each prompt of its input x (B, T, d_in) on itself and gates the Linear with
+    the result. `select` picks the exact selection kernel (None: the fastest on W's device; all give
+    the same masks). `prefix`: route on the first `prefix` tokens only. `counter`: a Counter that
+    gets, per nn.Linear, the MACs done with nonzero weights (nnz(W ⊙ M_b) · T summed over prompts).
+    `masks`: a dict that keeps each Linear's masks from its first call and reuses them afterwards,
+    so that the micro-experts chosen for a prompt also serve the tokens generated after it.
+    rho = 1 is the dense Linear itself (no routing, no copy).
+    """
+    check_rho(rho)
+    if select is not None and select not in SELECTS:
+        raise UsageError(f"select must be one of {SELECTS}, got {select!r}")
+    if prefix is not None and prefix < 1:
+        raise UsageError(f"prefix must be a positive number of tokens, got {prefix}")
+
+    def routed_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if prefix is not None and prefix > x.shape[1]:
+            raise UsageError(f"prefix {prefix} is longer than the {x.shape[1]} tokens of the input")
+        if rho == 1.0:
+            if counter is not None:
+                counter[layer] += torch.count_nonzero(layer.weight).item() * x.shape[0] * x.shape[1]
+            return dense_linear(layer, x)
+        if masks is None:
+            return gate(layer, x, route(layer.weight, x, rho, select, prefix), counter)
+        if layer not in masks:
+            masks[layer] = route(layer.weight, x, rho, select, prefix)
+        return gate(layer, x, masks[layer], counter)
+
+    return routed_linear
+
+
+@torch.no_grad()
+def mumoe_logits(model, input_ids: torch.Tensor, rho: float, select: str | None = None,
+                 prefix: int | None = None, counter: Counter | None = None) -> torch.Tensor:
+    """Token ids (B, T) -> logits (B, T, vocab), each of the B prompts routed on itself."""
+    return model(input_ids, linear=micro_experts(rho, select, prefix, counter))
+
+
+def linear_names(model) -> dict[nn.Linear, str]:
+    """Each decoder Linear -> its checkpoint name, the keys of `count_macs` (e.g. to read a counter)."""
+    return {layer: f"decoder.layers.{i}.{name}"
+            for i, block in enumerate(model.decoder.layers) for name, layer in block.linears().items()}
+
+
+# -----------------------------------------------------------------------------
+# MACs: an analytical count
+
+CONVENTIONS = ("ours", "paper")
+
+
+@dataclass(frozen=True)
+class MacCount:
+    """Multiply-accumulates of one forward pass over one prompt, by checkpoint name."""
+    linear: dict[str, int]   # weights used x tokens, for every Linear (decoder Linears, projections, lm_head)
+    routing: dict[str, int]  # the router's cost per decoder Linear; empty at rho = 1 (the dense model)
+    attention: int           # q k^T and softmax(.) v of all layers; reported beside `total`, not in it
+
+    @property
+    def total(self) -> int:
+        return sum(self.linear.values()) + sum(self.routing.values())
+
+
+def count_macs(config: OPTConfig, tokens: int, rho: float, convention: str = "ours",
+               prefix: int | None = None) -> MacCount:
+    """MACs of a μ-MoE forward over `tokens` tokens of one prompt (rho = 1: the dense model).
+
+    convention="ours" counts what this file runs: a decoder Linear (d_in -> d_out) uses
+    d_out · (d_in - int(d_in · (1 - rho))) · T MACs -- the exact kept count, about rho·d·d'·T -- plus
+    routing d_in·T (norms over the routed tokens: `prefix` of them, if given) + d_in·d_out (scores).
+    Embeddings are lookups; project_in/out (350m) and lm_head are dense Linears. Attention products
+    are causal: q k^T and the weighted sum over v each take d · T(T+1)/2 MACs per layer.
+
+    convention="paper" is how the paper's OPT-13B table counts: every Linear, lm_head included,
+    costs rho·d·d'·T, each decoder Linear adds d·d' for its scores when rho < 1, and attention
+    products are left out. At rho = 1 the table is the dense model, without scores (with them it
+    would be 1.656T, printed 1.66T); the rows with rho < 1 do include them (without, rho = 0.6 would
+    give 986G, not 999G). This reading gives 1.644T, 1.327T, 999G, 670G, 341G: all within 0.3%.
+    Selection is comparisons, not MACs, in both conventions.
+    """
+    check_rho(rho)
+    if convention not in CONVENTIONS:
+        raise UsageError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    T, paper = tokens, convention == "paper"
+    routed = T if prefix is None else prefix
+    with torch.device("meta"):  # the Linear shapes, straight from the model (no memory used)
+        shapes = {name: layer.weight.shape for name, layer in OPTDecoderLayer(config).linears().items()}
+
+    linear, routing = {}, {}
+    for i in range(config.num_hidden_layers):
+        for name, (d_out, d_in) in shapes.items():
+            key = f"decoder.layers.{i}.{name}"
+            kept = rho * d_in if paper else d_in - prune_count(d_in, rho)
+            linear[key] = round(d_out * kept * T)
+            if rho < 1.0:
+                routing[key] = d_out * d_in + (0 if paper else d_in * routed)
+    outer_scale = rho if paper else 1.0  # the paper scales the Linears outside the blocks too
+    d, e = config.hidden_size, config.word_embed_proj_dim
+    if config.projects_embeddings:
+        linear["decoder.project_in"] = round(outer_scale * e * d * T)
+        linear["decoder.project_out"] = round(outer_scale * d * e * T)
+    linear["lm_head"] = round(outer_scale * e * config.vocab_size * T)
+    attention = 0 if paper else config.num_hidden_layers * 2 * d * T * (T + 1) // 2
+    return MacCount(linear, routing, attention)
+
+
+# -----------------------------------------------------------------------------
+# Generation: route on the prompt, then decode greedily with the prompt's micro-experts
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: list[int], max_new_tokens: int, linear: LinearFn = dense_linear,
+             eos_id: int | None = None) -> list[int]:
+    """Greedy decoding. The whole sequence is recomputed at every step (no KV cache): slow but plainly
+    correct, and a μ-MoE `linear` with a `masks` dict keeps the prompt's masks for the new tokens."""
+    ids = torch.tensor([prompt_ids], device=model.lm_head.weight.device)  # (1, T)
+    for _ in range(max_new_tokens):
+        x = model.embed(ids)
+        for block in model.decoder.layers:
+            x = block(x, linear)
+        next_id = model.head(x[:, -1:]).argmax(dim=-1)  # only the last position's logits are needed
+        ids = torch.cat([ids, next_id], dim=1)
+        if next_id.item() == eos_id:
+            break
+    return ids[0, len(prompt_ids):].tolist()
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Generate greedily with the dense model and with μ-MoE.")
+    parser.add_argument("--model", required=True, help="opt-125m ... opt-66b, a hub id, or a local directory")
+    parser.add_argument("--rho", type=float, required=True, help="active-weight ratio in (0, 1]")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--select", choices=SELECTS, help="selection kernel (default: fastest on the device)")
+    parser.add_argument("--prefix", type=int, help="route on the first N prompt tokens only")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 otherwise")
+    args = parser.parse_args(argv)
+    try:
+        check_rho(args.rho)
+        if not args.prompt.strip():
+            raise UsageError("the prompt is empty")
+        if args.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+        dtype = DTYPES[args.dtype or ("float16" if args.device.startswith("cuda") else "float32")]
+        model = load_model(args.model, args.device, dtype)
+        tokenizer = load_tokenizer(args.model)
+        prompt_ids = tokenizer.encode(args.prompt)
+        T_max = model.config.max_position_embeddings
+        if len(prompt_ids) + args.max_new_tokens > T_max:
+            raise UsageError(f"{len(prompt_ids)} prompt tokens + {args.max_new_tokens} new tokens exceed "
+                             f"max_position_embeddings={T_max}")
+        if args.prefix is not None and not 1 <= args.prefix <= len(prompt_ids):
+            raise UsageError(f"--prefix {args.prefix} must lie in [1, {len(prompt_ids)}], "
+                             f"the prompt's token count (BOS included)")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    masks = {}
+    experts = micro_experts(args.rho, args.select, args.prefix, masks=masks)
+    eos_id = tokenizer.bos_id  # OPT's </s> is both BOS and EOS
+    dense_new = generate(model, prompt_ids, args.max_new_tokens, dense_linear, eos_id)
+    mumoe_new = generate(model, prompt_ids, args.max_new_tokens, experts, eos_id)
+
+    select = args.select or default_select(args.device)
+    print(f"prompt ({len(prompt_ids)} tokens): {args.prompt!r}")
+    print(f"\n--- dense:\n{args.prompt}{tokenizer.decode(dense_new)}")
+    print(f"\n--- μ-MoE, rho = {args.rho} (select={select}, routed on "
+          f"{args.prefix or len(prompt_ids)} prompt tokens):\n{args.prompt}{tokenizer.decode(mumoe_new)}\n")
+    decoder_linears = [layer for block in model.decoder.layers for layer in block.linears().values()]
+    total = sum(layer.weight.numel() for layer in decoder_linears)
+    active = total if args.rho == 1.0 else sum(M.sum().item() for layer in decoder_linears for M in masks[layer])
+    print(f"active weights: {active:,} of {total:,} in the decoder Linears ({active / total:.2%}); "
+          f"embeddings and lm_head dense")
+    T = len(prompt_ids) + len(mumoe_new)
+    dense_macs = count_macs(model.config, T, 1.0).total
+    mumoe_macs = count_macs(model.config, T, args.rho, prefix=args.prefix or len(prompt_ids))
+    print(f"MACs for the prompt and {len(mumoe_new)} new tokens, each token computed once as with a KV cache, "
+          f"attention products excluded:\n  dense {si(dense_macs)}, μ-MoE {si(mumoe_macs.total)} "
+          f"(routing {si(sum(mumoe_macs.routing.values()))}): {1 - mumoe_macs.total / dense_macs:.1%} saved")
+
+
+def si(n: float) -> str:
+    """1.64e12 -> '1.64T'"""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+if __name__ == "__main__":
+    main()
