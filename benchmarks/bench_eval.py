@@ -1,0 +1,110 @@
+"""Time and memory of the perplexity evaluation on an OPT-125M-shaped model at seqlen 2048.
+
+Three loops over the same windows and the same random weights, in one process, alternating when repeated:
+
+    ours    eval_ppl.perplexity: every window through block 0, then block 1, ... (SparseGPT's opt_eval order)
+    hf      transformers' OPTForCausalLM, `model(window).logits` then the loss, window by window
+            (Wanda's eval_ppl_wikitext)
+    mumoe   eval_ppl.perplexity with every Linear routed on each window (mumoe.micro_experts)
+
+Targets: ours / hf <= 1.0 and mumoe / ours <= 1.3. The perplexities are printed too: ours and hf must agree.
+
+Memory: for each loop, the peak resident set (VmHWM) above the resident set at its start. The peak is reset
+before each loop by writing 5 to /proc/self/clear_refs (Linux); `ru_maxrss` alone could not be reset, so
+it would only show the largest of the three. tracemalloc would miss torch's tensors, which are not allocated
+through Python's allocator. Expected for ours: the hidden states of all windows (N x T x 768 x 4 bytes)
+plus one window's float32 logits and their log-softmax (2 x T x 50272 x 4 bytes = 0.8 GB at T = 2048).
+The first round's peaks also hold one-time allocations (thread pools, kernels' workspaces).
+
+Other processes on the machine move these numbers by 10-30%: the load average is printed before and after.
+
+    python benchmarks/bench_eval.py [--windows 4] [--seqlen 2048] [--rho 0.5] [--repeats 3]
+"""
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import eval_ppl  # noqa: E402
+import mumoe  # noqa: E402
+from opt_model import OPTConfig, load_model  # noqa: E402
+
+
+def rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def measured(fn):
+    """(result, seconds, peak MiB above the start) of fn()."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set (VmHWM) to the current one
+    start_rss, start = rss_kib("VmRSS"), time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start, (rss_kib("VmHWM") - start_rss) / 1024
+
+
+@torch.no_grad()
+def hf_perplexity(model, ids: torch.Tensor) -> float:
+    """Wanda's loop: the whole model per window, logits of all positions, mean NLL per window."""
+    nlls = []
+    for window in ids:
+        logits = model(window[None]).logits
+        shift_logits = logits[:, :-1, :].contiguous()
+        nlls.append(F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)).float(), window[1:]).item())
+    return math.exp(sum(nlls) / len(nlls))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--rho", type=float, default=0.5, help="μ-MoE active-weight ratio")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians are compared")
+    args = parser.parse_args()
+
+    import transformers
+
+    c = OPTConfig()  # OPT-125M's shape
+    torch.manual_seed(0)
+    hf_config = transformers.OPTConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, ffn_dim=c.ffn_dim,
+                                       num_hidden_layers=c.num_hidden_layers, max_position_embeddings=2048,
+                                       num_attention_heads=c.num_attention_heads, word_embed_proj_dim=c.hidden_size)
+    reference = transformers.OPTForCausalLM(hf_config).eval()
+    with tempfile.TemporaryDirectory() as directory:
+        reference.save_pretrained(directory)
+        ours = load_model(directory)
+    ids = torch.randint(0, 50265, (args.windows, args.seqlen), generator=torch.Generator().manual_seed(0))
+    router = mumoe.micro_experts(args.rho)
+    loops = {
+        "hf": lambda: hf_perplexity(reference, ids),
+        "ours": lambda: eval_ppl.perplexity(ours, ids),
+        "mumoe": lambda: eval_ppl.perplexity(ours, ids, linear=router),
+    }
+    print(f"OPT-125M shape, random weights, {args.windows} windows x {args.seqlen} tokens, float32, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__} "
+          f"({reference.config._attn_implementation} attention); load average {os.getloadavg()[0]:.2f}")
+    seconds = {name: [] for name in loops}
+    for _ in range(args.repeats):
+        for name, loop in loops.items():
+            ppl, s, peak = measured(loop)
+            seconds[name].append(s)
+            print(f"  {name:<6} {s:7.1f} s  ({s / args.windows:5.2f} s/window)  peak +{peak:6.0f} MiB  ppl {ppl:.4f}",
+                  flush=True)
+    t = {name: statistics.median(s) for name, s in seconds.items()}
+    print(f"ours / hf     = {t['ours'] / t['hf']:.2f}  (target <= 1.0)")
+    print(f"mumoe / ours  = {t['mumoe'] / t['ours']:.2f}  (target <= 1.3, rho = {args.rho})")
+    print(f"load average {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

