@@ -43,8 +43,8 @@ from tqdm import tqdm
 
 import mumoe
 import pruners
-from opt_model import (OPTConfig, OPTForCausalLM, UsageError, check_device, dense_linear, load_model, load_tokenizer,
-                       resolve_checkpoint)
+from opt_model import (DTYPES, OPTConfig, OPTForCausalLM, UsageError, check_device, dense_linear, load_model,
+                       load_tokenizer, resolve_checkpoint)
 
 # -----------------------------------------------------------------------------
 # Data: the rows of each split, exactly as the Hugging Face loaders of the references give them
@@ -281,15 +281,7 @@ METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "mumoe")
 CALIBRATED = ("wanda", "sparsegpt")
 DEFAULT_CALIB = {"wanda": ("wikitext2", "ptb", "c4"), "sparsegpt": ("c4",)}  # the paper's table
 NAMES = {"dense": "Dense", "magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "mumoe": "μ-MoE"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAGNITUDE_GROUP = "matrix"  # one threshold per weight matrix, as SparseGPT's and Wanda's magnitude baselines
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr and exit code 2, like every other user error here."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def active_ratio(text: str) -> float:
@@ -317,7 +309,7 @@ def calib_token(text: str) -> tuple[str | None, tuple[str, ...]]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(prog="eval_ppl.py", description="Perplexity of dense, pruned and μ-MoE OPT models "
+    p = mumoe.ArgumentParser(prog="eval_ppl.py", description="Perplexity of dense, pruned and μ-MoE OPT models "
                        "on WikiText-2, PTB and C4, by the SparseGPT/Wanda protocol.")
     p.add_argument("--model", required=True, help="opt-125m ... opt-66b, a hub id, or a local model directory")
     p.add_argument("--rho", type=active_ratio, nargs="+", default=[0.5], help="active-weight ratio(s), in (0, 1]")
@@ -406,10 +398,7 @@ def main(argv=None) -> int:
 
 
 def run(args) -> list[dict]:
-    try:
-        device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:  # torch.device("gpu") and the like
-        raise UsageError(f"unknown device {args.device!r} ({e})") from None
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
     if args.mumoe_prefix and args.mumoe_prefix > args.seqlen and "mumoe" in args.methods:
         raise UsageError(f"--mumoe-prefix {args.mumoe_prefix} is longer than a window of --seqlen {args.seqlen}")

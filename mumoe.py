@@ -38,8 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from opt_model import (LinearFn, OPTConfig, OPTDecoderLayer, UsageError, dense_linear, load_model,
-                       load_tokenizer)
+from opt_model import (DTYPES, LinearFn, OPTConfig, OPTDecoderLayer, UsageError, check_device, dense_linear,
+                       load_model, load_tokenizer)
 from pruners import SELECTS, check_rho, default_select, prune_count, wanda_mask
 
 # -----------------------------------------------------------------------------
@@ -202,11 +202,15 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, linear: LinearFn
     return ids[0, len(prompt_ids):].tolist()
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr and exit code 2, like every other user error here."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Generate greedily with the dense model and with μ-MoE.")
+    parser = ArgumentParser(prog="mumoe.py", description="Generate greedily with the dense model and with μ-MoE.")
     parser.add_argument("--model", required=True, help="opt-125m ... opt-66b, a hub id, or a local directory")
     parser.add_argument("--rho", type=float, required=True, help="active-weight ratio in (0, 1]")
     parser.add_argument("--prompt", required=True)
@@ -222,8 +226,9 @@ def main(argv=None) -> None:
             raise UsageError("the prompt is empty")
         if args.max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-        dtype = DTYPES[args.dtype or ("float16" if args.device.startswith("cuda") else "float32")]
-        model = load_model(args.model, args.device, dtype)
+        device = check_device(args.device)
+        dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
+        model = load_model(args.model, device, dtype)
         tokenizer = load_tokenizer(args.model)
         prompt_ids = tokenizer.encode(args.prompt)
         T_max = model.config.max_position_embeddings
@@ -234,7 +239,7 @@ def main(argv=None) -> None:
             raise UsageError(f"--prefix {args.prefix} must lie in [1, {len(prompt_ids)}], "
                              f"the prompt's token count (BOS included)")
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"mumoe.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 
     masks = {}

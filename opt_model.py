@@ -331,8 +331,15 @@ def read_checkpoint(directory: Path):
             raise UsageError(f"{shard} is not a readable safetensors file ({e})") from None
 
 
+# the dtypes the command lines offer, by name
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def check_device(device) -> torch.device:
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:  # torch.device("gpu") and the like
+        raise UsageError(f"unknown device {device!r} ({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {device} was asked for, but CUDA is not available here")
     if device.type == "mps" and not torch.backends.mps.is_available():

@@ -958,6 +958,8 @@ def test_command_generates(tiny_with_tokenizer):
     (["--model", "opt-7b"], "unknown model"),
     (["--model", "/nonexistent/dir/opt"], "unknown model"),
     (["--device", "cuda"], "CUDA is not available"),
+    (["--device", "gpu"], "unknown device 'gpu'"),
+    (["--rho", "half"], "invalid float value: 'half'"),
 ])
 def test_command_bad_input(tiny_with_tokenizer, capsys, args, message):
     if "cuda" in args and torch.cuda.is_available():
@@ -1302,6 +1304,7 @@ BAD_INPUTS = {
     "calibration on a method without it": (["--calib", "magnitude=ptb"], "magnitude"),
     "seqlen above max_position_embeddings": (["--seqlen", "65"], "max_position_embeddings"),
     "prefix longer than a window": (["--mumoe-prefix", "17"], "prefix"),
+    "unknown device": (["--device", "gpu"], "unknown device 'gpu'"),
 }
 
 

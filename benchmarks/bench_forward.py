@@ -22,14 +22,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from opt_model import load_model  # noqa: E402
 
+# The peak is read from VmHWM (this process's own peak resident size), not ru_maxrss: Linux carries
+# ru_maxrss over from the parent through fork and exec, so it would start at this big process's peak.
 MEASURE_LOAD = """
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {root!r})
 from opt_model import load_model
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_kb():
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM:")).split()[1])
+before = peak_kb()
 model = load_model({directory!r}, dtype=torch.{dtype})
 sum(float(p.float().sum()) for p in model.parameters())  # fault in every page: safetensors maps files lazily
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = peak_kb()
 print(before, after, sum(p.numel() * p.element_size() for p in model.parameters()))
 """
 
