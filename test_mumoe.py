@@ -327,14 +327,33 @@ def read_rows(name):
     return [json.loads(line)["text"] for line in (SHARED_DATA / "rows" / name).open()]
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory):
+    """The reference: transformers' OPT tokenizer, as SparseGPT and Wanda load it (use_fast=False), from
+    the shared vocab.json and merges.txt with the Hub's tokenizer_config.json and special_tokens_map.json."""
+    transformers = pytest.importorskip("transformers")
+    directory = tmp_path_factory.mktemp("hf_tokenizer")
+    for path in [TOKENIZER_DIR / "vocab.json", TOKENIZER_DIR / "merges.txt",
+                 *(TOKENIZER_DIR / "hf-page-transcriptions").glob("*.json")]:
+        shutil.copy(path, directory / path.name)
+    return transformers.AutoTokenizer.from_pretrained(directory, use_fast=False)
+
+
 @needs_shared_data
-def test_tokenizer_matches_hf_opt_examples():
-    tokenizer = load_tokenizer(TOKENIZER_DIR)
-    assert tokenizer.encode("Hello, my dog is cute") == [2, 31414, 6, 127, 2335, 16, 11962]
+def test_tokenizer_matches_hf_opt_examples(tokenizer, hf_tokenizer):
+    assert tokenizer.encode("Hello, my dog is cute") == [2, 31414, 6, 127, 2335, 16, 11962]  # the HF OPT docs
     assert tokenizer.encode("Hello world") == [2, 31414, 232]
     assert tokenizer.encode("\n\n") == [2, 50140]
     assert tokenizer.encode("a</s>b")[1:].count(2) == 1, "</s> in text is the special token, as in HF"
     assert tokenizer.decode(tokenizer.encode("Hello world")) == "Hello world"
+    for text in ["x <pad> y", "<s>hi</s>", "<mask> <unk>", " leading space", "tabs\tand\r\nnewlines  ",
+                 "ümlaut 漢字 🙂", "it's 1 @,@ 000 ... 'll", ""]:
+        assert tokenizer.encode(text) == hf_tokenizer(text).input_ids, f"{text!r} differs from transformers"
 
 
 @needs_shared_data
@@ -995,19 +1014,6 @@ class CharTokenizer:
 # The evaluation streams on the shared data, against an independent reading of the raw files
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(TOKENIZER_DIR)
-
-
-def independent_ids(text: str) -> list[int]:
-    """The tokenizers library on its own, BOS prepended, as HF's OPT tokenizer (add_bos_token) does."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    bpe = ByteLevelBPETokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"))
-    return [2] + bpe.encode(text).ids
-
-
 def wikitext2_rows_from_raw() -> list[str]:
     """Invert "\\n".join(rows) by the README's rule: "\\n" at a row start is an empty row; else the row runs
     through its own "\\n", and a separator "\\n" follows."""
@@ -1054,12 +1060,12 @@ README_COUNTS = {
 
 @needs_shared_data
 @pytest.mark.parametrize("dataset", eval_ppl.DATASETS)
-def test_evaluation_stream_matches_reference(dataset, tokenizer, capsys):
+def test_evaluation_stream_matches_reference(dataset, tokenizer, hf_tokenizer, capsys):
     n_rows, n_ids, n_windows, string_sha = README_COUNTS[dataset]
     text = reference_string(dataset)
     if string_sha:
         assert sha256(text) == string_sha, f"{dataset}: the independent reading of the raw file is wrong"
-    expected = independent_ids(text)
+    expected = hf_tokenizer(text).input_ids  # the reference's tokenizer call
     assert len(expected) == n_ids
 
     ids = eval_ppl.evaluation_ids(dataset, tokenizer, 2048, SHARED_DATA / "rows")
@@ -1127,7 +1133,7 @@ def test_calibration_windows_on_ptb_train(tokenizer):
     raw = " ".join(line.strip() for line in open(SHARED_DATA / "ptb" / "ptb.train.txt", encoding="utf-8"))
     assert sha256(raw) == "e55e9b8ecc1783ae3f8ed28bd8bfc8d99b39eb2181f74f6e3eef31b6001b70f6"
     # the string is the reference one (its hash), so its ids come from the memo; the tokenizer itself is
-    # checked against the tokenizers library by the stream tests above
+    # checked against transformers' by the stream tests above
     expected = torch.tensor(reference_sampler(memo.encode(raw), 16, 2048, seed=0))
     assert torch.equal(first, expected), f"first window starts {first[0, :6].tolist()} vs {expected[0, :6].tolist()}"
 
