@@ -356,10 +356,12 @@ def table(results: list[dict], rho: float, model_name: str) -> str:
     heading = f"{model_name}, active weights {rho:.0%}"
     for r in results[:1] if results[0]["method"] == "dense" else []:
         heading += " — dense " + ", ".join(f"{LABELS[d]} {r['ppl'][d]:.2f}" for d in datasets)
-    lines = [heading, f"{'':<22}" + "".join(f"{LABELS[d]:>10}" for d in datasets) + f"{'Avg':>10}"]
-    for r in results:
-        if r["method"] != "dense" and r["rho"] == rho:
-            lines.append(f"{label(r):<22}" + "".join(f"{r['ppl'][d]:>10.2f}" for d in datasets) + f"{r['avg']:>10.2f}")
+    rows = [r for r in results if r["method"] != "dense" and r["rho"] == rho]
+    cells = [[f"{r['ppl'][d]:.2f}" for d in datasets] + [f"{r['avg']:.2f}"] for r in rows]
+    width = 2 + max([8] + [len(cell) for row in cells for cell in row])  # a pruned model's ppl can reach 1e5
+    first = max([20] + [len(label(r)) for r in rows])
+    lines = [heading, " " * first + "".join(f"{h:>{width}}" for h in [LABELS[d] for d in datasets] + ["Avg"])]
+    lines += [f"{label(r):<{first}}" + "".join(f"{cell:>{width}}" for cell in row) for r, row in zip(rows, cells)]
     return "\n".join(lines)
 
 

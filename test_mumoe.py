@@ -1272,6 +1272,11 @@ def test_command_prints_the_table_and_writes_json(tiny_with_tokenizer, cli_data,
     for rho in (0.5, 1.0):
         assert {("magnitude", rho, None), ("wanda", rho, "wikitext2"), ("wanda", rho, "ptb"), ("wanda", rho, "c4"),
                 ("sparsegpt", rho, "c4"), ("mumoe", rho, None)} <= got
+    for r in report["results"]:  # every table cell reads back as the JSON's number (columns never run together)
+        if r["method"] != "dense" and r["rho"] == 0.5:
+            line = next(line for line in table.splitlines() if line.startswith(eval_ppl.label(r) + " "))
+            expected = [f"{r['ppl'][d]:.2f}" for d in eval_ppl.DATASETS] + [f"{r['avg']:.2f}"]
+            assert line.split()[-4:] == expected, f"{line!r} vs {expected}"
     dense = next(r["ppl"] for r in report["results"] if r["method"] == "dense")
     for r in report["results"]:
         assert all(math.isfinite(p) and p > 1 for p in r["ppl"].values()), r
@@ -1280,6 +1285,19 @@ def test_command_prints_the_table_and_writes_json(tiny_with_tokenizer, cli_data,
                 assert_rel_close(r["ppl"][d], dense[d], 1e-6, f"{r['method']} ({r['calib']}) at rho=1 on {d}")
         elif r["method"] != "dense":
             assert r["avg"] > sum(dense.values()) / 3, f"{r['method']} at rho=0.5 is not worse than dense"
+
+
+def test_table_columns_never_run_together():
+    ppl = lambda wt2, ptb, c4: {"wikitext2": wt2, "ptb": ptb, "c4": c4}
+    results = [dict(method="dense", rho=1.0, calib=None, prefix=None, ppl=ppl(27.65, 38.99, 26.56), avg=31.07),
+               dict(method="magnitude", rho=0.2, calib=None, prefix=None, ppl=ppl(1234567.89, 2e6, 3e5), avg=1.2e6),
+               dict(method="mumoe", rho=0.2, calib=None, prefix=512, ppl=ppl(99.5, 123.25, 80.0), avg=100.92)]
+    lines = eval_ppl.table(results, 0.2, "opt-125m").splitlines()
+    assert lines[0] == "opt-125m, active weights 20% — dense WT2 27.65, PTB 38.99, C4 26.56"
+    assert lines[1].split() == ["WT2", "PTB", "C4", "Avg"]
+    assert lines[2].split() == ["Magnitude", "1234567.89", "2000000.00", "300000.00", "1200000.00"], lines[2]
+    assert lines[3].split() == ["μ-MoE", "(prefix", "512)", "99.50", "123.25", "80.00", "100.92"], lines[3]
+    assert len({len(line) for line in lines[1:]}) == 1, "the columns are not aligned"
 
 
 def run_main(argv, capsys) -> tuple[int, str, str]:
