@@ -94,12 +94,15 @@ def prune_lowest(S: torch.Tensor, k: int, select: str = "sort") -> torch.Tensor:
         return torch.zeros_like(S, dtype=torch.bool).scatter_(1, order, True).reshape(shape)
     t = kth_smallest(S, k, select)[:, None]  # (rows, 1)
     pruned = S <= t
-    # every row has at least k scores <= t, so a total above rows * k means ties at t in some row:
-    # there, prune only as many of the tied scores as are needed, the lowest-index ones
+    # every row has at least k scores <= t, so a total above rows * k means ties at t in some rows:
+    # there, prune only as many of the tied scores as are needed, the lowest-index ones. (Only those
+    # rows are redone: the cumsum is the slowest step here, and float scores rarely tie.)
     if torch.count_nonzero(pruned) > pruned.shape[0] * k:
-        ties = S == t
-        still_needed = k - (pruned & ~ties).sum(dim=1, keepdim=True)
-        pruned &= ~ties | (ties.cumsum(dim=1) <= still_needed)
+        tied = (pruned.sum(dim=1, dtype=torch.int32) > k).nonzero()[:, 0]
+        S_tied, t_tied = S[tied], t[tied]
+        below, ties = S_tied < t_tied, S_tied == t_tied
+        still_needed = k - below.sum(dim=1, keepdim=True)
+        pruned[tied] = below | (ties & (ties.cumsum(dim=1) <= still_needed))
     return pruned.reshape(shape)
 
 

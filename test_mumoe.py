@@ -475,6 +475,19 @@ def test_selects_identical_with_ties_and_zero_columns(rho):
         assert diff == 0, f"{select}: batched selection differs from one matrix at a time in {diff} weights"
 
 
+def test_selects_identical_when_only_some_rows_tie():
+    """Float scores rarely tie: the tie step must redo the rows with ties at the threshold and only those."""
+    S, k = torch.rand(32, 64, generator=torch.Generator().manual_seed(15)), 20
+    for row in (3, 17):  # a second copy of the row's k-th smallest score, at the first index holding a larger one
+        kth = S[row].sort().values[k - 1]
+        S[row, (S[row] > kth).nonzero()[0, 0]] = kth
+    reference = torch.zeros_like(S, dtype=torch.bool).scatter_(1, torch.sort(S, dim=1, stable=True)[1][:, :k], True)
+    assert (S <= torch.kthvalue(S, k, dim=1).values[:, None]).sum(dim=1).gt(k).sum() == 2, "two tied rows"
+    for select in pruners.SELECTS:
+        diff = n_diff(prune_lowest(S, k, select), reference)
+        assert diff == 0, f"{select} differs from the stable sort in {diff} scores"
+
+
 def test_magnitude_matrix_ties_follow_the_flattened_stable_order():
     W = torch.randint(-3, 4, (16, 24), generator=torch.Generator().manual_seed(14)).float()
     k = int(W.numel() * 0.5)
