@@ -45,73 +45,134 @@ from pruners import SELECTS, check_rho, default_select, prune_count, wanda_mask
 # -----------------------------------------------------------------------------
 # Router, experts and gate
 
-
-def route(W: torch.Tensor, X: torch.Tensor, rho: float, select: str | None = None,
-          prefix: int | None = None) -> list[torch.Tensor]:
-    """Router: one keep-mask M_b (d_out, d_in) per prompt b of X (B, T, d_in), from its own tokens.
-
-    ||X_j||² = sum_t X_tj² is taken over all T tokens of the prompt (the paper's protocol), or over
-    the first `prefix` tokens only: then the masks cannot depend on anything after the prefix.
-    """
-    x_sqnorm = X[:, :prefix].float().square().sum(dim=1)  # (B, d_in), statistics in float32
-    return [wanda_mask(W, x_sqnorm_b, rho, select) for x_sqnorm_b in x_sqnorm]
+ROUTINGS = ("block", "linear")
 
 
-def gate(layer: nn.Linear, X: torch.Tensor, masks: list[torch.Tensor], counter: Counter | None = None):
-    """Experts and gate: Y_b = X_b (W ⊙ M_b)^T + b for each prompt b, with only its active experts.
-
-    The gated weight is a new tensor built once per prompt and Linear; `layer.weight` is never written.
-    (W * M, the bool mask promoted inside the kernel, is ~3x faster on CPU than torch.where(M, W, 0).)
-    """
-    W = layer.weight
-    Y = []
-    for X_b, M_b in zip(X, masks):  # X_b (T, d_in), M_b (d_out, d_in)
-        W_b = W * M_b
-        if counter is not None:  # the MACs the matmul below really does with nonzero weights
-            counter[layer] += torch.count_nonzero(W_b).item() * X_b.shape[0]
-        Y.append(F.linear(X_b, W_b, layer.bias))
-    return Y[0][None] if len(Y) == 1 else torch.stack(Y)  # (B, T, d_out); one prompt needs no copy
+def input_sqnorms(x: torch.Tensor, prefix: int | None = None) -> torch.Tensor:
+    """||X_j||² = sum_t X_tj² of each prompt of x (B, T, d_in) -> (B, d_in), in float32, over the first
+    `prefix` tokens only if given (then nothing after the prefix can change the masks)."""
+    return x[:, :prefix].float().square().sum(dim=1)
 
 
-def micro_experts(rho: float, select: str | None = None, prefix: int | None = None,
-                  counter: Counter | None = None, masks: dict | None = None) -> LinearFn:
-    """The μ-MoE Linear: a drop-in for `dense_linear`, as in `block(x, linear=micro_experts(0.5))`.
+def gated_weight(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, select: str | None = None,
+                 nm=None) -> torch.Tensor:
+    """Router and experts of one prompt: W ⊙ M, M the Wanda mask of S_ij = |W_ij| * ||X_j||_2 (exact-k per row,
+    ties to the lower index; with nm = (N, M) the N smallest of every M instead). A new tensor: W is never written."""
+    return W * wanda_mask(W, x_sqnorm, rho, select, nm)  # the bool mask is promoted inside the kernel
 
-    Every call routes each prompt of its input x (B, T, d_in) on itself and gates the Linear with
-    the result. `select` picks the exact selection kernel (None: the fastest on W's device; all give
-    the same masks). `prefix`: route on the first `prefix` tokens only. `counter`: a Counter that
-    gets, per nn.Linear, the MACs done with nonzero weights (nnz(W ⊙ M_b) · T summed over prompts).
-    `masks`: a dict that keeps each Linear's masks from its first call and reuses them afterwards,
-    so that the micro-experts chosen for a prompt also serve the tokens generated after it.
-    rho = 1 is the dense Linear itself (no routing, no copy).
+
+def gate(layer: nn.Linear, X: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
+    """Gate: Y_b = X_b (W ⊙ M_b)^T + bias for each prompt b of X (B, T, d_in), with only its active experts."""
+    if len(experts) != X.shape[0]:
+        raise ValueError(f"{len(experts)} prompts' experts for a batch of {X.shape[0]} prompts")
+    if len(experts) == 1:  # one prompt needs no stacking
+        return F.linear(X, experts[0], layer.bias)
+    return torch.stack([F.linear(X_b, W_b, layer.bias) for X_b, W_b in zip(X, experts)])  # (B, T, d_out)
+
+
+def micro_experts(rho: float, select: str | None = None, prefix: int | None = None, nm=None,
+                  stats: dict | None = None, chosen: dict | None = None, counter: Counter | None = None) -> LinearFn:
+    """The μ-MoE Linear, a drop-in for `dense_linear`: `block(x, linear=micro_experts(0.5))`.
+
+    Each call routes every prompt of its input x (B, T, d_in) and gates the Linear with the result:
+    on x itself (one-pass "linear" routing), or, if `stats` maps the Linear to (B, d_in) input norms
+    ||X_j||², on those (the "block" routing, see `routed_block`). `select`: the exact selection kernel
+    (None: the fastest on W's device; all give the same masks). `prefix`: route on the first `prefix`
+    tokens only. `nm` = (N, M): each prompt prunes N of every M weights per row instead of rho.
+    `chosen`: a dict that receives, per nn.Linear, the gated weights [W ⊙ M_b for each prompt b], e.g.
+    to decode later tokens with the prompt's experts (`chosen_experts`). `counter`: a Counter that gets,
+    per nn.Linear, the MACs done with nonzero weights, nnz(W ⊙ M_b) · T summed over prompts.
+    rho = 1 without nm is the dense Linear itself (no routing, no copy).
     """
     check_rho(rho)
     if select is not None and select not in SELECTS:
         raise UsageError(f"select must be one of {SELECTS}, got {select!r}")
     if prefix is not None and prefix < 1:
         raise UsageError(f"prefix must be a positive number of tokens, got {prefix}")
+    dense = rho == 1.0 and nm is None
+    last = {"x": None, "sqnorms": None}  # q, k and v read one tensor: its norms are computed once
 
     def routed_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if prefix is not None and prefix > x.shape[1]:
             raise UsageError(f"prefix {prefix} is longer than the {x.shape[1]} tokens of the input")
-        if rho == 1.0:
-            if counter is not None:
-                counter[layer] += torch.count_nonzero(layer.weight).item() * x.shape[0] * x.shape[1]
-            return dense_linear(layer, x)
-        if masks is None:
-            return gate(layer, x, route(layer.weight, x, rho, select, prefix), counter)
-        if layer not in masks:
-            masks[layer] = route(layer.weight, x, rho, select, prefix)
-        return gate(layer, x, masks[layer], counter)
+        if dense:
+            experts = [layer.weight] * x.shape[0]
+        else:
+            if stats is not None:
+                sqnorms = stats[layer]
+            elif x is last["x"]:
+                sqnorms = last["sqnorms"]
+            else:
+                sqnorms = input_sqnorms(x, prefix)
+                last.update(x=x, sqnorms=sqnorms)
+            experts = [gated_weight(layer.weight, s, rho, select, nm) for s in sqnorms]
+        if counter is not None:
+            counter[layer] += sum(torch.count_nonzero(W_b).item() for W_b in experts) * x.shape[1]
+        if chosen is not None:
+            chosen[layer] = experts
+        return dense_linear(layer, x) if dense else gate(layer, x, experts)
 
     return routed_linear
 
 
+def block_statistics(block: OPTDecoderLayer, x: torch.Tensor, prefix: int | None = None) -> dict:
+    """One dense pass of `block` over x (B, T, hidden): each Linear -> the (B, d_in) norms ||X_j||² of its input.
+
+    The block is dense throughout, as the reference's Wanda hooks see it. The model is causal, so the
+    first `prefix` tokens' activations are those of a pass over the prefix alone.
+    """
+    stats, last = {}, {"x": None, "sqnorms": None}
+    fc2 = block.fc2  # its output only feeds the block's output, which this pass does not need
+
+    def dense_noting_input(layer, x_in):
+        if x_in is not last["x"]:  # q, k and v read one tensor
+            last.update(x=x_in, sqnorms=input_sqnorms(x_in))
+        stats[layer] = last["sqnorms"]
+        return x_in.new_zeros(()) if layer is fc2 else layer(x_in)  # x + 0: fc2's product is skipped
+
+    block(x[:, :prefix], dense_noting_input)
+    return stats
+
+
+def routed_block(rho: float, routing: str = "block", select: str | None = None, prefix: int | None = None,
+                 nm=None, chosen: dict | None = None, counter: Counter | None = None):
+    """(block, x) -> the block's output for x (B, T, hidden), each prompt routed on itself.
+
+        routing="block"   the six Linears route on the statistics of a dense pass of the block over the
+                          prompt, then the block runs gated: Wanda's procedure, run per prompt
+        routing="linear"  each Linear routes on the input it receives in the gated pass itself: one pass,
+                          nothing dense
+
+    The other arguments are `micro_experts`'.
+    """
+    if routing not in ROUTINGS:
+        raise UsageError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+
+    def run(block: OPTDecoderLayer, x: torch.Tensor) -> torch.Tensor:
+        if prefix is not None and prefix > x.shape[1]:
+            raise UsageError(f"prefix {prefix} is longer than the {x.shape[1]} tokens of the input")
+        dense = rho == 1.0 and nm is None
+        stats = block_statistics(block, x, prefix) if routing == "block" and not dense else None
+        return block(x, micro_experts(rho, select, prefix, nm, stats, chosen, counter))
+
+    return run
+
+
+def chosen_experts(chosen: dict) -> LinearFn:
+    """The Linear that gates with experts chosen earlier (`micro_experts(chosen=...)`): no routing at all."""
+    return lambda layer, x: gate(layer, x, chosen[layer])
+
+
 @torch.no_grad()
-def mumoe_logits(model, input_ids: torch.Tensor, rho: float, select: str | None = None,
-                 prefix: int | None = None, counter: Counter | None = None) -> torch.Tensor:
-    """Token ids (B, T) -> logits (B, T, vocab), each of the B prompts routed on itself."""
-    return model(input_ids, linear=micro_experts(rho, select, prefix, counter))
+def mumoe_logits(model, input_ids: torch.Tensor, rho: float, select: str | None = None, prefix: int | None = None,
+                 routing: str = "block", nm=None, chosen: dict | None = None,
+                 counter: Counter | None = None) -> torch.Tensor:
+    """Token ids (B, T) -> logits (B, T, vocab), each of the B prompts routed on itself, block by block."""
+    run = routed_block(rho, routing, select, prefix, nm, chosen, counter)
+    x = model.embed(input_ids)
+    for block in model.decoder.layers:
+        x = run(block, x)
+    return model.head(x)
 
 
 def linear_names(model) -> dict[nn.Linear, str]:
@@ -130,7 +191,8 @@ CONVENTIONS = ("ours", "paper")
 class MacCount:
     """Multiply-accumulates of one forward pass over one prompt, by checkpoint name."""
     linear: dict[str, int]   # weights used x tokens, for every Linear (decoder Linears, projections, lm_head)
-    routing: dict[str, int]  # the router's cost per decoder Linear; empty at rho = 1 (the dense model)
+    routing: dict[str, int]  # the router's cost per decoder Linear (block routing: its statistics pass too);
+                             # empty at rho = 1 (the dense model)
     attention: int           # q k^T and softmax(.) v of all layers; reported beside `total`, not in it
 
     @property
@@ -139,12 +201,15 @@ class MacCount:
 
 
 def count_macs(config: OPTConfig, tokens: int, rho: float, convention: str = "ours",
-               prefix: int | None = None) -> MacCount:
+               prefix: int | None = None, routing: str = "block") -> MacCount:
     """MACs of a μ-MoE forward over `tokens` tokens of one prompt (rho = 1: the dense model).
 
-    convention="ours" counts what this file runs: a decoder Linear (d_in -> d_out) uses
-    d_out · (d_in - int(d_in · (1 - rho))) · T MACs -- the exact kept count, about rho·d·d'·T -- plus
-    routing d_in·T (norms over the routed tokens: `prefix` of them, if given) + d_in·d_out (scores).
+    convention="ours" counts the multiply-accumulates with active (nonzero) weights, the work a sparse
+    kernel would do (the gate here multiplies the dense W ⊙ M, zeros included): a decoder Linear
+    (d_in -> d_out) uses d_out · (d_in - int(d_in · (1 - rho))) · T MACs -- the exact kept count, about
+    rho·d·d'·T -- plus routing d_in·T (norms over the routed tokens: `prefix` of them, if given) +
+    d_in·d_out (scores). routing="block" adds, per Linear but fc2, its dense product over the routed
+    tokens (d_in·d_out·T_routed): the dense pass that gathers the block's statistics.
     Embeddings are lookups; project_in/out (350m) and lm_head are dense Linears. Attention products
     are causal: q k^T and the weighted sum over v each take d · T(T+1)/2 MACs per layer.
 
@@ -158,19 +223,23 @@ def count_macs(config: OPTConfig, tokens: int, rho: float, convention: str = "ou
     check_rho(rho)
     if convention not in CONVENTIONS:
         raise UsageError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    if routing not in ROUTINGS:
+        raise UsageError(f"routing must be one of {ROUTINGS}, got {routing!r}")
     T, paper = tokens, convention == "paper"
     routed = T if prefix is None else prefix
     with torch.device("meta"):  # the Linear shapes, straight from the model (no memory used)
         shapes = {name: layer.weight.shape for name, layer in OPTDecoderLayer(config).linears().items()}
 
-    linear, routing = {}, {}
+    linear, router = {}, {}
     for i in range(config.num_hidden_layers):
         for name, (d_out, d_in) in shapes.items():
             key = f"decoder.layers.{i}.{name}"
             kept = rho * d_in if paper else d_in - prune_count(d_in, rho)
             linear[key] = round(d_out * kept * T)
             if rho < 1.0:
-                routing[key] = d_out * d_in + (0 if paper else d_in * routed)
+                router[key] = d_out * d_in + (0 if paper else d_in * routed)
+                if routing == "block" and not paper and name != "fc2":
+                    router[key] += d_out * d_in * routed
     outer_scale = rho if paper else 1.0  # the paper scales the Linears outside the blocks too
     d, e = config.hidden_size, config.word_embed_proj_dim
     if config.projects_embeddings:
@@ -178,7 +247,7 @@ def count_macs(config: OPTConfig, tokens: int, rho: float, convention: str = "ou
         linear["decoder.project_out"] = round(outer_scale * d * e * T)
     linear["lm_head"] = round(outer_scale * e * config.vocab_size * T)
     attention = 0 if paper else config.num_hidden_layers * 2 * d * T * (T + 1) // 2
-    return MacCount(linear, routing, attention)
+    return MacCount(linear, router, attention)
 
 
 # -----------------------------------------------------------------------------
@@ -186,20 +255,27 @@ def count_macs(config: OPTConfig, tokens: int, rho: float, convention: str = "ou
 
 
 @torch.no_grad()
-def generate(model, prompt_ids: list[int], max_new_tokens: int, linear: LinearFn = dense_linear,
-             eos_id: int | None = None) -> list[int]:
-    """Greedy decoding. The whole sequence is recomputed at every step (no KV cache): slow but plainly
-    correct, and a μ-MoE `linear` with a `masks` dict keeps the prompt's masks for the new tokens."""
+def generate(model, prompt_ids: list[int], max_new_tokens: int, rho: float = 1.0, routing: str = "block",
+             select: str | None = None, prefix: int | None = None, eos_id: int | None = None) -> list[int]:
+    """Greedy decoding; rho < 1 routes once on the prompt and decodes every new token with the prompt's experts.
+
+    rho = 1 is the dense model. The whole sequence is recomputed at every step (no KV cache).
+    """
+    if max_new_tokens < 1:
+        raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     ids = torch.tensor([prompt_ids], device=model.lm_head.weight.device)  # (1, T)
+    chosen = {}
+    logits = mumoe_logits(model, ids, rho, select, prefix, routing, chosen=chosen)
+    experts = chosen_experts(chosen)
+    new = []
     for _ in range(max_new_tokens):
-        x = model.embed(ids)
-        for block in model.decoder.layers:
-            x = block(x, linear)
-        next_id = model.head(x[:, -1:]).argmax(dim=-1)  # only the last position's logits are needed
-        ids = torch.cat([ids, next_id], dim=1)
-        if next_id.item() == eos_id:
+        next_id = logits[:, -1:].argmax(dim=-1)  # (1, 1)
+        new.append(next_id.item())
+        if new[-1] == eos_id or len(new) == max_new_tokens:
             break
-    return ids[0, len(prompt_ids):].tolist()
+        ids = torch.cat([ids, next_id], dim=1)
+        logits = model(ids, experts)
+    return new
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -217,6 +293,9 @@ def main(argv=None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--select", choices=SELECTS, help="selection kernel (default: fastest on the device)")
     parser.add_argument("--prefix", type=int, help="route on the first N prompt tokens only")
+    parser.add_argument("--routing", choices=ROUTINGS, default="block",
+                        help="block: each block routes on its dense pass over the prompt (Wanda's statistics, "
+                             "the default); linear: each Linear on its own input, in one pass")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 otherwise")
     args = parser.parse_args(argv)
@@ -242,26 +321,26 @@ def main(argv=None) -> None:
         print(f"mumoe.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 
-    masks = {}
-    experts = micro_experts(args.rho, args.select, args.prefix, masks=masks)
     eos_id = tokenizer.bos_id  # OPT's </s> is both BOS and EOS
-    dense_new = generate(model, prompt_ids, args.max_new_tokens, dense_linear, eos_id)
-    mumoe_new = generate(model, prompt_ids, args.max_new_tokens, experts, eos_id)
+    dense_new = generate(model, prompt_ids, args.max_new_tokens, eos_id=eos_id)
+    mumoe_new = generate(model, prompt_ids, args.max_new_tokens, args.rho, args.routing, args.select, args.prefix,
+                         eos_id)
 
     select = args.select or default_select(args.device)
     print(f"prompt ({len(prompt_ids)} tokens): {args.prompt!r}")
     print(f"\n--- dense:\n{args.prompt}{tokenizer.decode(dense_new)}")
-    print(f"\n--- μ-MoE, rho = {args.rho} (select={select}, routed on "
+    print(f"\n--- μ-MoE, rho = {args.rho} ({args.routing} routing, select={select}, routed on "
           f"{args.prefix or len(prompt_ids)} prompt tokens):\n{args.prompt}{tokenizer.decode(mumoe_new)}\n")
     decoder_linears = [layer for block in model.decoder.layers for layer in block.linears().values()]
     total = sum(layer.weight.numel() for layer in decoder_linears)
-    active = total if args.rho == 1.0 else sum(M.sum().item() for layer in decoder_linears for M in masks[layer])
+    active = sum(layer.weight.shape[0] * (layer.weight.shape[1] - prune_count(layer.weight.shape[1], args.rho))
+                 for layer in decoder_linears)  # exactly int(d_in * (1 - rho)) pruned in every row
     print(f"active weights: {active:,} of {total:,} in the decoder Linears ({active / total:.2%}); "
           f"embeddings and lm_head dense")
     T = len(prompt_ids) + len(mumoe_new)
     dense_macs = count_macs(model.config, T, 1.0).total
-    mumoe_macs = count_macs(model.config, T, args.rho, prefix=args.prefix or len(prompt_ids))
-    print(f"MACs for the prompt and {len(mumoe_new)} new tokens, each token computed once as with a KV cache, "
+    mumoe_macs = count_macs(model.config, T, args.rho, prefix=args.prefix or len(prompt_ids), routing=args.routing)
+    print(f"MACs with active weights for the prompt and {len(mumoe_new)} new tokens, each token computed once, "
           f"attention products excluded:\n  dense {si(dense_macs)}, μ-MoE {si(mumoe_macs.total)} "
           f"(routing {si(sum(mumoe_macs.routing.values()))}): {1 - mumoe_macs.total / dense_macs:.1%} saved")
 

@@ -32,7 +32,7 @@ import eval_ppl
 import mumoe
 import opt_model
 import pruners
-from mumoe import count_macs, generate, linear_names, micro_experts, mumoe_logits
+from mumoe import ROUTINGS, count_macs, generate, linear_names, micro_experts, mumoe_logits
 from opt_model import OPTConfig, OPTForCausalLM, UsageError, load_model, load_tokenizer
 from pruners import SELECTS, magnitude_mask, prune_lowest, prune_model, sparsegpt_prune, wanda_mask, wanda_score
 
@@ -800,10 +800,11 @@ def random_ids(B, T, seed=1):
 
 
 def prompt_masks(model, ids, rho, **kw):
-    """Every Linear's masks from one μ-MoE forward, by checkpoint name: name -> [M_b for each prompt]."""
-    masks = {}
-    model(ids, linear=micro_experts(rho, masks=masks, **kw))
-    return {name: masks[layer] for layer, name in linear_names(model).items()}
+    """Every Linear's masks from one μ-MoE forward, by checkpoint name: name -> [M_b for each prompt].
+    (Read from the gated weights W ⊙ M_b: the random normal weights here have no zeros of their own.)"""
+    chosen = {}
+    mumoe_logits(model, ids, rho, chosen=chosen, **kw)
+    return {name: [W_b != 0 for W_b in chosen[layer]] for layer, name in linear_names(model).items()}
 
 
 # -----------------------------------------------------------------------------
@@ -831,34 +832,76 @@ def test_routed_linear_matches_from_scratch_stable_sort(select):
     assert_close(Y, torch.stack(expected), 1e-6, f"routed Linear ({select}) vs from-scratch stable sort")
 
 
-def test_prompts_in_a_batch_are_routed_independently(tiny_model):
+ROUTING_ATOL = 1e-5  # block routing vs. a model pruned by prune_model: the same masks, products in another order
+
+
+@pytest.mark.parametrize("rho", [0.5, 0.3])
+@pytest.mark.parametrize("select", SELECTS)
+def test_block_routing_is_wanda_calibrated_on_the_window(tiny_model, rho, select):
+    """The reference's definition, written with our own parts: Wanda's driver with the window as its only
+    calibration sample, then the pruned model's dense logits of that window."""
+    window = random_ids(1, 40, seed=3)
+    pruned = copy.deepcopy(tiny_model)
+    prune_model(pruned, window, "wanda", rho, select=select, progress=False)
+    routed = mumoe_logits(tiny_model, window, rho, select=select, routing="block")
+    assert_close(routed, pruned(window), ROUTING_ATOL, f"block routing vs prune_model on the window, rho={rho}")
+    one_pass = mumoe_logits(tiny_model, window, rho, select=select, routing="linear")
+    assert (one_pass - pruned(window)).abs().max() > 100 * ROUTING_ATOL, "linear routing is another method"
+
+
+def test_routings_share_only_the_first_inputs(tiny_model):
+    """In block 0 q, k and v read the same LayerNorm output in both routings; out_proj, fc1 and fc2 read
+    outputs of gated Linears in the one-pass routing and of dense ones in the block routing."""
+    ids = random_ids(2, 24)
+    block, linear = prompt_masks(tiny_model, ids, 0.5, routing="block"), prompt_masks(tiny_model, ids, 0.5, routing="linear")
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        key = f"decoder.layers.0.{name}"
+        assert all(torch.equal(a, b) for a, b in zip(block[key], linear[key])), f"{key} should match"
+    for name in ("self_attn.out_proj", "fc1", "fc2"):
+        key = f"decoder.layers.0.{name}"
+        assert not torch.equal(block[key][0], linear[key][0]), f"{key} should differ between the routings"
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_prompts_in_a_batch_are_routed_independently(tiny_model, routing):
     ids = random_ids(3, 24)
-    batched = mumoe_logits(tiny_model, ids, 0.5)
+    batched = mumoe_logits(tiny_model, ids, 0.5, routing=routing)
     for b in range(3):
-        assert_close(batched[b], mumoe_logits(tiny_model, ids[b:b + 1], 0.5)[0], BATCH_ATOL, f"prompt {b} batched vs alone")
-    masks = prompt_masks(tiny_model, ids, 0.5)
+        alone = mumoe_logits(tiny_model, ids[b:b + 1], 0.5, routing=routing)[0]
+        assert_close(batched[b], alone, BATCH_ATOL, f"prompt {b} batched vs alone ({routing})")
+    masks = prompt_masks(tiny_model, ids, 0.5, routing=routing)
     assert any(not torch.equal(M[0], M[1]) for M in masks.values()), "the prompts should pick different experts"
 
 
-def test_rho_one_is_exactly_dense(tiny_model):
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_rho_one_is_exactly_dense(tiny_model, routing):
     ids = random_ids(2, 20)
-    assert torch.equal(mumoe_logits(tiny_model, ids, 1.0), tiny_model(ids))
-    assert not torch.allclose(mumoe_logits(tiny_model, ids, 0.9), tiny_model(ids)), "rho < 1 must change the logits"
+    assert torch.equal(mumoe_logits(tiny_model, ids, 1.0, routing=routing), tiny_model(ids))
+    assert not torch.allclose(mumoe_logits(tiny_model, ids, 0.9, routing=routing), tiny_model(ids)), \
+        "rho < 1 must change the logits"
 
 
-def test_weights_are_left_untouched(tiny_model):
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_weights_are_left_untouched(tiny_model, routing):
     before = {name: p.clone() for name, p in tiny_model.state_dict().items()}
-    mumoe_logits(tiny_model, random_ids(2, 20), 0.4)
+    mumoe_logits(tiny_model, random_ids(2, 20), 0.4, routing=routing)
     for name, p in tiny_model.state_dict().items():
-        assert torch.equal(p, before[name]), f"{name} was modified by a μ-MoE forward"
+        assert torch.equal(p, before[name]), f"{name} was modified by a μ-MoE forward ({routing})"
 
 
 @pytest.mark.parametrize("rho", [0.3, 0.75])
-def test_every_select_gives_identical_logits(tiny_model, rho):
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_every_select_gives_identical_logits(tiny_model, rho, routing):
     ids = random_ids(2, 32)
-    reference = mumoe_logits(tiny_model, ids, rho, select="sort")
+    reference = mumoe_logits(tiny_model, ids, rho, select="sort", routing=routing)
     for select in SELECTS:
-        assert torch.equal(mumoe_logits(tiny_model, ids, rho, select=select), reference), f"{select} differs from sort"
+        assert torch.equal(mumoe_logits(tiny_model, ids, rho, select=select, routing=routing), reference), \
+            f"{select} differs from sort ({routing})"
+
+
+def test_unknown_routing_is_refused(tiny_model):
+    with pytest.raises(UsageError, match="routing must be one of"):
+        mumoe_logits(tiny_model, random_ids(1, 8), 0.5, routing="dense")
 
 
 # -----------------------------------------------------------------------------
@@ -881,15 +924,20 @@ def test_active_weights_and_counter_match_count_macs(tiny_model, rho):
 
 def test_count_macs_ours():
     T, rho = 100, 0.5
-    dense, routed = count_macs(TINY, T, 1.0), count_macs(TINY, T, rho)
+    dense, routed = count_macs(TINY, T, 1.0), count_macs(TINY, T, rho, routing="linear")
     d, f, V = 32, 64, 128
     per_block_dense = (4 * d * d + 2 * d * f) * T
     assert dense.routing == {} and dense.total == 2 * per_block_dense + V * d * T
     # routing per Linear: d_in*T for the norms + d_out*d_in for the scores; lm_head stays dense
     per_block_routing = 4 * (d * T + d * d) + (d * T + f * d) + (f * T + d * f)
     assert routed.total == 2 * (per_block_dense // 2 + per_block_routing) + V * d * T
+    # block routing adds the dense statistics pass: every Linear's product but fc2's
+    statistics_pass = (4 * d * d + d * f) * T
+    assert count_macs(TINY, T, rho).total == routed.total + 2 * statistics_pass
+    assert count_macs(TINY, T, 1.0, routing="block") == dense, "the dense model gathers no statistics"
     assert routed.attention == dense.attention == 2 * 2 * d * T * (T + 1) // 2  # causal q k^T and AV
-    assert count_macs(TINY, T, rho, prefix=10).routing["decoder.layers.0.fc2"] == f * 10 + d * f
+    assert count_macs(TINY, T, rho, prefix=10, routing="linear").routing["decoder.layers.0.fc2"] == f * 10 + d * f
+    assert count_macs(TINY, T, rho, prefix=10).routing["decoder.layers.0.fc1"] == d * 10 + f * d + f * d * 10
     opt350m = OPTConfig(hidden_size=1024, ffn_dim=4096, num_hidden_layers=24, num_attention_heads=16,
                         word_embed_proj_dim=512, do_layer_norm_before=False)
     assert count_macs(opt350m, 1, 1.0).linear["decoder.project_in"] == 512 * 1024
@@ -943,17 +991,17 @@ def test_prefix_longer_than_prompt_is_refused(tiny_model):
         micro_experts(1.5)
 
 
-def test_generation_keeps_the_prompts_experts(tiny_model):
-    """Masks remembered from the prompt's forward = routing every step on the prompt's tokens (prefix)."""
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_generation_keeps_the_prompts_experts(tiny_model, routing):
+    """The prompt's experts serving every new token = routing every step on the prompt's tokens (prefix)."""
     prompt, rho, steps = random_ids(1, 9)[0].tolist(), 0.4, 8
-    new = generate(tiny_model, prompt, steps, micro_experts(rho, masks={}))
+    new = generate(tiny_model, prompt, steps, rho, routing)
     ids = torch.tensor([prompt])
     for _ in range(steps):
-        next_id = mumoe_logits(tiny_model, ids, rho, prefix=len(prompt))[:, -1].argmax(-1, keepdim=True)
+        next_id = mumoe_logits(tiny_model, ids, rho, prefix=len(prompt), routing=routing)[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, next_id], dim=1)
     assert new == ids[0, len(prompt):].tolist()
-    assert new != generate(tiny_model, prompt, steps, micro_experts(rho)), "re-routing at every step differs here"
-    assert new != generate(tiny_model, prompt, steps), "and so does the dense model"
+    assert new != generate(tiny_model, prompt, steps), "the dense model continues differently"
 
 
 # -----------------------------------------------------------------------------
@@ -1222,9 +1270,10 @@ def test_perplexity_matches_transformers(tiny_ppl):
 def test_perplexity_of_micro_experts_matches_mumoe_logits(tiny_ppl):
     model, _, ids = tiny_ppl
     for rho in (0.3, 0.7):
-        ref = reference_ppl(lambda w: mumoe.mumoe_logits(model, w, rho), ids)
-        ours = eval_ppl.perplexity(model, ids, linear=mumoe.micro_experts(rho))
-        assert_rel_close(ours, ref, PPL_RTOL, f"μ-MoE rho={rho}")
+        for routing in ROUTINGS:
+            ref = reference_ppl(lambda w: mumoe.mumoe_logits(model, w, rho, routing=routing), ids)
+            ours = eval_ppl.perplexity(model, ids, run_block=mumoe.routed_block(rho, routing))
+            assert_rel_close(ours, ref, PPL_RTOL, f"μ-MoE rho={rho}, {routing} routing")
 
 
 @torch.no_grad()
@@ -1342,6 +1391,7 @@ BAD_INPUTS = {
     "seqlen above max_position_embeddings": (["--seqlen", "65"], "max_position_embeddings"),
     "prefix longer than a window": (["--mumoe-prefix", "17"], "prefix"),
     "unknown device": (["--device", "gpu"], "unknown device 'gpu'"),
+    "unknown routing": (["--mumoe-routing", "dense"], "invalid choice: 'dense'"),
 }
 
 
