@@ -96,8 +96,7 @@ def load_rows(dataset: str, split: str, data_dir=None) -> list[str]:
     if split not in SPLITS[dataset]:
         raise UsageError(f"{dataset} has no {split} split (it has {', '.join(SPLITS[dataset])})")
     if data_dir is not None:
-        with open(rows_file(data_dir, dataset, split), encoding="utf-8") as f:
-            return [json.loads(line)["text"] for line in f if line.strip()]
+        return read_rows_file(rows_file(data_dir, dataset, split))
     if dataset == "wikitext2":
         import pyarrow.parquet
 
@@ -108,6 +107,23 @@ def load_rows(dataset: str, split: str, data_dir=None) -> list[str]:
             return [json.loads(line)["text"] for line in f]  # one document per line, in file order
     with open(ptb_file(split), encoding="utf-8") as f:  # the loader's rows: every line, stripped
         return [line.strip() for line in f]
+
+
+def read_rows_file(path: Path) -> list[str]:
+    """The "text" of every non-blank line of a `--data-dir` file; a line that is not `{"text": ...}` is named."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}, line {number}: not a JSON line ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise UsageError(f'{path}, line {number}: expected {{"text": "..."}}, got {line.strip()[:60]}')
+            rows.append(row["text"])
+    return rows
 
 
 def save_rows(rows: list[str], data_dir, dataset: str, split: str) -> Path:
@@ -227,6 +243,8 @@ def calibration_windows(dataset: str, tokenizer, nsamples: int, seqlen: int, see
 # -----------------------------------------------------------------------------
 # Perplexity
 
+MAX_EXP = math.log(sys.float_info.max)  # ≈ 709.8: math.exp of more overflows a float
+
 
 def outer_modules(model: OPTForCausalLM) -> list[torch.nn.Module]:
     """Everything but the decoder blocks: embeddings, projections, final LayerNorm, lm_head (tied to embed_tokens)."""
@@ -271,7 +289,8 @@ def perplexity(model: OPTForCausalLM, ids: torch.Tensor, device=None, run_block:
     if offload:
         for module in outer_modules(model):
             module.to("cpu")
-    return math.exp(nll / N)
+    mean_nll = nll / N
+    return math.exp(mean_nll) if mean_nll < MAX_EXP else math.inf  # a broken model's perplexity, not an OverflowError
 
 
 # -----------------------------------------------------------------------------
@@ -294,6 +313,12 @@ def active_ratio(text: str) -> float:
 def positive_int(text: str) -> int:
     if int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return int(text)
+
+
+def window_length(text: str) -> int:
+    if int(text) < 2:
+        raise argparse.ArgumentTypeError(f"a window needs at least 2 tokens, one to read and one to predict; got {text}")
     return int(text)
 
 
@@ -321,7 +346,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS), metavar="DATASET",
                    help=f"any of {' '.join(DATASETS)} (default: all)")
     p.add_argument("--nsamples", type=positive_int, metavar="N", default=128, help="calibration windows (default: 128)")
-    p.add_argument("--seqlen", type=positive_int, metavar="T", default=2048, help="tokens per window (default: 2048)")
+    p.add_argument("--seqlen", type=window_length, metavar="T", default=2048, help="tokens per window (default: 2048)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draws (default: 0)")
     p.add_argument("--device", help="default: cuda when present, else cpu")
     p.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 on CPU")
@@ -394,6 +419,37 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=150)
 
 
+def check_writable(path: Path, option: str) -> None:
+    """Fail now, not after hours of work, when `path` cannot be written; an existing file is left as it is."""
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{option} {path} cannot be written ({e.strerror or e})") from None
+    if not existed:
+        path.unlink()
+
+
+def strict_json(value):
+    """value with every float that is not finite replaced by None: JSON has no NaN or Infinity, and Python's
+    bare `NaN` makes other readers (jq, JavaScript, strict parsers) reject the whole file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def write_results(path: Path, settings: dict, results: list[dict]) -> None:
+    """Every number with its settings; a perplexity that is not finite (a model broken by pruning) is null."""
+    report = strict_json({"settings": settings, "results": results})
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -409,6 +465,9 @@ def run(args) -> list[dict]:
     dtype = DTYPES[args.dtype] if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
     if args.mumoe_prefix and args.mumoe_prefix > args.seqlen and "mumoe" in args.methods:
         raise UsageError(f"--mumoe-prefix {args.mumoe_prefix} is longer than a window of --seqlen {args.seqlen}")
+    check_writable(args.out, "--out")
+    if args.plot:
+        check_writable(args.plot, "--plot")
     needed = [(d, EVAL_SPLIT[d]) for d in args.datasets]
     needed += [(d, "train") for d in DATASETS if any(d in datasets for datasets in args.calib.values())]
     if args.save_data:
@@ -416,9 +475,7 @@ def run(args) -> list[dict]:
             save_rows(load_rows(dataset, split, args.data_dir), args.save_data, dataset, split)
         args.data_dir = args.save_data
     for dataset, split in needed if args.data_dir else []:
-        rows_file(args.data_dir, dataset, split)  # fail now, not after an hour of pruning
-    for path in filter(None, (args.out, args.plot)):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        load_rows(dataset, split, args.data_dir)  # a missing file or a malformed line: now, not after an hour of pruning
     directory = resolve_checkpoint(args.model)
     config = OPTConfig.from_json(directory / "config.json")
     if args.seqlen > config.max_position_embeddings:
@@ -461,7 +518,7 @@ def run(args) -> list[dict]:
                             **({"routing": routing} if method == "mumoe" else {})))
         print(f"{label(results[-1])}, rho {rho}: " + ", ".join(f"{LABELS[d]} {p:.2f}" for d, p in ppl.items())
               + f" ({results[-1]['seconds']:.0f} s)", flush=True)
-        args.out.write_text(json.dumps({"settings": settings, "results": results}, indent=2, ensure_ascii=False))
+        write_results(args.out, settings, results)
 
     for rho in args.rho:
         print("\n" + table(results, rho, args.model))

@@ -1392,6 +1392,7 @@ BAD_INPUTS = {
     "prefix longer than a window": (["--mumoe-prefix", "17"], "prefix"),
     "unknown device": (["--device", "gpu"], "unknown device 'gpu'"),
     "unknown routing": (["--mumoe-routing", "dense"], "invalid choice: 'dense'"),
+    "a window of one token": (["--seqlen", "1"], "at least 2 tokens"),
 }
 
 
@@ -1415,6 +1416,44 @@ def test_calibration_split_missing_offline(tiny_with_tokenizer, cli_data, tmp_pa
     code, _, err = run_main(cli_args(tiny_with_tokenizer, cli_data) + ["--data-dir", str(data)], capsys)
     assert code == 2 and err.count("\n") == 1, err
     assert "no train split of wikitext2" in err and "--calib" in err, err
+
+
+@pytest.mark.parametrize("line, needle", [
+    ('{"text": "cut short', "ptb.train.jsonl, line 3: not a JSON line"),
+    ('{"txt": "a misspelt key"}', 'ptb.train.jsonl, line 3: expected {"text": "..."}'),
+    ('["a list"]', 'ptb.train.jsonl, line 3: expected {"text": "..."}'),
+])
+def test_malformed_data_dir_line_is_named_before_any_work(line, needle, tiny_with_tokenizer, cli_data, tmp_path,
+                                                            capsys):
+    data = tmp_path / "data"
+    shutil.copytree(cli_data, data)
+    path = data / "ptb.train.jsonl"  # calibration rows: read only after the dense model's evaluation, unless checked
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:2] + [line] + lines[3:]) + "\n")
+    code, out, err = run_main(cli_args(tiny_with_tokenizer, data, "--calib", "ptb"), capsys)
+    assert code == 2 and err.count("\n") == 1 and needle in err, err
+    assert "windows of" not in out, "the evaluation started before the data was checked"
+
+
+@pytest.mark.parametrize("option", ["--out", "--plot"])
+def test_unwritable_output_is_refused_before_any_work(option, tiny_with_tokenizer, cli_data, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    for path, reason in [(tmp_path / "a_file" / "r.json", "File exists"), (tmp_path, "Is a directory")]:
+        code, out, err = run_main(cli_args(tiny_with_tokenizer, cli_data, option, str(path)), capsys)
+        assert code == 2 and err.count("\n") == 1 and f"{option} {path} cannot be written" in err, err
+        assert reason in err and "windows of" not in out, err
+
+
+def test_results_json_is_strict_json(tmp_path):
+    rows = [dict(method="magnitude", rho=0.1, ppl={"ptb": math.nan, "c4": math.inf}, avg=math.nan, seconds=1.5)]
+    eval_ppl.write_results(tmp_path / "r.json", {"rho": (0.1,)}, rows)
+
+    def bare_constant(name):
+        raise AssertionError(f"a bare {name} in the JSON: not JSON, other readers reject the file")
+
+    report = json.loads((tmp_path / "r.json").read_text(), parse_constant=bare_constant)
+    assert report["results"] == [dict(rows[0], ppl={"ptb": None, "c4": None}, avg=None)]
+    assert report["settings"] == {"rho": [0.1]}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")
