@@ -301,6 +301,7 @@ CALIBRATED = ("wanda", "sparsegpt")
 DEFAULT_CALIB = {"wanda": ("wikitext2", "ptb", "c4"), "sparsegpt": ("c4",)}  # the paper's table
 NAMES = {"dense": "Dense", "magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "mumoe": "μ-MoE"}
 MAGNITUDE_GROUP = "matrix"  # one threshold per weight matrix, as SparseGPT's and Wanda's magnitude baselines
+SPARSEGPT_BLOCKSIZE = 128  # the reference's column block; an N:M group must not straddle two blocks
 
 
 def active_ratio(text: str) -> float:
@@ -322,6 +323,26 @@ def window_length(text: str) -> int:
     return int(text)
 
 
+def nm_pattern(text: str) -> tuple[int, int]:
+    """'2:4' -> (2, 4): N of every M consecutive weights of a row are pruned."""
+    N, colon, M = text.partition(":")
+    if not (colon and N.isdigit() and M.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected a pattern N:M such as 2:4, got {text!r}")
+    if not 0 < int(N) < int(M):
+        raise argparse.ArgumentTypeError(f"an N:M pattern prunes N of every M weights and needs 0 < N < M; got {text}")
+    return int(N), int(M)
+
+
+def nm_name(nm: tuple[int, int]) -> str:
+    return f"{nm[0]}:{nm[1]}"
+
+
+def nm_active_ratio(nm: tuple[int, int]) -> float:
+    """The rho of an N:M pattern: M - N of every M weights stay active (2:4 -> 0.5)."""
+    N, M = nm
+    return (M - N) / M
+
+
 def calib_token(text: str) -> tuple[str | None, tuple[str, ...]]:
     """'ptb,c4' (for every calibrated method) or 'wanda=ptb,c4' (for one) -> (method or None, datasets)."""
     method, _, names = text.rpartition("=")
@@ -337,7 +358,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = mumoe.ArgumentParser(prog="eval_ppl.py", description="Perplexity of dense, pruned and μ-MoE OPT models "
                        "on WikiText-2, PTB and C4, by the SparseGPT/Wanda protocol.")
     p.add_argument("--model", required=True, help="opt-125m ... opt-66b, a hub id, or a local model directory")
-    p.add_argument("--rho", type=active_ratio, nargs="+", default=[0.5], help="active-weight ratio(s), in (0, 1]")
+    sparsity = p.add_mutually_exclusive_group()
+    sparsity.add_argument("--rho", type=active_ratio, nargs="+", help="active-weight ratio(s), in (0, 1] (default: 0.5)")
+    sparsity.add_argument("--nm", type=nm_pattern, metavar="N:M", help="prune N of every M consecutive weights of "
+                          "each row instead (e.g. 2:4, the pattern sparse GPU kernels accelerate); for μ-MoE each "
+                          "window picks its own N of every M")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
                    help=f"any of {' '.join(METHODS)} (default: all)")
     p.add_argument("--calib", nargs="+", type=calib_token, default=[], metavar="[METHOD=]DATASET[,...]",
@@ -367,11 +392,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plot", type=Path, nargs="?", const=Path("ppl_vs_rho.png"), metavar="PNG",
                    help="perplexity against active weights for each rho, as the paper's Figure 4 (default: ppl_vs_rho.png)")
     args = p.parse_args(argv)
+    args.rho = [nm_active_ratio(args.nm)] if args.nm else args.rho or [0.5]
     everyone = [d for method, datasets in args.calib if method is None for d in datasets]
     calib = {m: tuple(everyone) or DEFAULT_CALIB[m] for m in CALIBRATED}
     calib.update({method: datasets for method, datasets in args.calib if method})
     args.calib = {m: calib[m] for m in CALIBRATED if m in args.methods}
     return args
+
+
+def row_key(result: dict) -> tuple:
+    """What a row computed: method, rho, N:M pattern, calibration set, μ-MoE routing."""
+    return result["method"], result["rho"], result.get("nm"), result["calib"], result.get("routing")
 
 
 def label(result: dict) -> str:
@@ -380,13 +411,14 @@ def label(result: dict) -> str:
     return name + (f" (prefix {result['prefix']})" if result["prefix"] else "")
 
 
-def table(results: list[dict], rho: float, model_name: str) -> str:
-    """The paper's layout: one row per method, WT2 / PTB / C4 / Avg, the dense perplexity in the heading."""
+def table(results: list[dict], rho: float, model_name: str, nm: str | None = None) -> str:
+    """The paper's layout: one row per method, WT2 / PTB / C4 / Avg, the dense perplexity in the heading.
+    The rows pruned to `rho`, or with the N:M pattern `nm` (e.g. "2:4", whose rho is 0.5)."""
     datasets = list(results[0]["ppl"])
-    heading = f"{model_name}, active weights {rho:.0%}"
-    for r in results[:1] if results[0]["method"] == "dense" else []:
+    heading = f"{model_name}, " + (f"{nm} ({rho:.0%} active)" if nm else f"active weights {rho:.0%}")
+    for r in [r for r in results if r["method"] == "dense"][:1]:
         heading += " — dense " + ", ".join(f"{LABELS[d]} {r['ppl'][d]:.2f}" for d in datasets)
-    rows = [r for r in results if r["method"] != "dense" and r["rho"] == rho]
+    rows = [r for r in results if r["method"] != "dense" and r["rho"] == rho and r.get("nm") == nm]
     cells = [[f"{r['ppl'][d]:.2f}" for d in datasets] + [f"{r['avg']:.2f}"] for r in rows]
     width = 2 + max([8] + [len(cell) for row in cells for cell in row])  # a pruned model's ppl can reach 1e5
     first = max([20] + [len(label(r)) for r in rows])
@@ -450,6 +482,19 @@ def write_results(path: Path, settings: dict, results: list[dict]) -> None:
     path.write_text(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8")
 
 
+def check_nm_fits(nm: tuple[int, int], config: OPTConfig, sparsegpt: bool) -> None:
+    """Every decoder Linear reads hidden_size inputs (q, k, v, out_proj, fc1) or ffn_dim (fc2): each row must
+    split into groups of M, and SparseGPT's column blocks too."""
+    try:
+        for d_in in (config.hidden_size, config.ffn_dim):
+            pruners.check_nm(nm, d_in)
+    except UsageError as e:
+        raise UsageError(f"--nm {nm_name(nm)} does not fit this model: {e}") from None
+    if sparsegpt and SPARSEGPT_BLOCKSIZE % nm[1]:
+        raise UsageError(f"--nm {nm_name(nm)}: SparseGPT prunes in blocks of {SPARSEGPT_BLOCKSIZE} columns, "
+                         f"which M={nm[1]} does not divide; choose M among its divisors or leave out sparsegpt")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -481,47 +526,53 @@ def run(args) -> list[dict]:
     if args.seqlen > config.max_position_embeddings:
         raise UsageError(f"--seqlen {args.seqlen} exceeds the model's max_position_embeddings "
                          f"{config.max_position_embeddings}")
+    if args.nm:
+        check_nm_fits(args.nm, config, "sparsegpt" in args.methods)
 
     tokenizer = load_tokenizer(directory)
     test = {d: windows(evaluation_ids(d, tokenizer, args.seqlen, args.data_dir), args.seqlen)[: args.max_windows]
             for d in args.datasets}
     print(f"windows of {args.seqlen} tokens: " + ", ".join(f"{LABELS[d]} {len(w)}" for d, w in test.items()))
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    nm = settings["nm"] = nm_name(args.nm) if args.nm else None
     settings.update(device=str(device), dtype=str(dtype).removeprefix("torch."), torch=torch.__version__,
                     magnitude_group=MAGNITUDE_GROUP, windows={d: len(w) for d, w in test.items()})
-    plan = [("dense", 1.0, None, None)] if "dense" in args.methods else []
-    plan += [(m, rho, c, r) for rho in args.rho for m in METHODS[1:] if m in args.methods
+    plan = [("dense", 1.0, None, None, None)] if "dense" in args.methods else []  # each row's row_key
+    plan += [(m, rho, nm, c, r) for rho in args.rho for m in METHODS[1:] if m in args.methods
              for c in (args.calib[m] if m in CALIBRATED else [None])
              for r in (args.mumoe_routing if m == "mumoe" else [None])]
 
     # Each pruned model starts from a fresh load of the checkpoint: a read of the (page-cached) safetensors,
     # seconds next to minutes of pruning, and no second copy of the weights in memory.
     model, pruned, calib, results = None, False, {}, []
-    for method, rho, calib_set, routing in plan:
+    for method, rho, _, calib_set, routing in plan:
         if model is None or pruned:
             del model
             model, pruned = load_model(directory, "cpu" if args.offload else device, dtype), False
         start, run_block = time.time(), dense_block
         if method == "mumoe":
-            run_block = mumoe.routed_block(rho, routing, select=args.select, prefix=args.mumoe_prefix)
+            run_block = mumoe.routed_block(rho, routing, select=args.select, prefix=args.mumoe_prefix, nm=args.nm)
         elif method != "dense":
             if calib_set and calib_set not in calib:  # one draw per dataset, shared by every method and rho
                 calib[calib_set] = calibration_windows(calib_set, tokenizer, args.nsamples, args.seqlen,
                                                        args.seed, args.data_dir)
-            pruners.prune_model(model, calib.get(calib_set), method, rho, select=args.select, group=MAGNITUDE_GROUP,
+            pruners.prune_model(model, calib.get(calib_set), method, rho, nm=args.nm, select=args.select,
+                                group=MAGNITUDE_GROUP, blocksize=SPARSEGPT_BLOCKSIZE,
                                 device=device if args.offload else None)
             pruned = True
         ppl = {d: perplexity(model, w, device, run_block, args.offload, desc=f"{method} rho={rho} {d}")
                for d, w in test.items()}
-        results.append(dict(method=method, rho=rho, calib=calib_set, ppl=ppl, avg=sum(ppl.values()) / len(ppl),
+        results.append(dict(method=method, rho=rho, nm=nm if method != "dense" else None, calib=calib_set, ppl=ppl,
+                            avg=sum(ppl.values()) / len(ppl),
                             prefix=args.mumoe_prefix if method == "mumoe" else None, seconds=time.time() - start,
                             **({"routing": routing} if method == "mumoe" else {})))
-        print(f"{label(results[-1])}, rho {rho}: " + ", ".join(f"{LABELS[d]} {p:.2f}" for d, p in ppl.items())
+        print(f"{label(results[-1])}, {results[-1]['nm'] or f'rho {rho}'}: "
+              + ", ".join(f"{LABELS[d]} {p:.2f}" for d, p in ppl.items())
               + f" ({results[-1]['seconds']:.0f} s)", flush=True)
         write_results(args.out, settings, results)
 
     for rho in args.rho:
-        print("\n" + table(results, rho, args.model))
+        print("\n" + table(results, rho, args.model, nm))
     print(f"\nresults: {args.out}")
     if args.plot:
         plot(results, args.plot)

@@ -1393,6 +1393,10 @@ BAD_INPUTS = {
     "unknown device": (["--device", "gpu"], "unknown device 'gpu'"),
     "unknown routing": (["--mumoe-routing", "dense"], "invalid choice: 'dense'"),
     "a window of one token": (["--seqlen", "1"], "at least 2 tokens"),
+    "N:M with N = M": (["--nm", "4:4"], "0 < N < M"),
+    "N:M misspelt": (["--nm", "2/4"], "N:M such as 2:4"),
+    "N:M and rho together": (["--nm", "2:4", "--rho", "0.5"], "not allowed with argument"),
+    "N:M that does not divide d_in": (["--nm", "1:3"], "--nm 1:3 does not fit this model"),
 }
 
 
@@ -1416,6 +1420,62 @@ def test_calibration_split_missing_offline(tiny_with_tokenizer, cli_data, tmp_pa
     code, _, err = run_main(cli_args(tiny_with_tokenizer, cli_data) + ["--data-dir", str(data)], capsys)
     assert code == 2 and err.count("\n") == 1, err
     assert "no train split of wikitext2" in err and "--calib" in err, err
+
+
+def test_nm_that_straddles_sparsegpt_blocks_is_refused():
+    config = OPTConfig(hidden_size=96, ffn_dim=192, num_attention_heads=4)  # 3 divides d_in, not the block of 128
+    eval_ppl.check_nm_fits((1, 3), config, sparsegpt=False)
+    with pytest.raises(UsageError, match="blocks of 128 columns"):
+        eval_ppl.check_nm_fits((1, 3), config, sparsegpt=True)
+
+
+def zeros_per_group(W: torch.Tensor, M: int) -> torch.Tensor:
+    """(d_out, d_in) -> the number of zeros in each group of M consecutive weights of a row."""
+    return (W == 0).reshape(W.shape[0], -1, M).sum(dim=-1)
+
+
+@needs_shared_data
+def test_nm_end_to_end_for_every_method(tiny_with_tokenizer, cli_data, tmp_path, capsys, monkeypatch):
+    """--nm 2:4: every pruned weight matrix, and every window's μ-MoE experts, have 2 zeros in each group of 4
+    (the random weights have no zero of their own)."""
+    checked = Counter()
+    prune_model, routed_block = pruners.prune_model, mumoe.routed_block
+
+    def prune_model_and_check(model, calib_ids, method, *args, **kw):
+        report = prune_model(model, calib_ids, method, *args, **kw)
+        for block in model.decoder.layers:
+            for name, layer in block.linears().items():
+                zeros = zeros_per_group(layer.weight, 4)
+                assert (zeros == 2).all(), f"{method} {name}: groups with {zeros.unique().tolist()} zeros of 4"
+                checked[method] += 1
+        return report
+
+    def routed_block_and_check(*args, **kw):
+        chosen = {}
+        run = routed_block(*args, chosen=chosen, **kw)
+
+        def run_and_check(block, x):
+            y = run(block, x)
+            for name, layer in block.linears().items():
+                for W_b in chosen[layer]:
+                    zeros = zeros_per_group(W_b, 4)
+                    assert (zeros == 2).all(), f"μ-MoE {name}: groups with {zeros.unique().tolist()} zeros of 4"
+                    checked["mumoe " + args[1]] += 1
+            return y
+
+        return run_and_check
+
+    monkeypatch.setattr(pruners, "prune_model", prune_model_and_check)
+    monkeypatch.setattr(mumoe, "routed_block", routed_block_and_check)
+    out = tmp_path / "r.json"
+    code, stdout, err = run_main(cli_args(tiny_with_tokenizer, cli_data, "--nm", "2:4", "--calib", "ptb", "--datasets",
+                                          "ptb", "--mumoe-routing", "block", "linear", "--out", str(out)), capsys)
+    assert code == 0, err
+    assert set(checked) == {"magnitude", "wanda", "sparsegpt", "mumoe block", "mumoe linear"}, checked
+    assert f"{tiny_with_tokenizer}, 2:4 (50% active) — dense PTB" in stdout, stdout
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["method"], r["nm"], r["rho"]) for r in rows] == [("dense", None, 1.0)] + [
+        (m, "2:4", 0.5) for m in ("magnitude", "wanda", "sparsegpt", "mumoe", "mumoe")]
 
 
 @pytest.mark.parametrize("line, needle", [
