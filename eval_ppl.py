@@ -17,6 +17,9 @@ The protocol is the one of IST-DASLab/sparsegpt `datautils.py` + `opt_eval` and 
     calibration  nsamples = 128 random windows, Python's random seeded with 0
     perplexity   exp(mean over windows of the window's mean next-token NLL)
 
+With `--mumoe-prefix P` (μ-MoE routes on the first P tokens of each window) every row of the run is scored
+strictly causally instead: on the targets after the prefix only, tokens P..seqlen-1, which no router saw.
+
 Every string is tokenized once with OPT's tokenizer, which puts BOS (id 2) in front, as the reference's
 Hugging Face tokenizer does. Data comes from the Hugging Face hub (WikiText-2 parquet, C4 json.gz) and
 from the URLs of the old `ptb_text_only` loader, or offline from `--data-dir`.
@@ -255,8 +258,12 @@ def outer_modules(model: OPTForCausalLM) -> list[torch.nn.Module]:
 
 @torch.no_grad()
 def perplexity(model: OPTForCausalLM, ids: torch.Tensor, device=None, run_block: BlockFn = dense_block,
-               offload: bool = False, desc: str = "perplexity") -> float:
+               offload: bool = False, desc: str = "perplexity", first_target: int = 1) -> float:
     """exp(mean over windows of the window's mean next-token NLL) of token windows ids (N, seqlen).
+
+    The targets of a window are its tokens first_target..seqlen-1, each predicted from the logits of the
+    token before it. The protocol scores 1..seqlen-1; a μ-MoE run routed on a prefix of P tokens is scored
+    on P..seqlen-1 (`first_target=P`), the tokens the router did not see.
 
     The loop runs block by block, as SparseGPT's `opt_eval`: all windows are embedded, then every window goes
     through block 0, then through block 1, ... so only one block needs to be on `device` at a time. The
@@ -266,11 +273,13 @@ def perplexity(model: OPTForCausalLM, ids: torch.Tensor, device=None, run_block:
     `run_block` is how a block runs: dense, or with each window routed on itself (`mumoe.routed_block`).
     `device` defaults to where the model is.
     """
+    N, T = ids.shape
+    if not 1 <= first_target < T:
+        raise ValueError(f"first_target {first_target} leaves no target in a window of {T} tokens")
     device = torch.device(device) if device is not None else model.lm_head.weight.device
     store = torch.device("cpu") if offload else device  # where the hidden states of all windows wait
     for module in outer_modules(model):
         module.to(device)
-    N, T = ids.shape
     x = torch.empty(N, T, model.config.hidden_size, dtype=model.lm_head.weight.dtype, device=store)
     for i in range(N):
         x[i] = model.embed(ids[i : i + 1].to(device))[0]
@@ -284,8 +293,8 @@ def perplexity(model: OPTForCausalLM, ids: torch.Tensor, device=None, run_block:
     for i in range(N):
         logits = model.head(x[i : i + 1].to(device))[0].float()  # (T, vocab), the loss in float32 whatever the dtype
         # The reference computes loss * seqlen per window, sums, and divides by N * seqlen: the mean of the
-        # windows' mean NLL, written here plainly. Each window predicts its own T - 1 next tokens.
-        nll += F.cross_entropy(logits[:-1], ids[i, 1:].to(device)).item()
+        # windows' mean NLL, written here plainly. Each window predicts its own T - first_target next tokens.
+        nll += F.cross_entropy(logits[first_target - 1 : -1], ids[i, first_target:].to(device)).item()
     if offload:
         for module in outer_modules(model):
             module.to("cpu")
@@ -380,7 +389,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="read {dataset}.{split}.jsonl rows from here (offline)")
     p.add_argument("--save-data", type=Path, metavar="DIR", help="write the rows this run needs into DIR in "
                    "the --data-dir layout (downloading them, or from --data-dir), then read them from there")
-    p.add_argument("--mumoe-prefix", type=positive_int, metavar="N", help="μ-MoE routes on the first N tokens only")
+    p.add_argument("--mumoe-prefix", type=positive_int, metavar="P", help="μ-MoE routes on the first P tokens of "
+                   "each window only, and every row of the run is scored on tokens P..seqlen-1 (strictly causal)")
     p.add_argument("--mumoe-routing", nargs="+", choices=mumoe.ROUTINGS, default=["block"], metavar="ROUTING",
                    help="block: each block's Linears route on the statistics of its dense pass over the window, "
                         "Wanda's procedure per window (default, row 'μ-MoE'); linear: each Linear routes on its "
@@ -411,11 +421,13 @@ def label(result: dict) -> str:
     return name + (f" (prefix {result['prefix']})" if result["prefix"] else "")
 
 
-def table(results: list[dict], rho: float, model_name: str, nm: str | None = None) -> str:
+def table(results: list[dict], rho: float, model_name: str, nm: str | None = None, scored_on: str | None = None) -> str:
     """The paper's layout: one row per method, WT2 / PTB / C4 / Avg, the dense perplexity in the heading.
-    The rows pruned to `rho`, or with the N:M pattern `nm` (e.g. "2:4", whose rho is 0.5)."""
+    The rows pruned to `rho`, or with the N:M pattern `nm` (e.g. "2:4", whose rho is 0.5); `scored_on`
+    ("tokens 512..2047") heads a strictly causal run."""
     datasets = list(results[0]["ppl"])
     heading = f"{model_name}, " + (f"{nm} ({rho:.0%} active)" if nm else f"active weights {rho:.0%}")
+    heading += f", scored on {scored_on}" if scored_on else ""
     for r in [r for r in results if r["method"] == "dense"][:1]:
         heading += " — dense " + ", ".join(f"{LABELS[d]} {r['ppl'][d]:.2f}" for d in datasets)
     rows = [r for r in results if r["method"] != "dense" and r["rho"] == rho and r.get("nm") == nm]
@@ -508,8 +520,9 @@ def main(argv=None) -> int:
 def run(args) -> list[dict]:
     device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
-    if args.mumoe_prefix and args.mumoe_prefix > args.seqlen and "mumoe" in args.methods:
-        raise UsageError(f"--mumoe-prefix {args.mumoe_prefix} is longer than a window of --seqlen {args.seqlen}")
+    if args.mumoe_prefix and args.mumoe_prefix >= args.seqlen:
+        raise UsageError(f"--mumoe-prefix {args.mumoe_prefix} leaves no token to score in a window of --seqlen "
+                         f"{args.seqlen}: the rows are scored on the tokens after the prefix")
     check_writable(args.out, "--out")
     if args.plot:
         check_writable(args.plot, "--plot")
@@ -535,6 +548,8 @@ def run(args) -> list[dict]:
     print(f"windows of {args.seqlen} tokens: " + ", ".join(f"{LABELS[d]} {len(w)}" for d, w in test.items()))
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     nm = settings["nm"] = nm_name(args.nm) if args.nm else None
+    first_target = args.mumoe_prefix or 1  # strictly causal with a prefix: no row is scored on what a router saw
+    settings["scored_on"] = f"tokens {first_target}..{args.seqlen - 1}"
     settings.update(device=str(device), dtype=str(dtype).removeprefix("torch."), torch=torch.__version__,
                     magnitude_group=MAGNITUDE_GROUP, windows={d: len(w) for d, w in test.items()})
     plan = [("dense", 1.0, None, None, None)] if "dense" in args.methods else []  # each row's row_key
@@ -560,7 +575,7 @@ def run(args) -> list[dict]:
                                 group=MAGNITUDE_GROUP, blocksize=SPARSEGPT_BLOCKSIZE,
                                 device=device if args.offload else None)
             pruned = True
-        ppl = {d: perplexity(model, w, device, run_block, args.offload, desc=f"{method} rho={rho} {d}")
+        ppl = {d: perplexity(model, w, device, run_block, args.offload, f"{method} rho={rho} {d}", first_target)
                for d, w in test.items()}
         results.append(dict(method=method, rho=rho, nm=nm if method != "dense" else None, calib=calib_set, ppl=ppl,
                             avg=sum(ppl.values()) / len(ppl),
@@ -572,7 +587,7 @@ def run(args) -> list[dict]:
         write_results(args.out, settings, results)
 
     for rho in args.rho:
-        print("\n" + table(results, rho, args.model, nm))
+        print("\n" + table(results, rho, args.model, nm, settings["scored_on"] if args.mumoe_prefix else None))
     print(f"\nresults: {args.out}")
     if args.plot:
         plot(results, args.plot)

@@ -1238,9 +1238,11 @@ def test_c4_calibration_needs_more_than_seqlen_tokens(tmp_path):
 # Perplexity against transformers
 
 
-def reference_ppl(logits_of, ids: torch.Tensor, loss_dtype=torch.float32) -> float:
-    """exp of the mean over windows of each window's mean NLL, from full-sequence logits, window by window."""
-    nlls = [F.cross_entropy(logits_of(w[None])[0, :-1].to(loss_dtype), w[1:]).item() for w in ids]
+def reference_ppl(logits_of, ids: torch.Tensor, loss_dtype=torch.float32, first_target=1) -> float:
+    """exp of the mean over windows of each window's mean NLL over the targets w[first_target:], from
+    full-sequence logits, window by window."""
+    nlls = [F.cross_entropy(logits_of(w[None])[0, first_target - 1 : -1].to(loss_dtype), w[first_target:]).item()
+            for w in ids]
     return math.exp(sum(nlls) / len(nlls))
 
 
@@ -1274,6 +1276,16 @@ def test_perplexity_of_micro_experts_matches_mumoe_logits(tiny_ppl):
             ref = reference_ppl(lambda w: mumoe.mumoe_logits(model, w, rho, routing=routing), ids)
             ours = eval_ppl.perplexity(model, ids, run_block=mumoe.routed_block(rho, routing))
             assert_rel_close(ours, ref, PPL_RTOL, f"μ-MoE rho={rho}, {routing} routing")
+
+
+@torch.no_grad()
+def test_perplexity_after_a_prefix_matches_transformers(tiny_ppl):
+    model, reference, ids = tiny_ppl
+    P = 12
+    ref = reference_ppl(lambda w: reference(w).logits, ids, first_target=P)
+    assert_rel_close(eval_ppl.perplexity(model, ids, first_target=P), ref, PPL_RTOL, f"dense, targets ids[{P}:]")
+    whole = reference_ppl(lambda w: reference(w).logits, ids)
+    assert abs(whole - ref) / ref > 10 * PPL_RTOL, "scoring from token 1 or from token P agree: the test is blind"
 
 
 @torch.no_grad()
@@ -1390,6 +1402,7 @@ BAD_INPUTS = {
     "calibration on a method without it": (["--calib", "magnitude=ptb"], "magnitude"),
     "seqlen above max_position_embeddings": (["--seqlen", "65"], "max_position_embeddings"),
     "prefix longer than a window": (["--mumoe-prefix", "17"], "prefix"),
+    "prefix that leaves nothing to score": (["--mumoe-prefix", "16"], "leaves no token to score"),
     "unknown device": (["--device", "gpu"], "unknown device 'gpu'"),
     "unknown routing": (["--mumoe-routing", "dense"], "invalid choice: 'dense'"),
     "a window of one token": (["--seqlen", "1"], "at least 2 tokens"),
@@ -1476,6 +1489,33 @@ def test_nm_end_to_end_for_every_method(tiny_with_tokenizer, cli_data, tmp_path,
     rows = json.loads(out.read_text())["results"]
     assert [(r["method"], r["nm"], r["rho"]) for r in rows] == [("dense", None, 1.0)] + [
         (m, "2:4", 0.5) for m in ("magnitude", "wanda", "sparsegpt", "mumoe", "mumoe")]
+
+
+@needs_shared_data
+@torch.no_grad()
+def test_prefix_run_scores_every_row_after_the_prefix(tiny_with_tokenizer, cli_data, tmp_path, capsys):
+    """--mumoe-prefix 5: dense and μ-MoE are both scored on targets ids[5:] of each window, against transformers'
+    logits for dense and mumoe_logits (the routing itself is tested in the mumoe section) for μ-MoE."""
+    import transformers
+
+    P, T, out = 5, 16, tmp_path / "r.json"
+    argv = cli_args(tiny_with_tokenizer, cli_data, "--methods", "dense", "mumoe", "--datasets", "ptb", "--rho", "0.5",
+                    "--mumoe-prefix", str(P), "--out", str(out))
+    code, stdout, err = run_main(argv, capsys)
+    assert code == 0, err
+    assert f"active weights 50%, scored on tokens {P}..{T - 1} — dense PTB" in stdout, stdout
+    report = json.loads(out.read_text())
+    assert report["settings"]["scored_on"] == f"tokens {P}..{T - 1}"
+    ppl = {r["method"]: r["ppl"]["ptb"] for r in report["results"]}
+
+    ids = eval_ppl.windows(eval_ppl.evaluation_ids("ptb", load_tokenizer(tiny_with_tokenizer), T, cli_data), T)[:3]
+    reference = transformers.OPTForCausalLM.from_pretrained(tiny_with_tokenizer).eval()
+    dense = reference_ppl(lambda w: reference(w).logits, ids, first_target=P)
+    assert_rel_close(ppl["dense"], dense, PPL_RTOL, f"dense, targets ids[{P}:]")
+    model = load_model(tiny_with_tokenizer)
+    routed = reference_ppl(lambda w: mumoe_logits(model, w, 0.5, prefix=P), ids, first_target=P)
+    assert_rel_close(ppl["mumoe"], routed, PPL_RTOL, f"μ-MoE routed on {P} tokens, targets ids[{P}:]")
+    assert abs(reference_ppl(lambda w: reference(w).logits, ids) - dense) / dense > 10 * PPL_RTOL, "the test is blind"
 
 
 @pytest.mark.parametrize("line, needle", [
