@@ -399,6 +399,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(identical masks; default: the fastest on the device)")
     p.add_argument("--out", type=Path, default=Path("results.json"), metavar="JSON",
                    help="every number, with its settings (default: results.json)")
+    p.add_argument("--resume", action="store_true", help="keep the finished rows of the --out file (its settings "
+                   "must be this run's) and run only the missing ones")
     p.add_argument("--plot", type=Path, nargs="?", const=Path("ppl_vs_rho.png"), metavar="PNG",
                    help="perplexity against active weights for each rho, as the paper's Figure 4 (default: ppl_vs_rho.png)")
     args = p.parse_args(argv)
@@ -413,6 +415,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def row_key(result: dict) -> tuple:
     """What a row computed: method, rho, N:M pattern, calibration set, μ-MoE routing."""
     return result["method"], result["rho"], result.get("nm"), result["calib"], result.get("routing")
+
+
+def progress(result: dict) -> str:
+    """One line per finished row while the run goes on."""
+    sparsity = result.get("nm") or f"rho {result['rho']}"
+    return f"{label(result)}, {sparsity}: " + ", ".join(f"{LABELS[d]} {p:.2f}" for d, p in result["ppl"].items())
 
 
 def label(result: dict) -> str:
@@ -494,6 +502,42 @@ def write_results(path: Path, settings: dict, results: list[dict]) -> None:
     path.write_text(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8")
 
 
+def in_plan_order(rows: dict, plan: list[tuple]) -> list[dict]:
+    """The rows of the plan in its order (the table's), then the other rows of a resumed file: a finished row
+    is never dropped."""
+    return [rows[key] for key in plan if key in rows] + [row for key, row in rows.items() if key not in plan]
+
+
+RESUME_SETTINGS = ("model", "seqlen", "windows", "nsamples", "seed", "dtype", "mumoe_prefix")
+
+
+def finished_rows(path: Path, settings: dict) -> list[dict]:
+    """The rows of the results file `path`, for --resume; a UsageError naming the settings that differ.
+
+    A row is reused when this run plans the same row_key: method, rho, N:M pattern, calibration set and
+    routing. The settings every row depends on must match the file's, or the table would mix numbers
+    that do not compare: model, seqlen, windows (per dataset), nsamples and seed (the calibration
+    windows), dtype, and the μ-MoE prefix (which also sets the tokens scored)."""
+    if not path.is_file():
+        print(f"--resume: no {path} yet, every row is run")
+        return []
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        old, rows = report["settings"], report["results"]
+        differ = [f"{k} {old.get(k)} there, {settings[k]} here" for k in RESUME_SETTINGS if old.get(k) != settings[k]]
+        for r in rows:
+            row_key(r)
+            r["ppl"] = {d: math.nan if p is None else p for d, p in r["ppl"].items()}  # null: not finite
+            r["avg"] = math.nan if r["avg"] is None else r["avg"]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"--resume: {path} is not a results file of eval_ppl.py "
+                         f"({type(e).__name__}: {e}); give another --out") from None
+    if differ:
+        raise UsageError(f"--resume: {path} holds rows with other settings ({'; '.join(differ)}); run with its "
+                         "settings, or give another --out")
+    return rows
+
+
 def check_nm_fits(nm: tuple[int, int], config: OPTConfig, sparsegpt: bool) -> None:
     """Every decoder Linear reads hidden_size inputs (q, k, v, out_proj, fc1) or ffn_dim (fc2): each row must
     split into groups of M, and SparseGPT's column blocks too."""
@@ -559,8 +603,14 @@ def run(args) -> list[dict]:
 
     # Each pruned model starts from a fresh load of the checkpoint: a read of the (page-cached) safetensors,
     # seconds next to minutes of pruning, and no second copy of the weights in memory.
-    model, pruned, calib, results = None, False, {}, []
-    for method, rho, _, calib_set, routing in plan:
+    done = {row_key(r): r for r in finished_rows(args.out, settings)} if args.resume else {}
+    rows = dict(done)  # row_key -> row: the file's finished rows, then this run's
+    model, pruned, calib = None, False, {}
+    for key in plan:
+        method, rho, _, calib_set, routing = key
+        if key in done:
+            print(f"{progress(done[key])} (kept from {args.out})")
+            continue
         if model is None or pruned:
             del model
             model, pruned = load_model(directory, "cpu" if args.offload else device, dtype), False
@@ -577,15 +627,13 @@ def run(args) -> list[dict]:
             pruned = True
         ppl = {d: perplexity(model, w, device, run_block, args.offload, f"{method} rho={rho} {d}", first_target)
                for d, w in test.items()}
-        results.append(dict(method=method, rho=rho, nm=nm if method != "dense" else None, calib=calib_set, ppl=ppl,
-                            avg=sum(ppl.values()) / len(ppl),
-                            prefix=args.mumoe_prefix if method == "mumoe" else None, seconds=time.time() - start,
-                            **({"routing": routing} if method == "mumoe" else {})))
-        print(f"{label(results[-1])}, {results[-1]['nm'] or f'rho {rho}'}: "
-              + ", ".join(f"{LABELS[d]} {p:.2f}" for d, p in ppl.items())
-              + f" ({results[-1]['seconds']:.0f} s)", flush=True)
-        write_results(args.out, settings, results)
+        rows[key] = dict(method=method, rho=rho, nm=nm if method != "dense" else None, calib=calib_set, ppl=ppl,
+                         avg=sum(ppl.values()) / len(ppl), prefix=args.mumoe_prefix if method == "mumoe" else None,
+                         seconds=time.time() - start, **({"routing": routing} if method == "mumoe" else {}))
+        print(f"{progress(rows[key])} ({rows[key]['seconds']:.0f} s)", flush=True)
+        write_results(args.out, settings, in_plan_order(rows, plan))
 
+    results = in_plan_order(rows, plan)
     for rho in args.rho:
         print("\n" + table(results, rho, args.model, nm, settings["scored_on"] if args.mumoe_prefix else None))
     print(f"\nresults: {args.out}")

@@ -1518,6 +1518,48 @@ def test_prefix_run_scores_every_row_after_the_prefix(tiny_with_tokenizer, cli_d
     assert abs(reference_ppl(lambda w: reference(w).logits, ids) - dense) / dense > 10 * PPL_RTOL, "the test is blind"
 
 
+@needs_shared_data
+def test_resume_runs_only_the_missing_rows(tiny_with_tokenizer, cli_data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r.json"
+    argv = cli_args(tiny_with_tokenizer, cli_data, "--datasets", "ptb", "--calib", "ptb", "--mumoe-prefix", "4",
+                    "--out", str(out), "--methods", "dense", "wanda", "mumoe")
+    assert run_main(argv, capsys)[0] == 0
+    first = out.read_text()
+    work = Counter()  # every pruning and every evaluation the resumed runs do
+    prune_model, perplexity = pruners.prune_model, eval_ppl.perplexity
+    monkeypatch.setattr(pruners, "prune_model", lambda *a, **kw: work.update(["prune"]) or prune_model(*a, **kw))
+    monkeypatch.setattr(eval_ppl, "perplexity", lambda *a, **kw: work.update(["evaluate"]) or perplexity(*a, **kw))
+
+    code, stdout, err = run_main(argv + ["--resume"], capsys)
+    assert code == 0 and work == {}, f"the finished rows were run again: {work}"
+    assert out.read_text() == first
+    assert stdout.count(f"(kept from {out})") == 3 and "Wanda (PTB)" in stdout.split("scored on tokens 4..15")[1]
+
+    code, stdout, err = run_main(argv + ["magnitude", "--resume"], capsys)
+    assert code == 0 and work == {"prune": 1, "evaluate": 1}, f"only magnitude should run: {work}"
+    before, after = json.loads(first)["results"], json.loads(out.read_text())["results"]
+    assert [r["method"] for r in after] == ["dense", "magnitude", "wanda", "mumoe"], "not in the table's order"
+    assert [r for r in after if r["method"] != "magnitude"] == before, "a finished row changed"
+
+
+@needs_shared_data
+def test_resume_with_other_settings_names_them(tiny_with_tokenizer, cli_data, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = cli_args(tiny_with_tokenizer, cli_data, "--datasets", "ptb", "--methods", "dense", "--out", str(out))
+    assert run_main(argv, capsys)[0] == 0
+    first = out.read_text()
+    for change, named in [(["--seed", "1"], "seed 0 there, 1 here"), (["--nsamples", "3"], "nsamples 2 there, 3 here"),
+                          (["--max-windows", "2"], "windows {'ptb': 3} there, {'ptb': 2} here"),
+                          (["--dtype", "bfloat16"], "dtype float32 there, bfloat16 here"),
+                          (["--mumoe-prefix", "4"], "mumoe_prefix None there, 4 here")]:
+        code, stdout, err = run_main(argv + change + ["--resume"], capsys)
+        assert code == 2 and err.count("\n") == 1 and named in err, (change, err)
+        assert out.read_text() == first
+    out.write_text("{not json")
+    code, _, err = run_main(argv + ["--resume"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "is not a results file of eval_ppl.py" in err, err
+
+
 @pytest.mark.parametrize("line, needle", [
     ('{"text": "cut short', "ptb.train.jsonl, line 3: not a JSON line"),
     ('{"txt": "a misspelt key"}', 'ptb.train.jsonl, line 3: expected {"text": "..."}'),
