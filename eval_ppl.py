@@ -447,28 +447,34 @@ def table(results: list[dict], rho: float, model_name: str, nm: str | None = Non
     return "\n".join(lines)
 
 
-def plot(results: list[dict], path: Path) -> None:
-    """Perplexity against the active-weight ratio, a panel per dataset, dense as a dashed line (Figure 4)."""
+def plot(results: list[dict], path: Path):
+    """The paper's Figure 4: perplexity against the active-weight ratio, a panel per dataset and, beside them, one
+    for their average (the paper's panel); dense is a dashed line. Returns the (closed) figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     datasets = list(results[0]["ppl"])
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.8), squeeze=False)
+    panels = datasets + ["avg"] if len(datasets) > 1 else datasets  # one dataset is its own average
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
     curves = {}
     for r in sorted(results, key=lambda r: r["rho"]):
-        curves.setdefault(label(r), []).append(r)
-    for ax, dataset in zip(axes[0], datasets):
+        curves.setdefault(label(r) + (f" {r['nm']}" if r.get("nm") else ""), []).append(r)
+    for ax, panel in zip(axes[0], panels):
+        ppl = (lambda r: r["avg"]) if panel == "avg" else (lambda r: r["ppl"][panel])
         for name, points in curves.items():
             if points[0]["method"] == "dense":
-                ax.axhline(points[0]["ppl"][dataset], color="black", linestyle="--", label=name)
+                ax.axhline(ppl(points[0]), color="black", linestyle="--", label=name)
             else:
-                ax.plot([100 * r["rho"] for r in points], [r["ppl"][dataset] for r in points], marker="o", label=name)
-        ax.set(title=LABELS[dataset], xlabel="active weights (%)", ylabel="perplexity", yscale="log")
+                ax.plot([100 * r["rho"] for r in points], [ppl(r) for r in points], marker="o", label=name)
+        title = "average of " + ", ".join(LABELS[d] for d in datasets) if panel == "avg" else LABELS[panel]
+        ax.set(title=title, xlabel="active weights (%)", ylabel="perplexity", yscale="log")
     axes[0][0].legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return fig
 
 
 def check_writable(path: Path, option: str) -> None:

@@ -1374,6 +1374,20 @@ def test_table_columns_never_run_together():
     assert len({len(line) for line in lines[1:]}) == 1, "the columns are not aligned"
 
 
+def test_plot_has_the_averaged_panel_beside_the_datasets(tmp_path):
+    ppl = lambda wt2, ptb, c4: {"wikitext2": wt2, "ptb": ptb, "c4": c4}
+    results = [dict(method="dense", rho=1.0, calib=None, prefix=None, ppl=ppl(27.0, 39.0, 27.0), avg=31.0)]
+    results += [dict(method="mumoe", rho=rho, calib=None, prefix=None, ppl=ppl(30 / rho, 40 / rho, 35 / rho),
+                     avg=35 / rho) for rho in (0.8, 0.5)]
+    fig = eval_ppl.plot(results, tmp_path / "plot.png")
+    assert [ax.get_title() for ax in fig.axes] == ["WT2", "PTB", "C4", "average of WT2, PTB, C4"]
+    average = {line.get_label(): line for line in fig.axes[3].lines}
+    assert list(average["Dense"].get_ydata()) == [31.0, 31.0], "dense: the average of the datasets, dashed"
+    assert list(average["μ-MoE"].get_xdata()) == [50, 80] and list(average["μ-MoE"].get_ydata()) == [70, 43.75]
+    one = [dict(r, ppl={"ptb": r["ppl"]["ptb"]}, avg=r["ppl"]["ptb"]) for r in results]
+    assert len(eval_ppl.plot(one, tmp_path / "one.png").axes) == 1, "one dataset is its own average"
+
+
 def run_main(argv, capsys) -> tuple[int, str, str]:
     try:
         code = eval_ppl.main(argv)
