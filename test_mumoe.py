@@ -1662,6 +1662,46 @@ def test_wikitext2_from_the_hub_parquet(fake_hub, monkeypatch, tmp_path):
         eval_ppl.load_rows("wikitext2", "test")
 
 
+def test_wikitext2_at_the_pinned_commit_else_at_the_head(fake_hub, monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
+
+    class PinnedCommitGone(RevisionNotFoundError):
+        def __init__(self):  # the real one wraps the hub's HTTP response
+            Exception.__init__(self, "Revision Not Found")
+
+    import pyarrow
+    import pyarrow.parquet
+
+    rows, path = ["", " = Valkyria Chronicles III = \n"], tmp_path / "test.parquet"
+    pyarrow.parquet.write_table(pyarrow.table({"text": rows}), path)
+    filename = "wikitext-2-raw-v1/test-00000-of-00001.parquet"
+    fake_hub["Salesforce/wikitext", filename] = path
+    monkeypatch.setitem(eval_ppl.HUB_SHA256, filename, file_sha256(path))
+    serve, asked, missing = huggingface_hub.hf_hub_download, [], []
+
+    def hf_hub_download(repo_id, filename, revision=None, **kw):
+        asked.append(revision)
+        if revision is not None and missing:
+            raise missing[0]
+        return serve(repo_id, filename, **kw)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    pinned = "b08601e04326c79dfdd32d625aee71d232d685c3"
+    assert eval_ppl.load_rows("wikitext2", "test") == rows and asked == [pinned]
+    for error in (PinnedCommitGone(), EntryNotFoundError("Entry Not Found")):
+        asked.clear()
+        missing[:] = [error]
+        assert eval_ppl.load_rows("wikitext2", "test") == rows and asked == [pinned, None], type(error).__name__
+
+    monkeypatch.setitem(eval_ppl.HUB_SHA256, filename, "0" * 64)
+    with pytest.raises(UsageError) as error:
+        eval_ppl.load_rows("wikitext2", "test")
+    for needle in (f"Salesforce/wikitext/{filename} at the head", f"sha256 {file_sha256(path)}", "expected 0000",
+                   "--data-dir"):
+        assert needle in str(error.value), str(error.value)
+
+
 def test_c4_from_the_hub_json_gz(fake_hub, monkeypatch, tmp_path):
     docs = ["The woman who died after falling from a bridge.\nSecond line.", "Another document ü."]
     for split, filename in eval_ppl.C4_FILES.items():
