@@ -522,6 +522,36 @@ def write_results(path: Path, settings: dict, results: list[dict]) -> None:
     path.write_text(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8")
 
 
+# pruners.prune_model keeps every calibration window's input to a block, as the references do, and, while the
+# pruned block re-runs, its output too
+HIDDEN_COPIES = 2
+
+
+def check_calibration_memory(nsamples: int, seqlen: int, hidden_size: int, dtype: torch.dtype,
+                             available: int | None, where: str) -> None:
+    """Refuse, before any work, calibration hidden states that cannot fit in the `available` bytes of `where`;
+    without the check such a run grows until the system kills it without a word. The model and the rest need
+    room too, so passing the check does not promise a fit. `available` None: unknown, nothing is checked."""
+    per_window = HIDDEN_COPIES * seqlen * hidden_size * dtype.itemsize
+    if available is not None and nsamples * per_window > available:
+        raise UsageError(f"--nsamples {nsamples} cannot fit: calibration keeps {HIDDEN_COPIES} × {nsamples} windows × "
+                         f"{seqlen} tokens × {hidden_size} × {dtype.itemsize} bytes = "
+                         f"{nsamples * per_window / 2**30:.1f} GiB of hidden states, and {where} has "
+                         f"{available / 2**30:.1f} GiB available: at most --nsamples {available // per_window}")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes where the calibration hidden states live: the GPU's free memory, or the system's MemAvailable
+    on Linux (None where neither is known)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and Path("/proc/meminfo").is_file():
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # the file counts in kB
+    return None
+
+
 def in_plan_order(rows: dict, plan: list[tuple]) -> list[dict]:
     """The rows of the plan in its order (the table's), then the other rows of a resumed file: a finished row
     is never dropped."""
@@ -605,6 +635,9 @@ def run(args) -> list[dict]:
                          f"{config.max_position_embeddings}")
     if args.nm:
         check_nm_fits(args.nm, config, "sparsegpt" in args.methods)
+    if args.calib:  # a calibrated method will run
+        check_calibration_memory(args.nsamples, args.seqlen, config.hidden_size, dtype, available_memory(device),
+                                 str(device))
 
     tokenizer = load_tokenizer(directory)
     test = {d: windows(evaluation_ids(d, tokenizer, args.seqlen, args.data_dir), args.seqlen)[: args.max_windows]

@@ -1574,6 +1574,25 @@ def test_resume_with_other_settings_names_them(tiny_with_tokenizer, cli_data, tm
     assert code == 2 and err.count("\n") == 1 and "is not a results file of eval_ppl.py" in err, err
 
 
+def test_calibration_memory_is_checked_with_the_figure():
+    # 2 copies x 100000 windows x 2048 tokens x 768 x 2 bytes: OPT-125M in float16, 586 GiB
+    with pytest.raises(UsageError, match=r"--nsamples 100000 cannot fit: .* = 585\.9 GiB .* cuda:0 has 80\.0 GiB "
+                                         r"available: at most --nsamples 13653"):
+        eval_ppl.check_calibration_memory(100000, 2048, 768, torch.float16, 80 * 2**30, "cuda:0")
+    eval_ppl.check_calibration_memory(13653, 2048, 768, torch.float16, 80 * 2**30, "cuda:0")
+    eval_ppl.check_calibration_memory(10**9, 2048, 768, torch.float16, None, "mps")  # unknown: not checked
+    if Path("/proc/meminfo").is_file():
+        assert eval_ppl.available_memory(torch.device("cpu")) > 0
+
+
+def test_too_many_calibration_samples_are_refused_before_any_work(tiny_with_tokenizer, cli_data, monkeypatch,
+                                                                  capsys):
+    monkeypatch.setattr(eval_ppl, "available_memory", lambda device: 2**20)  # 1 MiB: 2 x 16 x 32 x 4 bytes a window
+    code, out, err = run_main(cli_args(tiny_with_tokenizer, cli_data, "--nsamples", "257"), capsys)
+    assert code == 2 and err.count("\n") == 1 and "at most --nsamples 256" in err, err
+    assert "windows of" not in out
+
+
 @pytest.mark.parametrize("line, needle", [
     ('{"text": "cut short', "ptb.train.jsonl, line 3: not a JSON line"),
     ('{"txt": "a misspelt key"}', 'ptb.train.jsonl, line 3: expected {"text": "..."}'),
