@@ -19,6 +19,8 @@ The protocol is the one of IST-DASLab/sparsegpt `datautils.py` + `opt_eval` and 
 
 With `--mumoe-prefix P` (μ-MoE routes on the first P tokens of each window) every row of the run is scored
 strictly causally instead: on the targets after the prefix only, tokens P..seqlen-1, which no router saw.
+With `--nm N:M` every method prunes N of every M consecutive weights of each row instead of a ratio (μ-MoE:
+each window its own N of every M).
 
 Every string is tokenized once with OPT's tokenizer, which puts BOS (id 2) in front, as the reference's
 Hugging Face tokenizer does. Data comes from the Hugging Face hub (WikiText-2 parquet, C4 json.gz) and
@@ -499,7 +501,7 @@ def check_writable(path: Path, option: str) -> None:
         with open(path, "a"):
             pass
     except OSError as e:
-        raise UsageError(f"{option} {path} cannot be written ({e.strerror or e})") from None
+        raise UsageError(f"{option} {path} cannot be written ({e.strerror}: {e.filename})") from None
     if not existed:
         path.unlink()
 
@@ -561,8 +563,8 @@ def in_plan_order(rows: dict, plan: list[tuple]) -> list[dict]:
 RESUME_SETTINGS = ("model", "seqlen", "windows", "nsamples", "seed", "dtype", "mumoe_prefix")
 
 
-def finished_rows(path: Path, settings: dict) -> list[dict]:
-    """The rows of the results file `path`, for --resume; a UsageError naming the settings that differ.
+def finished_rows(path: Path, settings: dict) -> dict[tuple, dict]:
+    """The rows of the results file `path` by row_key, for --resume; a UsageError naming the settings that differ.
 
     A row is reused when this run plans the same row_key: method, rho, N:M pattern, calibration set and
     routing. The settings every row depends on must match the file's, or the table would mix numbers
@@ -570,13 +572,12 @@ def finished_rows(path: Path, settings: dict) -> list[dict]:
     windows), dtype, and the μ-MoE prefix (which also sets the tokens scored)."""
     if not path.is_file():
         print(f"--resume: no {path} yet, every row is run")
-        return []
+        return {}
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
-        old, rows = report["settings"], report["results"]
+        old, rows = report["settings"], {row_key(r): r for r in report["results"]}
         differ = [f"{k} {old.get(k)} there, {settings[k]} here" for k in RESUME_SETTINGS if old.get(k) != settings[k]]
-        for r in rows:
-            row_key(r)
+        for r in rows.values():
             r["ppl"] = {d: math.nan if p is None else p for d, p in r["ppl"].items()}  # null: not finite
             r["avg"] = math.nan if r["avg"] is None else r["avg"]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -654,10 +655,11 @@ def run(args) -> list[dict]:
              for c in (args.calib[m] if m in CALIBRATED else [None])
              for r in (args.mumoe_routing if m == "mumoe" else [None])]
 
+    done = finished_rows(args.out, settings) if args.resume else {}
+    rows = dict(done)  # row_key -> row: the file's finished rows, then this run's
+
     # Each pruned model starts from a fresh load of the checkpoint: a read of the (page-cached) safetensors,
     # seconds next to minutes of pruning, and no second copy of the weights in memory.
-    done = {row_key(r): r for r in finished_rows(args.out, settings)} if args.resume else {}
-    rows = dict(done)  # row_key -> row: the file's finished rows, then this run's
     model, pruned, calib = None, False, {}
     for key in plan:
         method, rho, _, calib_set, routing = key
