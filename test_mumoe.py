@@ -88,7 +88,7 @@ def tiny_checkpoint(request, tmp_path_factory):
 def assert_close(ours, ref, atol, what):
     diff = (ours.float() - ref.float()).abs()
     worst = diff.flatten().argmax().item()
-    assert diff.max() <= atol, (f"{what}: max |diff| {diff.max():.3e} > {atol:.0e}; first disagreement at flat "
+    assert diff.max() <= atol, (f"{what}: max |diff| {diff.max():.3e} > {atol:.2g}; first disagreement at flat "
                                 f"index {worst}: ours {ours.flatten()[worst]:.6f} vs ref {ref.flatten()[worst]:.6f}")
 
 
@@ -129,17 +129,30 @@ def test_greedy_generation_matches_transformers(tiny_checkpoint):
     assert ours.tolist() == ref.tolist()
 
 
-def test_block_api_reproduces_forward(tiny_checkpoint):
-    """embed -> blocks -> head (how the block-by-block loops run the model) equals model(ids)."""
-    directory, _ = tiny_checkpoint
+def test_block_api_matches_transformers_block_by_block(tiny_checkpoint):
+    """embed -> blocks -> head, as the block-by-block loops run the model: each step against the hidden
+    states transformers' decoder passes between its layers (forward hooks), so a wrong step is named."""
+    directory, reference = tiny_checkpoint
     model = load_model(directory)
-    ids = torch.randint(0, 128, (2, 16))
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    layers = reference.model.decoder.layers
+    inputs, outputs = [], []
+    hooks = [layers[0].register_forward_pre_hook(lambda module, args: inputs.append(args[0]))]
+    hooks += [layer.register_forward_hook(lambda module, args, out: outputs.append(out)) for layer in layers]
+    with torch.no_grad():
+        ref_logits = reference(ids).logits
+    for hook in hooks:
+        hook.remove()
+    outputs = [out[0] if isinstance(out, tuple) else out for out in outputs]  # (B, T, hidden) either way
+    assert len(inputs) == 1 and len(outputs) == len(layers)
     x = model.embed(ids)
-    for block in model.decoder.layers:
+    assert_close(x, inputs[0], PARITY_ATOL, "embed(ids) vs the input of transformers' first layer")
+    for b, block in enumerate(model.decoder.layers):
         assert list(block.linears()) == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                          "self_attn.out_proj", "fc1", "fc2"]
         x = block(x)
-    assert torch.equal(model.head(x), model(ids))
+        assert_close(x, outputs[b], PARITY_ATOL, f"output of block {b} vs transformers' layer {b}")
+    assert_close(model.head(x), ref_logits, PARITY_ATOL, "head(last block's output) vs transformers' logits")
 
 
 def test_linear_callback_sees_every_linear(tiny_checkpoint):
@@ -164,13 +177,24 @@ def test_lm_head_is_tied_and_model_ready(tiny_checkpoint):
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
-def test_dtype_and_device_are_applied(tiny_checkpoint):
+# Half-precision logits vs the float32 reference, as a fraction of the reference's largest |logit|. Measured
+# on both tiny layouts (3 seeds): bfloat16 0.5-0.7%, float16 0.07-0.09%; a forward that skipped every block
+# would be off by 50-100% (the post-LN logits are only ~0.08, so an absolute tolerance hides it).
+HALF_LOGITS_RTOL = {torch.bfloat16: 0.02, torch.float16: 0.003}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_dtype_and_device_are_applied(tiny_checkpoint, dtype):
     directory, reference = tiny_checkpoint
-    model = load_model(directory, device="cpu", dtype=torch.bfloat16)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    ids = torch.randint(0, 128, (1, 12))
+    model = load_model(directory, device="cpu", dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        assert_close(model(ids), reference(ids).logits, 0.25, "bf16 logits vs fp32 reference")
+        ours, ref = model(ids), reference(ids).logits
+    assert ours.dtype == dtype
+    atol = HALF_LOGITS_RTOL[dtype] * ref.abs().max().item()
+    assert_close(ours, ref, atol, f"{dtype} logits vs the float32 reference (max |logit| {ref.abs().max():.3g})")
 
 
 # -----------------------------------------------------------------------------
