@@ -155,6 +155,27 @@ def test_block_api_matches_transformers_block_by_block(tiny_checkpoint):
     assert_close(model.head(x), ref_logits, PARITY_ATOL, "head(last block's output) vs transformers' logits")
 
 
+# The config options OPT checkpoints may set, each honoured by transformers 5.x's OPT (checked: it builds
+# the matching modules and saves the option in config.json). Not in TINY_LAYOUTS, which every loading
+# test runs on: only the forward pass depends on them.
+LAYOUT_OPTIONS = {
+    "gelu": dict(activation_function="gelu", init_std=0.2),  # fc1 outputs of order 1, where the tanh form differs
+    "no biases": dict(enable_bias=False),
+    "LayerNorms without affine": dict(layer_norm_elementwise_affine=False),
+    "post-LN without affine": dict(layer_norm_elementwise_affine=False, **TINY_LAYOUTS["post_ln_350m"]),
+    "final LayerNorm removed": dict(_remove_final_layer_norm=True),  # metaseq checkpoints before 4.20.1
+}
+
+
+@pytest.mark.parametrize("option", sorted(LAYOUT_OPTIONS))
+def test_layout_options_match_transformers(option, tmp_path):
+    reference = save_tiny_opt(tmp_path, **LAYOUT_OPTIONS[option])
+    model = load_model(tmp_path)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert_close(model(ids), reference(ids).logits, PARITY_ATOL, f"{option}: logits vs transformers")
+
+
 def test_linear_callback_sees_every_linear(tiny_checkpoint):
     directory, _ = tiny_checkpoint
     model = load_model(directory)
@@ -607,12 +628,18 @@ def test_sparsegpt_matches_reference_transcription(nm):
     assert (W_pruned[:, 5] == 0).all(), "the dead input's weights were not zeroed"
 
 
-def test_reference_threshold_prunes_one_more_than_ours():
-    # documents the deliberate difference: `tmp <= sort(tmp)[k]` prunes k + 1 of a tie-free block
-    tmp = torch.rand(16, 8, generator=torch.Generator().manual_seed(9))
-    k = int(tmp.numel() * 0.5)
-    assert (tmp <= torch.sort(tmp.flatten())[0][k]).sum() == k + 1
-    assert prune_lowest(tmp.reshape(1, -1), k).sum() == k
+@pytest.mark.parametrize("sparsity", [0.5, 0.7])
+def test_magnitude_prunes_the_references_set_less_its_threshold_weight(sparsity):
+    """The deliberate difference, against the references' own magnitude rule (Wanda's prune_magnitude,
+    SparseGPT's per-block mask): `thresh = sort(|W|)[int(numel * sparsity)]; prune |W| <= thresh` prunes k + 1
+    weights of tie-free W; ours prunes the same set less the weight at the threshold."""
+    W = torch.randn(16, 24, generator=torch.Generator().manual_seed(9))
+    thresh = torch.sort(W.abs().flatten())[0][int(W.numel() * sparsity)]
+    reference = W.abs() <= thresh
+    ours = ~magnitude_mask(W, 1 - sparsity)
+    assert n_diff(ours & ~reference, False) == 0, "we prune a weight the reference keeps"
+    assert (reference & ~ours).nonzero().tolist() == (W.abs() == thresh).nonzero().tolist(), \
+        f"the reference prunes {n_diff(reference & ~ours, False)} weights we keep; expected its threshold weight only"
 
 
 def test_reconstruction_error_sparsegpt_below_wanda_below_magnitude():
