@@ -316,6 +316,37 @@ def test_pytorch_bin_is_converted_once(tmp_path, monkeypatch):
     assert [c[0] for c in calls] == ["facebook/opt-125m"] * 3, "converts on the first load only"
 
 
+def test_multi_shard_pytorch_bin_is_converted(tmp_path):
+    """Two pytorch_model-0000i-of-00002.bin files become two safetensors shards and an index that loads."""
+    reference = save_tiny_opt(tmp_path / "saved")
+    src = tmp_path / "bin"
+    src.mkdir()
+    shutil.copy(tmp_path / "saved" / "config.json", src / "config.json")
+    state = {k: v for k, v in reference.state_dict().items() if k != "lm_head.weight"}  # tied: not saved
+    keys = sorted(state)
+    for i in range(2):
+        torch.save({k: state[k] for k in keys[i::2]}, src / f"pytorch_model-{i + 1:05d}-of-00002.bin")
+    opt_model.convert_to_safetensors(src, tmp_path / "converted")
+    assert sorted(p.name for p in (tmp_path / "converted").iterdir()) == [
+        "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json"]
+    ids = torch.randint(0, 128, (1, 10))
+    with torch.no_grad():
+        assert_close(load_model(tmp_path / "converted")(ids), reference(ids).logits, PARITY_ATOL,
+                     "logits from a converted 2-shard .bin")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="holds neither .*safetensors nor pytorch_model.*bin weights"):
+        opt_model.convert_to_safetensors(tmp_path / "empty", tmp_path / "converted-empty")
+
+
+def test_missing_shard_is_named(tiny_checkpoint, tmp_path):
+    directory, _ = tiny_checkpoint
+    sharded = rewrite_checkpoint(directory, tmp_path / "sharded", shards=3)
+    (sharded / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(UsageError, match=r"checkpoint shard .*model-00002-of-00003\.safetensors is missing"):
+        load_model(sharded)
+
+
 # -----------------------------------------------------------------------------
 # opt_model: config and bad input
 
@@ -357,11 +388,78 @@ def test_bad_model_inputs(tiny_checkpoint, tmp_path):
             load_model(directory, device="cuda")
 
 
+@pytest.mark.parametrize("edit, message", [
+    (dict(hidden_size=30), "hidden_size 30 is not divisible by num_attention_heads 4"),
+    (dict(activation_function="swish"), "activation_function 'swish' is not one of ['gelu', 'relu']"),
+    (dict(model_type="gpt2"), "describes a 'gpt2' model, not OPT"),
+], ids=["heads", "activation", "model_type"])
+def test_impossible_config_is_refused(tiny_checkpoint, tmp_path, edit, message):
+    directory, _ = tiny_checkpoint
+    bad = tmp_path / "bad"
+    shutil.copytree(directory, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(UsageError) as error:
+        load_model(bad)
+    assert message in str(error.value), str(error.value)
+
+
 def test_too_long_input_is_refused(tiny_checkpoint):
     directory, _ = tiny_checkpoint
     model = load_model(directory)
     with pytest.raises(UsageError, match="max_position_embeddings"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+# -----------------------------------------------------------------------------
+# opt_model: tokenizer files
+
+WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + " ."
+
+
+TINY_TOKENIZER_VOCAB = 400  # at most; the BPE stops sooner when the text has no more pairs to merge
+
+
+def save_tiny_tokenizer(directory: Path, tokenizer_json: bool = False) -> int:
+    """A byte-level BPE like OPT's, trained in milliseconds on sentences of WORDS, with OPT's special tokens
+    at OPT's ids (<s> 0, <pad> 1, </s> 2, <unk> 3); saved as vocab.json + merges.txt, or as tokenizer.json.
+    The command lines run on it where the real tokenizer files (../shared/data) are absent. Returns its size."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    rng = random.Random(0)
+    tokenizer = ByteLevelBPETokenizer()
+    tokenizer.train_from_iterator([sentence(rng, 12) for _ in range(200)], vocab_size=TINY_TOKENIZER_VOCAB,
+                                  special_tokens=["<s>", "<pad>", "</s>", "<unk>"], show_progress=False)
+    directory.mkdir(parents=True, exist_ok=True)
+    if tokenizer_json:
+        tokenizer.save(str(directory / "tokenizer.json"))
+    else:
+        tokenizer.save_model(str(directory))
+    return tokenizer.get_vocab_size()
+
+
+def test_tokenizer_json_reads_as_vocab_and_merges(tmp_path):
+    save_tiny_tokenizer(tmp_path / "bpe")
+    save_tiny_tokenizer(tmp_path / "json", tokenizer_json=True)
+    assert not (tmp_path / "json" / "vocab.json").exists()
+    from_files, from_json = load_tokenizer(tmp_path / "bpe"), load_tokenizer(tmp_path / "json")
+    assert from_files.bos_id == from_json.bos_id == 2
+    rng = random.Random(1)
+    for text in ["Hello, my dog is cute", " leading space", "a</s>b <pad>", "ümlaut\n\n", sentence(rng, 20)]:
+        ids = from_json.encode(text)
+        assert ids == from_files.encode(text), f"{text!r}: tokenizer.json and vocab.json + merges.txt differ"
+        assert ids.count(2) == 1 + text.count("</s>"), f"{text!r}: BOS not exactly once: {ids}"
+        assert from_json.decode(ids) == text.replace("</s>", "").replace("<pad>", "")
+
+
+def test_directory_without_tokenizer(tmp_path):
+    (tmp_path / "vocab.json").write_text("{}")  # half of the pair is not enough
+    with pytest.raises(UsageError, match="has no tokenizer: expected tokenizer.json or vocab.json \\+ merges.txt"):
+        load_tokenizer(tmp_path)
 
 
 # -----------------------------------------------------------------------------
@@ -686,6 +784,11 @@ def test_bad_input_raises_clear_errors():
         sparsegpt_prune(W, torch.eye(8), 0.5)
     with pytest.raises(UsageError, match="percdamp"):
         sparsegpt_prune(W, -torch.eye(16), 0.5)  # negative definite: dampening cannot rescue it
+    for bad in (math.inf, math.nan):  # what a float16 model's X^T X gives when its activations overflow
+        H_bad = torch.eye(16)
+        H_bad[3, 5] = bad
+        with pytest.raises(UsageError, match="H has inf or NaN entries: the calibration activations overflowed"):
+            sparsegpt_prune(W, H_bad, 0.5)
     with pytest.raises(UsageError, match="select"):
         wanda_mask(W, x_sqnorm, 0.5, select="heap")
     with pytest.raises(UsageError, match="blocksize"):
@@ -1237,6 +1340,17 @@ def test_c4_calibration_needs_more_than_seqlen_tokens(tmp_path):
     assert not (ours == ord("a")).any(), "a document of exactly seqlen tokens was used"
 
 
+def test_too_little_text_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="the evaluation text has 15 tokens, fewer than one window of 16"):
+        eval_ppl.windows(torch.arange(15), 16)
+    write_rows(tmp_path, "ptb", "train", ["short row", "another"])  # BOS + 17 characters
+    with pytest.raises(UsageError, match="the ptb train split has 18 tokens, not more than seqlen 18"):
+        eval_ppl.calibration_windows("ptb", CharTokenizer(), 2, 18, data_dir=tmp_path)
+    write_rows(tmp_path, "c4", "train", ["a" * 29, "short"])  # 30 tokens at most: none longer than 30
+    with pytest.raises(UsageError, match="no c4 train document found with more than 30 tokens"):
+        eval_ppl.calibration_windows("c4", CharTokenizer(), 2, 30, data_dir=tmp_path)
+
+
 # -----------------------------------------------------------------------------
 # Perplexity against transformers
 
@@ -1291,13 +1405,6 @@ def test_perplexity_loss_is_float32_in_bfloat16(tiny_ppl, tmp_path):
 
 # -----------------------------------------------------------------------------
 # The command line, end to end on a tiny model with a small --data-dir
-
-WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
-
-
-def sentence(rng: random.Random, n: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + " ."
-
 
 @pytest.fixture(scope="module")
 def cli_data(tmp_path_factory):
