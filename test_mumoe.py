@@ -33,7 +33,7 @@ import mumoe
 import opt_model
 import pruners
 from mumoe import count_macs, generate, linear_names, micro_experts, mumoe_logits
-from opt_model import OPTConfig, OPTForCausalLM, UsageError, load_model, load_tokenizer
+from opt_model import OPTConfig, OPTForCausalLM, UsageError, dense_linear, load_model, load_tokenizer
 from pruners import SELECTS, magnitude_mask, prune_lowest, prune_model, sparsegpt_prune, wanda_mask, wanda_score
 
 REPO = Path(__file__).resolve().parent
@@ -908,6 +908,51 @@ def test_prune_model_keeps_a_bfloat16_model_bfloat16(tiny_opt, method):
         assert kept == kept_fraction(*W.shape, method, 0.5), f"{method} {key}: kept {kept}"
 
 
+# where the offload tests send the blocks: the CPU everywhere (only the moves can be seen), CUDA where present
+OFFLOAD_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def record_moves(monkeypatch) -> list[tuple[nn.Module, torch.device]]:
+    """Every `module.to(device)` call from here on, in order: with device = cpu, the only trace an offload leaves."""
+    moves, to = [], nn.Module.to
+
+    def recording_to(module, device, *args, **kwargs):
+        moves.append((module, torch.device(device)))
+        return to(module, device, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "to", recording_to)
+    return moves
+
+
+def assert_each_visits(modules, moves, device, what):
+    """Each module went to `device` once and then back to the CPU, and stayed there."""
+    for name, module in modules.items():
+        trips = [to.type for m, to in moves if m is module]
+        assert trips == [device, "cpu"], f"{what}: {name} was moved to {trips}, expected [{device!r}, 'cpu']"
+        where = {p.device.type for p in module.parameters()}
+        assert where == {"cpu"}, f"{what}: {name}'s parameters are on {where} after the loop"
+
+
+@pytest.mark.parametrize("device", OFFLOAD_DEVICES)
+@pytest.mark.parametrize("method", ("wanda", "sparsegpt"))
+def test_prune_model_with_a_device_visits_it_block_by_block(tiny_opt, monkeypatch, method, device):
+    """prune_model(device=...) on a model kept in CPU memory: each block goes there for its turn and comes back,
+    and the weights are those of a run without offload (bit for bit on the CPU: the same kernels)."""
+    _, directory, calib_ids = tiny_opt
+    at_home, offloaded = load_model(directory), load_model(directory)
+    prune_model(at_home, calib_ids, method, 0.5, progress=False)
+    moves = record_moves(monkeypatch)
+    prune_model(offloaded, calib_ids, method, 0.5, device=device, progress=False)
+    monkeypatch.undo()
+    blocks = {f"block {b}": block for b, block in enumerate(offloaded.decoder.layers)}
+    assert_each_visits(blocks, moves, device, f"{method} offloaded to {device}")
+    for key, W in at_home.state_dict().items():
+        W_offloaded = offloaded.state_dict()[key]
+        assert W_offloaded.device.type == "cpu", f"{key} is on {W_offloaded.device}"
+        if device == "cpu":
+            assert n_diff(W, W_offloaded) == 0, f"{method}: {key} differs in {n_diff(W, W_offloaded)} weights"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: checks partition's fallback and offload")
 def test_cuda_selects_and_offload_match_cpu(tiny_opt):
     g = torch.Generator().manual_seed(13)
@@ -1381,6 +1426,26 @@ def test_perplexity_matches_transformers(tiny_ppl):
     assert abs(math.log(ref / 128)) > 0.5, f"perplexity {ref} is too near uniform (128) for a meaningful test"
     assert_rel_close(eval_ppl.perplexity(model, ids), ref, PPL_RTOL, "dense")
     assert_rel_close(eval_ppl.perplexity(model, ids, offload=True), ref, PPL_RTOL, "dense, offload")
+
+
+@pytest.mark.parametrize("device", OFFLOAD_DEVICES)
+@torch.no_grad()
+def test_perplexity_offload_visits_the_device_block_by_block(tiny_ppl, monkeypatch, device):
+    """With offload, each block goes to `device` for its turn and back, the rest of the model too, and the
+    perplexity (dense and μ-MoE) is the one without offload: exactly on the CPU, the same kernels in the same order."""
+    model, _, ids = tiny_ppl
+    for what, linear in [("dense", dense_linear), ("μ-MoE", micro_experts(0.5))]:
+        kept = eval_ppl.perplexity(model, ids, linear=linear)
+        moves = record_moves(monkeypatch)
+        offloaded = eval_ppl.perplexity(model, ids, device=device, linear=linear, offload=True)
+        monkeypatch.undo()
+        if device == "cpu":
+            assert offloaded == kept, f"{what}: offload gives {offloaded!r}, without {kept!r}"
+        elif what == "dense":  # (μ-MoE on CUDA may route a near tie the other way: not compared)
+            assert_rel_close(offloaded, kept, PPL_RTOL, f"{what} offloaded to {device}")
+        modules = {f"block {b}": block for b, block in enumerate(model.decoder.layers)}
+        modules.update({type(m).__name__ + f" {i}": m for i, m in enumerate(eval_ppl.outer_modules(model))})
+        assert_each_visits(modules, moves, device, f"{what} perplexity offloaded to {device}")
 
 
 @torch.no_grad()
