@@ -631,6 +631,33 @@ def test_selects_identical_when_only_some_rows_tie():
         assert diff == 0, f"{select} differs from the stable sort in {diff} scores"
 
 
+def test_partition_on_several_threads_gives_the_sorts_mask(monkeypatch):
+    """The CPU default: np.partition over row chunks, one per torch thread (one_thread sets 1 for the other tests).
+    On 3 threads the chunks must come back in row order, with the ties resolved as the stable sort does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = []
+
+    class RecordingPool(ThreadPoolExecutor):
+        def __init__(self, max_workers):
+            workers.append(max_workers)
+            super().__init__(max_workers)
+
+    monkeypatch.setattr(pruners, "ThreadPoolExecutor", RecordingPool)
+    g = torch.Generator().manual_seed(16)
+    S = torch.randint(0, 5, (2, 31, 96), generator=g).float()  # a batch of 62 rows: uneven chunks, many ties
+    S[..., ::9] = 0  # dead input columns
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        for k in (1, 40, 95):
+            diff = n_diff(prune_lowest(S, k, "partition"), prune_lowest(S, k, "sort"))
+            assert diff == 0, f"partition on 3 threads differs from the stable sort in {diff} scores (k={k})"
+    finally:
+        torch.set_num_threads(threads)
+    assert workers == [3, 3, 3], f"thread pools of {workers} workers: the threaded path did not run"
+
+
 def test_magnitude_matrix_ties_follow_the_flattened_stable_order():
     W = torch.randint(-3, 4, (16, 24), generator=torch.Generator().manual_seed(14)).float()
     k = int(W.numel() * 0.5)
@@ -897,15 +924,114 @@ def test_prune_model_bad_input(tiny_opt):
         prune_model(model, calib_ids, "wanda", 0.0, progress=False)
 
 
-@pytest.mark.parametrize("method", ("wanda", "sparsegpt"))
-def test_prune_model_keeps_a_bfloat16_model_bfloat16(tiny_opt, method):
+def record_pruner_calls(monkeypatch) -> list[dict]:
+    """What prune_model hands each pruner and gets back, call by call: W before, the statistic, the mask."""
+    calls = []
+
+    def recording(name):
+        real = getattr(pruners, name)
+
+        def pruner(W, *args, **kwargs):
+            out = real(W, *args, **kwargs)
+            W_pruned, keep = out if name == "sparsegpt_prune" else (None, out)
+            calls.append(dict(W=W.clone(), stat=args[0] if name != "magnitude_mask" else None, keep=keep,
+                              W_pruned=W_pruned))
+            return out
+
+        monkeypatch.setattr(pruners, name, pruner)
+
+    for name in ("magnitude_mask", "wanda_mask", "sparsegpt_prune"):
+        recording(name)
+    return calls
+
+
+def linear_inputs(block, hidden: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """Each Linear's input (T, d_in) in every window of `hidden`, by name, from a dense pass of `block`."""
+    inputs = {name: [] for name in block.linears()}
+    name_of = {layer: name for name, layer in block.linears().items()}
+
+    def noting_linear(layer, x):
+        inputs[name_of[layer]].append(tokens_by_features(x))
+        return layer(x)
+
+    for h in hidden:
+        block(h, noting_linear)
+    return inputs
+
+
+# Half-precision pruning vs float32 pruning: masks that differ in at most this fraction of a matrix (rounding
+# reorders near ties). Measured on tiny_opt at rho = 0.5: float16 <= 0.2%, bfloat16 <= 0.4% (Wanda).
+HALF_MASK_DIFF = 0.02
+STATS_RTOL = 1e-6  # float32 sums of the same products; summed in half precision they are off by 1e-4 (fp16), 1e-3 (bf16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("method", pruners.METHODS)
+def test_prune_model_in_half_precision(tiny_opt, monkeypatch, method, dtype):
+    """A half-precision model stays so; each weight is zero exactly where its pruner's mask says and, kept, is W
+    (magnitude, Wanda) or SparseGPT's update; the statistics are float32 sums of the half-precision inputs;
+    the masks are nearly those of float32 pruning."""
     _, directory, calib_ids = tiny_opt
-    model = load_model(directory, dtype=torch.bfloat16)
-    report = prune_model(model, calib_ids, method, 0.5, progress=False)
-    for key, kept in report.items():
-        W = model.get_parameter(key + ".weight")
-        assert W.dtype == torch.bfloat16, f"{method} {key}: weight became {W.dtype}"
+    model, in_float32 = load_model(directory, dtype=dtype), load_model(directory)
+    calib = None if method == "magnitude" else calib_ids
+    prune_model(in_float32, calib, method, 0.5, progress=False)
+    calls = record_pruner_calls(monkeypatch)
+    report = prune_model(model, calib, method, 0.5, progress=False)
+    monkeypatch.undo()
+    assert len(calls) == len(report) == 18, f"{len(calls)} pruner calls for {len(report)} Linears"
+    for (key, kept), call in zip(report.items(), calls):
+        W, keep = model.get_parameter(key + ".weight"), call["keep"]
+        assert W.dtype == dtype, f"{method} {key}: weight became {W.dtype}"
         assert kept == kept_fraction(*W.shape, method, 0.5), f"{method} {key}: kept {kept}"
+        assert n_diff(W[~keep], 0) == 0, f"{method} {key}: {n_diff(W[~keep], 0)} pruned weights are not zero"
+        if method == "sparsegpt":
+            assert n_diff(W, call["W_pruned"]) == 0, f"{key}: the weights are not SparseGPT's result"
+        else:
+            assert n_diff(W[keep], call["W"][keep]) == 0, f"{method} {key}: {n_diff(W[keep], call['W'][keep])} " \
+                                                          "kept weights changed"
+        if call["stat"] is not None:
+            assert call["stat"].dtype == torch.float32, f"{method} {key}: statistics in {call['stat'].dtype}"
+        in_fp32 = in_float32.get_parameter(key + ".weight") == 0
+        diff = n_diff(W == 0, in_fp32)
+        assert diff <= HALF_MASK_DIFF * W.numel(), f"{method} {key}: {diff} of {W.numel()} zeros differ from float32"
+    if method != "magnitude":  # block 0's statistics from its inputs, which are the same half-precision numbers
+        fresh = load_model(directory, dtype=dtype)
+        inputs = linear_inputs(fresh.decoder.layers[0], [fresh.embed(ids[None]) for ids in calib_ids])
+        for (name, Xs), call in zip(inputs.items(), calls):
+            Xs = [X.float() for X in Xs]
+            n = len(Xs)
+            expected = sum(X.square().sum(0) for X in Xs) / n if method == "wanda" else 2 / n * sum(X.T @ X for X in Xs)
+            rel = ((call["stat"] - expected).abs().max() / expected.abs().max()).item()
+            assert rel <= STATS_RTOL, f"{method} {name}: statistics off by {rel:.2e} (relative) from float32 sums"
+
+
+@pytest.mark.parametrize("method, options", [("magnitude", dict(nm=(2, 4))), ("wanda", dict(nm=(2, 4))),
+                                            ("sparsegpt", dict(nm=(2, 4))), ("magnitude", dict(group="row"))],
+                         ids=["magnitude-2:4", "wanda-2:4", "sparsegpt-2:4", "magnitude-row"])
+def test_prune_model_passes_nm_and_group_on(tiny_opt, monkeypatch, method, options):
+    """The driver's nm and group reach the pruners: 2 zeros in every group of 4 consecutive weights of a row,
+    or the same count in every row; magnitude's masks are those of the original weights, Linear by Linear."""
+    _, directory, calib_ids = tiny_opt
+    model = load_model(directory)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = record_pruner_calls(monkeypatch)
+    rho = 0.4
+    report = prune_model(model, None if method == "magnitude" else calib_ids, method, rho, progress=False, **options)
+    assert len(calls) == len(report) == 18, f"{len(calls)} pruner calls for {len(report)} Linears"
+    for (key, kept), call in zip(report.items(), calls):
+        keep, W = call["keep"], model.get_parameter(key + ".weight")
+        d_out, d_in = W.shape
+        if "nm" in options:
+            per_group = (~keep).reshape(d_out, d_in // 4, 4).sum(dim=-1)
+            assert (per_group == 2).all(), f"{method} {key}: pruned per group of 4 {per_group.unique().tolist()}"
+            assert kept == 0.5, f"{method} {key}: kept {kept} with 2:4"
+        else:
+            per_row = (~keep).sum(dim=1)
+            assert (per_row == pruners.prune_count(d_in, rho)).all(), f"{key}: pruned per row {per_row.unique().tolist()}"
+        assert n_diff(W[~keep], 0) == 0, f"{method} {key}: a pruned weight is not zero"
+        if method == "magnitude":
+            expected = magnitude_mask(original[key + ".weight"], rho, **options)
+            assert n_diff(keep, expected) == 0, f"{key}: {n_diff(keep, expected)} entries differ from magnitude_mask"
 
 
 # where the offload tests send the blocks: the CPU everywhere (only the moves can be seen), CUDA where present
