@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from opt_model import (DTYPES, LinearFn, OPTConfig, OPTDecoderLayer, UsageError, check_device, dense_linear,
                        load_model, load_tokenizer)
-from pruners import SELECTS, check_rho, default_select, prune_count, wanda_mask
+from pruners import SELECTS, check_rho, default_select, prune_count, wanda_gated_weight
 
 # -----------------------------------------------------------------------------
 # Router, experts and gate
@@ -52,13 +52,6 @@ def input_sqnorms(x: torch.Tensor, prefix: int | None = None) -> torch.Tensor:
     """||X_j||² = sum_t X_tj² of each prompt of x (B, T, d_in) -> (B, d_in), in float32, over the first
     `prefix` tokens only if given (then nothing after the prefix can change the masks)."""
     return x[:, :prefix].float().square().sum(dim=1)
-
-
-def gated_weight(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, select: str | None = None,
-                 nm=None) -> torch.Tensor:
-    """Router and experts of one prompt: W ⊙ M, M the Wanda mask of S_ij = |W_ij| * ||X_j||_2 (exact-k per row,
-    ties to the lower index; with nm = (N, M) the N smallest of every M instead). A new tensor: W is never written."""
-    return W * wanda_mask(W, x_sqnorm, rho, select, nm)  # the bool mask is promoted inside the kernel
 
 
 def gate(layer: nn.Linear, X: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
@@ -105,7 +98,7 @@ def micro_experts(rho: float, select: str | None = None, prefix: int | None = No
             else:
                 sqnorms = input_sqnorms(x, prefix)
                 last.update(x=x, sqnorms=sqnorms)
-            experts = [gated_weight(layer.weight, s, rho, select, nm) for s in sqnorms]
+            experts = [wanda_gated_weight(layer.weight, s, rho, select, nm) for s in sqnorms]
         if counter is not None:
             counter[layer] += sum(torch.count_nonzero(W_b).item() for W_b in experts) * x.shape[1]
         if chosen is not None:

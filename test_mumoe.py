@@ -488,6 +488,28 @@ def test_selects_identical_when_only_some_rows_tie():
         assert diff == 0, f"{select} differs from the stable sort in {diff} scores"
 
 
+@pytest.mark.parametrize("rho", [0.1, 0.5, 0.8])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_gated_weight_is_w_times_the_stable_sort_mask(rho, threads, monkeypatch):
+    """μ-MoE's fused CPU path (scores, partition, gate in L2-sized steps over several threads) against
+    W ⊙ M with M from the stable sort, where ties decide: equal columns, dead inputs, a constant row, zeros."""
+    gen = torch.Generator().manual_seed(16)
+    W, x_sqnorm = torch.randn(37, 40, generator=gen), torch.rand(40, generator=gen) * 4
+    W[:, 7] = W[:, 3]  # equal scores within every row
+    x_sqnorm[20:26] = 0  # dead inputs: six zero scores per row
+    W[5] = 0.5  # a row where scores tie by the input norms only
+    W[9, ::2] = 0  # a row of half zeros
+    monkeypatch.setattr(pruners, "FUSED_CHUNK_ELEMENTS", 5 * 40)  # 8 steps of 5 rows (the last one 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    pruners.cpu_threads.cache_clear()
+    try:
+        fused = pruners.wanda_gated_weight(W, x_sqnorm, rho)
+    finally:
+        pruners.cpu_threads.cache_clear()
+    reference = W * wanda_mask(W, x_sqnorm, rho, "sort")
+    assert torch.equal(fused, reference), f"{n_diff(fused, reference)} weights differ, rho={rho}, {threads} threads"
+
+
 def test_magnitude_matrix_ties_follow_the_flattened_stable_order():
     W = torch.randint(-3, 4, (16, 24), generator=torch.Generator().manual_seed(14)).float()
     k = int(W.numel() * 0.5)
