@@ -10,11 +10,23 @@ every prompt, from that prompt's own activations. Read as a mixture of experts:
               S_i: is active: M_ij = 1 (pruners.wanda_mask, exact-k with ties to the lower index)
     gate      Y = X (W ⊙ M)^T + b: only the active experts take part, for this prompt only
 
-Each Linear routes on the input it actually receives, so routing happens inside one forward pass,
-block after block. In a batch each prompt gets its own masks. Embeddings and lm_head stay dense.
-The paper routes a perplexity window on all of its tokens, the ones it then predicts included;
-`prefix=N` routes on the first N tokens only, a strictly causal variant.
+Which X routes a Linear? Two readings, both per prompt, differ in the input of the later Linears:
 
+    routing="block"   (default) X_l = the input of Linear l in a *dense* pass of its block over the prompt:
+                      M_l = mask(W_l, X_l^dense), then the block runs gated: h' = block(h; W_l ⊙ M_l).
+                      Wanda's procedure (its hooks fire before anything in the block is pruned) run with
+                      the prompt as the only calibration sample: most likely how the paper made its table.
+    routing="linear"  X_l = the input Linear l receives in the gated pass itself: out_proj reads the
+                      output of gated q/k/v, fc2 the output of gated fc1. One pass and nothing dense:
+                      what the paper's complexity formula counts, and what an inference engine deploys.
+
+q, k and v read the block's input in both, so they get the same masks; the others differ, and the
+gap grows as rho falls. Block routing costs a dense pass per block more (fc2's product is skipped).
+In a batch each prompt gets its own masks. Embeddings and lm_head stay dense. The paper routes a
+perplexity window on all of its tokens, the ones it then predicts included; `prefix=N` routes on the
+first N tokens only, a strictly causal variant.
+
+    routed_block(rho, routing)       (block, x) -> the block's output, each prompt routed on itself
     micro_experts(rho, ...)          the μ-MoE Linear, a drop-in for opt_model.dense_linear
     mumoe_logits(model, ids, rho)    (B, T) ids -> (B, T, vocab) logits, each prompt routed on itself
     count_macs(config, T, rho)       the analytical MAC count, ours or the paper's convention
@@ -24,9 +36,9 @@ Complexity (the paper's argument). A dense Linear with d inputs and d' outputs c
 T tokens. μ-MoE costs rho·d·d'·T for the active experts, plus routing: d·T for the norms ||X_j||²,
 d·d' to score, about d·d' to select (introselect is linear on average) and d·d' to gate. Relative to
 the dense pass, routing is (3/T + 1/d') -- 0.3% at T = 2048, d' = 768 -- so the MACs fall almost as
-rho. In wall time the selection is what costs, which is why `select` is a parameter (see pruners).
+rho. In wall time the selection is what costs: pruners.wanda_gated_weight fuses it on the CPU.
 
-Imports: torch, opt_model (the model, its tokenizer, UsageError), pruners (Wanda's score and mask).
+Imports: torch, opt_model (the model, its tokenizer, UsageError), pruners (Wanda's mask and gated weight).
 """
 
 import argparse

@@ -921,6 +921,14 @@ def test_every_select_gives_identical_logits(tiny_model, rho, routing):
             f"{select} differs from sort ({routing})"
 
 
+def test_chosen_experts_refuse_another_batch_size(tiny_model):
+    """Experts chosen for one prompt cannot silently serve a batch of two (zip would drop the second)."""
+    chosen = {}
+    mumoe_logits(tiny_model, random_ids(1, 8), 0.5, chosen=chosen)
+    with pytest.raises(ValueError, match="1 prompts' experts for a batch of 2 prompts"):
+        tiny_model(random_ids(2, 8), mumoe.chosen_experts(chosen))
+
+
 def test_unknown_routing_is_refused(tiny_model):
     with pytest.raises(UsageError, match="routing must be one of"):
         mumoe_logits(tiny_model, random_ids(1, 8), 0.5, routing="dense")
