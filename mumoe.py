@@ -66,13 +66,18 @@ def input_sqnorms(x: torch.Tensor, prefix: int | None = None) -> torch.Tensor:
     return x[:, :prefix].float().square().sum(dim=1)
 
 
-def gate(layer: nn.Linear, X: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
-    """Gate: Y_b = X_b (W ⊙ M_b)^T + bias for each prompt b of X (B, T, d_in), with only its active experts."""
-    if len(experts) != X.shape[0]:
-        raise ValueError(f"{len(experts)} prompts' experts for a batch of {X.shape[0]} prompts")
-    if len(experts) == 1:  # one prompt needs no stacking
-        return F.linear(X, experts[0], layer.bias)
-    return torch.stack([F.linear(X_b, W_b, layer.bias) for X_b, W_b in zip(X, experts)])  # (B, T, d_out)
+def gate(layer: nn.Linear, X: torch.Tensor, experts, counter: Counter | None = None) -> torch.Tensor:
+    """Gate: Y_b = X_b (W ⊙ M_b)^T + bias for each prompt b of X (B, T, d_in), with only its active experts.
+
+    `experts` yields W ⊙ M_b for each prompt in turn (a generator may build each just before its product).
+    `counter` gets the MACs that each product does with nonzero weights.
+    """
+    Y = []
+    for X_b, W_b in zip(X, experts):  # X_b (T, d_in)
+        if counter is not None:
+            counter[layer] += torch.count_nonzero(W_b).item() * X_b.shape[0]
+        Y.append(F.linear(X_b, W_b, layer.bias))
+    return Y[0][None] if len(Y) == 1 else torch.stack(Y)  # (B, T, d_out)
 
 
 def micro_experts(rho: float, select: str | None = None, prefix: int | None = None, nm=None,
@@ -96,26 +101,30 @@ def micro_experts(rho: float, select: str | None = None, prefix: int | None = No
         raise UsageError(f"prefix must be a positive number of tokens, got {prefix}")
     dense = rho == 1.0 and nm is None
     last = {"x": None, "sqnorms": None}  # q, k and v read one tensor: its norms are computed once
+    scratch = {}  # by shape: the memory that gated weights used for one product only are written into
 
     def routed_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if prefix is not None and prefix > x.shape[1]:
             raise UsageError(f"prefix {prefix} is longer than the {x.shape[1]} tokens of the input")
+        W = layer.weight
         if dense:
-            experts = [layer.weight] * x.shape[0]
+            if chosen is not None:
+                chosen[layer] = [W] * x.shape[0]
+            return gate(layer, x, [W] * x.shape[0], counter) if counter is not None else dense_linear(layer, x)
+        if stats is not None:
+            sqnorms = stats[layer]
+        elif x is not last["x"]:
+            sqnorms = input_sqnorms(x, prefix)
+            last.update(x=x, sqnorms=sqnorms)
         else:
-            if stats is not None:
-                sqnorms = stats[layer]
-            elif x is last["x"]:
-                sqnorms = last["sqnorms"]
-            else:
-                sqnorms = input_sqnorms(x, prefix)
-                last.update(x=x, sqnorms=sqnorms)
-            experts = [wanda_gated_weight(layer.weight, s, rho, select, nm) for s in sqnorms]
-        if counter is not None:
-            counter[layer] += sum(torch.count_nonzero(W_b).item() for W_b in experts) * x.shape[1]
-        if chosen is not None:
-            chosen[layer] = experts
-        return dense_linear(layer, x) if dense else gate(layer, x, experts)
+            sqnorms = last["sqnorms"]
+        if chosen is not None:  # kept for later tokens: each prompt's W ⊙ M_b in memory of its own
+            chosen[layer] = experts = [wanda_gated_weight(W, s_b, rho, select, nm) for s_b in sqnorms]
+        else:  # used once: built one prompt at a time into one tensor, a fresh one costs page faults
+            if W.shape not in scratch:
+                scratch[W.shape] = torch.empty_like(W)
+            experts = (wanda_gated_weight(W, s_b, rho, select, nm, out=scratch[W.shape]) for s_b in sqnorms)
+        return gate(layer, x, experts, counter)
 
     return routed_linear
 
@@ -152,20 +161,29 @@ def routed_block(rho: float, routing: str = "block", select: str | None = None, 
     """
     if routing not in ROUTINGS:
         raise UsageError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+    dense = rho == 1.0 and nm is None
+    stats = {} if routing == "block" and not dense else None  # each block's statistics, added as it runs
+    linear = micro_experts(rho, select, prefix, nm, stats, chosen, counter)
 
     def run(block: OPTDecoderLayer, x: torch.Tensor) -> torch.Tensor:
         if prefix is not None and prefix > x.shape[1]:
             raise UsageError(f"prefix {prefix} is longer than the {x.shape[1]} tokens of the input")
-        dense = rho == 1.0 and nm is None
-        stats = block_statistics(block, x, prefix) if routing == "block" and not dense else None
-        return block(x, micro_experts(rho, select, prefix, nm, stats, chosen, counter))
+        if stats is not None:
+            stats.update(block_statistics(block, x, prefix))
+        return block(x, linear)
 
     return run
 
 
 def chosen_experts(chosen: dict) -> LinearFn:
     """The Linear that gates with experts chosen earlier (`micro_experts(chosen=...)`): no routing at all."""
-    return lambda layer, x: gate(layer, x, chosen[layer])
+
+    def gate_with_chosen(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if len(chosen[layer]) != x.shape[0]:
+            raise ValueError(f"{len(chosen[layer])} prompts' experts for a batch of {x.shape[0]} prompts")
+        return gate(layer, x, chosen[layer])
+
+    return gate_with_chosen
 
 
 @torch.no_grad()

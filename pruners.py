@@ -174,9 +174,10 @@ def wanda_mask(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, select: str 
 
 
 def wanda_gated_weight(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, select: str | None = None,
-                       nm=None) -> torch.Tensor:
-    """W ⊙ M for Wanda's mask M of `wanda_mask` (same arguments): a new tensor, identical to
-    `W * wanda_mask(W, x_sqnorm, rho, select, nm)`, which is what runs on every device but one.
+                       nm=None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W ⊙ M for Wanda's mask M of `wanda_mask` (same arguments), written into `out` if given (a tensor like
+    W: reusing one spares the page faults of a fresh one), identical to `W * wanda_mask(W, x_sqnorm, rho,
+    select, nm)`, which is what runs on every device but one.
 
     On the CPU, in float32 and with the partition select, μ-MoE pays this for every prompt and Linear,
     so it is fused: a few rows at a time, small enough to stay in a core's L2 cache, go from W to the
@@ -187,9 +188,9 @@ def wanda_gated_weight(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, sele
     k, select = prune_count(d_in, rho), select or default_select(W.device)
     if (select != "partition" or nm is not None or k == 0 or W.device.type != "cpu" or W.dtype != torch.float32
             or x_sqnorm.shape != (d_in,)):
-        return W * wanda_mask(W, x_sqnorm, rho, select, nm)  # (the bool mask is promoted inside the kernel)
+        return torch.mul(W, wanda_mask(W, x_sqnorm, rho, select, nm), out=out)  # the bool mask is promoted
     W_np, norms = W.detach().numpy(), np.sqrt(x_sqnorm.detach().float().cpu().numpy())  # the score's float32 ops
-    out = torch.empty_like(W)
+    out = torch.empty_like(W) if out is None else out
     out_np, kept = out.numpy(), d_in - k
     rows = max(1, FUSED_CHUNK_ELEMENTS // d_in)
     steps = [slice(r, min(r + rows, d_out)) for r in range(0, d_out, rows)]
