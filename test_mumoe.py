@@ -939,10 +939,11 @@ def test_unknown_routing_is_refused(tiny_model):
 
 
 @pytest.mark.parametrize("rho", [0.3, 0.5, 0.8, 1.0])
-def test_active_weights_and_counter_match_count_macs(tiny_model, rho):
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_active_weights_and_counter_match_count_macs(tiny_model, rho, routing):
     B, T = 2, 20
     counter = Counter()
-    mumoe_logits(tiny_model, random_ids(B, T), rho, counter=counter)
+    mumoe_logits(tiny_model, random_ids(B, T), rho, counter=counter, routing=routing)
     analytic = count_macs(TINY, T, rho)
     for layer, name in linear_names(tiny_model).items():
         d_out, d_in = layer.weight.shape
@@ -1000,17 +1001,19 @@ def test_paper_table_reading():
 # Prefix routing and generation
 
 
-def test_prefix_routing_ignores_later_tokens(tiny_model):
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_prefix_routing_ignores_later_tokens(tiny_model, routing):
     N, rho = 12, 0.5
     ids = random_ids(1, 30)
     changed = ids.clone()
     changed[:, N:] = random_ids(1, 30 - N, seed=7)
-    prefix_a, prefix_b = prompt_masks(tiny_model, ids, rho, prefix=N), prompt_masks(tiny_model, changed, rho, prefix=N)
+    prefix_a = prompt_masks(tiny_model, ids, rho, prefix=N, routing=routing)
+    prefix_b = prompt_masks(tiny_model, changed, rho, prefix=N, routing=routing)
     assert all(torch.equal(prefix_a[name][0], prefix_b[name][0]) for name in prefix_a)
-    full_a, full_b = prompt_masks(tiny_model, ids, rho), prompt_masks(tiny_model, changed, rho)
+    full_a, full_b = prompt_masks(tiny_model, ids, rho, routing=routing), prompt_masks(tiny_model, changed, rho, routing=routing)
     assert any(not torch.equal(full_a[name][0], full_b[name][0]) for name in full_a), "without prefix they differ"
     # routing on the first N tokens of the sequence = routing on those N tokens alone (the model is causal)
-    alone = prompt_masks(tiny_model, ids[:, :N], rho)
+    alone = prompt_masks(tiny_model, ids[:, :N], rho, routing=routing)
     assert all(torch.equal(prefix_a[name][0], alone[name][0]) for name in alone)
 
 
