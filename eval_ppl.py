@@ -43,8 +43,8 @@ from tqdm import tqdm
 
 import mumoe
 import pruners
-from opt_model import (DTYPES, OPTConfig, OPTForCausalLM, UsageError, check_device, dense_linear, load_model,
-                       load_tokenizer, resolve_checkpoint)
+from opt_model import (DTYPES, BlockFn, OPTConfig, OPTForCausalLM, UsageError, check_device, dense_block,
+                       load_model, load_tokenizer, resolve_checkpoint)
 
 # -----------------------------------------------------------------------------
 # Data: the rows of each split, exactly as the Hugging Face loaders of the references give them
@@ -236,7 +236,7 @@ def outer_modules(model: OPTForCausalLM) -> list[torch.nn.Module]:
 
 
 @torch.no_grad()
-def perplexity(model: OPTForCausalLM, ids: torch.Tensor, device=None, linear=dense_linear,
+def perplexity(model: OPTForCausalLM, ids: torch.Tensor, device=None, run_block: BlockFn = dense_block,
                offload: bool = False, desc: str = "perplexity") -> float:
     """exp(mean over windows of the window's mean next-token NLL) of token windows ids (N, seqlen).
 
@@ -245,7 +245,7 @@ def perplexity(model: OPTForCausalLM, ids: torch.Tensor, device=None, linear=den
     hidden states of all windows, (N, seqlen, hidden), live on `device`, as in the reference; with
     `offload` the model stays in CPU memory, each block visits `device` for its turn, and the hidden
     states wait in CPU memory too (one window is on the device at a time).
-    `linear` is how each block applies its Linears: dense, or a μ-MoE router (`mumoe.micro_experts`).
+    `run_block` is how a block runs: dense, or with each window routed on itself (`mumoe.routed_block`).
     `device` defaults to where the model is.
     """
     device = torch.device(device) if device is not None else model.lm_head.weight.device
@@ -259,7 +259,7 @@ def perplexity(model: OPTForCausalLM, ids: torch.Tensor, device=None, linear=den
     for block in tqdm(model.decoder.layers, desc=desc, leave=False):
         block.to(device)
         for i in range(N):
-            x[i] = block(x[i : i + 1].to(device), linear)[0]
+            x[i] = run_block(block, x[i : i + 1].to(device))[0]
         if offload:
             block.to("cpu")
     nll = 0.0
@@ -331,6 +331,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-data", type=Path, metavar="DIR", help="write the rows this run needs into DIR in "
                    "the --data-dir layout (downloading them, or from --data-dir), then read them from there")
     p.add_argument("--mumoe-prefix", type=positive_int, metavar="N", help="μ-MoE routes on the first N tokens only")
+    p.add_argument("--mumoe-routing", nargs="+", choices=mumoe.ROUTINGS, default=["block"], metavar="ROUTING",
+                   help="block: each block's Linears route on the statistics of its dense pass over the window, "
+                        "Wanda's procedure per window (default, row 'μ-MoE'); linear: each Linear routes on its "
+                        "own input in a single pass (row 'μ-MoE (one pass)'); give both for both rows")
     p.add_argument("--select", choices=pruners.SELECTS, help="top-k selection of Wanda and μ-MoE "
                    "(identical masks; default: the fastest on the device)")
     p.add_argument("--out", type=Path, default=Path("results.json"), metavar="JSON",
@@ -347,6 +351,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def label(result: dict) -> str:
     name = NAMES[result["method"]] + (f" ({LABELS[result['calib']]})" if result["calib"] else "")
+    name += " (one pass)" if result.get("routing") == "linear" else ""
     return name + (f" (prefix {result['prefix']})" if result["prefix"] else "")
 
 
@@ -427,20 +432,21 @@ def run(args) -> list[dict]:
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     settings.update(device=str(device), dtype=str(dtype).removeprefix("torch."), torch=torch.__version__,
                     magnitude_group=MAGNITUDE_GROUP, windows={d: len(w) for d, w in test.items()})
-    plan = [("dense", 1.0, None)] if "dense" in args.methods else []
-    plan += [(m, rho, c) for rho in args.rho for m in METHODS[1:] if m in args.methods
-             for c in (args.calib[m] if m in CALIBRATED else [None])]
+    plan = [("dense", 1.0, None, None)] if "dense" in args.methods else []
+    plan += [(m, rho, c, r) for rho in args.rho for m in METHODS[1:] if m in args.methods
+             for c in (args.calib[m] if m in CALIBRATED else [None])
+             for r in (args.mumoe_routing if m == "mumoe" else [None])]
 
     # Each pruned model starts from a fresh load of the checkpoint: a read of the (page-cached) safetensors,
     # seconds next to minutes of pruning, and no second copy of the weights in memory.
     model, pruned, calib, results = None, False, {}, []
-    for method, rho, calib_set in plan:
+    for method, rho, calib_set, routing in plan:
         if model is None or pruned:
             del model
             model, pruned = load_model(directory, "cpu" if args.offload else device, dtype), False
-        start, linear = time.time(), dense_linear
+        start, run_block = time.time(), dense_block
         if method == "mumoe":
-            linear = mumoe.micro_experts(rho, select=args.select, prefix=args.mumoe_prefix)
+            run_block = mumoe.routed_block(rho, routing, select=args.select, prefix=args.mumoe_prefix)
         elif method != "dense":
             if calib_set and calib_set not in calib:  # one draw per dataset, shared by every method and rho
                 calib[calib_set] = calibration_windows(calib_set, tokenizer, args.nsamples, args.seqlen,
@@ -448,10 +454,11 @@ def run(args) -> list[dict]:
             pruners.prune_model(model, calib.get(calib_set), method, rho, select=args.select, group=MAGNITUDE_GROUP,
                                 device=device if args.offload else None)
             pruned = True
-        ppl = {d: perplexity(model, w, device, linear, args.offload, desc=f"{method} rho={rho} {d}")
+        ppl = {d: perplexity(model, w, device, run_block, args.offload, desc=f"{method} rho={rho} {d}")
                for d, w in test.items()}
         results.append(dict(method=method, rho=rho, calib=calib_set, ppl=ppl, avg=sum(ppl.values()) / len(ppl),
-                            prefix=args.mumoe_prefix if method == "mumoe" else None, seconds=time.time() - start))
+                            prefix=args.mumoe_prefix if method == "mumoe" else None, seconds=time.time() - start,
+                            **({"routing": routing} if method == "mumoe" else {})))
         print(f"{label(results[-1])}, rho {rho}: " + ", ".join(f"{LABELS[d]} {p:.2f}" for d, p in ppl.items())
               + f" ({results[-1]['seconds']:.0f} s)", flush=True)
         args.out.write_text(json.dumps({"settings": settings, "results": results}, indent=2, ensure_ascii=False))

@@ -10,11 +10,23 @@ every prompt, from that prompt's own activations. Read as a mixture of experts:
               S_i: is active: M_ij = 1 (pruners.wanda_mask, exact-k with ties to the lower index)
     gate      Y = X (W ⊙ M)^T + b: only the active experts take part, for this prompt only
 
-Each Linear routes on the input it actually receives, so routing happens inside one forward pass,
-block after block. In a batch each prompt gets its own masks. Embeddings and lm_head stay dense.
-The paper routes a perplexity window on all of its tokens, the ones it then predicts included;
-`prefix=N` routes on the first N tokens only, a strictly causal variant.
+Which X routes a Linear? Two readings, both per prompt, differ in the input of the later Linears:
 
+    routing="block"   (default) X_l = the input of Linear l in a *dense* pass of its block over the prompt:
+                      M_l = mask(W_l, X_l^dense), then the block runs gated: h' = block(h; W_l ⊙ M_l).
+                      Wanda's procedure (its hooks fire before anything in the block is pruned) run with
+                      the prompt as the only calibration sample: most likely how the paper made its table.
+    routing="linear"  X_l = the input Linear l receives in the gated pass itself: out_proj reads the
+                      output of gated q/k/v, fc2 the output of gated fc1. One pass and nothing dense:
+                      what the paper's complexity formula counts, and what an inference engine deploys.
+
+q, k and v read the block's input in both, so they get the same masks; the others differ, and the
+gap grows as rho falls. Block routing costs a dense pass per block more (fc2's product is skipped).
+In a batch each prompt gets its own masks. Embeddings and lm_head stay dense. The paper routes a
+perplexity window on all of its tokens, the ones it then predicts included; `prefix=N` routes on the
+first N tokens only, a strictly causal variant.
+
+    routed_block(rho, routing)       (block, x) -> the block's output, each prompt routed on itself
     micro_experts(rho, ...)          the μ-MoE Linear, a drop-in for opt_model.dense_linear
     mumoe_logits(model, ids, rho)    (B, T) ids -> (B, T, vocab) logits, each prompt routed on itself
     count_macs(config, T, rho)       the analytical MAC count, ours or the paper's convention
@@ -24,9 +36,9 @@ Complexity (the paper's argument). A dense Linear with d inputs and d' outputs c
 T tokens. μ-MoE costs rho·d·d'·T for the active experts, plus routing: d·T for the norms ||X_j||²,
 d·d' to score, about d·d' to select (introselect is linear on average) and d·d' to gate. Relative to
 the dense pass, routing is (3/T + 1/d') -- 0.3% at T = 2048, d' = 768 -- so the MACs fall almost as
-rho. In wall time the selection is what costs, which is why `select` is a parameter (see pruners).
+rho. In wall time the selection is what costs: pruners.wanda_gated_weight fuses it on the CPU.
 
-Imports: torch, opt_model (the model, its tokenizer, UsageError), pruners (Wanda's score and mask).
+Imports: torch, opt_model (the model, its tokenizer, UsageError), pruners (Wanda's mask and gated weight).
 """
 
 import argparse
@@ -40,78 +52,150 @@ import torch.nn.functional as F
 
 from opt_model import (DTYPES, LinearFn, OPTConfig, OPTDecoderLayer, UsageError, check_device, dense_linear,
                        load_model, load_tokenizer)
-from pruners import SELECTS, check_rho, default_select, prune_count, wanda_mask
+from pruners import SELECTS, check_rho, default_select, prune_count, wanda_gated_weight
 
 # -----------------------------------------------------------------------------
 # Router, experts and gate
 
+ROUTINGS = ("block", "linear")
 
-def route(W: torch.Tensor, X: torch.Tensor, rho: float, select: str | None = None,
-          prefix: int | None = None) -> list[torch.Tensor]:
-    """Router: one keep-mask M_b (d_out, d_in) per prompt b of X (B, T, d_in), from its own tokens.
 
-    ||X_j||² = sum_t X_tj² is taken over all T tokens of the prompt (the paper's protocol), or over
-    the first `prefix` tokens only: then the masks cannot depend on anything after the prefix.
+def input_sqnorms(x: torch.Tensor, prefix: int | None = None) -> torch.Tensor:
+    """||X_j||² = sum_t X_tj² of each prompt of x (B, T, d_in) -> (B, d_in), in float32, over the first
+    `prefix` tokens only if given (then nothing after the prefix can change the masks)."""
+    return x[:, :prefix].float().square().sum(dim=1)
+
+
+def gate(layer: nn.Linear, X: torch.Tensor, experts, counter: Counter | None = None) -> torch.Tensor:
+    """Gate: Y_b = X_b (W ⊙ M_b)^T + bias for each prompt b of X (B, T, d_in), with only its active experts.
+
+    `experts` yields W ⊙ M_b for each prompt in turn (a generator may build each just before its product).
+    `counter` gets the MACs that each product does with nonzero weights.
     """
-    x_sqnorm = X[:, :prefix].float().square().sum(dim=1)  # (B, d_in), statistics in float32
-    return [wanda_mask(W, x_sqnorm_b, rho, select) for x_sqnorm_b in x_sqnorm]
-
-
-def gate(layer: nn.Linear, X: torch.Tensor, masks: list[torch.Tensor], counter: Counter | None = None):
-    """Experts and gate: Y_b = X_b (W ⊙ M_b)^T + b for each prompt b, with only its active experts.
-
-    The gated weight is a new tensor built once per prompt and Linear; `layer.weight` is never written.
-    (W * M, the bool mask promoted inside the kernel, is ~3x faster on CPU than torch.where(M, W, 0).)
-    """
-    W = layer.weight
     Y = []
-    for X_b, M_b in zip(X, masks):  # X_b (T, d_in), M_b (d_out, d_in)
-        W_b = W * M_b
-        if counter is not None:  # the MACs the matmul below really does with nonzero weights
+    for X_b, W_b in zip(X, experts):  # X_b (T, d_in)
+        if counter is not None:
             counter[layer] += torch.count_nonzero(W_b).item() * X_b.shape[0]
         Y.append(F.linear(X_b, W_b, layer.bias))
-    return Y[0][None] if len(Y) == 1 else torch.stack(Y)  # (B, T, d_out); one prompt needs no copy
+    return Y[0][None] if len(Y) == 1 else torch.stack(Y)  # (B, T, d_out)
 
 
-def micro_experts(rho: float, select: str | None = None, prefix: int | None = None,
-                  counter: Counter | None = None, masks: dict | None = None) -> LinearFn:
-    """The μ-MoE Linear: a drop-in for `dense_linear`, as in `block(x, linear=micro_experts(0.5))`.
+def micro_experts(rho: float, select: str | None = None, prefix: int | None = None, nm=None,
+                  stats: dict | None = None, chosen: dict | None = None, counter: Counter | None = None) -> LinearFn:
+    """The μ-MoE Linear, a drop-in for `dense_linear`: `block(x, linear=micro_experts(0.5))`.
 
-    Every call routes each prompt of its input x (B, T, d_in) on itself and gates the Linear with
-    the result. `select` picks the exact selection kernel (None: the fastest on W's device; all give
-    the same masks). `prefix`: route on the first `prefix` tokens only. `counter`: a Counter that
-    gets, per nn.Linear, the MACs done with nonzero weights (nnz(W ⊙ M_b) · T summed over prompts).
-    `masks`: a dict that keeps each Linear's masks from its first call and reuses them afterwards,
-    so that the micro-experts chosen for a prompt also serve the tokens generated after it.
-    rho = 1 is the dense Linear itself (no routing, no copy).
+    Each call routes every prompt of its input x (B, T, d_in) and gates the Linear with the result:
+    on x itself (one-pass "linear" routing), or, if `stats` maps the Linear to (B, d_in) input norms
+    ||X_j||², on those (the "block" routing, see `routed_block`). `select`: the exact selection kernel
+    (None: the fastest on W's device; all give the same masks). `prefix`: route on the first `prefix`
+    tokens only. `nm` = (N, M): each prompt prunes N of every M weights per row instead of rho.
+    `chosen`: a dict that receives, per nn.Linear, the gated weights [W ⊙ M_b for each prompt b], e.g.
+    to decode later tokens with the prompt's experts (`chosen_experts`). `counter`: a Counter that gets,
+    per nn.Linear, the MACs done with nonzero weights, nnz(W ⊙ M_b) · T summed over prompts.
+    rho = 1 without nm is the dense Linear itself (no routing, no copy).
     """
     check_rho(rho)
     if select is not None and select not in SELECTS:
         raise UsageError(f"select must be one of {SELECTS}, got {select!r}")
     if prefix is not None and prefix < 1:
         raise UsageError(f"prefix must be a positive number of tokens, got {prefix}")
+    dense = rho == 1.0 and nm is None
+    last = {"x": None, "sqnorms": None}  # q, k and v read one tensor: its norms are computed once
+    scratch = {}  # by shape: the memory that gated weights used for one product only are written into
 
     def routed_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if prefix is not None and prefix > x.shape[1]:
             raise UsageError(f"prefix {prefix} is longer than the {x.shape[1]} tokens of the input")
-        if rho == 1.0:
-            if counter is not None:
-                counter[layer] += torch.count_nonzero(layer.weight).item() * x.shape[0] * x.shape[1]
-            return dense_linear(layer, x)
-        if masks is None:
-            return gate(layer, x, route(layer.weight, x, rho, select, prefix), counter)
-        if layer not in masks:
-            masks[layer] = route(layer.weight, x, rho, select, prefix)
-        return gate(layer, x, masks[layer], counter)
+        W = layer.weight
+        if dense:
+            if chosen is not None:
+                chosen[layer] = [W] * x.shape[0]
+            return gate(layer, x, [W] * x.shape[0], counter) if counter is not None else dense_linear(layer, x)
+        if stats is not None:
+            sqnorms = stats[layer]
+        elif x is not last["x"]:
+            sqnorms = input_sqnorms(x, prefix)
+            last.update(x=x, sqnorms=sqnorms)
+        else:
+            sqnorms = last["sqnorms"]
+        if chosen is not None:  # kept for later tokens: each prompt's W ⊙ M_b in memory of its own
+            chosen[layer] = experts = [wanda_gated_weight(W, s_b, rho, select, nm) for s_b in sqnorms]
+        else:  # used once: built one prompt at a time into one tensor, a fresh one costs page faults
+            if W.shape not in scratch:
+                scratch[W.shape] = torch.empty_like(W)
+            experts = (wanda_gated_weight(W, s_b, rho, select, nm, out=scratch[W.shape]) for s_b in sqnorms)
+        return gate(layer, x, experts, counter)
 
     return routed_linear
 
 
+def block_statistics(block: OPTDecoderLayer, x: torch.Tensor, prefix: int | None = None) -> dict:
+    """One dense pass of `block` over x (B, T, hidden): each Linear -> the (B, d_in) norms ||X_j||² of its input.
+
+    The block is dense throughout, as the reference's Wanda hooks see it. The model is causal, so the
+    first `prefix` tokens' activations are those of a pass over the prefix alone.
+    """
+    stats, last = {}, {"x": None, "sqnorms": None}
+    fc2 = block.fc2  # its output only feeds the block's output, which this pass does not need
+
+    def dense_noting_input(layer, x_in):
+        if x_in is not last["x"]:  # q, k and v read one tensor
+            last.update(x=x_in, sqnorms=input_sqnorms(x_in))
+        stats[layer] = last["sqnorms"]
+        return x_in.new_zeros(()) if layer is fc2 else layer(x_in)  # x + 0: fc2's product is skipped
+
+    block(x[:, :prefix], dense_noting_input)
+    return stats
+
+
+def routed_block(rho: float, routing: str = "block", select: str | None = None, prefix: int | None = None,
+                 nm=None, chosen: dict | None = None, counter: Counter | None = None):
+    """(block, x) -> the block's output for x (B, T, hidden), each prompt routed on itself.
+
+        routing="block"   the six Linears route on the statistics of a dense pass of the block over the
+                          prompt, then the block runs gated: Wanda's procedure, run per prompt
+        routing="linear"  each Linear routes on the input it receives in the gated pass itself: one pass,
+                          nothing dense
+
+    The other arguments are `micro_experts`'.
+    """
+    if routing not in ROUTINGS:
+        raise UsageError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+    dense = rho == 1.0 and nm is None
+    stats = {} if routing == "block" and not dense else None  # each block's statistics, added as it runs
+    linear = micro_experts(rho, select, prefix, nm, stats, chosen, counter)
+
+    def run(block: OPTDecoderLayer, x: torch.Tensor) -> torch.Tensor:
+        if prefix is not None and prefix > x.shape[1]:
+            raise UsageError(f"prefix {prefix} is longer than the {x.shape[1]} tokens of the input")
+        if stats is not None:
+            stats.update(block_statistics(block, x, prefix))
+        return block(x, linear)
+
+    return run
+
+
+def chosen_experts(chosen: dict) -> LinearFn:
+    """The Linear that gates with experts chosen earlier (`micro_experts(chosen=...)`): no routing at all."""
+
+    def gate_with_chosen(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if len(chosen[layer]) != x.shape[0]:
+            raise ValueError(f"{len(chosen[layer])} prompts' experts for a batch of {x.shape[0]} prompts")
+        return gate(layer, x, chosen[layer])
+
+    return gate_with_chosen
+
+
 @torch.no_grad()
-def mumoe_logits(model, input_ids: torch.Tensor, rho: float, select: str | None = None,
-                 prefix: int | None = None, counter: Counter | None = None) -> torch.Tensor:
-    """Token ids (B, T) -> logits (B, T, vocab), each of the B prompts routed on itself."""
-    return model(input_ids, linear=micro_experts(rho, select, prefix, counter))
+def mumoe_logits(model, input_ids: torch.Tensor, rho: float, select: str | None = None, prefix: int | None = None,
+                 routing: str = "block", nm=None, chosen: dict | None = None,
+                 counter: Counter | None = None) -> torch.Tensor:
+    """Token ids (B, T) -> logits (B, T, vocab), each of the B prompts routed on itself, block by block."""
+    run = routed_block(rho, routing, select, prefix, nm, chosen, counter)
+    x = model.embed(input_ids)
+    for block in model.decoder.layers:
+        x = run(block, x)
+    return model.head(x)
 
 
 def linear_names(model) -> dict[nn.Linear, str]:
@@ -130,7 +214,8 @@ CONVENTIONS = ("ours", "paper")
 class MacCount:
     """Multiply-accumulates of one forward pass over one prompt, by checkpoint name."""
     linear: dict[str, int]   # weights used x tokens, for every Linear (decoder Linears, projections, lm_head)
-    routing: dict[str, int]  # the router's cost per decoder Linear; empty at rho = 1 (the dense model)
+    routing: dict[str, int]  # the router's cost per decoder Linear (block routing: its statistics pass too);
+                             # empty at rho = 1 (the dense model)
     attention: int           # q k^T and softmax(.) v of all layers; reported beside `total`, not in it
 
     @property
@@ -139,12 +224,15 @@ class MacCount:
 
 
 def count_macs(config: OPTConfig, tokens: int, rho: float, convention: str = "ours",
-               prefix: int | None = None) -> MacCount:
+               prefix: int | None = None, routing: str = "block") -> MacCount:
     """MACs of a μ-MoE forward over `tokens` tokens of one prompt (rho = 1: the dense model).
 
-    convention="ours" counts what this file runs: a decoder Linear (d_in -> d_out) uses
-    d_out · (d_in - int(d_in · (1 - rho))) · T MACs -- the exact kept count, about rho·d·d'·T -- plus
-    routing d_in·T (norms over the routed tokens: `prefix` of them, if given) + d_in·d_out (scores).
+    convention="ours" counts the multiply-accumulates with active (nonzero) weights, the work a sparse
+    kernel would do (the gate here multiplies the dense W ⊙ M, zeros included): a decoder Linear
+    (d_in -> d_out) uses d_out · (d_in - int(d_in · (1 - rho))) · T MACs -- the exact kept count, about
+    rho·d·d'·T -- plus routing d_in·T (norms over the routed tokens: `prefix` of them, if given) +
+    d_in·d_out (scores). routing="block" adds, per Linear but fc2, its dense product over the routed
+    tokens (d_in·d_out·T_routed): the dense pass that gathers the block's statistics.
     Embeddings are lookups; project_in/out (350m) and lm_head are dense Linears. Attention products
     are causal: q k^T and the weighted sum over v each take d · T(T+1)/2 MACs per layer.
 
@@ -158,19 +246,23 @@ def count_macs(config: OPTConfig, tokens: int, rho: float, convention: str = "ou
     check_rho(rho)
     if convention not in CONVENTIONS:
         raise UsageError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    if routing not in ROUTINGS:
+        raise UsageError(f"routing must be one of {ROUTINGS}, got {routing!r}")
     T, paper = tokens, convention == "paper"
     routed = T if prefix is None else prefix
     with torch.device("meta"):  # the Linear shapes, straight from the model (no memory used)
         shapes = {name: layer.weight.shape for name, layer in OPTDecoderLayer(config).linears().items()}
 
-    linear, routing = {}, {}
+    linear, router = {}, {}
     for i in range(config.num_hidden_layers):
         for name, (d_out, d_in) in shapes.items():
             key = f"decoder.layers.{i}.{name}"
             kept = rho * d_in if paper else d_in - prune_count(d_in, rho)
             linear[key] = round(d_out * kept * T)
             if rho < 1.0:
-                routing[key] = d_out * d_in + (0 if paper else d_in * routed)
+                router[key] = d_out * d_in + (0 if paper else d_in * routed)
+                if routing == "block" and not paper and name != "fc2":
+                    router[key] += d_out * d_in * routed
     outer_scale = rho if paper else 1.0  # the paper scales the Linears outside the blocks too
     d, e = config.hidden_size, config.word_embed_proj_dim
     if config.projects_embeddings:
@@ -178,7 +270,7 @@ def count_macs(config: OPTConfig, tokens: int, rho: float, convention: str = "ou
         linear["decoder.project_out"] = round(outer_scale * d * e * T)
     linear["lm_head"] = round(outer_scale * e * config.vocab_size * T)
     attention = 0 if paper else config.num_hidden_layers * 2 * d * T * (T + 1) // 2
-    return MacCount(linear, routing, attention)
+    return MacCount(linear, router, attention)
 
 
 # -----------------------------------------------------------------------------
@@ -186,20 +278,27 @@ def count_macs(config: OPTConfig, tokens: int, rho: float, convention: str = "ou
 
 
 @torch.no_grad()
-def generate(model, prompt_ids: list[int], max_new_tokens: int, linear: LinearFn = dense_linear,
-             eos_id: int | None = None) -> list[int]:
-    """Greedy decoding. The whole sequence is recomputed at every step (no KV cache): slow but plainly
-    correct, and a μ-MoE `linear` with a `masks` dict keeps the prompt's masks for the new tokens."""
+def generate(model, prompt_ids: list[int], max_new_tokens: int, rho: float = 1.0, routing: str = "block",
+             select: str | None = None, prefix: int | None = None, eos_id: int | None = None) -> list[int]:
+    """Greedy decoding; rho < 1 routes once on the prompt and decodes every new token with the prompt's experts.
+
+    rho = 1 is the dense model. The whole sequence is recomputed at every step (no KV cache).
+    """
+    if max_new_tokens < 1:
+        raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     ids = torch.tensor([prompt_ids], device=model.lm_head.weight.device)  # (1, T)
+    chosen = {}
+    logits = mumoe_logits(model, ids, rho, select, prefix, routing, chosen=chosen)
+    experts = chosen_experts(chosen)
+    new = []
     for _ in range(max_new_tokens):
-        x = model.embed(ids)
-        for block in model.decoder.layers:
-            x = block(x, linear)
-        next_id = model.head(x[:, -1:]).argmax(dim=-1)  # only the last position's logits are needed
-        ids = torch.cat([ids, next_id], dim=1)
-        if next_id.item() == eos_id:
+        next_id = logits[:, -1:].argmax(dim=-1)  # (1, 1)
+        new.append(next_id.item())
+        if new[-1] == eos_id or len(new) == max_new_tokens:
             break
-    return ids[0, len(prompt_ids):].tolist()
+        ids = torch.cat([ids, next_id], dim=1)
+        logits = model(ids, experts)
+    return new
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -217,6 +316,9 @@ def main(argv=None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--select", choices=SELECTS, help="selection kernel (default: fastest on the device)")
     parser.add_argument("--prefix", type=int, help="route on the first N prompt tokens only")
+    parser.add_argument("--routing", choices=ROUTINGS, default="block",
+                        help="block: each block routes on its dense pass over the prompt (Wanda's statistics, "
+                             "the default); linear: each Linear on its own input, in one pass")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 otherwise")
     args = parser.parse_args(argv)
@@ -242,26 +344,26 @@ def main(argv=None) -> None:
         print(f"mumoe.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 
-    masks = {}
-    experts = micro_experts(args.rho, args.select, args.prefix, masks=masks)
     eos_id = tokenizer.bos_id  # OPT's </s> is both BOS and EOS
-    dense_new = generate(model, prompt_ids, args.max_new_tokens, dense_linear, eos_id)
-    mumoe_new = generate(model, prompt_ids, args.max_new_tokens, experts, eos_id)
+    dense_new = generate(model, prompt_ids, args.max_new_tokens, eos_id=eos_id)
+    mumoe_new = generate(model, prompt_ids, args.max_new_tokens, args.rho, args.routing, args.select, args.prefix,
+                         eos_id)
 
     select = args.select or default_select(args.device)
     print(f"prompt ({len(prompt_ids)} tokens): {args.prompt!r}")
     print(f"\n--- dense:\n{args.prompt}{tokenizer.decode(dense_new)}")
-    print(f"\n--- μ-MoE, rho = {args.rho} (select={select}, routed on "
+    print(f"\n--- μ-MoE, rho = {args.rho} ({args.routing} routing, select={select}, routed on "
           f"{args.prefix or len(prompt_ids)} prompt tokens):\n{args.prompt}{tokenizer.decode(mumoe_new)}\n")
     decoder_linears = [layer for block in model.decoder.layers for layer in block.linears().values()]
     total = sum(layer.weight.numel() for layer in decoder_linears)
-    active = total if args.rho == 1.0 else sum(M.sum().item() for layer in decoder_linears for M in masks[layer])
+    active = sum(layer.weight.shape[0] * (layer.weight.shape[1] - prune_count(layer.weight.shape[1], args.rho))
+                 for layer in decoder_linears)  # exactly int(d_in * (1 - rho)) pruned in every row
     print(f"active weights: {active:,} of {total:,} in the decoder Linears ({active / total:.2%}); "
           f"embeddings and lm_head dense")
     T = len(prompt_ids) + len(mumoe_new)
     dense_macs = count_macs(model.config, T, 1.0).total
-    mumoe_macs = count_macs(model.config, T, args.rho, prefix=args.prefix or len(prompt_ids))
-    print(f"MACs for the prompt and {len(mumoe_new)} new tokens, each token computed once as with a KV cache, "
+    mumoe_macs = count_macs(model.config, T, args.rho, prefix=args.prefix or len(prompt_ids), routing=args.routing)
+    print(f"MACs with active weights for the prompt and {len(mumoe_new)} new tokens, each token computed once, "
           f"attention products excluded:\n  dense {si(dense_macs)}, μ-MoE {si(mumoe_macs.total)} "
           f"(routing {si(sum(mumoe_macs.routing.values()))}): {1 - mumoe_macs.total / dense_macs:.1%} saved")
 

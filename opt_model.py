@@ -106,6 +106,14 @@ def dense_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
+# How a loop over blocks runs one block: dense, or routed per prompt (mumoe.routed_block)
+BlockFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def dense_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return block(x)
+
+
 class OPTAttention(nn.Module):
     def __init__(self, config: OPTConfig):
         super().__init__()

@@ -7,7 +7,7 @@ other round so that none always runs first or last:
     ours    eval_ppl.perplexity: every window through block 0, then block 1, ... (SparseGPT's opt_eval order)
     hf      transformers' OPTForCausalLM, `model(window).logits` then the loss, window by window
             (Wanda's eval_ppl_wikitext)
-    mumoe   eval_ppl.perplexity with every Linear routed on each window (mumoe.micro_experts)
+    mumoe   eval_ppl.perplexity with each window routed on itself (mumoe.routed_block, the default routing)
 
 Targets: ours / hf <= 1.0 and mumoe / ours <= 1.3. Ours and hf must give the same perplexity (within
 PPL_RTOL) in every round, and every loop the same number in every round: the benchmark fails otherwise,
@@ -104,11 +104,11 @@ def main():
         reference.save_pretrained(directory)
         ours = load_model(directory)
     ids = torch.randint(0, 50265, (args.windows, args.seqlen), generator=torch.Generator().manual_seed(0))
-    router = mumoe.micro_experts(args.rho)
+    routed = mumoe.routed_block(args.rho)  # the default routing, as eval_ppl.py runs μ-MoE
     loops = {
         "hf": lambda: hf_perplexity(reference, ids),
         "ours": lambda: eval_ppl.perplexity(ours, ids),
-        "mumoe": lambda: eval_ppl.perplexity(ours, ids, linear=router),
+        "mumoe": lambda: eval_ppl.perplexity(ours, ids, run_block=routed),
     }
     print(f"OPT-125M shape, random weights, {args.windows} windows x {args.seqlen} tokens, float32, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__} "
