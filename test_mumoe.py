@@ -965,7 +965,8 @@ def record_pruner_calls(monkeypatch) -> list[dict]:
 
 
 def linear_inputs(block, hidden: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
-    """Each Linear's input (T, d_in) in every window of `hidden`, by name, from a dense pass of `block`."""
+    """Each Linear's input (T, d_in) in every window of `hidden`, by name, from a dense pass of `block`: our own
+    model's numbers (hf_block_stats hooks the oracle, whose half-precision activations round differently)."""
     inputs = {name: [] for name in block.linears()}
     name_of = {layer: name for name, layer in block.linears().items()}
 
