@@ -30,6 +30,7 @@ first N tokens only, a strictly causal variant.
     micro_experts(rho, ...)          the μ-MoE Linear, a drop-in for opt_model.dense_linear
     mumoe_logits(model, ids, rho)    (B, T) ids -> (B, T, vocab) logits, each prompt routed on itself
     count_macs(config, T, rho)       the analytical MAC count, ours or the paper's convention
+    generate(model, ids, n, rho)     greedy decoding with a KV cache, routed once on the prompt
     python mumoe.py --model opt-125m --rho 0.5 --prompt "..."    generation, dense beside μ-MoE
 
 Complexity (the paper's argument). A dense Linear with d inputs and d' outputs costs d·d'·T MACs for
@@ -43,6 +44,7 @@ Imports: torch, opt_model (the model, its tokenizer, UsageError), pruners (Wanda
 
 import argparse
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -50,8 +52,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from opt_model import (DTYPES, LinearFn, OPTConfig, OPTDecoderLayer, UsageError, check_device, dense_linear,
-                       load_model, load_tokenizer)
+from opt_model import (DTYPES, KVCache, LinearFn, OPTConfig, OPTDecoderLayer, UsageError, check_device,
+                       dense_linear, load_model, load_tokenizer)
 from pruners import SELECTS, check_rho, default_select, prune_count, wanda_gated_weight
 
 # -----------------------------------------------------------------------------
@@ -157,7 +159,8 @@ def routed_block(rho: float, routing: str = "block", select: str | None = None, 
         routing="linear"  each Linear routes on the input it receives in the gated pass itself: one pass,
                           nothing dense
 
-    The other arguments are `micro_experts`'.
+    The other arguments are `micro_experts`'. `run(block, x, cache)` fills the block's KVCache in the
+    gated pass (the statistics pass leaves it alone): how `generate` routes the prompt.
     """
     if routing not in ROUTINGS:
         raise UsageError(f"routing must be one of {ROUTINGS}, got {routing!r}")
@@ -165,12 +168,12 @@ def routed_block(rho: float, routing: str = "block", select: str | None = None, 
     stats = {} if routing == "block" and not dense else None  # each block's statistics, added as it runs
     linear = micro_experts(rho, select, prefix, nm, stats, chosen, counter)
 
-    def run(block: OPTDecoderLayer, x: torch.Tensor) -> torch.Tensor:
+    def run(block: OPTDecoderLayer, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         if prefix is not None and prefix > x.shape[1]:
             raise UsageError(f"prefix {prefix} is longer than the {x.shape[1]} tokens of the input")
-        if stats is not None:
+        if stats is not None:  # without the cache: the gated pass below fills it
             stats.update(block_statistics(block, x, prefix))
-        return block(x, linear)
+        return block(x, linear, cache)
 
     return run
 
@@ -279,25 +282,46 @@ def count_macs(config: OPTConfig, tokens: int, rho: float, convention: str = "ou
 
 @torch.no_grad()
 def generate(model, prompt_ids: list[int], max_new_tokens: int, rho: float = 1.0, routing: str = "block",
-             select: str | None = None, prefix: int | None = None, eos_id: int | None = None) -> list[int]:
-    """Greedy decoding; rho < 1 routes once on the prompt and decodes every new token with the prompt's experts.
+             select: str | None = None, prefix: int | None = None, eos_id: int | None = None,
+             timings: dict | None = None) -> list[int]:
+    """Greedy decoding with a KV cache: the new token ids, at most `max_new_tokens`, the last one eos_id if emitted.
 
-    rho = 1 is the dense model. The whole sequence is recomputed at every step (no KV cache).
+    The prompt runs once, block by block, routed on itself (rho = 1: the dense model). With block
+    routing each block's dense statistics pass runs first, then its gated pass, which fills the block's cache.
+    The gated pass leaves every Linear's gated weights W ⊙ M in `chosen`, and each new token runs through the
+    cache with exactly those weights (`chosen_experts`): after the prompt a step costs what a dense step costs,
+    and neither the masks nor W ⊙ M are ever rebuilt. The new tokens do not change the routing, as if the
+    decode were routed on the prompt alone at every step (`prefix`: on its first `prefix` tokens only).
+    `timings`: a dict that receives the seconds spent up to the first new token ("prompt": routing, the prompt
+    pass, the first token) and on the other tokens ("decode").
     """
+    T, T_max = len(prompt_ids), model.config.max_position_embeddings
+    if T < 1:
+        raise UsageError("the prompt is empty")
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if T + max_new_tokens > T_max:
+        raise UsageError(f"{T} prompt tokens + {max_new_tokens} new tokens exceed max_position_embeddings={T_max}")
+    start = time.perf_counter()
+    cache = model.new_cache(T + max_new_tokens - 1)  # the last new token is never fed back
     ids = torch.tensor([prompt_ids], device=model.lm_head.weight.device)  # (1, T)
     chosen = {}
-    logits = mumoe_logits(model, ids, rho, select, prefix, routing, chosen=chosen)
-    experts = chosen_experts(chosen)
-    new = []
-    for _ in range(max_new_tokens):
-        next_id = logits[:, -1:].argmax(dim=-1)  # (1, 1)
+    run = routed_block(rho, routing, select, prefix, chosen=chosen)
+    x = model.embed(ids)
+    for block, block_cache in zip(model.decoder.layers, cache):
+        x = run(block, x, block_cache)
+    logits = model.head(x[:, -1:])  # (1, 1, vocab): only the last position picks the next token
+    experts = chosen_experts(chosen)  # the prompt's W ⊙ M, built once by the pass above
+
+    next_id = logits[:, -1].argmax(dim=-1, keepdim=True)  # (1, 1)
+    new = [next_id.item()]
+    prompt_done = time.perf_counter()
+    while new[-1] != eos_id and len(new) < max_new_tokens:
+        logits = model(next_id, experts, cache)  # (1, 1, vocab): one token, at position cache length
+        next_id = logits[:, -1].argmax(dim=-1, keepdim=True)
         new.append(next_id.item())
-        if new[-1] == eos_id or len(new) == max_new_tokens:
-            break
-        ids = torch.cat([ids, next_id], dim=1)
-        logits = model(ids, experts)
+    if timings is not None:
+        timings.update(prompt=prompt_done - start, decode=time.perf_counter() - prompt_done)
     return new
 
 
@@ -333,27 +357,27 @@ def main(argv=None) -> None:
         model = load_model(args.model, device, dtype)
         tokenizer = load_tokenizer(args.model)
         prompt_ids = tokenizer.encode(args.prompt)
-        T_max = model.config.max_position_embeddings
-        if len(prompt_ids) + args.max_new_tokens > T_max:
-            raise UsageError(f"{len(prompt_ids)} prompt tokens + {args.max_new_tokens} new tokens exceed "
-                             f"max_position_embeddings={T_max}")
         if args.prefix is not None and not 1 <= args.prefix <= len(prompt_ids):
             raise UsageError(f"--prefix {args.prefix} must lie in [1, {len(prompt_ids)}], "
                              f"the prompt's token count (BOS included)")
+        eos_id = tokenizer.bos_id  # OPT's </s> is both BOS and EOS
+        generate(model, prompt_ids[:1], 1)  # warm-up: one-off costs (allocator, threads) would count against dense
+        dense_s, mumoe_s = {}, {}  # seconds spent on the prompt and on decoding
+        dense_new = generate(model, prompt_ids, args.max_new_tokens, eos_id=eos_id, timings=dense_s)
+        mumoe_new = generate(model, prompt_ids, args.max_new_tokens, args.rho, args.routing, args.select,
+                             args.prefix, eos_id, timings=mumoe_s)
     except UsageError as e:
         print(f"mumoe.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 
-    eos_id = tokenizer.bos_id  # OPT's </s> is both BOS and EOS
-    dense_new = generate(model, prompt_ids, args.max_new_tokens, eos_id=eos_id)
-    mumoe_new = generate(model, prompt_ids, args.max_new_tokens, args.rho, args.routing, args.select, args.prefix,
-                         eos_id)
-
     select = args.select or default_select(args.device)
     print(f"prompt ({len(prompt_ids)} tokens): {args.prompt!r}")
-    print(f"\n--- dense:\n{args.prompt}{tokenizer.decode(dense_new)}")
+    print(f"\n--- dense:\n{args.prompt}{tokenizer.decode(dense_new)}\n{speed(len(dense_new), dense_s)}")
     print(f"\n--- μ-MoE, rho = {args.rho} ({args.routing} routing, select={select}, routed on "
-          f"{args.prefix or len(prompt_ids)} prompt tokens):\n{args.prompt}{tokenizer.decode(mumoe_new)}\n")
+          f"{args.prefix or len(prompt_ids)} prompt tokens):\n{args.prompt}{tokenizer.decode(mumoe_new)}\n"
+          f"{speed(len(mumoe_new), mumoe_s)}\n")
+    print(f"routing on the prompt, once: {mumoe_s['prompt'] - dense_s['prompt']:.3f} s "
+          f"(the μ-MoE prompt pass minus the dense one)")
     decoder_linears = [layer for block in model.decoder.layers for layer in block.linears().values()]
     total = sum(layer.weight.numel() for layer in decoder_linears)
     active = sum(layer.weight.shape[0] * (layer.weight.shape[1] - prune_count(layer.weight.shape[1], args.rho))
@@ -366,6 +390,15 @@ def main(argv=None) -> None:
     print(f"MACs with active weights for the prompt and {len(mumoe_new)} new tokens, each token computed once, "
           f"attention products excluded:\n  dense {si(dense_macs)}, μ-MoE {si(mumoe_macs.total)} "
           f"(routing {si(sum(mumoe_macs.routing.values()))}): {1 - mumoe_macs.total / dense_macs:.1%} saved")
+
+
+def speed(n_new: int, timings: dict) -> str:
+    """One line on how fast `generate` went: tokens/s overall, and after the prompt."""
+    total = timings["prompt"] + timings["decode"]
+    line = f"[{n_new} new tokens in {total:.2f} s: {n_new / total:.1f} tokens/s; prompt {timings['prompt']:.3f} s"
+    if n_new > 1:  # the first token comes with the prompt pass
+        line += f", then {(n_new - 1) / timings['decode']:.1f} tokens/s"
+    return line + "]"
 
 
 def si(n: float) -> str:

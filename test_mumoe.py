@@ -118,17 +118,6 @@ def test_logits_match_transformers(tiny_checkpoint):
     assert_close(ours, ref, PARITY_ATOL, "logits vs transformers OPTForCausalLM")
 
 
-def test_greedy_generation_matches_transformers(tiny_checkpoint):
-    directory, reference = tiny_checkpoint
-    model = load_model(directory)
-    ours = ref = torch.tensor([[2, 5, 17, 9]])
-    with torch.no_grad():
-        for _ in range(12):
-            ours = torch.cat([ours, model(ours)[:, -1:].argmax(-1)], dim=1)
-            ref = torch.cat([ref, reference(ref).logits[:, -1:].argmax(-1)], dim=1)
-    assert ours.tolist() == ref.tolist()
-
-
 def test_block_api_matches_transformers_block_by_block(tiny_checkpoint):
     """embed -> blocks -> head, as the block-by-block loops run the model: each step against the hidden
     states transformers' decoder passes between its layers (forward hooks), so a wrong step is named."""
@@ -216,6 +205,47 @@ def test_dtype_and_device_are_applied(tiny_checkpoint, dtype):
     assert ours.dtype == dtype
     atol = HALF_LOGITS_RTOL[dtype] * ref.abs().max().item()
     assert_close(ours, ref, atol, f"{dtype} logits vs the float32 reference (max |logit| {ref.abs().max():.3g})")
+
+
+# -----------------------------------------------------------------------------
+# opt_model: the KV cache
+
+CACHE_ATOL = 1e-5  # fp32: the same products, a new token's row computed on its own
+
+
+def test_cached_logits_equal_the_full_forward(tiny_checkpoint):
+    """[prompt], then one token per call through the cache = one forward over the whole sequence, position by
+    position. A token embedded at another position than its own (the cache's length) changes its logits far
+    beyond the tolerance (OPT's positions are learned, random here), so this also checks the position offset."""
+    directory, _ = tiny_checkpoint
+    model = load_model(directory)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(4))
+    T = 20
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(24, batch=2)
+        steps = [model(ids[:, :T], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(T, 24)]
+    assert [c.length for c in cache] == [24] * len(model.decoder.layers)
+    assert_close(steps[0], full[:, :T], CACHE_ATOL, "prompt logits filling the cache vs one forward")
+    for t, logits in enumerate(steps[1:], start=T):
+        assert_close(logits, full[:, t:t + 1], CACHE_ATOL, f"token {t} decoded with the cache vs one forward")
+
+
+def test_cache_refuses_what_it_cannot_do(tiny_checkpoint):
+    directory, _ = tiny_checkpoint
+    model = load_model(directory)
+    ids = torch.randint(0, 128, (1, 8))
+    cache = model.new_cache(9)
+    with torch.no_grad():
+        model(ids[:, :6], cache=cache)
+        # SDPA's is_causal mask is aligned top-left: token 6 would see key 0 alone, not keys 0 ... 6
+        with pytest.raises(ValueError, match="2 new tokens after 6 cached ones"):
+            model(ids[:, 6:8], cache=cache)
+        model(ids[:, 6:7], cache=cache), model(ids[:, 7:8], cache=cache), model(ids[:, 7:8], cache=cache)
+        with pytest.raises(ValueError, match="10 tokens overflow a KV cache allocated for 9"):
+            model(ids[:, 7:8], cache=cache)
+    with pytest.raises(UsageError, match="65 tokens exceed max_position_embeddings=64"):
+        model.new_cache(65)
 
 
 # -----------------------------------------------------------------------------
@@ -1417,17 +1447,70 @@ def test_prefix_longer_than_prompt_is_refused(tiny_model):
         micro_experts(1.5)
 
 
+# At OPT's init_std 0.02 the embeddings dominate a tiny model and greedy decoding of the pre-LN one repeats
+# a single token at once, which a broken cache would reproduce too; at these stds the tokens keep changing.
+GENERATION_INIT_STD = {"pre_ln": 0.25, "post_ln_350m": 0.1}
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_LAYOUTS))
+def generating_checkpoint(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(f"generating_{request.param}")
+    reference = save_tiny_opt(directory, init_std=GENERATION_INIT_STD[request.param], **TINY_LAYOUTS[request.param])
+    return directory, reference
+
+
+def test_cached_greedy_generation_matches_transformers_and_recomputation(generating_checkpoint):
+    """Dense greedy decoding with our KV cache = transformers' generate (its own cache) on the same weights =
+    the whole sequence recomputed at every step, without any cache."""
+    directory, reference = generating_checkpoint
+    model = load_model(directory)
+    prompt, steps = [2, 5, 17, 9, 33, 70, 41, 8], 24
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], dim=1)
+        hf = reference.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False,
+                                eos_token_id=None, pad_token_id=1)
+    recomputed, transformers_new = ids[0, len(prompt):].tolist(), hf[0, len(prompt):].tolist()
+    cached = generate(model, prompt, steps)
+    assert cached == transformers_new, f"ours with the cache {cached}\ntransformers' generate {transformers_new}"
+    assert cached == recomputed, f"ours with the cache {cached}\nrecomputed without it {recomputed}"
+    assert len(set(cached)) >= 6, f"a degenerate continuation cannot tell a broken cache: {cached}"
+
+
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_generation_keeps_the_prompts_experts(tiny_model, routing):
-    """The prompt's experts serving every new token = routing every step on the prompt's tokens (prefix)."""
-    prompt, rho, steps = random_ids(1, 9)[0].tolist(), 0.4, 8
+    """Decoding through the cache with the prompt's experts = recomputing the whole sequence at every step, each
+    time routed on the prompt's tokens only (prefix): the same masks, applied to every new token."""
+    prompt, rho, steps = random_ids(1, 9, seed=5)[0].tolist(), 0.5, 10
     new = generate(tiny_model, prompt, steps, rho, routing)
     ids = torch.tensor([prompt])
     for _ in range(steps):
         next_id = mumoe_logits(tiny_model, ids, rho, prefix=len(prompt), routing=routing)[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, next_id], dim=1)
     assert new == ids[0, len(prompt):].tolist()
+    assert len(set(new)) >= 6, f"a degenerate continuation cannot tell a broken decode: {new}"
     assert new != generate(tiny_model, prompt, steps), "the dense model continues differently"
+
+
+@pytest.mark.parametrize("rho", [1.0, 0.5])
+def test_generation_stops_at_eos(tiny_model, rho):
+    """With eos_id set to the token greedily emitted at step k (its first occurrence), decoding ends right there."""
+    prompt = random_ids(1, 9, seed=5)[0].tolist()
+    free = generate(tiny_model, prompt, 10, rho)
+    k = next(k for k in range(2, 10) if free[k] not in free[:k])
+    assert generate(tiny_model, prompt, 10, rho, eos_id=free[k]) == free[:k + 1]
+
+
+def test_generation_bad_input(tiny_model):
+    prompt = random_ids(1, 60)[0].tolist()
+    with pytest.raises(UsageError, match="max_new_tokens must be at least 1, got 0"):
+        generate(tiny_model, prompt, 0)
+    with pytest.raises(UsageError, match="60 prompt tokens \\+ 5 new tokens exceed max_position_embeddings=64"):
+        generate(tiny_model, prompt, 5, 0.5)
+    with pytest.raises(UsageError, match="the prompt is empty"):
+        generate(tiny_model, [], 5)
+    assert len(generate(tiny_model, prompt, 4, 0.5)) == 4, "60 + 4 tokens fit the 64 positions exactly"
 
 
 # -----------------------------------------------------------------------------
@@ -1455,6 +1538,7 @@ def test_command_generates(tiny_with_tokenizer):
     assert run.returncode == 0, run.stderr
     assert "--- dense:\nHello, my dog is" in run.stdout and "--- μ-MoE, rho = 0.5" in run.stdout
     assert "(50.00%)" in run.stdout, "hidden 32 and ffn 64 split exactly in half at rho = 0.5"
+    assert run.stdout.count(" tokens/s; prompt ") == 2 and "routing on the prompt, once: " in run.stdout
     assert "saved" in run.stdout
 
 
@@ -1468,6 +1552,8 @@ def test_command_generates(tiny_with_tokenizer):
     (["--device", "cuda"], "CUDA is not available"),
     (["--device", "gpu"], "unknown device 'gpu'"),
     (["--rho", "half"], "invalid float value: 'half'"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+    (["--max-new-tokens", "63"], "+ 63 new tokens exceed max_position_embeddings=64"),
 ])
 def test_command_bad_input(tiny_with_tokenizer, capsys, args, message):
     if "cuda" in args and torch.cuda.is_available():
