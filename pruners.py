@@ -195,24 +195,34 @@ def wanda_gated_weight(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, sele
     rows = max(1, FUSED_CHUNK_ELEMENTS // d_in)
     steps = [slice(r, min(r + rows, d_out)) for r in range(0, d_out, rows)]
     threads = min(torch.get_num_threads(), len(steps))
+    # Scores are >= 0, and non-negative floats order as their bit patterns do: the selection runs on int32
+    # keys (faster than on floats). A dead input (||X_j|| = 0) scores 0 in every row, and introselect
+    # crawls through that many equal keys, so zero scores get distinct keys below all others, in index
+    # order: exactly the rule's order. Other ties (equal positive scores) are rare: repaired afterwards.
+    dead_inputs = not norms.all()
+    zero_keys = np.iinfo(np.int32).min + np.arange(d_in, dtype=np.int32)
 
     def fuse(first: int) -> None:
-        S, P = np.empty((2, rows, d_in), np.float32)  # the scores, and a copy that the partition reorders
+        keys, P = np.empty((2, rows, d_in), np.int32)  # keys of the scores, and a copy the partition reorders
         keep = np.empty((rows, d_in), bool)
         for step in steps[first::threads]:
             n = step.stop - step.start
-            W_s, S_s, P_s, keep_s = W_np[step], S[:n], P[:n], keep[:n]
+            W_s, keys_s, P_s, keep_s = W_np[step], keys[:n], P[:n], keep[:n]
+            S_s = keys_s.view(np.float32)
             np.multiply(np.abs(W_s, out=S_s), norms, out=S_s)  # S_ij = |W_ij| * ||X_j||_2
-            np.positive(S_s, out=P_s)  # a copy (np.copyto of this size can bypass the cache and crawl)
-            # scores are >= 0, and non-negative floats order as their bit patterns do: int32 partitions faster
-            P_s.view(np.int32).partition(k - 1, axis=1)
-            t = P_s[:, k - 1 : k]  # (n, 1): the k-th smallest score of each row
-            np.multiply(W_s, np.greater(S_s, t, out=keep_s), out=out_np[step])
+            if dead_inputs:
+                np.copyto(keys_s, zero_keys, where=S_s == 0)
+            np.positive(keys_s, out=P_s)  # a copy (np.copyto of this size can bypass the cache and crawl)
+            P_s.partition(k - 1, axis=1)
+            t = P_s[:, k - 1 : k]  # (n, 1): the key of the k-th smallest score of each row
+            np.multiply(W_s, np.greater(keys_s, t, out=keep_s), out=out_np[step])
             if np.count_nonzero(keep_s) != n * kept:  # ties at t: the rule prunes the lowest-index ones
-                for r in np.flatnonzero(np.count_nonzero(keep_s, axis=1) != kept):
-                    ties = np.flatnonzero(S_s[r] == t[r])
-                    restore = ties[len(ties) - (kept - np.count_nonzero(keep_s[r])):]
-                    out_np[step.start + r, restore] = W_s[r, restore]
+                tied = np.flatnonzero(np.count_nonzero(keep_s, axis=1) != kept)  # (r,) row numbers
+                ties = keys_s[tied] == t[tied]  # (r, d_in)
+                missing = kept - np.count_nonzero(keep_s[tied], axis=1, keepdims=True)  # ties to keep, per row
+                from_the_right = np.cumsum(ties[:, ::-1], axis=1, dtype=np.int32)[:, ::-1]
+                keep_s[tied] |= ties & (from_the_right <= missing)  # the highest-index ties stay
+                out_np[step.start + tied] = W_s[tied] * keep_s[tied]
 
     list(cpu_threads().map(fuse, range(threads)))
     return out

@@ -696,6 +696,9 @@ def test_fused_gated_weight_is_w_times_the_stable_sort_mask(rho, threads, monkey
     x_sqnorm[20:26] = 0  # dead inputs: six zero scores per row
     W[5] = 0.5  # a row where scores tie by the input norms only
     W[9, ::2] = 0  # a row of half zeros
+    x_sqnorm[30:] = 2.0  # ten equal input norms, and rows whose equal scores straddle the threshold:
+    W[12], W[12, 30:] = 0.01, 0.5  # at rho = 0.1 (keep 4 of the 10 largest, all equal)
+    W[13, 30:] = W[13, :30].abs().sort().values[17]  # at rho = 0.5 (the 20th smallest of 40 is among them)
     monkeypatch.setattr(pruners, "FUSED_CHUNK_ELEMENTS", 5 * 40)  # 8 steps of 5 rows (the last one 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     pruners.cpu_threads.cache_clear()
