@@ -10,27 +10,41 @@ every prompt, from that prompt's own activations. Read as a mixture of experts:
               S_i: is active: M_ij = 1 (pruners.wanda_mask, exact-k with ties to the lower index)
     gate      Y = X (W ⊙ M)^T + b: only the active experts take part, for this prompt only
 
-Each Linear routes on the input it actually receives, so routing happens inside one forward pass,
-block after block. In a batch each prompt gets its own masks. Embeddings and lm_head stay dense.
-The paper routes a perplexity window on all of its tokens, the ones it then predicts included;
-`prefix=N` routes on the first N tokens only, a strictly causal variant.
+Which X routes a Linear? Two readings, both per prompt, differ in the input of the later Linears:
 
+    routing="block"   (default) X_l = the input of Linear l in a *dense* pass of its block over the prompt:
+                      M_l = mask(W_l, X_l^dense), then the block runs gated: h' = block(h; W_l ⊙ M_l).
+                      Wanda's procedure (its hooks fire before anything in the block is pruned) run with
+                      the prompt as the only calibration sample: most likely how the paper made its table.
+    routing="linear"  X_l = the input Linear l receives in the gated pass itself: out_proj reads the
+                      output of gated q/k/v, fc2 the output of gated fc1. One pass and nothing dense:
+                      what the paper's complexity formula counts, and what an inference engine deploys.
+
+q, k and v read the block's input in both, so they get the same masks; the others differ, and the
+gap grows as rho falls. Block routing costs a dense pass per block more (fc2's product is skipped).
+In a batch each prompt gets its own masks. Embeddings and lm_head stay dense. The paper routes a
+perplexity window on all of its tokens, the ones it then predicts included; `prefix=N` routes on the
+first N tokens only, a strictly causal variant.
+
+    routed_block(rho, routing)       (block, x) -> the block's output, each prompt routed on itself
     micro_experts(rho, ...)          the μ-MoE Linear, a drop-in for opt_model.dense_linear
     mumoe_logits(model, ids, rho)    (B, T) ids -> (B, T, vocab) logits, each prompt routed on itself
     count_macs(config, T, rho)       the analytical MAC count, ours or the paper's convention
+    generate(model, ids, n, rho)     greedy decoding with a KV cache, routed once on the prompt
     python mumoe.py --model opt-125m --rho 0.5 --prompt "..."    generation, dense beside μ-MoE
 
 Complexity (the paper's argument). A dense Linear with d inputs and d' outputs costs d·d'·T MACs for
 T tokens. μ-MoE costs rho·d·d'·T for the active experts, plus routing: d·T for the norms ||X_j||²,
 d·d' to score, about d·d' to select (introselect is linear on average) and d·d' to gate. Relative to
 the dense pass, routing is (3/T + 1/d') -- 0.3% at T = 2048, d' = 768 -- so the MACs fall almost as
-rho. In wall time the selection is what costs, which is why `select` is a parameter (see pruners).
+rho. In wall time the selection is what costs: pruners.wanda_gated_weight fuses it on the CPU.
 
-Imports: torch, opt_model (the model, its tokenizer, UsageError), pruners (Wanda's score and mask).
+Imports: torch, opt_model (the model, its tokenizer, UsageError), pruners (Wanda's mask and gated weight).
 """
 
 import argparse
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -38,9 +52,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from opt_model import (DTYPES, LinearFn, OPTConfig, OPTDecoderLayer, UsageError, check_device, dense_linear,
-                       load_model, load_tokenizer)
-from pruners import SELECTS, check_rho, default_select, prune_count, wanda_mask
+from opt_model import (DTYPES, KVCache, LinearFn, OPTConfig, OPTDecoderLayer, UsageError, check_device,
+                       dense_linear, load_model, load_tokenizer)
+from pruners import SELECTS, check_rho, default_select, prune_count, wanda_gated_weight
 
 # -----------------------------------------------------------------------------
 # Router, experts and gate
@@ -54,20 +68,18 @@ def input_sqnorms(x: torch.Tensor, prefix: int | None = None) -> torch.Tensor:
     return x[:, :prefix].float().square().sum(dim=1)
 
 
-def gated_weight(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, select: str | None = None,
-                 nm=None) -> torch.Tensor:
-    """Router and experts of one prompt: W ⊙ M, M the Wanda mask of S_ij = |W_ij| * ||X_j||_2 (exact-k per row,
-    ties to the lower index; with nm = (N, M) the N smallest of every M instead). A new tensor: W is never written."""
-    return W * wanda_mask(W, x_sqnorm, rho, select, nm)  # the bool mask is promoted inside the kernel
+def gate(layer: nn.Linear, X: torch.Tensor, experts, counter: Counter | None = None) -> torch.Tensor:
+    """Gate: Y_b = X_b (W ⊙ M_b)^T + bias for each prompt b of X (B, T, d_in), with only its active experts.
 
-
-def gate(layer: nn.Linear, X: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
-    """Gate: Y_b = X_b (W ⊙ M_b)^T + bias for each prompt b of X (B, T, d_in), with only its active experts."""
-    if len(experts) != X.shape[0]:
-        raise ValueError(f"{len(experts)} prompts' experts for a batch of {X.shape[0]} prompts")
-    if len(experts) == 1:  # one prompt needs no stacking
-        return F.linear(X, experts[0], layer.bias)
-    return torch.stack([F.linear(X_b, W_b, layer.bias) for X_b, W_b in zip(X, experts)])  # (B, T, d_out)
+    `experts` yields W ⊙ M_b for each prompt in turn (a generator may build each just before its product).
+    `counter` gets the MACs that each product does with nonzero weights.
+    """
+    Y = []
+    for X_b, W_b in zip(X, experts):  # X_b (T, d_in)
+        if counter is not None:
+            counter[layer] += torch.count_nonzero(W_b).item() * X_b.shape[0]
+        Y.append(F.linear(X_b, W_b, layer.bias))
+    return Y[0][None] if len(Y) == 1 else torch.stack(Y)  # (B, T, d_out)
 
 
 def micro_experts(rho: float, select: str | None = None, prefix: int | None = None, nm=None,
@@ -91,26 +103,30 @@ def micro_experts(rho: float, select: str | None = None, prefix: int | None = No
         raise UsageError(f"prefix must be a positive number of tokens, got {prefix}")
     dense = rho == 1.0 and nm is None
     last = {"x": None, "sqnorms": None}  # q, k and v read one tensor: its norms are computed once
+    scratch = {}  # by shape: the memory that gated weights used for one product only are written into
 
     def routed_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if prefix is not None and prefix > x.shape[1]:
             raise UsageError(f"prefix {prefix} is longer than the {x.shape[1]} tokens of the input")
+        W = layer.weight
         if dense:
-            experts = [layer.weight] * x.shape[0]
+            if chosen is not None:
+                chosen[layer] = [W] * x.shape[0]
+            return gate(layer, x, [W] * x.shape[0], counter) if counter is not None else dense_linear(layer, x)
+        if stats is not None:
+            sqnorms = stats[layer]
+        elif x is not last["x"]:
+            sqnorms = input_sqnorms(x, prefix)
+            last.update(x=x, sqnorms=sqnorms)
         else:
-            if stats is not None:
-                sqnorms = stats[layer]
-            elif x is last["x"]:
-                sqnorms = last["sqnorms"]
-            else:
-                sqnorms = input_sqnorms(x, prefix)
-                last.update(x=x, sqnorms=sqnorms)
-            experts = [gated_weight(layer.weight, s, rho, select, nm) for s in sqnorms]
-        if counter is not None:
-            counter[layer] += sum(torch.count_nonzero(W_b).item() for W_b in experts) * x.shape[1]
-        if chosen is not None:
-            chosen[layer] = experts
-        return dense_linear(layer, x) if dense else gate(layer, x, experts)
+            sqnorms = last["sqnorms"]
+        if chosen is not None:  # kept for later tokens: each prompt's W ⊙ M_b in memory of its own
+            chosen[layer] = experts = [wanda_gated_weight(W, s_b, rho, select, nm) for s_b in sqnorms]
+        else:  # used once: built one prompt at a time into one tensor, a fresh one costs page faults
+            if W.shape not in scratch:
+                scratch[W.shape] = torch.empty_like(W)
+            experts = (wanda_gated_weight(W, s_b, rho, select, nm, out=scratch[W.shape]) for s_b in sqnorms)
+        return gate(layer, x, experts, counter)
 
     return routed_linear
 
@@ -143,24 +159,34 @@ def routed_block(rho: float, routing: str = "block", select: str | None = None, 
         routing="linear"  each Linear routes on the input it receives in the gated pass itself: one pass,
                           nothing dense
 
-    The other arguments are `micro_experts`'.
+    The other arguments are `micro_experts`'. `run(block, x, cache)` fills the block's KVCache in the
+    gated pass (the statistics pass leaves it alone): how `generate` routes the prompt.
     """
     if routing not in ROUTINGS:
         raise UsageError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+    dense = rho == 1.0 and nm is None
+    stats = {} if routing == "block" and not dense else None  # each block's statistics, added as it runs
+    linear = micro_experts(rho, select, prefix, nm, stats, chosen, counter)
 
-    def run(block: OPTDecoderLayer, x: torch.Tensor) -> torch.Tensor:
+    def run(block: OPTDecoderLayer, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         if prefix is not None and prefix > x.shape[1]:
             raise UsageError(f"prefix {prefix} is longer than the {x.shape[1]} tokens of the input")
-        dense = rho == 1.0 and nm is None
-        stats = block_statistics(block, x, prefix) if routing == "block" and not dense else None
-        return block(x, micro_experts(rho, select, prefix, nm, stats, chosen, counter))
+        if stats is not None:  # without the cache: the gated pass below fills it
+            stats.update(block_statistics(block, x, prefix))
+        return block(x, linear, cache)
 
     return run
 
 
 def chosen_experts(chosen: dict) -> LinearFn:
     """The Linear that gates with experts chosen earlier (`micro_experts(chosen=...)`): no routing at all."""
-    return lambda layer, x: gate(layer, x, chosen[layer])
+
+    def gate_with_chosen(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if len(chosen[layer]) != x.shape[0]:
+            raise ValueError(f"{len(chosen[layer])} prompts' experts for a batch of {x.shape[0]} prompts")
+        return gate(layer, x, chosen[layer])
+
+    return gate_with_chosen
 
 
 @torch.no_grad()
@@ -256,25 +282,46 @@ def count_macs(config: OPTConfig, tokens: int, rho: float, convention: str = "ou
 
 @torch.no_grad()
 def generate(model, prompt_ids: list[int], max_new_tokens: int, rho: float = 1.0, routing: str = "block",
-             select: str | None = None, prefix: int | None = None, eos_id: int | None = None) -> list[int]:
-    """Greedy decoding; rho < 1 routes once on the prompt and decodes every new token with the prompt's experts.
+             select: str | None = None, prefix: int | None = None, eos_id: int | None = None,
+             timings: dict | None = None) -> list[int]:
+    """Greedy decoding with a KV cache: the new token ids, at most `max_new_tokens`, the last one eos_id if emitted.
 
-    rho = 1 is the dense model. The whole sequence is recomputed at every step (no KV cache).
+    The prompt runs once, block by block, routed on itself (rho = 1: the dense model). With block
+    routing each block's dense statistics pass runs first, then its gated pass, which fills the block's cache.
+    The gated pass leaves every Linear's gated weights W ⊙ M in `chosen`, and each new token runs through the
+    cache with exactly those weights (`chosen_experts`): after the prompt a step costs what a dense step costs,
+    and neither the masks nor W ⊙ M are ever rebuilt. The new tokens do not change the routing, as if the
+    decode were routed on the prompt alone at every step (`prefix`: on its first `prefix` tokens only).
+    `timings`: a dict that receives the seconds spent up to the first new token ("prompt": routing, the prompt
+    pass, the first token) and on the other tokens ("decode").
     """
+    T, T_max = len(prompt_ids), model.config.max_position_embeddings
+    if T < 1:
+        raise UsageError("the prompt is empty")
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if T + max_new_tokens > T_max:
+        raise UsageError(f"{T} prompt tokens + {max_new_tokens} new tokens exceed max_position_embeddings={T_max}")
+    start = time.perf_counter()
+    cache = model.new_cache(T + max_new_tokens - 1)  # the last new token is never fed back
     ids = torch.tensor([prompt_ids], device=model.lm_head.weight.device)  # (1, T)
     chosen = {}
-    logits = mumoe_logits(model, ids, rho, select, prefix, routing, chosen=chosen)
-    experts = chosen_experts(chosen)
-    new = []
-    for _ in range(max_new_tokens):
-        next_id = logits[:, -1:].argmax(dim=-1)  # (1, 1)
+    run = routed_block(rho, routing, select, prefix, chosen=chosen)
+    x = model.embed(ids)
+    for block, block_cache in zip(model.decoder.layers, cache):
+        x = run(block, x, block_cache)
+    logits = model.head(x[:, -1:])  # (1, 1, vocab): only the last position picks the next token
+    experts = chosen_experts(chosen)  # the prompt's W ⊙ M, built once by the pass above
+
+    next_id = logits[:, -1].argmax(dim=-1, keepdim=True)  # (1, 1)
+    new = [next_id.item()]
+    prompt_done = time.perf_counter()
+    while new[-1] != eos_id and len(new) < max_new_tokens:
+        logits = model(next_id, experts, cache)  # (1, 1, vocab): one token, at position cache length
+        next_id = logits[:, -1].argmax(dim=-1, keepdim=True)
         new.append(next_id.item())
-        if new[-1] == eos_id or len(new) == max_new_tokens:
-            break
-        ids = torch.cat([ids, next_id], dim=1)
-        logits = model(ids, experts)
+    if timings is not None:
+        timings.update(prompt=prompt_done - start, decode=time.perf_counter() - prompt_done)
     return new
 
 
@@ -310,27 +357,27 @@ def main(argv=None) -> None:
         model = load_model(args.model, device, dtype)
         tokenizer = load_tokenizer(args.model)
         prompt_ids = tokenizer.encode(args.prompt)
-        T_max = model.config.max_position_embeddings
-        if len(prompt_ids) + args.max_new_tokens > T_max:
-            raise UsageError(f"{len(prompt_ids)} prompt tokens + {args.max_new_tokens} new tokens exceed "
-                             f"max_position_embeddings={T_max}")
         if args.prefix is not None and not 1 <= args.prefix <= len(prompt_ids):
             raise UsageError(f"--prefix {args.prefix} must lie in [1, {len(prompt_ids)}], "
                              f"the prompt's token count (BOS included)")
+        eos_id = tokenizer.bos_id  # OPT's </s> is both BOS and EOS
+        generate(model, prompt_ids[:1], 1)  # warm-up: one-off costs (allocator, threads) would count against dense
+        dense_s, mumoe_s = {}, {}  # seconds spent on the prompt and on decoding
+        dense_new = generate(model, prompt_ids, args.max_new_tokens, eos_id=eos_id, timings=dense_s)
+        mumoe_new = generate(model, prompt_ids, args.max_new_tokens, args.rho, args.routing, args.select,
+                             args.prefix, eos_id, timings=mumoe_s)
     except UsageError as e:
         print(f"mumoe.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 
-    eos_id = tokenizer.bos_id  # OPT's </s> is both BOS and EOS
-    dense_new = generate(model, prompt_ids, args.max_new_tokens, eos_id=eos_id)
-    mumoe_new = generate(model, prompt_ids, args.max_new_tokens, args.rho, args.routing, args.select, args.prefix,
-                         eos_id)
-
     select = args.select or default_select(args.device)
     print(f"prompt ({len(prompt_ids)} tokens): {args.prompt!r}")
-    print(f"\n--- dense:\n{args.prompt}{tokenizer.decode(dense_new)}")
+    print(f"\n--- dense:\n{args.prompt}{tokenizer.decode(dense_new)}\n{speed(len(dense_new), dense_s)}")
     print(f"\n--- μ-MoE, rho = {args.rho} ({args.routing} routing, select={select}, routed on "
-          f"{args.prefix or len(prompt_ids)} prompt tokens):\n{args.prompt}{tokenizer.decode(mumoe_new)}\n")
+          f"{args.prefix or len(prompt_ids)} prompt tokens):\n{args.prompt}{tokenizer.decode(mumoe_new)}\n"
+          f"{speed(len(mumoe_new), mumoe_s)}\n")
+    print(f"routing on the prompt, once: {mumoe_s['prompt'] - dense_s['prompt']:.3f} s "
+          f"(the μ-MoE prompt pass minus the dense one)")
     decoder_linears = [layer for block in model.decoder.layers for layer in block.linears().values()]
     total = sum(layer.weight.numel() for layer in decoder_linears)
     active = sum(layer.weight.shape[0] * (layer.weight.shape[1] - prune_count(layer.weight.shape[1], args.rho))
@@ -343,6 +390,15 @@ def main(argv=None) -> None:
     print(f"MACs with active weights for the prompt and {len(mumoe_new)} new tokens, each token computed once, "
           f"attention products excluded:\n  dense {si(dense_macs)}, μ-MoE {si(mumoe_macs.total)} "
           f"(routing {si(sum(mumoe_macs.routing.values()))}): {1 - mumoe_macs.total / dense_macs:.1%} saved")
+
+
+def speed(n_new: int, timings: dict) -> str:
+    """One line on how fast `generate` went: tokens/s overall, and after the prompt."""
+    total = timings["prompt"] + timings["decode"]
+    line = f"[{n_new} new tokens in {total:.2f} s: {n_new / total:.1f} tokens/s; prompt {timings['prompt']:.3f} s"
+    if n_new > 1:  # the first token comes with the prompt pass
+        line += f", then {(n_new - 1) / timings['decode']:.1f} tokens/s"
+    return line + "]"
 
 
 def si(n: float) -> str:

@@ -14,6 +14,10 @@ Every Linear inside a block is called through `linear(layer, x)`, a function the
 the pruners use it to gather calibration statistics, μ-MoE uses it to route each prompt to its own
 micro-experts. The dense default is `dense_linear`.
 
+Decoding: a `KVCache` per block keeps the keys and values of every token seen so far, so that each new
+token computes only its own row of every product: `model(prompt, cache=cache)`, then
+`model(next_token, cache=cache)`, its position continuing where the cache ends.
+
 Imports: torch, safetensors, tokenizers, and huggingface_hub (only to download a named model).
 """
 
@@ -114,6 +118,30 @@ def dense_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return block(x)
 
 
+class KVCache:
+    """One block's keys and values of the tokens seen so far, for decoding: a new token attends to them all.
+
+    The buffers (B, nh, capacity, hs) are allocated once and filled in place, so a decoding step copies
+    only its own keys and values (a torch.cat per step would copy the whole cache every time).
+    """
+
+    def __init__(self, config: OPTConfig, batch: int, capacity: int, device=None, dtype=None):
+        shape = (batch, config.num_attention_heads, capacity, config.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0  # tokens cached so far: the next token's position
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' k, v (B, nh, T, hs); return the keys and values of every token so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"{end} tokens overflow a KV cache allocated for {self.k.shape[2]}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]  # (B, nh, end, hs)
+
+
 class OPTAttention(nn.Module):
     def __init__(self, config: OPTConfig):
         super().__init__()
@@ -125,15 +153,20 @@ class OPTAttention(nn.Module):
         self.q_proj = nn.Linear(d, d, bias=config.enable_bias)
         self.out_proj = nn.Linear(d, d, bias=config.enable_bias)
 
-    def forward(self, x: torch.Tensor, linear: LinearFn = dense_linear) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, linear: LinearFn = dense_linear, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         # OPT scales q before the dot product (not the scores), as metaseq and transformers do
         q = linear(self.q_proj, x) * self.scaling
         k = linear(self.k_proj, x)
         v = linear(self.v_proj, x)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        # y = softmax(q k^T + causal_mask) v, the mask being -inf above the diagonal
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+        if cache is not None:
+            if T > 1 and cache.length > 0:  # would need the causal mask shifted right by cache.length
+                raise ValueError(f"{T} new tokens after {cache.length} cached ones: decode one token at a time")
+            k, v = cache.append(k, v)  # (B, nh, cache.length, hs): the earlier tokens' keys and values too
+        # y = softmax(q k^T + mask) v. Over a prompt the mask is causal (-inf above the diagonal); one new
+        # token may see every earlier token and itself, so it needs no mask.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=1.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return linear(self.out_proj, y)
 
@@ -156,13 +189,13 @@ class OPTDecoderLayer(nn.Module):
                 "self_attn.v_proj": self.self_attn.v_proj, "self_attn.out_proj": self.self_attn.out_proj,
                 "fc1": self.fc1, "fc2": self.fc2}
 
-    def forward(self, x: torch.Tensor, linear: LinearFn = dense_linear) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, linear: LinearFn = dense_linear, cache: KVCache | None = None) -> torch.Tensor:
         ln1, ln2 = self.self_attn_layer_norm, self.final_layer_norm
         if self.pre_ln:
-            x = x + self.self_attn(ln1(x), linear)
+            x = x + self.self_attn(ln1(x), linear, cache)
             x = x + linear(self.fc2, self.activation(linear(self.fc1, ln2(x))))
         else:
-            x = ln1(x + self.self_attn(x, linear))
+            x = ln1(x + self.self_attn(x, linear, cache))
             x = ln2(x + linear(self.fc2, self.activation(linear(self.fc1, x))))
         return x
 
@@ -189,16 +222,17 @@ class OPTForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
         self.lm_head.weight = self.decoder.embed_tokens.weight  # tied, as in every OPT checkpoint
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> hidden states (B, T, hidden) entering the first block."""
+    def embed(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Token ids (B, T) at positions start ... start + T - 1 -> hidden states (B, T, hidden) entering the
+        first block. `start` is the number of tokens before these: the cache's length when decoding."""
         T = input_ids.shape[1]
-        if T > self.config.max_position_embeddings:
-            raise UsageError(f"{T} tokens exceed max_position_embeddings={self.config.max_position_embeddings}")
+        if start + T > self.config.max_position_embeddings:
+            raise UsageError(f"{start + T} tokens exceed max_position_embeddings={self.config.max_position_embeddings}")
         dec = self.decoder
         x = dec.embed_tokens(input_ids)
         if self.config.projects_embeddings:
             x = dec.project_in(x)
-        positions = torch.arange(T, device=input_ids.device) + POSITION_OFFSET
+        positions = torch.arange(start, start + T, device=input_ids.device) + POSITION_OFFSET
         return x + dec.embed_positions(positions)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,10 +243,21 @@ class OPTForCausalLM(nn.Module):
             x = self.decoder.project_out(x)
         return self.lm_head(x)
 
-    def forward(self, input_ids: torch.Tensor, linear: LinearFn = dense_linear) -> torch.Tensor:
-        x = self.embed(input_ids)
-        for block in self.decoder.layers:
-            x = block(x, linear)
+    def new_cache(self, capacity: int, batch: int = 1) -> list[KVCache]:
+        """An empty KV cache for up to `capacity` tokens per sequence: one KVCache per block."""
+        if capacity > self.config.max_position_embeddings:
+            raise UsageError(f"{capacity} tokens exceed max_position_embeddings={self.config.max_position_embeddings}")
+        W = self.lm_head.weight
+        return [KVCache(self.config, batch, capacity, W.device, W.dtype) for _ in self.decoder.layers]
+
+    def forward(self, input_ids: torch.Tensor, linear: LinearFn = dense_linear,
+                cache: list[KVCache] | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab). With a cache (`new_cache`), input_ids are the tokens that
+        follow the cached ones (all of the prompt first, then one token per call) and join the cache."""
+        start = cache[0].length if cache else 0
+        x = self.embed(input_ids, start)
+        for i, block in enumerate(self.decoder.layers):
+            x = block(x, linear, cache[i] if cache else None)
         return self.head(x)
 
 

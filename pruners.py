@@ -15,6 +15,7 @@ difference from them is written next to the line it concerns. Imports: torch, nu
 """
 
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 
 import numpy as np
 import torch
@@ -30,9 +31,17 @@ SELECTS = ("sort", "topk", "kthvalue", "partition")
 # CUDA: not measured here (no GPU on the machine this was written on); `partition` would be a round trip
 # to the host, and kthvalue is the one-pass exact kernel. Check with `bench_pruners.py --device cuda`.
 FASTEST_SELECT = {"cpu": "partition", "cuda": "kthvalue"}
+# wanda_gated_weight's rows per step: 2^16 float32 scores (256 KB) and their copy fit a core's 1 MB L2 cache
+FUSED_CHUNK_ELEMENTS = 1 << 16
 # 1 - rho is computed in binary floating point (1 - 0.8 = 0.19999999999999996); rounding it to this
 # many decimals gives the count the references get from the decimal sparsity the user typed.
 SPARSITY_DECIMALS = 12
+
+
+@cache
+def cpu_threads() -> ThreadPoolExecutor:
+    """One pool for the numpy kernels below, as wide as torch's intra-op pool (numpy releases the GIL)."""
+    return ThreadPoolExecutor(torch.get_num_threads())
 
 
 def default_select(device) -> str:
@@ -69,8 +78,7 @@ def kth_smallest(S: torch.Tensor, k: int, select: str) -> torch.Tensor:
         # numpy's introselect, O(n) per row, on a host array (on CUDA we use kthvalue); it releases
         # the GIL, so the rows are split over as many threads as torch uses
         parts = np.array_split(S.detach().float().numpy(), torch.get_num_threads())
-        with ThreadPoolExecutor(len(parts)) as pool:
-            kth = pool.map(lambda rows: np.partition(rows, k - 1, axis=1)[:, k - 1], parts)
+        kth = cpu_threads().map(lambda rows: np.partition(rows, k - 1, axis=1)[:, k - 1], parts)
         return torch.from_numpy(np.concatenate(list(kth))).to(S.dtype)
     return torch.kthvalue(S, k, dim=1).values
 
@@ -163,6 +171,61 @@ def wanda_mask(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, select: str 
         check_nm(nm, d_in)
     select = select or default_select(W.device)
     return keep_mask(wanda_score(W, x_sqnorm), prune_count(d_in, rho), select, nm)
+
+
+def wanda_gated_weight(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, select: str | None = None,
+                       nm=None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W ⊙ M for Wanda's mask M of `wanda_mask` (same arguments), written into `out` if given (a tensor like
+    W: reusing one spares the page faults of a fresh one), identical to `W * wanda_mask(W, x_sqnorm, rho,
+    select, nm)`, which is what runs on every device but one.
+
+    On the CPU, in float32 and with the partition select, μ-MoE pays this for every prompt and Linear,
+    so it is fused: a few rows at a time, small enough to stay in a core's L2 cache, go from W to the
+    scores, their k-th smallest t, and W ⊙ [S > t], and W and W ⊙ M cross main memory once each.
+    """
+    check_rho(rho)
+    d_out, d_in = W.shape
+    k, select = prune_count(d_in, rho), select or default_select(W.device)
+    if (select != "partition" or nm is not None or k == 0 or W.device.type != "cpu" or W.dtype != torch.float32
+            or x_sqnorm.shape != (d_in,)):
+        return torch.mul(W, wanda_mask(W, x_sqnorm, rho, select, nm), out=out)  # the bool mask is promoted
+    W_np, norms = W.detach().numpy(), np.sqrt(x_sqnorm.detach().float().cpu().numpy())  # the score's float32 ops
+    out = torch.empty_like(W) if out is None else out
+    out_np, kept = out.numpy(), d_in - k
+    rows = max(1, FUSED_CHUNK_ELEMENTS // d_in)
+    steps = [slice(r, min(r + rows, d_out)) for r in range(0, d_out, rows)]
+    threads = min(torch.get_num_threads(), len(steps))
+    # Scores are >= 0, and non-negative floats order as their bit patterns do: the selection runs on int32
+    # keys (faster than on floats). A dead input (||X_j|| = 0) scores 0 in every row, and introselect
+    # crawls through that many equal keys, so zero scores get distinct keys below all others, in index
+    # order: exactly the rule's order. Other ties (equal positive scores) are rare: repaired afterwards.
+    dead_inputs = not norms.all()
+    zero_keys = np.iinfo(np.int32).min + np.arange(d_in, dtype=np.int32)
+
+    def fuse(first: int) -> None:
+        keys, P = np.empty((2, rows, d_in), np.int32)  # keys of the scores, and a copy the partition reorders
+        keep = np.empty((rows, d_in), bool)
+        for step in steps[first::threads]:
+            n = step.stop - step.start
+            W_s, keys_s, P_s, keep_s = W_np[step], keys[:n], P[:n], keep[:n]
+            S_s = keys_s.view(np.float32)
+            np.multiply(np.abs(W_s, out=S_s), norms, out=S_s)  # S_ij = |W_ij| * ||X_j||_2
+            if dead_inputs:
+                np.copyto(keys_s, zero_keys, where=S_s == 0)
+            np.positive(keys_s, out=P_s)  # a copy (np.copyto of this size can bypass the cache and crawl)
+            P_s.partition(k - 1, axis=1)
+            t = P_s[:, k - 1 : k]  # (n, 1): the key of the k-th smallest score of each row
+            np.multiply(W_s, np.greater(keys_s, t, out=keep_s), out=out_np[step])
+            if np.count_nonzero(keep_s) != n * kept:  # ties at t: the rule prunes the lowest-index ones
+                tied = np.flatnonzero(np.count_nonzero(keep_s, axis=1) != kept)  # (r,) row numbers
+                ties = keys_s[tied] == t[tied]  # (r, d_in)
+                missing = kept - np.count_nonzero(keep_s[tied], axis=1, keepdims=True)  # ties to keep, per row
+                from_the_right = np.cumsum(ties[:, ::-1], axis=1, dtype=np.int32)[:, ::-1]
+                keep_s[tied] |= ties & (from_the_right <= missing)  # the highest-index ties stay
+                out_np[step.start + tied] = W_s[tied] * keep_s[tied]
+
+    list(cpu_threads().map(fuse, range(threads)))
+    return out
 
 
 # -----------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import mumoe
 import opt_model
 import pruners
 from mumoe import ROUTINGS, count_macs, generate, linear_names, micro_experts, mumoe_logits
-from opt_model import OPTConfig, OPTForCausalLM, UsageError, load_model, load_tokenizer
+from opt_model import OPTConfig, OPTForCausalLM, UsageError, dense_block, load_model, load_tokenizer
 from pruners import SELECTS, magnitude_mask, prune_lowest, prune_model, sparsegpt_prune, wanda_mask, wanda_score
 
 REPO = Path(__file__).resolve().parent
@@ -88,7 +88,7 @@ def tiny_checkpoint(request, tmp_path_factory):
 def assert_close(ours, ref, atol, what):
     diff = (ours.float() - ref.float()).abs()
     worst = diff.flatten().argmax().item()
-    assert diff.max() <= atol, (f"{what}: max |diff| {diff.max():.3e} > {atol:.0e}; first disagreement at flat "
+    assert diff.max() <= atol, (f"{what}: max |diff| {diff.max():.3e} > {atol:.2g}; first disagreement at flat "
                                 f"index {worst}: ours {ours.flatten()[worst]:.6f} vs ref {ref.flatten()[worst]:.6f}")
 
 
@@ -118,28 +118,51 @@ def test_logits_match_transformers(tiny_checkpoint):
     assert_close(ours, ref, PARITY_ATOL, "logits vs transformers OPTForCausalLM")
 
 
-def test_greedy_generation_matches_transformers(tiny_checkpoint):
+def test_block_api_matches_transformers_block_by_block(tiny_checkpoint):
+    """embed -> blocks -> head, as the block-by-block loops run the model: each step against the hidden
+    states transformers' decoder passes between its layers (forward hooks), so a wrong step is named."""
     directory, reference = tiny_checkpoint
     model = load_model(directory)
-    ours = ref = torch.tensor([[2, 5, 17, 9]])
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    layers = reference.model.decoder.layers
+    inputs, outputs = [], []
+    hooks = [layers[0].register_forward_pre_hook(lambda module, args: inputs.append(args[0]))]
+    hooks += [layer.register_forward_hook(lambda module, args, out: outputs.append(out)) for layer in layers]
     with torch.no_grad():
-        for _ in range(12):
-            ours = torch.cat([ours, model(ours)[:, -1:].argmax(-1)], dim=1)
-            ref = torch.cat([ref, reference(ref).logits[:, -1:].argmax(-1)], dim=1)
-    assert ours.tolist() == ref.tolist()
-
-
-def test_block_api_reproduces_forward(tiny_checkpoint):
-    """embed -> blocks -> head (how the block-by-block loops run the model) equals model(ids)."""
-    directory, _ = tiny_checkpoint
-    model = load_model(directory)
-    ids = torch.randint(0, 128, (2, 16))
+        ref_logits = reference(ids).logits
+    for hook in hooks:
+        hook.remove()
+    outputs = [out[0] if isinstance(out, tuple) else out for out in outputs]  # (B, T, hidden) either way
+    assert len(inputs) == 1 and len(outputs) == len(layers)
     x = model.embed(ids)
-    for block in model.decoder.layers:
+    assert_close(x, inputs[0], PARITY_ATOL, "embed(ids) vs the input of transformers' first layer")
+    for b, block in enumerate(model.decoder.layers):
         assert list(block.linears()) == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                          "self_attn.out_proj", "fc1", "fc2"]
         x = block(x)
-    assert torch.equal(model.head(x), model(ids))
+        assert_close(x, outputs[b], PARITY_ATOL, f"output of block {b} vs transformers' layer {b}")
+    assert_close(model.head(x), ref_logits, PARITY_ATOL, "head(last block's output) vs transformers' logits")
+
+
+# The config options OPT checkpoints may set, each honoured by transformers 5.x's OPT (checked: it builds
+# the matching modules and saves the option in config.json). Not in TINY_LAYOUTS, which every loading
+# test runs on: only the forward pass depends on them.
+LAYOUT_OPTIONS = {
+    "gelu": dict(activation_function="gelu", init_std=0.2),  # fc1 outputs of order 1, where the tanh form differs
+    "no biases": dict(enable_bias=False),
+    "LayerNorms without affine": dict(layer_norm_elementwise_affine=False),
+    "post-LN without affine": dict(layer_norm_elementwise_affine=False, **TINY_LAYOUTS["post_ln_350m"]),
+    "final LayerNorm removed": dict(_remove_final_layer_norm=True),  # metaseq checkpoints before 4.20.1
+}
+
+
+@pytest.mark.parametrize("option", sorted(LAYOUT_OPTIONS))
+def test_layout_options_match_transformers(option, tmp_path):
+    reference = save_tiny_opt(tmp_path, **LAYOUT_OPTIONS[option])
+    model = load_model(tmp_path)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert_close(model(ids), reference(ids).logits, PARITY_ATOL, f"{option}: logits vs transformers")
 
 
 def test_linear_callback_sees_every_linear(tiny_checkpoint):
@@ -164,13 +187,65 @@ def test_lm_head_is_tied_and_model_ready(tiny_checkpoint):
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
-def test_dtype_and_device_are_applied(tiny_checkpoint):
+# Half-precision logits vs the float32 reference, as a fraction of the reference's largest |logit|. Measured
+# on both tiny layouts (3 seeds): bfloat16 0.5-0.7%, float16 0.07-0.09%; a forward that skipped every block
+# would be off by 50-100% (the post-LN logits are only ~0.08, so an absolute tolerance hides it).
+HALF_LOGITS_RTOL = {torch.bfloat16: 0.02, torch.float16: 0.003}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_dtype_and_device_are_applied(tiny_checkpoint, dtype):
     directory, reference = tiny_checkpoint
-    model = load_model(directory, device="cpu", dtype=torch.bfloat16)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    ids = torch.randint(0, 128, (1, 12))
+    model = load_model(directory, device="cpu", dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        assert_close(model(ids), reference(ids).logits, 0.25, "bf16 logits vs fp32 reference")
+        ours, ref = model(ids), reference(ids).logits
+    assert ours.dtype == dtype
+    atol = HALF_LOGITS_RTOL[dtype] * ref.abs().max().item()
+    assert_close(ours, ref, atol, f"{dtype} logits vs the float32 reference (max |logit| {ref.abs().max():.3g})")
+
+
+# -----------------------------------------------------------------------------
+# opt_model: the KV cache
+
+CACHE_ATOL = 1e-5  # fp32: the same products, a new token's row computed on its own
+
+
+def test_cached_logits_equal_the_full_forward(tiny_checkpoint):
+    """[prompt], then one token per call through the cache = one forward over the whole sequence, position by
+    position. A token embedded at another position than its own (the cache's length) changes its logits far
+    beyond the tolerance (OPT's positions are learned, random here), so this also checks the position offset."""
+    directory, _ = tiny_checkpoint
+    model = load_model(directory)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(4))
+    T = 20
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(24, batch=2)
+        steps = [model(ids[:, :T], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(T, 24)]
+    assert [c.length for c in cache] == [24] * len(model.decoder.layers)
+    assert_close(steps[0], full[:, :T], CACHE_ATOL, "prompt logits filling the cache vs one forward")
+    for t, logits in enumerate(steps[1:], start=T):
+        assert_close(logits, full[:, t:t + 1], CACHE_ATOL, f"token {t} decoded with the cache vs one forward")
+
+
+def test_cache_refuses_what_it_cannot_do(tiny_checkpoint):
+    directory, _ = tiny_checkpoint
+    model = load_model(directory)
+    ids = torch.randint(0, 128, (1, 8))
+    cache = model.new_cache(9)
+    with torch.no_grad():
+        model(ids[:, :6], cache=cache)
+        # SDPA's is_causal mask is aligned top-left: token 6 would see key 0 alone, not keys 0 ... 6
+        with pytest.raises(ValueError, match="2 new tokens after 6 cached ones"):
+            model(ids[:, 6:8], cache=cache)
+        model(ids[:, 6:7], cache=cache), model(ids[:, 7:8], cache=cache), model(ids[:, 7:8], cache=cache)
+        with pytest.raises(ValueError, match="10 tokens overflow a KV cache allocated for 9"):
+            model(ids[:, 7:8], cache=cache)
+    with pytest.raises(UsageError, match="65 tokens exceed max_position_embeddings=64"):
+        model.new_cache(65)
 
 
 # -----------------------------------------------------------------------------
@@ -271,6 +346,37 @@ def test_pytorch_bin_is_converted_once(tmp_path, monkeypatch):
     assert [c[0] for c in calls] == ["facebook/opt-125m"] * 3, "converts on the first load only"
 
 
+def test_multi_shard_pytorch_bin_is_converted(tmp_path):
+    """Two pytorch_model-0000i-of-00002.bin files become two safetensors shards and an index that loads."""
+    reference = save_tiny_opt(tmp_path / "saved")
+    src = tmp_path / "bin"
+    src.mkdir()
+    shutil.copy(tmp_path / "saved" / "config.json", src / "config.json")
+    state = {k: v for k, v in reference.state_dict().items() if k != "lm_head.weight"}  # tied: not saved
+    keys = sorted(state)
+    for i in range(2):
+        torch.save({k: state[k] for k in keys[i::2]}, src / f"pytorch_model-{i + 1:05d}-of-00002.bin")
+    opt_model.convert_to_safetensors(src, tmp_path / "converted")
+    assert sorted(p.name for p in (tmp_path / "converted").iterdir()) == [
+        "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json"]
+    ids = torch.randint(0, 128, (1, 10))
+    with torch.no_grad():
+        assert_close(load_model(tmp_path / "converted")(ids), reference(ids).logits, PARITY_ATOL,
+                     "logits from a converted 2-shard .bin")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="holds neither .*safetensors nor pytorch_model.*bin weights"):
+        opt_model.convert_to_safetensors(tmp_path / "empty", tmp_path / "converted-empty")
+
+
+def test_missing_shard_is_named(tiny_checkpoint, tmp_path):
+    directory, _ = tiny_checkpoint
+    sharded = rewrite_checkpoint(directory, tmp_path / "sharded", shards=3)
+    (sharded / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(UsageError, match=r"checkpoint shard .*model-00002-of-00003\.safetensors is missing"):
+        load_model(sharded)
+
+
 # -----------------------------------------------------------------------------
 # opt_model: config and bad input
 
@@ -312,11 +418,78 @@ def test_bad_model_inputs(tiny_checkpoint, tmp_path):
             load_model(directory, device="cuda")
 
 
+@pytest.mark.parametrize("edit, message", [
+    (dict(hidden_size=30), "hidden_size 30 is not divisible by num_attention_heads 4"),
+    (dict(activation_function="swish"), "activation_function 'swish' is not one of ['gelu', 'relu']"),
+    (dict(model_type="gpt2"), "describes a 'gpt2' model, not OPT"),
+], ids=["heads", "activation", "model_type"])
+def test_impossible_config_is_refused(tiny_checkpoint, tmp_path, edit, message):
+    directory, _ = tiny_checkpoint
+    bad = tmp_path / "bad"
+    shutil.copytree(directory, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(UsageError) as error:
+        load_model(bad)
+    assert message in str(error.value), str(error.value)
+
+
 def test_too_long_input_is_refused(tiny_checkpoint):
     directory, _ = tiny_checkpoint
     model = load_model(directory)
     with pytest.raises(UsageError, match="max_position_embeddings"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+# -----------------------------------------------------------------------------
+# opt_model: tokenizer files
+
+WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + " ."
+
+
+TINY_TOKENIZER_VOCAB = 400  # at most; the BPE stops sooner when the text has no more pairs to merge
+
+
+def save_tiny_tokenizer(directory: Path, tokenizer_json: bool = False) -> int:
+    """A byte-level BPE like OPT's, trained in milliseconds on sentences of WORDS, with OPT's special tokens
+    at OPT's ids (<s> 0, <pad> 1, </s> 2, <unk> 3); saved as vocab.json + merges.txt, or as tokenizer.json.
+    The command lines run on it where the real tokenizer files (../shared/data) are absent. Returns its size."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    rng = random.Random(0)
+    tokenizer = ByteLevelBPETokenizer()
+    tokenizer.train_from_iterator([sentence(rng, 12) for _ in range(200)], vocab_size=TINY_TOKENIZER_VOCAB,
+                                  special_tokens=["<s>", "<pad>", "</s>", "<unk>"], show_progress=False)
+    directory.mkdir(parents=True, exist_ok=True)
+    if tokenizer_json:
+        tokenizer.save(str(directory / "tokenizer.json"))
+    else:
+        tokenizer.save_model(str(directory))
+    return tokenizer.get_vocab_size()
+
+
+def test_tokenizer_json_reads_as_vocab_and_merges(tmp_path):
+    save_tiny_tokenizer(tmp_path / "bpe")
+    save_tiny_tokenizer(tmp_path / "json", tokenizer_json=True)
+    assert not (tmp_path / "json" / "vocab.json").exists()
+    from_files, from_json = load_tokenizer(tmp_path / "bpe"), load_tokenizer(tmp_path / "json")
+    assert from_files.bos_id == from_json.bos_id == 2
+    rng = random.Random(1)
+    for text in ["Hello, my dog is cute", " leading space", "a</s>b <pad>", "ümlaut\n\n", sentence(rng, 20)]:
+        ids = from_json.encode(text)
+        assert ids == from_files.encode(text), f"{text!r}: tokenizer.json and vocab.json + merges.txt differ"
+        assert ids.count(2) == 1 + text.count("</s>"), f"{text!r}: BOS not exactly once: {ids}"
+        assert from_json.decode(ids) == text.replace("</s>", "").replace("<pad>", "")
+
+
+def test_directory_without_tokenizer(tmp_path):
+    (tmp_path / "vocab.json").write_text("{}")  # half of the pair is not enough
+    with pytest.raises(UsageError, match="has no tokenizer: expected tokenizer.json or vocab.json \\+ merges.txt"):
+        load_tokenizer(tmp_path)
 
 
 # -----------------------------------------------------------------------------
@@ -488,6 +661,55 @@ def test_selects_identical_when_only_some_rows_tie():
         assert diff == 0, f"{select} differs from the stable sort in {diff} scores"
 
 
+def test_partition_on_several_threads_gives_the_sorts_mask(monkeypatch):
+    """The CPU default: np.partition over row chunks, one per torch thread, in pruners' pool (one_thread sets 1
+    for the other tests). On 3 threads the chunks must come back in row order, ties resolved as the stable sort."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks, pool = [], ThreadPoolExecutor(3)
+
+    def map_noting_chunks(fn, parts):
+        chunks.append(len(parts))
+        return ThreadPoolExecutor.map(pool, fn, parts)
+
+    pool.map = map_noting_chunks
+    monkeypatch.setattr(pruners, "cpu_threads", lambda: pool)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    g = torch.Generator().manual_seed(16)
+    S = torch.randint(0, 5, (2, 31, 96), generator=g).float()  # a batch of 62 rows: uneven chunks, many ties
+    S[..., ::9] = 0  # dead input columns
+    for k in (1, 40, 95):
+        diff = n_diff(prune_lowest(S, k, "partition"), prune_lowest(S, k, "sort"))
+        assert diff == 0, f"partition on 3 threads differs from the stable sort in {diff} scores (k={k})"
+    pool.shutdown()
+    assert chunks == [3, 3, 3], f"rows split into {chunks} chunks: the threaded path did not run"
+
+
+@pytest.mark.parametrize("rho", [0.1, 0.5, 0.8])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_gated_weight_is_w_times_the_stable_sort_mask(rho, threads, monkeypatch):
+    """μ-MoE's fused CPU path (scores, partition, gate in L2-sized steps over several threads) against
+    W ⊙ M with M from the stable sort, where ties decide: equal columns, dead inputs, a constant row, zeros."""
+    gen = torch.Generator().manual_seed(16)
+    W, x_sqnorm = torch.randn(37, 40, generator=gen), torch.rand(40, generator=gen) * 4
+    W[:, 7] = W[:, 3]  # equal scores within every row
+    x_sqnorm[20:26] = 0  # dead inputs: six zero scores per row
+    W[5] = 0.5  # a row where scores tie by the input norms only
+    W[9, ::2] = 0  # a row of half zeros
+    x_sqnorm[30:] = 2.0  # ten equal input norms, and rows whose equal scores straddle the threshold:
+    W[12], W[12, 30:] = 0.01, 0.5  # at rho = 0.1 (keep 4 of the 10 largest, all equal)
+    W[13, 30:] = W[13, :30].abs().sort().values[17]  # at rho = 0.5 (the 20th smallest of 40 is among them)
+    monkeypatch.setattr(pruners, "FUSED_CHUNK_ELEMENTS", 5 * 40)  # 8 steps of 5 rows (the last one 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    pruners.cpu_threads.cache_clear()
+    try:
+        fused = pruners.wanda_gated_weight(W, x_sqnorm, rho)
+    finally:
+        pruners.cpu_threads.cache_clear()
+    reference = W * wanda_mask(W, x_sqnorm, rho, "sort")
+    assert torch.equal(fused, reference), f"{n_diff(fused, reference)} weights differ, rho={rho}, {threads} threads"
+
+
 def test_magnitude_matrix_ties_follow_the_flattened_stable_order():
     W = torch.randint(-3, 4, (16, 24), generator=torch.Generator().manual_seed(14)).float()
     k = int(W.numel() * 0.5)
@@ -583,12 +805,18 @@ def test_sparsegpt_matches_reference_transcription(nm):
     assert (W_pruned[:, 5] == 0).all(), "the dead input's weights were not zeroed"
 
 
-def test_reference_threshold_prunes_one_more_than_ours():
-    # documents the deliberate difference: `tmp <= sort(tmp)[k]` prunes k + 1 of a tie-free block
-    tmp = torch.rand(16, 8, generator=torch.Generator().manual_seed(9))
-    k = int(tmp.numel() * 0.5)
-    assert (tmp <= torch.sort(tmp.flatten())[0][k]).sum() == k + 1
-    assert prune_lowest(tmp.reshape(1, -1), k).sum() == k
+@pytest.mark.parametrize("sparsity", [0.5, 0.7])
+def test_magnitude_prunes_the_references_set_less_its_threshold_weight(sparsity):
+    """The deliberate difference, against the references' own magnitude rule (Wanda's prune_magnitude,
+    SparseGPT's per-block mask): `thresh = sort(|W|)[int(numel * sparsity)]; prune |W| <= thresh` prunes k + 1
+    weights of tie-free W; ours prunes the same set less the weight at the threshold."""
+    W = torch.randn(16, 24, generator=torch.Generator().manual_seed(9))
+    thresh = torch.sort(W.abs().flatten())[0][int(W.numel() * sparsity)]
+    reference = W.abs() <= thresh
+    ours = ~magnitude_mask(W, 1 - sparsity)
+    assert n_diff(ours & ~reference, False) == 0, "we prune a weight the reference keeps"
+    assert (reference & ~ours).nonzero().tolist() == (W.abs() == thresh).nonzero().tolist(), \
+        f"the reference prunes {n_diff(reference & ~ours, False)} weights we keep; expected its threshold weight only"
 
 
 def test_reconstruction_error_sparsegpt_below_wanda_below_magnitude():
@@ -635,6 +863,11 @@ def test_bad_input_raises_clear_errors():
         sparsegpt_prune(W, torch.eye(8), 0.5)
     with pytest.raises(UsageError, match="percdamp"):
         sparsegpt_prune(W, -torch.eye(16), 0.5)  # negative definite: dampening cannot rescue it
+    for bad in (math.inf, math.nan):  # what a float16 model's X^T X gives when its activations overflow
+        H_bad = torch.eye(16)
+        H_bad[3, 5] = bad
+        with pytest.raises(UsageError, match="H has inf or NaN entries: the calibration activations overflowed"):
+            sparsegpt_prune(W, H_bad, 0.5)
     with pytest.raises(UsageError, match="select"):
         wanda_mask(W, x_sqnorm, 0.5, select="heap")
     with pytest.raises(UsageError, match="blocksize"):
@@ -743,15 +976,162 @@ def test_prune_model_bad_input(tiny_opt):
         prune_model(model, calib_ids, "wanda", 0.0, progress=False)
 
 
-@pytest.mark.parametrize("method", ("wanda", "sparsegpt"))
-def test_prune_model_keeps_a_bfloat16_model_bfloat16(tiny_opt, method):
+def record_pruner_calls(monkeypatch) -> list[dict]:
+    """What prune_model hands each pruner and gets back, call by call: W before, the statistic, the mask."""
+    calls = []
+
+    def recording(name):
+        real = getattr(pruners, name)
+
+        def pruner(W, *args, **kwargs):
+            out = real(W, *args, **kwargs)
+            W_pruned, keep = out if name == "sparsegpt_prune" else (None, out)
+            calls.append(dict(W=W.clone(), stat=args[0] if name != "magnitude_mask" else None, keep=keep,
+                              W_pruned=W_pruned))
+            return out
+
+        monkeypatch.setattr(pruners, name, pruner)
+
+    for name in ("magnitude_mask", "wanda_mask", "sparsegpt_prune"):
+        recording(name)
+    return calls
+
+
+def linear_inputs(block, hidden: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """Each Linear's input (T, d_in) in every window of `hidden`, by name, from a dense pass of `block`: our own
+    model's numbers (hf_block_stats hooks the oracle, whose half-precision activations round differently)."""
+    inputs = {name: [] for name in block.linears()}
+    name_of = {layer: name for name, layer in block.linears().items()}
+
+    def noting_linear(layer, x):
+        inputs[name_of[layer]].append(tokens_by_features(x))
+        return layer(x)
+
+    for h in hidden:
+        block(h, noting_linear)
+    return inputs
+
+
+# Half-precision pruning vs float32 pruning: masks that differ in at most this fraction of a matrix (rounding
+# reorders near ties). Measured on tiny_opt at rho = 0.5: float16 <= 0.2%, bfloat16 <= 0.4% (Wanda).
+HALF_MASK_DIFF = 0.02
+# float32 sums of the same products agree to rounding; summed in half precision they are off by 1e-4 (fp16), 1e-3 (bf16)
+STATS_RTOL = 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("method", pruners.METHODS)
+def test_prune_model_in_half_precision(tiny_opt, monkeypatch, method, dtype):
+    """A half-precision model stays so; each weight is zero exactly where its pruner's mask says and, kept, is W
+    (magnitude, Wanda) or SparseGPT's update; the statistics are float32 sums of the half-precision inputs;
+    the masks are nearly those of float32 pruning."""
     _, directory, calib_ids = tiny_opt
-    model = load_model(directory, dtype=torch.bfloat16)
-    report = prune_model(model, calib_ids, method, 0.5, progress=False)
-    for key, kept in report.items():
-        W = model.get_parameter(key + ".weight")
-        assert W.dtype == torch.bfloat16, f"{method} {key}: weight became {W.dtype}"
+    model, in_float32 = load_model(directory, dtype=dtype), load_model(directory)
+    calib = None if method == "magnitude" else calib_ids
+    prune_model(in_float32, calib, method, 0.5, progress=False)
+    calls = record_pruner_calls(monkeypatch)
+    report = prune_model(model, calib, method, 0.5, progress=False)
+    monkeypatch.undo()
+    assert len(calls) == len(report) == 18, f"{len(calls)} pruner calls for {len(report)} Linears"
+    for (key, kept), call in zip(report.items(), calls):
+        W, keep = model.get_parameter(key + ".weight"), call["keep"]
+        assert W.dtype == dtype, f"{method} {key}: weight became {W.dtype}"
         assert kept == kept_fraction(*W.shape, method, 0.5), f"{method} {key}: kept {kept}"
+        assert n_diff(W[~keep], 0) == 0, f"{method} {key}: {n_diff(W[~keep], 0)} pruned weights are not zero"
+        if method == "sparsegpt":
+            assert n_diff(W, call["W_pruned"]) == 0, f"{key}: the weights are not SparseGPT's result"
+        else:
+            assert n_diff(W[keep], call["W"][keep]) == 0, f"{method} {key}: {n_diff(W[keep], call['W'][keep])} " \
+                                                          "kept weights changed"
+        if call["stat"] is not None:
+            assert call["stat"].dtype == torch.float32, f"{method} {key}: statistics in {call['stat'].dtype}"
+        in_fp32 = in_float32.get_parameter(key + ".weight") == 0
+        diff = n_diff(W == 0, in_fp32)
+        assert diff <= HALF_MASK_DIFF * W.numel(), f"{method} {key}: {diff} of {W.numel()} zeros differ from float32"
+    if method != "magnitude":  # block 0's statistics from its inputs, which are the same half-precision numbers
+        fresh = load_model(directory, dtype=dtype)
+        inputs = linear_inputs(fresh.decoder.layers[0], [fresh.embed(ids[None]) for ids in calib_ids])
+        for (name, Xs), call in zip(inputs.items(), calls):
+            Xs = [X.float() for X in Xs]
+            n = len(Xs)
+            expected = sum(X.square().sum(0) for X in Xs) / n if method == "wanda" else 2 / n * sum(X.T @ X for X in Xs)
+            rel = ((call["stat"] - expected).abs().max() / expected.abs().max()).item()
+            assert rel <= STATS_RTOL, f"{method} {name}: statistics off by {rel:.2e} (relative) from float32 sums"
+
+
+@pytest.mark.parametrize("method, options", [("magnitude", dict(nm=(2, 4))), ("wanda", dict(nm=(2, 4))),
+                                            ("sparsegpt", dict(nm=(2, 4))), ("magnitude", dict(group="row"))],
+                         ids=["magnitude-2:4", "wanda-2:4", "sparsegpt-2:4", "magnitude-row"])
+def test_prune_model_passes_nm_and_group_on(tiny_opt, monkeypatch, method, options):
+    """The driver's nm and group reach the pruners: 2 zeros in every group of 4 consecutive weights of a row,
+    or the same count in every row; magnitude's masks are those of the original weights, Linear by Linear."""
+    _, directory, calib_ids = tiny_opt
+    model = load_model(directory)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = record_pruner_calls(monkeypatch)
+    rho = 0.4
+    report = prune_model(model, None if method == "magnitude" else calib_ids, method, rho, progress=False, **options)
+    assert len(calls) == len(report) == 18, f"{len(calls)} pruner calls for {len(report)} Linears"
+    for (key, kept), call in zip(report.items(), calls):
+        keep, W = call["keep"], model.get_parameter(key + ".weight")
+        d_out, d_in = W.shape
+        if "nm" in options:
+            per_group = (~keep).reshape(d_out, d_in // 4, 4).sum(dim=-1)
+            assert (per_group == 2).all(), f"{method} {key}: pruned per group of 4 {per_group.unique().tolist()}"
+            assert kept == 0.5, f"{method} {key}: kept {kept} with 2:4"
+        else:
+            per_row = (~keep).sum(dim=1)
+            assert (per_row == pruners.prune_count(d_in, rho)).all(), \
+                f"{key}: pruned per row {per_row.unique().tolist()}"
+        assert n_diff(W[~keep], 0) == 0, f"{method} {key}: a pruned weight is not zero"
+        if method == "magnitude":
+            expected = magnitude_mask(original[key + ".weight"], rho, **options)
+            assert n_diff(keep, expected) == 0, f"{key}: {n_diff(keep, expected)} entries differ from magnitude_mask"
+
+
+# where the offload tests send the blocks: the CPU everywhere (only the moves can be seen), CUDA where present
+OFFLOAD_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def record_moves(monkeypatch) -> list[tuple[nn.Module, torch.device]]:
+    """Every `module.to(device)` call from here on, in order: with device = cpu, the only trace an offload leaves."""
+    moves, to = [], nn.Module.to
+
+    def recording_to(module, device, *args, **kwargs):
+        moves.append((module, torch.device(device)))
+        return to(module, device, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "to", recording_to)
+    return moves
+
+
+def assert_each_visits(modules, moves, device, what):
+    """Each module went to `device` once and then back to the CPU, and stayed there."""
+    for name, module in modules.items():
+        trips = [to.type for m, to in moves if m is module]
+        assert trips == [device, "cpu"], f"{what}: {name} was moved to {trips}, expected [{device!r}, 'cpu']"
+        where = {p.device.type for p in module.parameters()}
+        assert where == {"cpu"}, f"{what}: {name}'s parameters are on {where} after the loop"
+
+
+@pytest.mark.parametrize("device", OFFLOAD_DEVICES)
+@pytest.mark.parametrize("method", ("wanda", "sparsegpt"))
+def test_prune_model_with_a_device_visits_it_block_by_block(tiny_opt, monkeypatch, method, device):
+    """prune_model(device=...) on a model kept in CPU memory: each block goes there for its turn and comes back,
+    and the weights are those of a run without offload (bit for bit on the CPU: the same kernels)."""
+    _, directory, calib_ids = tiny_opt
+    at_home, offloaded = load_model(directory), load_model(directory)
+    prune_model(at_home, calib_ids, method, 0.5, progress=False)
+    moves = record_moves(monkeypatch)
+    prune_model(offloaded, calib_ids, method, 0.5, device=device, progress=False)
+    monkeypatch.undo()
+    blocks = {f"block {b}": block for b, block in enumerate(offloaded.decoder.layers)}
+    assert_each_visits(blocks, moves, device, f"{method} offloaded to {device}")
+    for key, W in at_home.state_dict().items():
+        W_offloaded = offloaded.state_dict()[key]
+        assert W_offloaded.device.type == "cpu", f"{key} is on {W_offloaded.device}"
+        if device == "cpu":
+            assert n_diff(W, W_offloaded) == 0, f"{method}: {key} differs in {n_diff(W, W_offloaded)} weights"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: checks partition's fallback and offload")
@@ -899,9 +1279,68 @@ def test_every_select_gives_identical_logits(tiny_model, rho, routing):
             f"{select} differs from sort ({routing})"
 
 
+def test_chosen_experts_refuse_another_batch_size(tiny_model):
+    """Experts chosen for one prompt cannot silently serve a batch of two (zip would drop the second)."""
+    chosen = {}
+    mumoe_logits(tiny_model, random_ids(1, 8), 0.5, chosen=chosen)
+    with pytest.raises(ValueError, match="1 prompts' experts for a batch of 2 prompts"):
+        tiny_model(random_ids(2, 8), mumoe.chosen_experts(chosen))
+
+
 def test_unknown_routing_is_refused(tiny_model):
     with pytest.raises(UsageError, match="routing must be one of"):
         mumoe_logits(tiny_model, random_ids(1, 8), 0.5, routing="dense")
+
+
+# One routed Linear in half precision vs float32 arithmetic on the same inputs and masks, as a fraction of the
+# largest |output|. Measured on tiny_model (both routings, rho 0.3 and 0.5, 3 batches of prompts):
+# float16 <= 4.6e-4, bfloat16 <= 3.8e-3.
+HALF_LINEAR_RTOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_mumoe_in_half_precision(tiny_model, dtype, routing):
+    """μ-MoE on a half-precision model, Linear by Linear against float32 arithmetic on what each Linear really got:
+    its masks are those of float32 statistics of the input it routes on (its own, or the block's dense pass's),
+    which summed in half precision would flip 2-24 of them here; its outputs agree within rounding. End to end
+    the logits are not compared with the float32 model's: one rounding flips a near tie early and this tiny
+    model amplifies it, to 5-50% of the largest logit."""
+    model, ids = copy.deepcopy(tiny_model).to(dtype), random_ids(2, 24)
+    for rho in (0.3, 0.5):
+        # mumoe_logits written out, so that each Linear can be watched: routed_block's steps, block by block
+        stats, chosen, seen, dense_inputs = {}, {}, [], {}
+        experts = micro_experts(rho, stats=stats if routing == "block" else None, chosen=chosen)
+
+        def noting_linear(layer, x):
+            y = experts(layer, x)
+            seen.append((layer, x, y))
+            return y
+
+        def noting_dense_input(layer, x):
+            dense_inputs[layer] = x
+            return layer(x)
+
+        x = model.embed(ids)
+        for block in model.decoder.layers:
+            if routing == "block":
+                block(x, noting_dense_input)
+                stats.update(mumoe.block_statistics(block, x))
+            x = block(x, noting_linear)
+        logits = model.head(x)
+        assert logits.dtype == dtype
+        assert torch.equal(logits, mumoe_logits(model, ids, rho, routing=routing)), "not what mumoe_logits computes"
+        assert len(seen) == 6 * TINY.num_hidden_layers
+        for layer, X, Y in seen:
+            name, routed_on = linear_names(model)[layer], dense_inputs[layer] if routing == "block" else X
+            W, bias = layer.weight.float(), layer.bias.float()
+            for b, X_b in enumerate(X.float()):  # X_b (T, d_in): the half-precision input, exactly
+                M = wanda_mask(W, routed_on[b].float().square().sum(dim=0), rho, "sort")
+                diff = n_diff(chosen[layer][b] != 0, M)  # (random weights have no zeros of their own)
+                assert diff == 0, f"{dtype} {name}, prompt {b}, rho={rho}: {diff} mask entries differ from float32's"
+                expected = F.linear(X_b, W * M, bias)
+                assert_close(Y[b], expected, HALF_LINEAR_RTOL[dtype] * expected.abs().max().item(),
+                             f"{dtype} {name}, prompt {b}, rho={rho}: output vs float32 arithmetic")
 
 
 # -----------------------------------------------------------------------------
@@ -909,10 +1348,11 @@ def test_unknown_routing_is_refused(tiny_model):
 
 
 @pytest.mark.parametrize("rho", [0.3, 0.5, 0.8, 1.0])
-def test_active_weights_and_counter_match_count_macs(tiny_model, rho):
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_active_weights_and_counter_match_count_macs(tiny_model, rho, routing):
     B, T = 2, 20
     counter = Counter()
-    mumoe_logits(tiny_model, random_ids(B, T), rho, counter=counter)
+    mumoe_logits(tiny_model, random_ids(B, T), rho, counter=counter, routing=routing)
     analytic = count_macs(TINY, T, rho)
     for layer, name in linear_names(tiny_model).items():
         d_out, d_in = layer.weight.shape
@@ -948,39 +1388,58 @@ def test_count_macs_ours():
 OPT_13B = OPTConfig(hidden_size=5120, ffn_dim=20480, num_hidden_layers=40, num_attention_heads=40,
                     vocab_size=50272, word_embed_proj_dim=5120)
 PAPER_TABLE = {1.0: 1.64e12, 0.8: 1.33e12, 0.6: 999e9, 0.4: 671e9, 0.2: 342e9}  # OPT-13B, T = 128
+# count_macs's docstring: the paper's convention gives every row within 0.3% (the worst, rho = 1: 1.644T vs 1.64T,
+# 0.22%); each other reading below misses some row by more, so the table itself decides each convention.
+PAPER_RTOL = 0.003
 
 
 @pytest.mark.parametrize("rho", sorted(PAPER_TABLE))
 def test_paper_table_for_opt_13b(rho):
     total = count_macs(OPT_13B, 128, rho, convention="paper").total
-    assert abs(total / PAPER_TABLE[rho] - 1) <= 0.01, f"rho={rho}: {total:.4g} MACs vs the paper's {PAPER_TABLE[rho]:.4g}"
+    assert abs(total / PAPER_TABLE[rho] - 1) <= PAPER_RTOL, \
+        f"rho={rho}: {total:.4g} MACs vs the paper's {PAPER_TABLE[rho]:.4g}: off by {total / PAPER_TABLE[rho] - 1:+.2%}"
 
 
 def test_paper_table_reading():
-    """The 100% row is the dense model: with the scoring cost it would round to 1.66T, not 1.64T."""
-    dense = count_macs(OPT_13B, 128, 1.0, convention="paper")
-    assert round(dense.total / 1e10) == 164 and dense.routing == {}
-    scores = 40 * (4 * 5120 * 5120 + 2 * 5120 * 20480)
-    assert round((dense.total + scores) / 1e10) == 166
-    without_scores = count_macs(OPT_13B, 128, 0.6, convention="paper").total - scores
-    assert abs(without_scores / 999e9 - 1) > 0.01, "the rho < 1 rows need the scoring cost"
+    """Each convention of the paper's count, by the row it changes: the other reading, computed here from the
+    shapes, misses that row by more than PAPER_RTOL."""
+    T, d, f, V, layers = 128, 5120, 20480, 50272, 40
+    scores = layers * (4 * d * d + 2 * d * f)  # d_out * d_in of every decoder Linear
+    paper = {rho: count_macs(OPT_13B, T, rho, convention="paper") for rho in PAPER_TABLE}
+    for rho, count in paper.items():
+        routing = sum(count.routing.values())
+        assert routing == (0 if rho == 1.0 else scores), f"rho={rho}: routing {routing}, the scores are {scores}"
+    readings = {  # convention: (the row it changes, the other reading's total, as the table would print it)
+        "the dense row counts no scores": (1.0, paper[1.0].total + scores, "1.66T"),
+        "the rows with rho < 1 count the scores": (0.6, paper[0.6].total - scores, "986G"),
+        "lm_head is scaled by rho too": (0.2, paper[0.2].total - paper[0.2].linear["lm_head"] + V * d * T, "368G"),
+        "attention products are left out": (0.2, paper[0.2].total + layers * 2 * d * T * (T + 1) // 2, "345G"),
+    }
+    for convention, (rho, other, printed) in readings.items():
+        assert mumoe.si(other) == printed, f"{convention}: the other reading gives {mumoe.si(other)}"
+        assert abs(other / PAPER_TABLE[rho] - 1) > PAPER_RTOL, \
+            f"{convention}: the other reading ({printed} at rho={rho}) is as close to the table"
+    # Not decided by the table: the norms ||X_j||^2 (d_in * T per Linear, 0.07% at rho = 0.2) are left out as
+    # ours counts them; rho * d_in and the exact kept count d_in - int(d_in * (1 - rho)) agree for OPT-13B.
 
 
 # -----------------------------------------------------------------------------
 # Prefix routing and generation
 
 
-def test_prefix_routing_ignores_later_tokens(tiny_model):
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_prefix_routing_ignores_later_tokens(tiny_model, routing):
     N, rho = 12, 0.5
     ids = random_ids(1, 30)
     changed = ids.clone()
     changed[:, N:] = random_ids(1, 30 - N, seed=7)
-    prefix_a, prefix_b = prompt_masks(tiny_model, ids, rho, prefix=N), prompt_masks(tiny_model, changed, rho, prefix=N)
+    prefix_a = prompt_masks(tiny_model, ids, rho, prefix=N, routing=routing)
+    prefix_b = prompt_masks(tiny_model, changed, rho, prefix=N, routing=routing)
     assert all(torch.equal(prefix_a[name][0], prefix_b[name][0]) for name in prefix_a)
-    full_a, full_b = prompt_masks(tiny_model, ids, rho), prompt_masks(tiny_model, changed, rho)
+    full_a, full_b = prompt_masks(tiny_model, ids, rho, routing=routing), prompt_masks(tiny_model, changed, rho, routing=routing)
     assert any(not torch.equal(full_a[name][0], full_b[name][0]) for name in full_a), "without prefix they differ"
     # routing on the first N tokens of the sequence = routing on those N tokens alone (the model is causal)
-    alone = prompt_masks(tiny_model, ids[:, :N], rho)
+    alone = prompt_masks(tiny_model, ids[:, :N], rho, routing=routing)
     assert all(torch.equal(prefix_a[name][0], alone[name][0]) for name in alone)
 
 
@@ -991,35 +1450,90 @@ def test_prefix_longer_than_prompt_is_refused(tiny_model):
         micro_experts(1.5)
 
 
+# At OPT's init_std 0.02 the embeddings dominate a tiny model and greedy decoding of the pre-LN one repeats
+# a single token at once, which a broken cache would reproduce too; at these stds the tokens keep changing.
+GENERATION_INIT_STD = {"pre_ln": 0.25, "post_ln_350m": 0.1}
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_LAYOUTS))
+def generating_checkpoint(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(f"generating_{request.param}")
+    reference = save_tiny_opt(directory, init_std=GENERATION_INIT_STD[request.param], **TINY_LAYOUTS[request.param])
+    return directory, reference
+
+
+def test_cached_greedy_generation_matches_transformers_and_recomputation(generating_checkpoint):
+    """Dense greedy decoding with our KV cache = transformers' generate (its own cache) on the same weights =
+    the whole sequence recomputed at every step, without any cache."""
+    directory, reference = generating_checkpoint
+    model = load_model(directory)
+    prompt, steps = [2, 5, 17, 9, 33, 70, 41, 8], 24
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], dim=1)
+        hf = reference.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False,
+                                eos_token_id=None, pad_token_id=1)
+    recomputed, transformers_new = ids[0, len(prompt):].tolist(), hf[0, len(prompt):].tolist()
+    cached = generate(model, prompt, steps)
+    assert cached == transformers_new, f"ours with the cache {cached}\ntransformers' generate {transformers_new}"
+    assert cached == recomputed, f"ours with the cache {cached}\nrecomputed without it {recomputed}"
+    assert len(set(cached)) >= 6, f"a degenerate continuation cannot tell a broken cache: {cached}"
+
+
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_generation_keeps_the_prompts_experts(tiny_model, routing):
-    """The prompt's experts serving every new token = routing every step on the prompt's tokens (prefix)."""
-    prompt, rho, steps = random_ids(1, 9)[0].tolist(), 0.4, 8
+    """Decoding through the cache with the prompt's experts = recomputing the whole sequence at every step, each
+    time routed on the prompt's tokens only (prefix): the same masks, applied to every new token."""
+    prompt, rho, steps = random_ids(1, 9, seed=5)[0].tolist(), 0.5, 10
     new = generate(tiny_model, prompt, steps, rho, routing)
     ids = torch.tensor([prompt])
     for _ in range(steps):
         next_id = mumoe_logits(tiny_model, ids, rho, prefix=len(prompt), routing=routing)[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, next_id], dim=1)
     assert new == ids[0, len(prompt):].tolist()
+    assert len(set(new)) >= 6, f"a degenerate continuation cannot tell a broken decode: {new}"
     assert new != generate(tiny_model, prompt, steps), "the dense model continues differently"
+
+
+@pytest.mark.parametrize("rho", [1.0, 0.5])
+def test_generation_stops_at_eos(tiny_model, rho):
+    """With eos_id set to the token greedily emitted at step k (its first occurrence), decoding ends right there."""
+    prompt = random_ids(1, 9, seed=5)[0].tolist()
+    free = generate(tiny_model, prompt, 10, rho)
+    k = next(k for k in range(2, 10) if free[k] not in free[:k])
+    assert generate(tiny_model, prompt, 10, rho, eos_id=free[k]) == free[:k + 1]
+
+
+def test_generation_bad_input(tiny_model):
+    prompt = random_ids(1, 60)[0].tolist()
+    with pytest.raises(UsageError, match="max_new_tokens must be at least 1, got 0"):
+        generate(tiny_model, prompt, 0)
+    with pytest.raises(UsageError, match="60 prompt tokens \\+ 5 new tokens exceed max_position_embeddings=64"):
+        generate(tiny_model, prompt, 5, 0.5)
+    with pytest.raises(UsageError, match="the prompt is empty"):
+        generate(tiny_model, [], 5)
+    assert len(generate(tiny_model, prompt, 4, 0.5)) == 4, "60 + 4 tokens fit the 64 positions exactly"
 
 
 # -----------------------------------------------------------------------------
 # The command line
 
 
+CLI_VOCAB = 512  # the tiny command-line model's vocabulary: room for every id of the tiny tokenizer
+
+
 @pytest.fixture(scope="module")
 def tiny_with_tokenizer(tmp_path_factory):
-    """A tiny random OPT with the real vocabulary (50272 ids) and, where ../shared/data is present, the real
-    tokenizer files beside it: what the command lines load. Bad input is caught before the tokenizer is read."""
+    """A tiny random OPT with a tiny BPE tokenizer beside it (save_tiny_tokenizer): what the command lines load,
+    so that they run to success on any machine. The real tokenizer is checked on ../shared/data above."""
     directory = tmp_path_factory.mktemp("tiny_with_tokenizer")
-    save_tiny_opt(directory, random_layer_norms=False, vocab_size=50272, init_std=0.3)
-    for name in ("vocab.json", "merges.txt") if TOKENIZER_DIR.is_dir() else ():
-        shutil.copy(TOKENIZER_DIR / name, directory / name)
+    vocab = save_tiny_tokenizer(directory)
+    assert vocab <= CLI_VOCAB, f"the tiny tokenizer has {vocab} ids, the model {CLI_VOCAB}"
+    save_tiny_opt(directory, random_layer_norms=False, vocab_size=CLI_VOCAB, init_std=0.3)
     return directory
 
 
-@needs_shared_data
 def test_command_generates(tiny_with_tokenizer):
     run = subprocess.run([sys.executable, str(REPO / "mumoe.py"), "--model", str(tiny_with_tokenizer), "--rho", "0.5",
                           "--prompt", "Hello, my dog is", "--max-new-tokens", "4"],
@@ -1027,6 +1541,7 @@ def test_command_generates(tiny_with_tokenizer):
     assert run.returncode == 0, run.stderr
     assert "--- dense:\nHello, my dog is" in run.stdout and "--- μ-MoE, rho = 0.5" in run.stdout
     assert "(50.00%)" in run.stdout, "hidden 32 and ffn 64 split exactly in half at rho = 0.5"
+    assert run.stdout.count(" tokens/s; prompt ") == 2 and "routing on the prompt, once: " in run.stdout
     assert "saved" in run.stdout
 
 
@@ -1040,12 +1555,12 @@ def test_command_generates(tiny_with_tokenizer):
     (["--device", "cuda"], "CUDA is not available"),
     (["--device", "gpu"], "unknown device 'gpu'"),
     (["--rho", "half"], "invalid float value: 'half'"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+    (["--max-new-tokens", "63"], "+ 63 new tokens exceed max_position_embeddings=64"),
 ])
 def test_command_bad_input(tiny_with_tokenizer, capsys, args, message):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    if "--prefix" in args and not TOKENIZER_DIR.is_dir():
-        pytest.skip(f"checking --prefix against the prompt's length needs the tokenizer: {TOKENIZER_DIR} not found")
     argv = ["--model", str(tiny_with_tokenizer), "--rho", "0.5", "--prompt", "Hello"] + args
     with pytest.raises(SystemExit) as exit_info:
         mumoe.main(argv)
@@ -1234,6 +1749,17 @@ def test_c4_calibration_needs_more_than_seqlen_tokens(tmp_path):
     assert not (ours == ord("a")).any(), "a document of exactly seqlen tokens was used"
 
 
+def test_too_little_text_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="the evaluation text has 15 tokens, fewer than one window of 16"):
+        eval_ppl.windows(torch.arange(15), 16)
+    write_rows(tmp_path, "ptb", "train", ["short row", "another"])  # BOS + 17 characters
+    with pytest.raises(UsageError, match="the ptb train split has 18 tokens, not more than seqlen 18"):
+        eval_ppl.calibration_windows("ptb", CharTokenizer(), 2, 18, data_dir=tmp_path)
+    write_rows(tmp_path, "c4", "train", ["a" * 29, "short"])  # 30 tokens at most: none longer than 30
+    with pytest.raises(UsageError, match="no c4 train document found with more than 30 tokens"):
+        eval_ppl.calibration_windows("c4", CharTokenizer(), 2, 30, data_dir=tmp_path)
+
+
 # -----------------------------------------------------------------------------
 # Perplexity against transformers
 
@@ -1268,6 +1794,26 @@ def test_perplexity_matches_transformers(tiny_ppl):
     assert_rel_close(eval_ppl.perplexity(model, ids, offload=True), ref, PPL_RTOL, "dense, offload")
 
 
+@pytest.mark.parametrize("device", OFFLOAD_DEVICES)
+@torch.no_grad()
+def test_perplexity_offload_visits_the_device_block_by_block(tiny_ppl, monkeypatch, device):
+    """With offload, each block goes to `device` for its turn and back, the rest of the model too, and the
+    perplexity (dense and μ-MoE) is the one without offload: exactly on the CPU, the same kernels in the same order."""
+    model, _, ids = tiny_ppl
+    for what, run_block in [("dense", dense_block), ("μ-MoE", mumoe.routed_block(0.5))]:
+        kept = eval_ppl.perplexity(model, ids, run_block=run_block)
+        moves = record_moves(monkeypatch)
+        offloaded = eval_ppl.perplexity(model, ids, device=device, run_block=run_block, offload=True)
+        monkeypatch.undo()
+        if device == "cpu":
+            assert offloaded == kept, f"{what}: offload gives {offloaded!r}, without {kept!r}"
+        elif what == "dense":  # (μ-MoE on CUDA may route a near tie the other way: not compared)
+            assert_rel_close(offloaded, kept, PPL_RTOL, f"{what} offloaded to {device}")
+        modules = {f"block {b}": block for b, block in enumerate(model.decoder.layers)}
+        modules.update({type(m).__name__ + f" {i}": m for i, m in enumerate(eval_ppl.outer_modules(model))})
+        assert_each_visits(modules, moves, device, f"{what} perplexity offloaded to {device}")
+
+
 @torch.no_grad()
 def test_perplexity_of_micro_experts_matches_mumoe_logits(tiny_ppl):
     model, _, ids = tiny_ppl
@@ -1300,14 +1846,52 @@ def test_perplexity_loss_is_float32_in_bfloat16(tiny_ppl, tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# Pruning quality on a model that was really trained (../shared/models/opt-ptb-tiny: PTB, 10M parameters)
+
+TRAINED_MODEL = REPO.parent / "shared" / "models" / "opt-ptb-tiny"
+TRAINED_SEQLEN, TRAINED_WINDOWS, TRAINED_NSAMPLES = 256, 4, 4  # seconds, not minutes: orderings, not the table
+
+
+@pytest.fixture(scope="module")
+def trained_ptb():
+    if not (TRAINED_MODEL / "model.safetensors").is_file() or not (SHARED_DATA / "rows").is_dir():
+        pytest.skip(f"the trained model {TRAINED_MODEL} or the rows in {SHARED_DATA / 'rows'} are not here "
+                    "(CI provides them): random weights say nothing about how well a pruner prunes")
+    tokenizer, rows = load_tokenizer(TRAINED_MODEL), SHARED_DATA / "rows"
+    test = eval_ppl.windows(eval_ppl.evaluation_ids("ptb", tokenizer, TRAINED_SEQLEN, rows), TRAINED_SEQLEN)
+    calib = eval_ppl.calibration_windows("ptb", tokenizer, TRAINED_NSAMPLES, TRAINED_SEQLEN, data_dir=rows)
+    return test[:TRAINED_WINDOWS], calib
+
+
+@torch.no_grad()
+def test_sparsegpt_prunes_a_trained_model_best(trained_ptb):
+    """PTB, PTB calibration, 30% active: SparseGPT's update beats both score-only pruners (the model's README:
+    167 against magnitude's 189 and Wanda's 201 on 8 windows of 2048; here, measured: 230 against 250 and 269,
+    dense 231), which are worse than dense."""
+    test, calib = trained_ptb
+    dense = eval_ppl.perplexity(load_model(TRAINED_MODEL), test)
+    ppl = {}
+    for method in pruners.METHODS:
+        model = load_model(TRAINED_MODEL)
+        prune_model(model, calib, method, 0.3, progress=False)
+        ppl[method] = eval_ppl.perplexity(model, test)
+    assert ppl["sparsegpt"] < min(ppl["magnitude"], ppl["wanda"]), f"dense {dense:.1f}, pruned {ppl}"
+    assert dense < min(ppl["magnitude"], ppl["wanda"]), f"dense {dense:.1f}, pruned {ppl}"
+
+
+@torch.no_grad()
+def test_routings_differ_on_a_trained_model(trained_ptb):
+    """At 20% active weights the one-pass routing, whose later Linears see already-gated inputs, is not the
+    block routing: their PTB perplexities differ by far more than float noise (measured: 323 and 356)."""
+    test, _ = trained_ptb
+    model = load_model(TRAINED_MODEL)
+    ppl = {routing: eval_ppl.perplexity(model, test, run_block=mumoe.routed_block(0.2, routing))
+           for routing in ROUTINGS}
+    assert abs(ppl["block"] / ppl["linear"] - 1) > 0.01, ppl
+
+
+# -----------------------------------------------------------------------------
 # The command line, end to end on a tiny model with a small --data-dir
-
-WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
-
-
-def sentence(rng: random.Random, n: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + " ."
-
 
 @pytest.fixture(scope="module")
 def cli_data(tmp_path_factory):
@@ -1325,7 +1909,6 @@ def cli_args(model: Path, data: Path, *extra) -> list[str]:
             "--max-windows", "3", "--device", "cpu", *extra]
 
 
-@needs_shared_data
 def test_command_prints_the_table_and_writes_json(tiny_with_tokenizer, cli_data, tmp_path):
     out = tmp_path / "results.json"
     argv = cli_args(tiny_with_tokenizer, cli_data, "--rho", "0.5", "1", "--out", str(out),
@@ -1357,8 +1940,10 @@ def test_command_prints_the_table_and_writes_json(tiny_with_tokenizer, cli_data,
         if r["rho"] == 1.0:  # nothing pruned: every method is the dense model, so each starts from fresh weights
             for d in dense:
                 assert_rel_close(r["ppl"][d], dense[d], 1e-6, f"{r['method']} ({r['calib']}) at rho=1 on {d}")
-        elif r["method"] != "dense":
-            assert r["avg"] > sum(dense.values()) / 3, f"{r['method']} at rho=0.5 is not worse than dense"
+        elif r["method"] != "dense":  # (not "worse": a random model, or one of random words, need not suffer)
+            change = abs(r["avg"] / (sum(dense.values()) / 3) - 1)
+            assert change > 1e-3, \
+                f"{r['method']} ({r['calib']}) at rho=0.5 is dense within {change:.1e}: nothing pruned?"
 
 
 def test_table_columns_never_run_together():
@@ -1397,14 +1982,74 @@ def run_main(argv, capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-@needs_shared_data
-def test_command_is_deterministic(tiny_with_tokenizer, cli_data, tmp_path, capsys):
-    argv = cli_args(tiny_with_tokenizer, cli_data, "--methods", "wanda", "mumoe", "--calib", "ptb", "--rho", "0.4",
-                    "--offload", "--out")
-    assert run_main(argv + [str(tmp_path / "a.json")], capsys)[0] == 0
-    assert run_main(argv + [str(tmp_path / "b.json")], capsys)[0] == 0
-    a, b = (json.loads((tmp_path / f).read_text())["results"] for f in ("a.json", "b.json"))
-    assert [r["ppl"] for r in a] == [r["ppl"] for r in b]
+def report_of(argv: list[str], capsys) -> dict:
+    """Run eval_ppl.main in this process; it must succeed. Returns its JSON report (argv names --out)."""
+    code, _, err = run_main(argv, capsys)
+    assert code == 0, f"exit {code}: {err[-2000:]}"
+    return json.loads(Path(argv[argv.index("--out") + 1]).read_text())
+
+
+def ppl_of(report: dict) -> list[tuple]:
+    return [(r["method"], r["rho"], r["calib"], r["ppl"]) for r in report["results"]]
+
+
+def test_command_is_deterministic_with_or_without_offload(tiny_with_tokenizer, cli_data, tmp_path, capsys):
+    argv = cli_args(tiny_with_tokenizer, cli_data, "--methods", "dense", "wanda", "mumoe", "--calib", "ptb",
+                    "--rho", "0.4", "--out")
+    offloaded = [ppl_of(report_of(argv + [str(tmp_path / f"{run}.json"), "--offload"], capsys)) for run in "ab"]
+    kept = ppl_of(report_of(argv + [str(tmp_path / "kept.json")], capsys))
+    assert offloaded[0] == offloaded[1], "two runs with the same seed differ"
+    assert offloaded[0] == kept, f"--offload changes the numbers:\n{offloaded[0]}\n{kept}"
+
+
+def test_command_select_reaches_wanda_and_mumoe(tiny_with_tokenizer, cli_data, tmp_path, capsys, monkeypatch):
+    """--select picks the kernel of every selection, Wanda's and μ-MoE's (both routings): the default is never
+    asked for. Each select gives the same masks, so the same numbers."""
+    argv = cli_args(tiny_with_tokenizer, cli_data, "--methods", "wanda", "mumoe", "--calib", "ptb",
+                    "--mumoe-routing", *ROUTINGS, "--out")
+    by_sort = ppl_of(report_of(argv + [str(tmp_path / "sort.json"), "--select", "sort"], capsys))
+    kernels, defaults, kth_smallest, default_select = [], [], pruners.kth_smallest, pruners.default_select
+
+    def noting_kth_smallest(S, k, select):
+        kernels.append(select)
+        return kth_smallest(S, k, select)
+
+    def noting_default_select(device):
+        defaults.append(device)
+        return default_select(device)
+
+    monkeypatch.setattr(pruners, "kth_smallest", noting_kth_smallest)
+    monkeypatch.setattr(pruners, "default_select", noting_default_select)
+    by_topk = ppl_of(report_of(argv + [str(tmp_path / "topk.json"), "--select", "topk"], capsys))
+    assert kernels and set(kernels) == {"topk"}, f"--select topk ran {Counter(kernels)}"
+    assert not defaults, f"--select topk, yet the default select was asked for {len(defaults)} times"
+    assert by_topk == by_sort, f"--select topk and sort differ:\n{by_topk}\n{by_sort}"
+
+
+# The dense perplexity of the tiny command-line model in half precision vs float32 (3 windows of 16 tokens on
+# each dataset). Measured: bfloat16 <= 1.9e-3, float16 <= 5.5e-4 (relative).
+HALF_PPL_RTOL = {"bfloat16": 1e-2, "float16": 3e-3}
+
+
+@pytest.mark.parametrize("dtype", sorted(HALF_PPL_RTOL))
+def test_command_dtype(tiny_with_tokenizer, cli_data, tmp_path, capsys, dtype):
+    argv = cli_args(tiny_with_tokenizer, cli_data, "--methods", "dense", "mumoe", "--out")
+    in_float32 = report_of(argv + [str(tmp_path / "float32.json")], capsys)
+    half = report_of(argv + [str(tmp_path / "half.json"), "--dtype", dtype], capsys)
+    assert half["settings"]["dtype"] == dtype
+    dense32, dense = in_float32["results"][0]["ppl"], half["results"][0]["ppl"]
+    assert dense != dense32, f"--dtype {dtype} gives float32's numbers exactly: the model was not converted"
+    for d in dense:
+        assert_rel_close(dense[d], dense32[d], HALF_PPL_RTOL[dtype], f"--dtype {dtype}, dense on {d}")
+    assert all(math.isfinite(p) for r in half["results"] for p in r["ppl"].values()), half["results"]
+
+
+def test_command_mumoe_prefix(tiny_with_tokenizer, cli_data, tmp_path, capsys):
+    argv = cli_args(tiny_with_tokenizer, cli_data, "--methods", "mumoe", "--mumoe-prefix", "8",
+                    "--out", str(tmp_path / "r.json"))
+    [row] = report_of(argv, capsys)["results"]
+    assert row["method"] == "mumoe" and row["prefix"] == 8, row
+    assert all(math.isfinite(p) and p > 1 for p in row["ppl"].values()), row
 
 
 BAD_INPUTS = {
@@ -1787,7 +2432,6 @@ def test_ptb_download_of_the_real_files(fake_ptb_url):
         assert rows == eval_ppl.load_rows("ptb", split, SHARED_DATA / "rows"), split
 
 
-@needs_shared_data
 def test_save_data_writes_the_data_dir_layout(fake_ptb_url, monkeypatch, tiny_with_tokenizer, tmp_path, capsys):
     served, _ = fake_ptb_url
     for split, name in [("train", "train"), ("test", "test")]:

@@ -1,21 +1,27 @@
-"""μ-MoE forward time / dense forward time, for an OPT-125M-shaped model at T = 2048 tokens.
+"""μ-MoE forward time / dense forward time on an OPT-125M-shaped model, at T = 128, 512 and 2048 tokens.
 
-The paper's complexity model says routing costs about (3/T + 1/d') of a dense pass in MACs, so a μ-MoE
-forward should take little more than a dense one (target here: <= 1.2x in fp32 on CPU, lm_head
-included in both). In wall time the per-row selection is what costs; this measures it per select.
+The paper's complexity model says routing costs about (3/T + 1/d') of a dense pass in MACs, so a one-pass
+("linear") μ-MoE forward should take little more than a dense one: target <= 1.05x at T = 2048 (bar 1.12)
+and <= 1.4x at T = 512, in fp32 on CPU, lm_head included in both. Block routing gathers each block's
+statistics in a dense pass first (fc2's product skipped): target <= 2.0x at T = 2048. In wall time the
+routing costs O(d·d') whatever T while the matmuls cost O(d·d'·T), so short prompts pay relatively more.
 
 Random weights (normal, std 0.02, as OPT was initialised) in opt_model's default OPTConfig (= 125m),
-no download. Every mode runs in the same process, interleaved repeat by repeat so that noise from the
-rest of the machine hits all of them; the median is reported. Modes:
+no download. Every mode runs in the same process, interleaved repeat by repeat and in a rotating order,
+so that noise from the rest of the machine hits all of them; the median and the spread are reported.
+The verdict is the default select's (None: partition on CPU). Modes:
 
-    dense           model(ids)
-    gate only       μ-MoE with the masks already chosen (W ⊙ M built and multiplied, no routing)
-    mumoe <select>  the full μ-MoE forward: norms, scores, selection, gate, for every Linear
+    dense                   model(ids)
+    mumoe linear <select>   one pass: each Linear routes on its own input (norms, scores, selection, gate)
+    mumoe block <select>    per block: a dense statistics pass, then the gated pass
 
-Peak memory (Linux): for each mode a fresh process builds the model, resets its peak resident size
-(/proc/self/clear_refs) and runs one forward; VmHWM minus VmRSS before is what the forward needs.
+Then a per-step profile of one block at the largest T (linear routing, ms per Linear): the matmul, the input
+norms, and the router-and-experts step W -> W ⊙ M, unfused (W * wanda_mask) and fused (wanda_gated_weight).
 
-    python benchmarks/bench_mumoe.py [--tokens 2048] [--rho 0.5] [--repeats 5] [--selects partition kthvalue]
+Peak memory (Linux, --memory): for each mode a fresh process builds the model, resets its peak resident
+size (/proc/self/clear_refs) and runs one forward; VmHWM minus VmRSS before is what the forward needs.
+
+    python benchmarks/bench_mumoe.py [--tokens 128 512 2048] [--rho 0.5] [--repeats 5] [--selects partition]
 """
 
 import argparse
@@ -28,20 +34,21 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mumoe import micro_experts  # noqa: E402
+from mumoe import input_sqnorms, mumoe_logits  # noqa: E402
 from opt_model import OPTConfig, OPTForCausalLM  # noqa: E402
-from pruners import SELECTS  # noqa: E402
+from pruners import SELECTS, default_select, wanda_gated_weight, wanda_mask  # noqa: E402
 
 OPT_INIT_STD = 0.02  # OPT's init_std
-TARGET_RATIO = 1.2
+TARGETS = {("linear", 2048): 1.05, ("linear", 512): 1.4, ("block", 2048): 2.0}
 
 
-def peak_extra_mb(args, mode: str) -> float:
+def peak_extra_mb(args, tokens: int, mode: str) -> float:
     """Peak resident memory of one forward in `mode` above what was resident before it, measured in a
     fresh process: in this one, memory freed by earlier runs stays in the heap and would hide the peak."""
-    command = [sys.executable, __file__, "--tokens", str(args.tokens), "--rho", str(args.rho), "--memory-of", mode]
+    command = [sys.executable, __file__, "--tokens", str(tokens), "--rho", str(args.rho), "--memory-of", mode]
     command += ["--threads", str(args.threads)] if args.threads else []
     return float(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])
 
@@ -54,12 +61,9 @@ def status_kb(field: str) -> int:
 
 def measure_memory(args) -> None:
     """Child process: print the peak RSS growth (MB) of one forward in mode args.memory_of."""
-    model, ids = random_opt(OPTConfig()), random_ids(args.tokens)
-    selects = [args.memory_of.removeprefix("mumoe ")] if args.memory_of.startswith("mumoe") else []
-    fn = forward_modes(model, ids, args.rho, selects)[args.memory_of]
+    model, ids = random_opt(OPTConfig()), random_ids(args.tokens[0])
+    fn = forward_modes(model, ids, args.rho, [args.memory_of.split()[-1]])[args.memory_of]
     with torch.no_grad():
-        if args.memory_of == "gate only":
-            fn()  # the first call chooses the masks, which then stay resident like the weights
         ctypes.CDLL(None).malloc_trim(0)  # hand freed heap memory back to the OS (glibc)
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM, the peak resident size
         before = status_kb("VmRSS")
@@ -83,61 +87,107 @@ def random_ids(tokens: int) -> torch.Tensor:
 
 def forward_modes(model, ids, rho: float, selects) -> dict:
     """name -> a function running one forward pass in that mode."""
-    fixed_masks = {}  # filled by the first "gate only" call (the warm-up), reused by every later one
-    modes = {"dense": lambda: model(ids),
-             "gate only": lambda: model(ids, micro_experts(rho, masks=fixed_masks))}
-    modes.update({f"mumoe {s}": (lambda s=s: model(ids, micro_experts(rho, s))) for s in selects})
+    modes = {"dense": lambda: model(ids)}
+    for routing in ("linear", "block"):
+        modes.update({f"mumoe {routing} {s}": (lambda r=routing, s=s: mumoe_logits(model, ids, rho, s, routing=r))
+                      for s in selects})
     return modes
+
+
+def timed(fn, repeats: int = 1) -> float:
+    """Median seconds of `repeats` calls of fn, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def profile_block(model, tokens: int, rho: float, repeats: int) -> list[dict]:
+    """ms per Linear of block 0 at `tokens` tokens: matmul, input norms, W -> W ⊙ M unfused and fused."""
+    block = model.decoder.layers[0]
+    x = torch.randn(1, tokens, model.config.hidden_size)
+    inputs = {"self_attn.q_proj": x, "self_attn.k_proj": x, "self_attn.v_proj": x, "self_attn.out_proj": x,
+              "fc1": x, "fc2": torch.relu(torch.randn(1, tokens, model.config.ffn_dim))}
+    rows = []
+    for name, layer in block.linears().items():
+        X, W = inputs[name], layer.weight
+        s = input_sqnorms(X)[0]
+        rows.append(dict(linear=name, shape=tuple(W.shape),
+                         matmul=timed(lambda: F.linear(X, W, layer.bias), repeats) * 1e3,
+                         norms=timed(lambda: input_sqnorms(X), repeats) * 1e3,
+                         unfused=timed(lambda: W * wanda_mask(W, s, rho), repeats) * 1e3,
+                         fused=timed(lambda: wanda_gated_weight(W, s, rho), repeats) * 1e3))
+    return rows
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 2048])
     parser.add_argument("--rho", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--selects", nargs="*", choices=SELECTS, default=list(SELECTS))
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--selects", nargs="*", choices=SELECTS, default=[default_select("cpu")],
+                        help="selection kernels to time (default: the default one)")
+    parser.add_argument("--memory", action="store_true", help="measure each mode's peak memory in subprocesses")
     parser.add_argument("--out", default="results_mumoe_forward.json")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: the child process of peak_extra_mb
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); "
-                        "1 gives steadier ratios on a machine that other jobs share")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_of:
         return measure_memory(args)
 
-    model, ids = random_opt(OPTConfig()), random_ids(args.tokens)
-    modes = forward_modes(model, ids, args.rho, args.selects)
-    times = {name: [] for name in modes}
-    with torch.no_grad():
-        for fn in modes.values():  # warm-up
-            fn()
-        for r in range(args.repeats):
-            for name, fn in modes.items():
-                start = time.perf_counter()
+    model, rows = random_opt(OPTConfig()), []
+    default = default_select("cpu")
+    for tokens in args.tokens:
+        ids = random_ids(tokens)
+        modes = forward_modes(model, ids, args.rho, args.selects)
+        times = {name: [] for name in modes}
+        with torch.no_grad():
+            for fn in modes.values():  # warm-up
                 fn()
-                times[name].append(time.perf_counter() - start)
-            print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()),
-                  flush=True)
-    del model, modes
-    memory = {name: float("nan") if args.no_memory else peak_extra_mb(args, name) for name in times}
+            for r in range(args.repeats):
+                names = list(modes)[r % len(modes):] + list(modes)[: r % len(modes)]  # rotate who goes first
+                for name in names:
+                    start = time.perf_counter()
+                    modes[name]()
+                    times[name].append(time.perf_counter() - start)
+        dense = statistics.median(times["dense"])
+        print(f"\nOPT-125M shape, T = {tokens}, rho = {args.rho}, fp32, {torch.get_num_threads()} threads, "
+              f"median of {args.repeats} (spread: min-max of the per-repeat ratios to that repeat's dense)")
+        print(f"{'mode':>24} {'seconds':>8} {'/ dense':>8} {'spread':>12}")
+        for name, ts in times.items():
+            seconds, ratios = statistics.median(ts), [t / d for t, d in zip(ts, times["dense"])]
+            memory = peak_extra_mb(args, tokens, name) if args.memory else None
+            print(f"{name:>24} {seconds:8.3f} {seconds / dense:8.3f} {min(ratios):5.2f}-{max(ratios):<5.2f}"
+                  + (f" {memory:8.0f} MB peak extra" if memory is not None else ""))
+            rows.append(dict(tokens=tokens, mode=name, seconds=seconds, ratio=seconds / dense, ratios=ratios,
+                             peak_extra_mb=memory, all_seconds=ts))
+        for (routing, T), target in TARGETS.items():
+            ratio = next((r["ratio"] for r in rows if r["tokens"] == tokens == T
+                          and r["mode"] == f"mumoe {routing} {default}"), None)
+            if ratio is not None:
+                print(f"verdict: {routing} routing ({default}) at T = {T}: {ratio:.3f}x dense, "
+                      f"{'meets' if ratio <= target else 'misses'} the {target}x target")
 
-    dense = statistics.median(times["dense"])
-    print(f"\nOPT-125M shape, T = {args.tokens}, rho = {args.rho}, fp32, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}")
-    print(f"{'mode':>16} {'seconds':>8} {'/ dense':>8} {'peak extra MB':>14}")
-    rows = []
-    for name in times:
-        seconds = statistics.median(times[name])
-        print(f"{name:>16} {seconds:8.2f} {seconds / dense:8.2f} {memory[name]:14.0f}")
-        rows.append(dict(mode=name, seconds=seconds, ratio=seconds / dense, peak_extra_mb=memory[name],
-                         all_seconds=times[name]))
-    best = min((r for r in rows if r["mode"].startswith("mumoe")), key=lambda r: r["ratio"])
-    print(f"fastest μ-MoE: {best['mode']} at {best['ratio']:.2f}x dense "
-          f"({'meets' if best['ratio'] <= TARGET_RATIO else 'misses'} the {TARGET_RATIO}x target)")
-    Path(args.out).write_text(json.dumps(dict(tokens=args.tokens, rho=args.rho, threads=torch.get_num_threads(),
-                                              torch=torch.__version__, rows=rows), indent=1))
+    T = max(args.tokens)
+    profile = profile_block(model, T, args.rho, args.repeats)
+    print(f"\nblock 0 at T = {T}, ms per Linear (median of {args.repeats}):")
+    print(f"{'linear':>18} {'shape':>12} {'matmul':>8} {'norms':>8} {'unfused':>8} {'fused':>8}")
+    for p in profile:
+        print(f"{p['linear']:>18} {str(p['shape']):>12} {p['matmul']:8.2f} {p['norms']:8.2f} "
+              f"{p['unfused']:8.2f} {p['fused']:8.2f}")
+    matmul = sum(p["matmul"] for p in profile)
+    norms = sum(p["norms"] for p in profile[3:]) + profile[0]["norms"]  # q, k and v share one input's norms
+    for step in ("unfused", "fused"):
+        routing = norms + sum(p[step] for p in profile)
+        print(f"routing, {step}: {routing:.1f} ms per block = {routing / matmul:.3f} of the block's matmuls")
+    Path(args.out).write_text(json.dumps(dict(rho=args.rho, threads=torch.get_num_threads(), torch=torch.__version__,
+                                              rows=rows, profile=profile), indent=1))
     print(f"numbers saved to {args.out}")
 
 

@@ -6,11 +6,16 @@ of each row of the scores S = |W| * ||X||_2, ties included, that `wanda_mask` ru
 
     square matrices   d x d,  d in 768 ... 8192
     OPT shapes        fc1 (4d x d) and fc2 (d x 4d) for OPT hidden sizes d (125m: 768, 1.3b: 2048, ...)
+    ties              fc2 again, with 80% dead inputs: fc2 reads a ReLU, and an input that never fires on a
+                      prompt scores 0 in every row. 80% is more than any rho here prunes, so every row ties at
+                      the threshold 0 and the exact-k tie step runs (checked); random scores alone never tie.
 
 at rho = 0.25, 0.5, 0.75, with select = sort (Wanda's reference), topk and kthvalue (the paper's faster
 choices) and partition (numpy's introselect; on CUDA pruners falls back to kthvalue, so it is skipped).
 Every select gives the identical mask (tested in test_pruners); only the time differs. The score itself
-(`wanda_score`, the same for every select) is timed once per matrix and shown beside them.
+(`wanda_score`, the same for every select) is timed once per matrix and shown beside them. The selects of
+one matrix and rho take turns call by call (after a warm-up call each), so that a burst of load from another
+process slows them alike instead of skewing one ratio.
 Prints a table, saves the numbers as JSON and, if matplotlib is installed, a log-log plot as PNG.
 
     python benchmarks/bench_selection.py                      # about 2-3 minutes on a 2-core CPU
@@ -34,30 +39,48 @@ RHOS = (0.25, 0.5, 0.75)
 SQUARE_SIZES = (768, 1024, 2048, 4096, 8192)
 OPT_HIDDEN_SIZES = (768, 2048)  # 125m and 1.3b; 4096 (6.7b) adds two 67M-weight shapes: pass --opt-hidden
 FFN_RATIO = 4  # every OPT has ffn_dim = 4 * hidden_size
-MIN_SECONDS = 0.3  # repeat a measurement until this much time is spent ...
+MIN_SECONDS = 0.3  # repeat the rounds until every kernel has spent this much time ...
 MAX_REPEATS = 5    # ... but at most this often; the median is reported
+DEAD_FRACTION = 0.8  # of the tie case's inputs: above the largest pruned fraction, 1 - min(RHOS) = 0.75
 
 
-def shapes(square_sizes, opt_hidden_sizes) -> list[tuple[str, int, int]]:
-    """(label, d_out, d_in) of every matrix to time."""
-    out = [(f"square {d}", d, d) for d in square_sizes]
+def shapes(square_sizes, opt_hidden_sizes) -> list[tuple[str, int, int, float]]:
+    """(label, d_out, d_in, fraction of dead inputs) of every matrix to time."""
+    out = [(f"square {d}", d, d, 0.0) for d in square_sizes]
     for d in opt_hidden_sizes:
-        out += [(f"fc1 {FFN_RATIO * d}x{d}", FFN_RATIO * d, d), (f"fc2 {d}x{FFN_RATIO * d}", d, FFN_RATIO * d)]
+        f = FFN_RATIO * d
+        out += [(f"fc1 {f}x{d}", f, d, 0.0), (f"fc2 {d}x{f}", d, f, 0.0),
+                (f"fc2 {d}x{f} {DEAD_FRACTION:.0%} dead", d, f, DEAD_FRACTION)]
     return out
 
 
-def median_seconds(fn, device) -> float:
-    """Median wall time of fn(), after one warm-up call (allocator, kernels, numpy)."""
+def median_seconds(fns: dict, device) -> dict[str, float]:
+    """Median wall time of each fn in fns, after one warm-up call each (allocator, kernels, numpy). The fns take
+    turns, one call each per round, the order rotated every round; rounds go on until every fn has spent
+    MIN_SECONDS, or MAX_REPEATS rounds."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    fn()
-    times = []
-    while len(times) < MAX_REPEATS and sum(times) < MIN_SECONDS:
-        sync()
-        start = time.perf_counter()
+    for fn in fns.values():
         fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    names, times = list(fns), {name: [] for name in fns}
+    for round_ in range(MAX_REPEATS):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            sync()
+            start = time.perf_counter()
+            fns[name]()
+            sync()
+            times[name].append(time.perf_counter() - start)
+        if min(sum(t) for t in times.values()) >= MIN_SECONDS:
+            break
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def tied_rows(S: torch.Tensor, k: int) -> int:
+    """Rows with more than k scores <= their k-th smallest: the rows the exact-k tie step redoes."""
+    return int(((S <= torch.kthvalue(S, k, dim=1).values[:, None]).sum(dim=1) > k).sum())
+
+
+def kind_of(result) -> str:
+    return "ties" if result["dead_inputs"] else "square" if result["label"].startswith("square") else "opt"
 
 
 def plot(results, path):
@@ -73,10 +96,10 @@ def plot(results, path):
     for row, device in zip(axes, devices):
         for ax, rho in zip(row, RHOS):
             for select in SELECTS:
-                for kind, marker, style in (("square", "o", "-"), ("opt", "s", ":")):
+                for kind, marker, style in (("square", "o", "-"), ("opt", "s", ":"), ("ties", "^", "--")):
                     points = sorted((r["d_out"] * r["d_in"], r["seconds"]) for r in results
                                     if (r["device"], r["rho"], r["select"]) == (device, rho, select)
-                                    and r["label"].startswith("square") == (kind == "square"))
+                                    and kind_of(r) == kind)
                     if points:
                         x, y = zip(*points)
                         ax.plot(x, [1e3 * t for t in y], marker=marker, linestyle=style,
@@ -109,25 +132,28 @@ def main():
 
     results = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; times in ms, median of up to {MAX_REPEATS}")
-    header = f"{'device':6} {'matrix':>18} {'score':>8} {'rho':>5} " + " ".join(f"{s:>9}" for s in SELECTS)
+    header = f"{'device':6} {'matrix':>22} {'score':>8} {'rho':>5} " + " ".join(f"{s:>9}" for s in SELECTS)
     print(header + f" {'sort/best':>9}")
     for device in args.devices:
         generator = torch.Generator(device).manual_seed(0)
-        for label, d_out, d_in in shapes(square, opt_hidden):
+        for label, d_out, d_in, dead in shapes(square, opt_hidden):
             W = torch.randn(d_out, d_in, device=device, generator=generator)
             x_sqnorm = torch.rand(d_in, device=device, generator=generator) * 100  # sum over T tokens of X_tj^2
-            score_seconds = median_seconds(lambda: wanda_score(W, x_sqnorm), device)
+            if dead:
+                x_sqnorm[torch.randperm(d_in, device=device, generator=generator)[:int(dead * d_in)]] = 0
+            score_seconds = median_seconds({"score": lambda: wanda_score(W, x_sqnorm)}, device)["score"]
             S = wanda_score(W, x_sqnorm)
             for rho in RHOS:
-                row, k = {}, prune_count(d_in, rho)
-                for select in SELECTS:
-                    if select == "partition" and device != "cpu":
-                        continue  # pruners runs kthvalue for it off the CPU
-                    row[select] = median_seconds(lambda: prune_lowest(S, k, select), device)
-                    results.append(dict(device=device, label=label, d_out=d_out, d_in=d_in, rho=rho, select=select,
-                                        seconds=row[select], score_seconds=score_seconds))
+                k = prune_count(d_in, rho)
+                if dead and tied_rows(S, k) < d_out:
+                    raise SystemExit(f"FAILED: {label}, rho {rho}: only {tied_rows(S, k)} of {d_out} rows tie at "
+                                     "the threshold, so the tie step is not what is timed")
+                selects = [s for s in SELECTS if s != "partition" or device == "cpu"]  # off the CPU: kthvalue
+                row = median_seconds({s: lambda s=s: prune_lowest(S, k, s) for s in selects}, device)
+                results += [dict(device=device, label=label, d_out=d_out, d_in=d_in, dead_inputs=dead, rho=rho,
+                                 select=s, seconds=row[s], score_seconds=score_seconds) for s in selects]
                 cells = " ".join(f"{1e3 * row[s]:9.2f}" if s in row else f"{'-':>9}" for s in SELECTS)
-                print(f"{device:6} {label:>18} {1e3 * score_seconds:8.2f} {rho:5.2f} {cells} "
+                print(f"{device:6} {label:>22} {1e3 * score_seconds:8.2f} {rho:5.2f} {cells} "
                       f"{row['sort'] / min(row.values()):9.1f}x", flush=True)
             del W, S
 
