@@ -2106,7 +2106,6 @@ def zeros_per_group(W: torch.Tensor, M: int) -> torch.Tensor:
     return (W == 0).reshape(W.shape[0], -1, M).sum(dim=-1)
 
 
-@needs_shared_data
 def test_nm_end_to_end_for_every_method(tiny_with_tokenizer, cli_data, tmp_path, capsys, monkeypatch):
     """--nm 2:4: every pruned weight matrix, and every window's μ-MoE experts, have 2 zeros in each group of 4
     (the random weights have no zero of their own)."""
@@ -2150,7 +2149,6 @@ def test_nm_end_to_end_for_every_method(tiny_with_tokenizer, cli_data, tmp_path,
         (m, "2:4", 0.5) for m in ("magnitude", "wanda", "sparsegpt", "mumoe", "mumoe")]
 
 
-@needs_shared_data
 @torch.no_grad()
 def test_prefix_run_scores_every_row_after_the_prefix(tiny_with_tokenizer, cli_data, tmp_path, capsys):
     """--mumoe-prefix 5: dense and μ-MoE are both scored on targets ids[5:] of each window, against transformers'
@@ -2177,7 +2175,6 @@ def test_prefix_run_scores_every_row_after_the_prefix(tiny_with_tokenizer, cli_d
     assert abs(reference_ppl(lambda w: reference(w).logits, ids) - dense) / dense > 10 * PPL_RTOL, "the test is blind"
 
 
-@needs_shared_data
 def test_resume_runs_only_the_missing_rows(tiny_with_tokenizer, cli_data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "r.json"
     argv = cli_args(tiny_with_tokenizer, cli_data, "--datasets", "ptb", "--calib", "ptb", "--mumoe-prefix", "4",
@@ -2201,7 +2198,6 @@ def test_resume_runs_only_the_missing_rows(tiny_with_tokenizer, cli_data, tmp_pa
     assert [r for r in after if r["method"] != "magnitude"] == before, "a finished row changed"
 
 
-@needs_shared_data
 def test_resume_with_other_settings_names_them(tiny_with_tokenizer, cli_data, tmp_path, capsys):
     out = tmp_path / "r.json"
     argv = cli_args(tiny_with_tokenizer, cli_data, "--datasets", "ptb", "--methods", "dense", "--out", str(out))
