@@ -130,7 +130,8 @@ def read_rows_file(path: Path) -> list[str]:
             except json.JSONDecodeError as e:
                 raise UsageError(f"{path}, line {number}: not a JSON line ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise UsageError(f'{path}, line {number}: expected {{"text": "..."}}, got {line.strip()[:60]}')
+                shown = line.strip()[:60]  # enough of the line to find it, not a whole document
+                raise UsageError(f'{path}, line {number}: expected {{"text": "..."}}, got {shown}')
             rows.append(row["text"])
     return rows
 
