@@ -22,7 +22,6 @@ Imports: torch, safetensors, tokenizers, and huggingface_hub (only to download a
 """
 
 import json
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
