@@ -195,11 +195,12 @@ def wanda_gated_weight(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, sele
     rows = max(1, FUSED_CHUNK_ELEMENTS // d_in)
     steps = [slice(r, min(r + rows, d_out)) for r in range(0, d_out, rows)]
     threads = min(torch.get_num_threads(), len(steps))
+    norms = np.tile(norms, (rows, 1))  # (rows, d_in): a product of equal shapes runs as one loop, not one per row
     # Scores are >= 0, and non-negative floats order as their bit patterns do: the selection runs on int32
-    # keys (faster than on floats). A dead input (||X_j|| = 0) scores 0 in every row, and introselect
-    # crawls through that many equal keys, so zero scores get distinct keys below all others, in index
-    # order: exactly the rule's order. Other ties (equal positive scores) are rare: repaired afterwards.
-    dead_inputs = not norms.all()
+    # keys (faster than on floats). A dead input (||X_j|| = 0) scores 0 in every row; when that many equal
+    # keys crowd the k-th, the partition crawls through them, so then zero scores get distinct keys below
+    # all others, in index order: exactly the rule's order. Other ties are rare: repaired afterwards.
+    crowded = d_in - np.count_nonzero(norms[0]) > k // 2
     zero_keys = np.iinfo(np.int32).min + np.arange(d_in, dtype=np.int32)
 
     def fuse(first: int) -> None:
@@ -209,8 +210,8 @@ def wanda_gated_weight(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, sele
             n = step.stop - step.start
             W_s, keys_s, P_s, keep_s = W_np[step], keys[:n], P[:n], keep[:n]
             S_s = keys_s.view(np.float32)
-            np.multiply(np.abs(W_s, out=S_s), norms, out=S_s)  # S_ij = |W_ij| * ||X_j||_2
-            if dead_inputs:
+            np.multiply(np.abs(W_s, out=S_s), norms[:n], out=S_s)  # S_ij = |W_ij| * ||X_j||_2
+            if crowded:
                 np.copyto(keys_s, zero_keys, where=S_s == 0)
             np.positive(keys_s, out=P_s)  # a copy (np.copyto of this size can bypass the cache and crawl)
             P_s.partition(k - 1, axis=1)
