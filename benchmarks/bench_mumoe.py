@@ -9,7 +9,10 @@ routing costs O(d·d') whatever T while the matmuls cost O(d·d'·T), so short p
 Random weights (normal, std 0.02, as OPT was initialised) in opt_model's default OPTConfig (= 125m),
 no download. Every mode runs in the same process, interleaved repeat by repeat and in a rotating order,
 so that noise from the rest of the machine hits all of them; the median and the spread are reported.
-The verdict is the default select's (None: partition on CPU). Modes:
+A whole forward takes seconds, over which a shared machine's speed drifts (per-repeat ratios of
+0.9-1.4 at T = 2048 have been seen), so the ratios are estimated a second way too: block by block,
+each block run in every mode back to back on the same input, and a repeat's forward summed from its
+blocks. The verdict is that paired estimate, for the default select (None: partition on CPU). Modes:
 
     dense                   model(ids)
     mumoe linear <select>   one pass: each Linear routes on its own input (norms, scores, selection, gate)
@@ -37,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mumoe import input_sqnorms, mumoe_logits  # noqa: E402
+from mumoe import input_sqnorms, mumoe_logits, routed_block  # noqa: E402
 from opt_model import OPTConfig, OPTForCausalLM  # noqa: E402
 from pruners import SELECTS, default_select, wanda_gated_weight, wanda_mask  # noqa: E402
 
@@ -106,6 +109,33 @@ def timed(fn, repeats: int = 1) -> float:
 
 
 @torch.no_grad()
+def paired_blocks(model, ids, rho: float, select: str, repeats: int) -> dict[str, list[float]]:
+    """Each mode's forward time / dense, estimated block by block: per-repeat ratios, one per repeat.
+
+    The machine's speed drifts over the seconds a whole forward takes, so here each block runs in every
+    mode back to back on the same input (the dense pass's hidden states), in a rotating order, and a
+    repeat's forward is the embedding and head (dense in every mode) plus its 12 block times.
+    """
+    modes = {"dense": lambda block, x: block(x)}
+    for routing in ("linear", "block"):
+        run = routed_block(rho, routing, select)
+        modes[f"mumoe {routing} {select}"] = lambda block, x, run=run: run(block, x)
+    x = model.embed(ids)
+    outside = timed(lambda: model.head(x), repeats) + timed(lambda: model.embed(ids), repeats)
+    totals = {name: [outside] * repeats for name in modes}
+    for block in model.decoder.layers:
+        for fn in modes.values():  # warm-up
+            fn(block, x)
+        for r in range(repeats):
+            for name in list(modes)[r % len(modes):] + list(modes)[: r % len(modes)]:
+                start = time.perf_counter()
+                modes[name](block, x)
+                totals[name][r] += time.perf_counter() - start
+        x = block(x)
+    return {name: [t / d for t, d in zip(ts, totals["dense"])] for name, ts in totals.items()}
+
+
+@torch.no_grad()
 def profile_block(model, tokens: int, rho: float, repeats: int) -> list[dict]:
     """ms per Linear of block 0 at `tokens` tokens: matmul, input norms, W -> W ⊙ M unfused and fused."""
     block = model.decoder.layers[0]
@@ -165,14 +195,22 @@ def main():
             memory = peak_extra_mb(args, tokens, name) if args.memory else None
             print(f"{name:>24} {seconds:8.3f} {seconds / dense:8.3f} {min(ratios):5.2f}-{max(ratios):<5.2f}"
                   + (f" {memory:8.0f} MB peak extra" if memory is not None else ""))
-            rows.append(dict(tokens=tokens, mode=name, seconds=seconds, ratio=seconds / dense, ratios=ratios,
-                             peak_extra_mb=memory, all_seconds=ts))
+            rows.append(dict(tokens=tokens, mode=name, estimate="whole forwards", seconds=seconds,
+                             ratio=seconds / dense, ratios=ratios, peak_extra_mb=memory, all_seconds=ts))
+        paired = paired_blocks(model, ids, args.rho, default, args.repeats)
+        print(f"the same, block by block ({default}; each block in every mode back to back, median of {args.repeats}):")
+        for name, ratios in paired.items():
+            print(f"{name:>24} {'':>8} {statistics.median(ratios):8.3f} {min(ratios):5.2f}-{max(ratios):<5.2f}")
+            rows.append(dict(tokens=tokens, mode=name, estimate="block by block", ratio=statistics.median(ratios),
+                             ratios=ratios))
         for (routing, T), target in TARGETS.items():
-            ratio = next((r["ratio"] for r in rows if r["tokens"] == tokens == T
-                          and r["mode"] == f"mumoe {routing} {default}"), None)
-            if ratio is not None:
-                print(f"verdict: {routing} routing ({default}) at T = {T}: {ratio:.3f}x dense, "
-                      f"{'meets' if ratio <= target else 'misses'} the {target}x target")
+            mode = f"mumoe {routing} {default}"
+            ratios = [r["ratio"] for r in rows if r["tokens"] == tokens == T and r["mode"] == mode]
+            if ratios:  # (whole forwards: only if --selects has the default), block by block
+                ratio = ratios[-1]
+                print(f"verdict: {routing} routing ({default}) at T = {T}: {ratio:.3f}x dense block by block"
+                      + (f" ({ratios[0]:.3f}x in whole forwards)" if len(ratios) == 2 else "")
+                      + f", {'meets' if ratio <= target else 'misses'} the {target}x target")
 
     T = max(args.tokens)
     profile = profile_block(model, T, args.rho, args.repeats)
