@@ -195,13 +195,13 @@ def wanda_gated_weight(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, sele
     rows = max(1, FUSED_CHUNK_ELEMENTS // d_in)
     steps = [slice(r, min(r + rows, d_out)) for r in range(0, d_out, rows)]
     threads = min(torch.get_num_threads(), len(steps))
-    norms = np.tile(norms, (rows, 1))  # (rows, d_in): a product of equal shapes runs as one loop, not one per row
     # Scores are >= 0, and non-negative floats order as their bit patterns do: the selection runs on int32
     # keys (faster than on floats). A dead input (||X_j|| = 0) scores 0 in every row; when that many equal
     # keys crowd the k-th, the partition crawls through them, so then zero scores get distinct keys below
     # all others, in index order: exactly the rule's order. Other ties are rare: repaired afterwards.
-    crowded = d_in - np.count_nonzero(norms[0]) > k // 2
+    crowded = d_in - np.count_nonzero(norms) > k // 2
     zero_keys = np.iinfo(np.int32).min + np.arange(d_in, dtype=np.int32)
+    norms = np.tile(norms, (rows, 1))  # (rows, d_in): a product of equal shapes runs as one loop, not one per row
 
     def fuse(first: int) -> None:
         keys, P = np.empty((2, rows, d_in), np.int32)  # keys of the scores, and a copy the partition reorders
