@@ -494,6 +494,10 @@ def plot(results: list[dict], path: Path):
     return fig
 
 
+# -----------------------------------------------------------------------------
+# Guarding a run of hours: bad input refused before any work, every row saved as it finishes, --resume
+
+
 def check_writable(path: Path, option: str) -> None:
     """Fail now, not after hours of work, when `path` cannot be written; an existing file is left as it is."""
     existed = path.exists()
@@ -601,6 +605,10 @@ def check_nm_fits(nm: tuple[int, int], config: OPTConfig, sparsegpt: bool) -> No
     if sparsegpt and SPARSEGPT_BLOCKSIZE % nm[1]:
         raise UsageError(f"--nm {nm_name(nm)}: SparseGPT prunes in blocks of {SPARSEGPT_BLOCKSIZE} columns, "
                          f"which M={nm[1]} does not divide; choose M among its divisors or leave out sparsegpt")
+
+
+# -----------------------------------------------------------------------------
+# The run: the plan of rows (method, rho, calibration, routing), each pruned or routed, then evaluated
 
 
 def main(argv=None) -> int:

@@ -217,12 +217,9 @@ def wanda_gated_weight(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, sele
             P_s.partition(k - 1, axis=1)
             t = P_s[:, k - 1 : k]  # (n, 1): the key of the k-th smallest score of each row
             np.multiply(W_s, np.greater(keys_s, t, out=keep_s), out=out_np[step])
-            if np.count_nonzero(keep_s) != n * kept:  # ties at t: the rule prunes the lowest-index ones
+            if np.count_nonzero(keep_s) != n * kept:  # ties at t: the rows that tie are redone by the rule itself
                 tied = np.flatnonzero(np.count_nonzero(keep_s, axis=1) != kept)  # (r,) row numbers
-                ties = keys_s[tied] == t[tied]  # (r, d_in)
-                missing = kept - np.count_nonzero(keep_s[tied], axis=1, keepdims=True)  # ties to keep, per row
-                from_the_right = np.cumsum(ties[:, ::-1], axis=1, dtype=np.int32)[:, ::-1]
-                keep_s[tied] |= ties & (from_the_right <= missing)  # the highest-index ties stay
+                keep_s[tied] = ~prune_lowest(torch.from_numpy(keys_s[tied]), k).numpy()  # keys order as scores do
                 out_np[step.start + tied] = W_s[tied] * keep_s[tied]
 
     list(cpu_threads().map(fuse, range(threads)))

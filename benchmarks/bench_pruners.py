@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from opt_model import OPTConfig, OPTForCausalLM  # noqa: E402
 from pruners import SELECTS, prune_lowest, prune_model, sparsegpt_prune, wanda_mask, wanda_score  # noqa: E402
 
+from bench_selection import tied_rows  # noqa: E402  (same directory)
+
 RHO = 0.5  # the paper's headline active ratio
 REFERENCE_WINDOWS = 128  # calibration windows of 2048 tokens in SparseGPT and Wanda
 STAT_TOKENS = 4096  # tokens behind the statistics of the prune-only timings; their content does not change the work
@@ -130,8 +132,7 @@ def bench_selection(device, repeats):
         if dead:
             x_sqnorm[torch.randperm(d_in, device=device, generator=g)[:int(DEAD_FRACTION * d_in)]] = 0
         S, k = wanda_score(W, x_sqnorm), int(d_in * (1 - RHO))
-        # the rows where more than k scores are <= the k-th smallest: the ones the tie step redoes
-        tied = int(((S <= torch.kthvalue(S, k, dim=1).values[:, None]).sum(dim=1) > k).sum())
+        tied = tied_rows(S, k)
         if dead and tied < d_out:
             raise SystemExit(f"FAILED: {label}: only {tied} of {d_out} rows tie at the threshold, "
                              "so the tie step is not what is timed")
