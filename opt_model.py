@@ -159,13 +159,15 @@ class OPTAttention(nn.Module):
         k = linear(self.k_proj, x)
         v = linear(self.v_proj, x)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        start = 0  # tokens before these, whose keys and values wait in the cache
         if cache is not None:
-            if T > 1 and cache.length > 0:  # would need the causal mask shifted right by cache.length
-                raise ValueError(f"{T} new tokens after {cache.length} cached ones: decode one token at a time")
-            k, v = cache.append(k, v)  # (B, nh, cache.length, hs): the earlier tokens' keys and values too
-        # y = softmax(q k^T + mask) v. Over a prompt the mask is causal (-inf above the diagonal); one new
-        # token may see every earlier token and itself, so it needs no mask.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=1.0)
+            start = cache.length
+            k, v = cache.append(k, v)  # (B, nh, start + T, hs): the earlier tokens' keys and values too
+        # y = softmax(q k^T + mask) v, the mask -inf where a key comes after its query: new token i, at position
+        # start + i, sees keys 0 ... start + i. Over a prompt that is SDPA's causal mask; SDPA aligns it top-left,
+        # so T tokens after cached ones get it shifted right by `start`; one new token may see every key.
+        shifted = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start) if T > 1 and start else None
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=shifted, is_causal=T > 1 and not start, scale=1.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return linear(self.out_proj, y)
 
@@ -252,7 +254,7 @@ class OPTForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, linear: LinearFn = dense_linear,
                 cache: list[KVCache] | None = None) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab). With a cache (`new_cache`), input_ids are the tokens that
-        follow the cached ones (all of the prompt first, then one token per call) and join the cache."""
+        follow the cached ones (the prompt first, then one or more tokens per call) and join the cache."""
         start = cache[0].length if cache else 0
         x = self.embed(input_ids, start)
         for i, block in enumerate(self.decoder.layers):
