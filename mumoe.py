@@ -30,6 +30,7 @@ first N tokens only, a strictly causal variant.
     micro_experts(rho, ...)          the μ-MoE Linear, a drop-in for opt_model.dense_linear
     mumoe_logits(model, ids, rho)    (B, T) ids -> (B, T, vocab) logits, each prompt routed on itself
     count_macs(config, T, rho)       the analytical MAC count, ours or the paper's convention
+    route_prompt(model, ids, cache)  route prompts once, filling the KV cache: their experts for later tokens
     generate(model, ids, n, rho)     greedy decoding with a KV cache, routed once on the prompt
     python mumoe.py --model opt-125m --rho 0.5 --prompt "..."    generation, dense beside μ-MoE
 
@@ -281,9 +282,25 @@ def count_macs(config: OPTConfig, tokens: int, rho: float, convention: str = "ou
 
 
 @torch.no_grad()
+def route_prompt(model, ids: torch.Tensor, cache: list[KVCache], rho: float = 1.0, routing: str = "block",
+                 select: str | None = None, prefix: int | None = None, nm=None) -> tuple[torch.Tensor, dict]:
+    """Run prompts ids (B, T) once, block by block, each routed on itself, filling the empty `cache`.
+
+    Returns the hidden states leaving the last block (B, T, hidden) and `chosen`: per nn.Linear, each prompt's
+    gated weights W ⊙ M_b, with which later tokens run through the cache (`chosen_experts(chosen)`).
+    """
+    chosen = {}
+    run = routed_block(rho, routing, select, prefix, nm, chosen=chosen)
+    x = model.embed(ids)
+    for block, block_cache in zip(model.decoder.layers, cache):
+        x = run(block, x, block_cache)
+    return x, chosen
+
+
+@torch.no_grad()
 def generate(model, prompt_ids: list[int], max_new_tokens: int, rho: float = 1.0, routing: str = "block",
              select: str | None = None, prefix: int | None = None, eos_id: int | None = None,
-             timings: dict | None = None) -> list[int]:
+             timings: dict | None = None, nm=None, stop=None) -> list[int]:
     """Greedy decoding with a KV cache: the new token ids, at most `max_new_tokens`, the last one eos_id if emitted.
 
     The prompt runs once, block by block, routed on itself (rho = 1: the dense model). With block
@@ -293,7 +310,8 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, rho: float = 1.0
     and neither the masks nor W ⊙ M are ever rebuilt. The new tokens do not change the routing, as if the
     decode were routed on the prompt alone at every step (`prefix`: on its first `prefix` tokens only).
     `timings`: a dict that receives the seconds spent up to the first new token ("prompt": routing, the prompt
-    pass, the first token) and on the other tokens ("decode").
+    pass, the first token) and on the other tokens ("decode"). `nm` = (N, M): routed to N:M patterns instead of
+    rho. `stop`: a function of the new ids so far that returns True to end decoding there (e.g. at a stop string).
     """
     T, T_max = len(prompt_ids), model.config.max_position_embeddings
     if T < 1:
@@ -305,18 +323,14 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, rho: float = 1.0
     start = time.perf_counter()
     cache = model.new_cache(T + max_new_tokens - 1)  # the last new token is never fed back
     ids = torch.tensor([prompt_ids], device=model.lm_head.weight.device)  # (1, T)
-    chosen = {}
-    run = routed_block(rho, routing, select, prefix, chosen=chosen)
-    x = model.embed(ids)
-    for block, block_cache in zip(model.decoder.layers, cache):
-        x = run(block, x, block_cache)
+    x, chosen = route_prompt(model, ids, cache, rho, routing, select, prefix, nm)
     logits = model.head(x[:, -1:])  # (1, 1, vocab): only the last position picks the next token
     experts = chosen_experts(chosen)  # the prompt's W ⊙ M, built once by the pass above
 
     next_id = logits[:, -1].argmax(dim=-1, keepdim=True)  # (1, 1)
     new = [next_id.item()]
     prompt_done = time.perf_counter()
-    while new[-1] != eos_id and len(new) < max_new_tokens:
+    while new[-1] != eos_id and len(new) < max_new_tokens and not (stop and stop(new)):
         logits = model(next_id, experts, cache)  # (1, 1, vocab): one token, at position cache length
         next_id = logits[:, -1].argmax(dim=-1, keepdim=True)
         new.append(next_id.item())
