@@ -1,4 +1,5 @@
-"""Zero-shot task accuracy with lm-evaluation-harness: dense, pruned and μ-MoE models, each request routed on its context.
+"""Zero-shot task accuracy with lm-evaluation-harness: dense, pruned and μ-MoE models, each request routed on its
+context.
 
 This file owns the command for the other half of how pruned language models are judged:
 

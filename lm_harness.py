@@ -131,11 +131,18 @@ class HarnessLM(TemplateLM):
             ids = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)  # right-padded: pads follow every real token
             for row, tokens in enumerate(batch):
                 ids[row, : len(tokens)] = torch.tensor(tokens)
-            logprobs = F.log_softmax(self.model(ids.to(self.device)).float(), dim=-1)  # (B, T, vocab)
-            for row, tokens in enumerate(batch):
+            x = self.model.embed(ids.to(self.device))
+            for block in self.model.blocks:
+                x = block(x)  # (B, T, hidden)
+            # A continuation of n tokens is predicted by the last n positions read: only those reach the head,
+            # whose product with the vocabulary costs more than the blocks for a small model
+            spans = [max(len(windows[i][1]) for i in by_input[tokens]) for tokens in batch]
+            hidden = torch.cat([x[row, len(tokens) - n : len(tokens)]
+                                for row, (tokens, n) in enumerate(zip(batch, spans))])  # (sum of spans, hidden)
+            logprobs = F.log_softmax(self.model.head(hidden[None])[0].float(), dim=-1)
+            for tokens, n, rows in zip(batch, spans, logprobs.split(spans)):
                 for i in by_input[tokens]:
-                    n = len(windows[i][1])  # the continuation is predicted by the last n positions read
-                    results[i] = score(logprobs[row, len(tokens) - n : len(tokens)], windows[i][1])
+                    results[i] = score(rows[n - len(windows[i][1]):], windows[i][1])
         return results
 
     @torch.no_grad()

@@ -396,4 +396,4 @@ def test_command_unknown_task(command_setup, tmp_path, capsys, monkeypatch):
 def test_metric_prefers_acc_norm():
     assert eval_tasks.metric({"alias": "t", "acc,none": 0.5, "acc_norm,none": 0.6}) == "acc_norm,none"
     assert eval_tasks.metric({"alias": "t", "acc,none": 0.5, "perplexity,none": 9.0}) == "acc,none"
-    assert eval_tasks.fraction(float("nan")) == "—" and eval_tasks.fraction(None) == "—" and eval_tasks.fraction(0.5) == "50.00"
+    assert [eval_tasks.fraction(v) for v in (float("nan"), None, 0.5)] == ["—", "—", "50.00"]
