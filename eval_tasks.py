@@ -126,8 +126,10 @@ def task_manager(tasks: list[str], include_path: Path | None):
 
 
 def metric(task_result: dict) -> str:
-    """The key of the accuracy the table shows for a task: acc_norm where lm-eval reports it, else acc."""
-    return next((m for m in METRICS if m in task_result), next(k for k in task_result if k != "alias"))
+    """The key of the accuracy the table shows for a task: acc_norm where lm-eval reports it, else acc (else the
+    task's first metric, e.g. a generative task's exact_match)."""
+    first = next((k for k in task_result if "," in k and "_stderr," not in k), None)
+    return next((m for m in METRICS if m in task_result), first)
 
 
 # -----------------------------------------------------------------------------
@@ -273,7 +275,7 @@ def run(args) -> list[dict]:
                        args.nm if method == "mumoe" else None, routing or "block", scope or "context", args.select)
         output = lm_eval.simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                                          task_manager=manager, log_samples=False)
-        results = {task: output["results"][task] for task in args.tasks}
+        results = output["results"]  # by task: each task asked for, or each task of a group or tag asked for
         rows[key] = dict(row, results=results, mean=mean_accuracy(results), seconds=time.time() - start,
                          routed=lm.routed if method == "mumoe" else None)
         print(f"{label(row)}, rho {rho}: mean {fraction(rows[key]['mean'])} ({rows[key]['seconds']:.0f} s)", flush=True)

@@ -50,7 +50,8 @@ class HarnessLM(TemplateLM):
     rho = 1 without nm: the model as it is (dense, or pruned beforehand). Otherwise μ-MoE at active ratio rho (or
     pruning N of every M weights, nm = (N, M)), with `routing` ("block" or "linear", see mumoe.routed_block) and
     `routing_scope` ("context" or "full", above). `batch_size`: requests per forward (dense), continuations per
-    forward after one routed context (μ-MoE). `routed` counts the routings done: one per distinct context.
+    forward after one routed context (μ-MoE). `routed` counts the routed passes done: one per distinct context
+    (scope "context"), one per distinct request (scope "full").
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 16, rho: float = 1.0, nm=None, routing: str = "block",
@@ -76,7 +77,9 @@ class HarnessLM(TemplateLM):
 
     @property
     def eot_token_id(self) -> int:
-        return self.model.config.eos_token_id
+        """The end of sequence (the first, where config.json lists several, as Llama 3's does)."""
+        eos = self.model.config.eos_token_id
+        return eos[0] if isinstance(eos, (list, tuple)) else eos
 
     @property
     def prefix_token_id(self) -> int:
@@ -230,8 +233,8 @@ class HarnessLM(TemplateLM):
             def reached_stop(new: list[int]) -> bool:
                 return any(stop in self.tokenizer.decode(new) for stop in until)
 
-            new = generate(self.model, ids, max_new, self.rho, self.routing, self.select, eos_id=self.eot_token_id,
-                           nm=self.nm, stop=reached_stop if until else None)
+            new = generate(self.model, ids, max_new, self.rho, self.routing, self.select,
+                           eos_id=self.model.config.eos_token_id, nm=self.nm, stop=reached_stop if until else None)
             text = self.tokenizer.decode(new)
             for stop in until:
                 text = text.split(stop)[0]
