@@ -282,19 +282,28 @@ LLAMA_CONFIG = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_
                     num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS)
 
 
-def test_llama_context_routing_equals_prefix_routing(ours, tmp_path):
-    """The continuation after a routed context goes through the cache several tokens at once, which needs every
-    family's attention to shift its causal mask (checkpoint.shifted_causal_mask): LLaMA's too."""
+def test_llama_through_the_harness(ours, tiny, tmp_path):
+    """LLaMA's dense scores equal HFLM's over transformers' LlamaForCausalLM (token-level requests: the tiny BPE's
+    ids fit its vocabulary), and μ-MoE's continuation after a routed context runs through the cache several
+    tokens at once, which needs LLaMA's attention to shift its causal mask too (checkpoint.shifted_causal_mask)."""
+    pytest.importorskip("accelerate", reason="lm-eval's HFLM needs accelerate (requirements.txt, tests)")
     import transformers
+    from lm_eval.models.huggingface import HFLM
 
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_CONFIG)).save_pretrained(tmp_path)
+    reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_CONFIG)).eval()
+    reference.save_pretrained(tmp_path)
     try:
         model = models.load_model(tmp_path)
     except UsageError as e:
         pytest.skip(f"no LLaMA family here yet ({e})")
-    _, tokenizer = ours  # ids only: the tiny BPE fits the vocabulary
+    _, tokenizer = ours
     requests = token_requests(HarnessLM(model, tokenizer), mixed_requests())
+    hf = HFLM(pretrained=reference, tokenizer=transformers.AutoTokenizer.from_pretrained(tiny[0]), batch_size=3)
+    ref = hf._loglikelihood_tokens(requests, disable_tqdm=True)
+    got = HarnessLM(model, tokenizer, 4)._loglikelihood_tokens(requests)
+    assert_same([g[0] for g in got], [r[0] for r in ref], LL_ATOL, "LLaMA log-likelihoods vs HFLM")
+    assert [g[1] for g in got] == [r[1] for r in ref], "LLaMA is_greedy flags vs HFLM"
     got = [lp for lp, _ in HarnessLM(model, tokenizer, 2, 0.5)._loglikelihood_tokens(requests)]
     ref = [reference_score(model, c, x, 0.5, None, "block", prefix=True) for _, c, x in requests]
     assert_same(got, ref, ROUTED_ATOL, "LLaMA routed on the context vs mumoe_logits with prefix")
