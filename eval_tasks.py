@@ -235,6 +235,9 @@ def run(args) -> list[dict]:
     calibrated = any(m in CALIBRATED for m in args.methods)
     if calibrated and args.data_dir:
         eval_ppl.load_rows(args.calib, "train", args.data_dir)  # a missing file: now, not after the first rows
+    if calibrated:
+        eval_ppl.check_calibration_memory(args.nsamples, args.seqlen, config.hidden_size, dtype,
+                                          eval_ppl.available_memory(device), str(device))
     if args.nm:
         eval_ppl.check_nm_fits(args.nm, models.empty_model(config), "sparsegpt" in args.methods)
 

@@ -11,7 +11,9 @@ context keeps BOS as the checkpoint's tokenizer puts it, an empty context become
 request longer than max_length + 1 tokens loses its oldest context tokens, and the model reads
 (context + continuation)[-(max_length + 1):][:-1]; the continuation is scored on the logits before each of its
 tokens. Dense and offline-pruned models (prune first: pruners.prune_model) score requests in batches as HFLM does:
-longest first, right-padded (causal attention needs no mask for that), one forward per distinct input.
+longest first, right-padded (causal attention needs no mask for that), one forward per distinct input; only the
+positions that predict a continuation token go through the head (for a small model, the vocabulary's product
+costs more than the blocks).
 
 μ-MoE (rho < 1, or an N:M pattern) routes each request on its own tokens, and which tokens is `routing_scope`:
 
@@ -202,7 +204,9 @@ class HarnessLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """log p(text) of each whole text, in lm-eval's disjoint windows of max_length tokens (HFLM's). μ-MoE routes
-        each window as the scope says: on its context only, the first window on the BOS token alone."""
+        each window as the scope says. lm-eval gives a full window a context of one token (BOS, or the token
+        before the window), so for perplexity tasks the context scope routes on one token: use scope "full",
+        which routes each window on its own tokens, as eval_ppl.py's perplexity does."""
         windows, owners = [], []
         for n, (text,) in enumerate(req.args for req in requests):
             for context, continuation in map(make_disjoint_window, get_rolling_token_windows(

@@ -373,6 +373,15 @@ def test_command_resumes(command_setup, tmp_path, capsys):
     assert "limit 3 there, 4 here" in capsys.readouterr().err
 
 
+def test_command_nm(command_setup, tmp_path, capsys):
+    out = tmp_path / "tasks.json"
+    assert eval_tasks.main(command(command_setup, out, "--nm", "2:4", "--methods", "magnitude", "mumoe",
+                                   "--limit", "2")) == 0
+    rows = strict_load(out)["results"]
+    assert [(r["method"], r["rho"], r["nm"]) for r in rows] == [("magnitude", 0.5, "2:4"), ("mumoe", 0.5, "2:4")]
+    assert "2:4 (50% active)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--limit", "0"], "--limit: expected a positive integer, got 0"),
     (["--methods", "obs"], "argument --methods: invalid choice: 'obs'"),
