@@ -1,0 +1,347 @@
+"""LLaVA-1.5, self-contained: the CLIP vision tower, the projector, image preprocessing and the prompt format.
+
+This file owns the vision-language model of the paper's second experiment, LLaVA-1.5 (Liu, Li, Li & Lee,
+2023, "Improved Baselines with Visual Instruction Tuning"), as the `llava-hf/llava-1.5-7b-hf` checkpoint
+lays it out (`model_type` "llava"; the vision tower of `openai/clip-vit-large-patch14-336`):
+
+    image   pad to a centered square of CLIP's mean color, resize to 336, normalize    (3, 336, 336)
+    vision  CLIP ViT (Radford et al., 2021): 14x14 patches -> 576 patch tokens + CLS, pre-LN encoder layers;
+            the features are the hidden states after the second-to-last layer, CLS dropped   (576, 1024)
+    project linear_2(GELU(linear_1(features)))                                              (576, hidden)
+    prompt  the embedded text with each `<image>` placeholder replaced by its image's 576 features
+    text    the LLaMA (Vicuna) language model of llama_model.py, unchanged, on the embedded prompt
+
+The API (what eval_vqa.py and mumoe.py use):
+
+    LlavaConfig                               frozen config from config.json (vision, text, image token, ...)
+    load_llava(name_or_dir, device, dtype)    the model, strictly loaded (models.load_model dispatches here)
+    load_image(path) -> PIL image             a file that does not open is a UsageError
+    preprocess(image, size=336) -> (3, size, size) float32 tensor, as LLaVA-1.5's evaluation prepares it
+    conversation_prompt(message, has_image) -> str              the vicuna_v1 prompt of LLaVA-1.5's evaluation
+    prompt_ids(tokenizer, prompt, image_token_index) -> ids     one image_token_index where each image goes
+    model.embed_prompt(ids, pixel_values) -> (1, T, hidden)     the prompt the language model runs on
+    model.language_model                      the LLaMA, with the standard interface (blocks, head, new_cache ...)
+    model.image_features(pixel_values) -> (N, 576, hidden)      vision tower + projector
+
+Generation, dense or μ-MoE, is mumoe.generate(model.language_model, model.embed_prompt(ids, pixel_values),
+max_new_tokens, rho, ...): the method files see a language model and an embedded prompt, never an image.
+
+Preprocessing (LLaVA's `process_images` with `image_aspect_ratio="pad"`, as its eval scripts run it):
+the image is opened and converted to RGB with Pillow (`Image.convert("RGB")`: an alpha channel is dropped,
+not composited), pasted into a square of side max(w, h) filled with (122, 116, 104) -- int(255 * CLIP mean)
+-- at offset ((side - w) // 2, (side - h) // 2), then CLIP's `CLIPImageProcessor`: shortest edge to 336
+with Pillow's bicubic filter on the 8-bit image, center crop 336, rescale by 1/255, normalize with CLIP's
+mean and std. Where transformers differs: its `LlavaProcessor` (and `CLIPImageProcessor`) does not pad,
+so a non-square image loses its borders to the center crop; transformers 5 composites transparent pixels
+over white where Pillow's `convert("RGB")` drops the alpha channel.
+
+Imports: torch, Pillow (images), and (for the language model and loading) llama_model, checkpoint.
+"""
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from opt_model import LinearFn, UsageError, dense_linear
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class CLIPVisionConfig:
+    """The vision tower's shape; the defaults are openai/clip-vit-large-patch14-336 (ViT-L/14 at 336 px)."""
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise UsageError(f"vision hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.image_size % self.patch_size:
+            raise UsageError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.hidden_act not in VISION_ACTIVATIONS:
+            raise UsageError(f"vision hidden_act {self.hidden_act!r} is not one of {sorted(VISION_ACTIVATIONS)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "CLIPVisionConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's GELU approximation x * sigmoid(1.702 x), which its weights were trained with."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+VISION_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+PROJECTOR_ACTIVATIONS = {"gelu": F.gelu}  # exact (erf) GELU, as LLaVA's mlp2x_gelu projector
+
+# -----------------------------------------------------------------------------
+# The CLIP vision tower. Module names are the checkpoint's: vision_tower.vision_model.encoder.layers.0.mlp.fc1 ...
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.n_head = config.num_attention_heads
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.q_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, linear: LinearFn = dense_linear) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (linear(proj, x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, nh, T, hs)
+        # y = softmax(q k^T / sqrt(hs)) v: every patch sees every patch (no mask)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return linear(self.out_proj, y.transpose(1, 2).reshape(B, T, C))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        self.activation = VISION_ACTIVATIONS[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor, linear: LinearFn = dense_linear) -> torch.Tensor:
+        return linear(self.fc2, self.activation(linear(self.fc1, x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-LN: h = h + attn(LN1(h)); h = h + mlp(LN2(h))."""
+
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        self.self_attn = CLIPAttention(config)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = CLIPMLP(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def linears(self) -> dict[str, nn.Linear]:
+        """The six Linears, by checkpoint name, in the order the forward pass uses them."""
+        attn = self.self_attn
+        return {"self_attn.q_proj": attn.q_proj, "self_attn.k_proj": attn.k_proj, "self_attn.v_proj": attn.v_proj,
+                "self_attn.out_proj": attn.out_proj, "mlp.fc1": self.mlp.fc1, "mlp.fc2": self.mlp.fc2}
+
+    def forward(self, x: torch.Tensor, linear: LinearFn = dense_linear, cache=None) -> torch.Tensor:
+        """`cache` is accepted for the block interface and must be None: an image is encoded in one pass."""
+        if cache is not None:
+            raise ValueError("the vision tower has no KV cache: it encodes a whole image at once")
+        x = x + self.self_attn(self.layer_norm1(x), linear)
+        return x + self.mlp(self.layer_norm2(x), linear)
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    """Patches of the image -> tokens: [CLS, patch_1 ... patch_N] + learned positions (B, 1 + N, d)."""
+
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        d, p = config.hidden_size, config.patch_size
+        self.image_size = config.image_size
+        self.class_embedding = nn.Parameter(torch.empty(d))
+        self.patch_embedding = nn.Conv2d(config.num_channels, d, kernel_size=p, stride=p, bias=False)
+        self.position_embedding = nn.Embedding(config.num_patches + 1, d)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = pixel_values.shape
+        if (H, W) != (self.image_size, self.image_size):  # the learned positions are those of one grid
+            raise UsageError(f"pixel values of {H}x{W} for a vision tower of {self.image_size}x{self.image_size}")
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, d, H/p, W/p)
+        patches = patches.flatten(2).transpose(1, 2)  # (B, N, d), row by row
+        cls = self.class_embedding.expand(B, 1, -1)  # (B, 1, d)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight  # (B, 1 + N, d)
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
+
+
+class CLIPVisionTransformer(nn.Module):
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        self.embeddings = CLIPVisionEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # sic: the checkpoint's name
+        self.encoder = CLIPEncoder(config)
+        # CLIP's pooled output (the CLS token after the last layer) goes through it; LLaVA never reads it,
+        # but the checkpoint holds it, and every key is accounted for
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class CLIPVisionModel(nn.Module):
+    """The vision tower: `vision_model` holds the transformer (its name in the checkpoint)."""
+
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        self.config = config
+        self.vision_model = CLIPVisionTransformer(config)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.vision_model.encoder.layers
+
+    def hidden_states(self, pixel_values: torch.Tensor, layers: int, block=None) -> torch.Tensor:
+        """Pixels (B, 3, H, W) -> the hidden states after the first `layers` encoder layers (B, 1 + N, d).
+
+        transformers' `hidden_states[i]` is the state after i layers ([0]: the embeddings after pre_layrnorm).
+        `block(layer, x)`: how to run one layer (default: dense), e.g. routed per image by μ-MoE.
+        """
+        x = self.vision_model.pre_layrnorm(self.vision_model.embeddings(pixel_values))
+        for layer in self.blocks[:layers]:
+            x = layer(x) if block is None else block(layer, x)
+        return x
+
+
+class LlavaMultiModalProjector(nn.Module):
+    """Vision features -> the language model's embedding space: linear_2(GELU(linear_1(x)))."""
+
+    def __init__(self, vision_hidden: int, text_hidden: int, activation: str = "gelu", bias: bool = True):
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_hidden, text_hidden, bias=bias)
+        self.activation = PROJECTOR_ACTIVATIONS[activation]
+        self.linear_2 = nn.Linear(text_hidden, text_hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.activation(self.linear_1(x)))
+
+
+# -----------------------------------------------------------------------------
+# Images: LLaVA-1.5's evaluation preprocessing, with Pillow
+
+# OpenAI CLIP's normalization (openai/clip-vit-large-patch14-336's preprocessor_config.json)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# LLaVA's expand2square background: the mean color in 8 bits, truncated as LLaVA computes it
+PAD_COLOR = tuple(int(255 * m) for m in CLIP_MEAN)  # (122, 116, 104)
+
+
+def load_image(path):
+    """Open an image file as RGB, as LLaVA's eval scripts do (`Image.open(path).convert("RGB")`)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise UsageError(f"image {path} not found") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UsageError(f"image {path} could not be opened ({type(e).__name__}: {e})") from None
+
+
+def expand_to_square(image, color=PAD_COLOR):
+    """Pad a Pillow image to a square of side max(w, h), the image centered (offset rounded down), the rest
+    filled with `color`: LLaVA's `expand2square`, used with image_aspect_ratio="pad"."""
+    from PIL import Image
+
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    square = Image.new(image.mode, (side, side), color)
+    square.paste(image, ((side - w) // 2, (side - h) // 2))
+    return square
+
+
+def clip_transform(image, size: int = 336) -> torch.Tensor:
+    """CLIPImageProcessor on a Pillow image: RGB, shortest edge to `size` (bicubic, 8-bit), center crop
+    size x size, rescale by 1/255, normalize with CLIP's mean and std -> (3, size, size) float32."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    w, h = image.size
+    # the short side becomes `size`, the long side int(size * long / short): transformers' rounding
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(new_h, new_w, 3)
+    pixels = pixels[top:top + size, left:left + size].permute(2, 0, 1).float() / 255  # (3, size, size) in [0, 1]
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (pixels - mean) / std
+
+
+def preprocess(image, size: int = 336, aspect_ratio: str = "pad") -> torch.Tensor:
+    """A Pillow image -> pixel values (3, size, size), as LLaVA-1.5's evaluation prepares an image.
+
+    aspect_ratio="pad" (LLaVA-1.5): pad to a centered square of the mean color, then CLIP's transform.
+    aspect_ratio="crop": CLIP's transform alone (what transformers' LlavaProcessor does): the borders of
+    a non-square image are cropped away.
+    """
+    if aspect_ratio not in ASPECT_RATIOS:
+        raise UsageError(f"image_aspect_ratio {aspect_ratio!r} is not supported: give one of {ASPECT_RATIOS}")
+    image = image.convert("RGB")
+    if aspect_ratio == "pad":
+        image = expand_to_square(image)
+    return clip_transform(image, size)
+
+
+ASPECT_RATIOS = ("pad", "crop")
+
+# -----------------------------------------------------------------------------
+# The prompt: LLaVA-1.5's vicuna_v1 conversation, tokenized around the image as LLaVA does
+
+IMAGE_PLACEHOLDER = "<image>"
+# LLaVA's conv_vicuna_v1 system message
+VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                    "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+IMAGE_TOKEN_INDEX = 32000  # llava-hf's `image_token_index`: the id of "<image>" in its tokenizer
+
+
+def conversation_prompt(message: str, has_image: bool) -> str:
+    """The vicuna_v1 prompt of one user turn, as LLaVA-1.5's eval scripts build it:
+
+        "{system} USER: <image>\\n{message} ASSISTANT:"
+
+    With an image, "<image>\\n" goes in front of the message, unless the message already places its
+    `<image>` (LLaVA's run_llava.py keeps it where it is). The separator after the system text and
+    after the message is one space (sep_style TWO, sep=" ").
+    """
+    if has_image and IMAGE_PLACEHOLDER not in message:
+        message = f"{IMAGE_PLACEHOLDER}\n{message}"
+    return f"{VICUNA_V1_SYSTEM} USER: {message} ASSISTANT:"
+
+
+def prompt_ids(tokenizer, prompt: str, image_token_index: int = IMAGE_TOKEN_INDEX) -> list[int]:
+    """Token ids of a prompt, with `image_token_index` where each `<image>` was: LLaVA's tokenizer_image_token.
+
+    The text between placeholders is tokenized piece by piece, each piece as if it were a whole prompt
+    (so a piece after an image starts as a fresh text does: Llama's tokenizer puts "▁" before it), the
+    tokens the tokenizer puts before any text (Llama's BOS) are kept once, at the very start, and dropped
+    from every piece.
+    """
+    lead = tokenizer.encode("")  # what the tokenizer puts before any text: [BOS] for Llama
+    ids = list(lead)
+    for i, piece in enumerate(prompt.split(IMAGE_PLACEHOLDER)):
+        if i > 0:
+            ids.append(image_token_index)
+        tokens = tokenizer.encode(piece)
+        if tokens[:len(lead)] != lead:
+            raise ValueError(f"the tokenizer does not start {piece!r} with {lead} as it starts an empty text")
+        ids += tokens[len(lead):]
+    return ids

@@ -1,0 +1,211 @@
+"""Tests for llava_model: the CLIP vision tower, the projector, preprocessing, the prompt, the whole LLaVA.
+
+References (test-only oracles): transformers' CLIPVisionModel (the vision features), CLIPImageProcessorPil
+and LlavaImageProcessorPil (preprocessing), LlavaForConditionalGeneration (logits and greedy generation).
+Tiny random models are built and saved in the Hugging Face layout here, so nothing is downloaded.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import llava_model
+from llava_model import (CLIP_MEAN, CLIP_STD, PAD_COLOR, CLIPVisionConfig, CLIPVisionModel, conversation_prompt,
+                         expand_to_square, preprocess)
+from opt_model import UsageError
+
+
+def assert_close(ours, ref, atol, what):
+    diff = (ours.float() - ref.float()).abs()
+    worst = diff.flatten().argmax().item()
+    assert diff.max() <= atol, (f"{what}: max |diff| {diff.max():.3e} > {atol:.2g}; first disagreement at flat "
+                                f"index {worst}: ours {ours.flatten()[worst]:.6f} vs ref {ref.flatten()[worst]:.6f}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models here are tiny: on a busy 2-core machine, a second thread per small op costs more than it gives."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -----------------------------------------------------------------------------
+# The vision tower against transformers' CLIPVisionModel
+
+VISION_ATOL = 1e-5  # fp32; measured max |diff| 0 on these shapes (the same ops), the margin is for other BLAS orders
+
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                   image_size=56, patch_size=14)  # a 4x4 grid of patches
+
+
+def randomize_layer_norms(model, seed=0):
+    """Random LayerNorm affines, so that a swapped or skipped LayerNorm shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name or "layrnorm" in name or "layernorm" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+
+
+@pytest.fixture(scope="module")
+def clip_pair():
+    """(ours, transformers' CLIPVisionModel) with the same random weights."""
+    import transformers
+
+    torch.manual_seed(0)
+    reference = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY_VISION)).eval()
+    randomize_layer_norms(reference)
+    ours = CLIPVisionModel(CLIPVisionConfig(**TINY_VISION))
+    # transformers 5 flattened CLIPVisionModel; the hub checkpoints (and our module names) keep `vision_model.`
+    ours.load_state_dict({f"vision_model.{k}": v for k, v in reference.state_dict().items()}, strict=True)
+    return ours.eval(), reference
+
+
+def test_vision_features_equal_clip_hidden_state_minus_2(clip_pair):
+    ours, reference = clip_pair
+    pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = reference(pixels, output_hidden_states=True).hidden_states
+        for layers in range(len(ref)):  # every depth, so an off-by-one in the layer count shows
+            assert_close(ours.hidden_states(pixels, layers), ref[layers], VISION_ATOL, f"after {layers} layers")
+        assert_close(ours.hidden_states(pixels, 2)[:, 1:], ref[-2][:, 1:], VISION_ATOL, "LLaVA's features")
+
+
+def test_vision_tower_refuses_other_image_sizes(clip_pair):
+    ours, _ = clip_pair
+    with pytest.raises(UsageError, match="48x48 for a vision tower of 56x56"):
+        ours.hidden_states(torch.zeros(1, 3, 48, 48), 1)
+
+
+# -----------------------------------------------------------------------------
+# Preprocessing against transformers' image processors
+
+# Our resize is the same Pillow call on the same 8-bit image, then rescale and normalize in float32: measured
+# max |diff| 0 on every image here; the margin is for float64 rescaling (older transformers) and fused ops.
+PIXEL_ATOL = 1e-6
+SIZE = 336
+
+
+def random_image(mode, w, h, seed=0):
+    from PIL import Image
+
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    g = torch.Generator().manual_seed(seed)
+    # smooth gradients plus noise: bicubic resampling over- and undershoots, which 8-bit clipping must catch
+    x = torch.linspace(0, 255, w).view(1, w, 1) * torch.rand(1, 1, channels, generator=g)
+    y = torch.linspace(0, 255, h).view(h, 1, 1) * torch.rand(1, 1, channels, generator=g)
+    noise = torch.randint(0, 64, (h, w, channels), generator=g)
+    pixels = ((x + y) / 2 + noise).clamp(0, 255).to(torch.uint8)
+    if mode == "RGBA":
+        pixels[..., 3] = 255  # opaque: see test_rgba_drops_alpha_as_llava_does for transparency
+    return Image.fromarray(pixels.squeeze(-1).numpy(), mode)
+
+
+IMAGES = {  # mode, width, height
+    "rgb_wide": ("RGB", 640, 480),
+    "rgb_tall": ("RGB", 200, 500),
+    "rgba": ("RGBA", 400, 300),
+    "grayscale": ("L", 300, 420),
+    "small_upscaled": ("RGB", 30, 20),
+    "square": ("RGB", 336, 336),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_resize_crop_normalize_equal_clip_image_processor(name):
+    from transformers import CLIPImageProcessorPil
+
+    image = random_image(*IMAGES[name])
+    processor = CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
+    ref = processor(image, return_tensors="pt")["pixel_values"][0]
+    ours = preprocess(image, SIZE, aspect_ratio="crop")
+    assert ours.shape == ref.shape == (3, SIZE, SIZE)
+    assert_close(ours, ref, PIXEL_ATOL, f"{name}: preprocess(crop) vs CLIPImageProcessor")
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_padded_preprocess_equals_llava_image_processor_with_pad(name):
+    """transformers' LlavaImageProcessorPil(do_pad=True) pads as LLaVA's expand2square does (its LlavaProcessor
+    leaves do_pad off): a second, independent reading of the padding."""
+    from transformers import LlavaImageProcessorPil
+
+    image = random_image(*IMAGES[name])
+    processor = LlavaImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
+                                       do_pad=True)
+    ref = processor(image, return_tensors="pt")["pixel_values"][0]
+    assert_close(preprocess(image, SIZE), ref, PIXEL_ATOL, f"{name}: preprocess(pad) vs LlavaImageProcessor(do_pad)")
+
+
+def normalized(color) -> torch.Tensor:
+    return (torch.tensor(color) / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+
+
+@pytest.mark.parametrize("w, h", [(100, 40), (40, 100), (101, 40), (40, 41)])
+def test_padding_centers_the_image_on_the_mean_color(w, h):
+    from PIL import Image
+
+    red = (250, 10, 20)
+    square = expand_to_square(Image.new("RGB", (w, h), red))
+    side = max(w, h)
+    assert square.size == (side, side)
+    grid = torch.from_numpy(np.asarray(square).copy())  # (row, column, channel)
+    is_red = (grid == torch.tensor(red)).all(-1)
+    is_pad = (grid == torch.tensor(PAD_COLOR)).all(-1)
+    assert PAD_COLOR == (122, 116, 104)
+    assert (is_red | is_pad).all()
+    rows, cols = is_red.any(1).nonzero().flatten(), is_red.any(0).nonzero().flatten()
+    top, left = rows[0].item(), cols[0].item()
+    assert (len(rows), len(cols)) == (h, w)
+    assert (top, left) == ((side - h) // 2, (side - w) // 2), "the image is centered, the offset rounded down"
+    bottom, right = side - 1 - rows[-1].item(), side - 1 - cols[-1].item()
+    assert abs(top - bottom) <= 1 and abs(left - right) <= 1
+
+    pixels = preprocess(Image.new("RGB", (w, h), red), 56)  # the whole pipeline, at a small size
+    assert_close(pixels[:, 28, 28], normalized(red), 1e-5, "the image's color in the middle")
+    if abs(w - h) > 1:  # a band of padding wide enough to survive the resize, at the left or the top
+        band = pixels[:, 28, 0] if w < h else pixels[:, 0, 28]
+        assert_close(band, normalized(PAD_COLOR), 1e-5, "the mean color beside the image")
+
+
+def test_rgba_drops_alpha_as_llava_does():
+    """LLaVA opens images with Pillow's convert("RGB"): a transparent pixel keeps its RGB values (transformers 5
+    would composite it over white)."""
+    from PIL import Image
+
+    image = Image.new("RGBA", (8, 8), (10, 200, 30, 0))  # fully transparent
+    pixels = preprocess(image, 14)
+    assert_close(pixels[:, 7, 7], normalized((10, 200, 30)), 1e-5, "a transparent pixel's color")
+
+
+def test_load_image_errors(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "not_an_image.jpg").write_text("hello")
+    with pytest.raises(UsageError, match="could not be opened"):
+        llava_model.load_image(tmp_path / "not_an_image.jpg")
+    with pytest.raises(UsageError, match="not found"):
+        llava_model.load_image(tmp_path / "missing.png")
+    Image.new("L", (5, 3), 7).save(tmp_path / "gray.png")
+    image = llava_model.load_image(tmp_path / "gray.png")
+    assert image.mode == "RGB" and image.size == (5, 3) and image.getpixel((0, 0)) == (7, 7, 7)
+
+
+def test_unknown_aspect_ratio_is_refused():
+    from PIL import Image
+
+    with pytest.raises(UsageError, match="image_aspect_ratio 'anyres' is not supported"):
+        preprocess(Image.new("RGB", (4, 4)), aspect_ratio="anyres")
+
+
+# -----------------------------------------------------------------------------
+# The prompt
+
+
+def test_conversation_prompt_is_vicuna_v1():
+    system = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+              "helpful, detailed, and polite answers to the user's questions.")
+    assert conversation_prompt("What is it?", has_image=True) == f"{system} USER: <image>\nWhat is it? ASSISTANT:"
+    assert conversation_prompt("What is it?", has_image=False) == f"{system} USER: What is it? ASSISTANT:"
+    assert conversation_prompt("Look: <image> here", has_image=True) == f"{system} USER: Look: <image> here ASSISTANT:"
