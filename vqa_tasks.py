@@ -23,16 +23,17 @@ and lmms-eval's `scienceqa` and `textvqa` tasks, which rebuild them from these s
                letter upper, the rest lower, as in all 5000 lines of its file)
 
 The conversation around the message (system text, USER/ASSISTANT) is the model's, not the task's.
-Imports: opt_model (UsageError); pyarrow, Pillow and huggingface_hub only when they are needed.
+Imports: checkpoint (UsageError); pyarrow, Pillow and huggingface_hub only when they are needed.
 """
 
+import hashlib
 import io
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from opt_model import UsageError
+from checkpoint import UsageError
 
 TASKS = ("scienceqa", "textvqa")
 IMAGE_PLACEHOLDER = "<image>"  # where LLaVA puts the image's features in the prompt
@@ -160,3 +161,172 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
     matches = [normalize_answer(a) == predicted for a in answers]
     k = sum(matches)
     return sum(min(1.0, (k - match) / 3) for match in matches) / len(answers)
+
+
+# -----------------------------------------------------------------------------
+# Questions: one per parquet row, with what scores its answer
+
+
+@dataclass(frozen=True)
+class Question:
+    task: str
+    id: str                  # TextVQA: its question_id; ScienceQA (no id column): its row number in the split
+    where: str               # the file and row it came from, to name it in a message
+    message: str             # the user message, "<image>\n" in front when there is an image
+    image: bytes | None      # the encoded image (PNG, JPEG, ...) as the parquet file holds it; None: text only
+    answer: str | list[str]  # ScienceQA: the right letter; TextVQA: the human answers
+    n_choices: int = 0       # ScienceQA: how many options the question has
+
+
+def score(question: Question, prediction: str) -> float:
+    """1.0 for a right ScienceQA letter, else 0.0; TextVQA: the VQA accuracy, in [0, 1]."""
+    if question.task == "scienceqa":
+        return float(scienceqa_letter(prediction, question.n_choices) == question.answer)
+    return vqa_accuracy(prediction, question.answer)
+
+
+def open_image(question: Question):
+    """The question's image as a Pillow image, decoded in full (so a broken file fails here, not later)."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(question.image))
+    image.load()
+    return image
+
+
+def check_images(questions: list[Question], skip_bad_rows: bool) -> tuple[list[Question], list[dict]]:
+    """Decode every image once, before any model work. An image that does not decode is a UsageError naming
+    its row, or, with skip_bad_rows, the question is left out and reported: (kept questions, skipped)."""
+    from PIL import Image
+
+    kept, skipped = [], []
+    for q in questions:
+        if q.image is not None:
+            try:
+                open_image(q).close()
+            # what Pillow raises for bytes it cannot read (UnidentifiedImageError is an OSError)
+            except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+                reason = f"{type(e).__name__}: {e}"
+                if not skip_bad_rows:
+                    raise UsageError(f"{q.task} question {q.id} ({q.where}): its image does not decode ({reason}); "
+                                     "pass --skip-bad-rows to leave such questions out") from None
+                skipped.append({"id": q.id, "where": q.where, "reason": reason})
+                continue
+        kept.append(q)
+    return kept, skipped
+
+
+# -----------------------------------------------------------------------------
+# Reading the parquet files
+
+# The columns each task reads (the files have more: ScienceQA's lecture and solution, TextVQA's image_id, ...)
+COLUMNS = {"scienceqa": ("image", "question", "choices", "answer", "hint"),
+           "textvqa": ("image", "question_id", "question", "answers", "ocr_tokens")}
+
+
+def read_questions(task: str, files: list[Path]) -> list[Question]:
+    """The questions of a task's parquet files, in file order then row order; a file that is not parquet or
+    lacks a column is named with what it lacks."""
+    import pyarrow
+    import pyarrow.parquet
+
+    questions = []
+    for path in files:
+        try:
+            names = pyarrow.parquet.ParquetFile(path).schema_arrow.names
+            missing = [c for c in COLUMNS[task] if c not in names]
+            if missing:
+                raise UsageError(f"{path} is not a {task} file: it has no column {', '.join(missing)} (expected "
+                                 f"{', '.join(COLUMNS[task])})")
+            rows = pyarrow.parquet.read_table(path, columns=list(COLUMNS[task])).to_pylist()
+        except (pyarrow.ArrowException, OSError) as e:
+            raise UsageError(f"{path} is not a readable parquet file ({type(e).__name__}: {e})") from None
+        for i, row in enumerate(rows):
+            questions.append(question_from_row(task, row, number=len(questions), where=f"{path.name}, row {i}"))
+    return questions
+
+
+def question_from_row(task: str, row: dict, number: int, where: str) -> Question:
+    image = row["image"]
+    if isinstance(image, dict):  # the datasets library's Image feature: {"bytes": ..., "path": ...}
+        image = image.get("bytes")
+    if task == "scienceqa":
+        choices = row["choices"]
+        if not 2 <= len(choices) <= len(SCIENCEQA_LETTERS) or not 0 <= row["answer"] < len(choices):
+            raise UsageError(f"scienceqa {where}: {len(choices)} choices and answer {row['answer']}; ScienceQA "
+                             f"questions have 2 to {len(SCIENCEQA_LETTERS)} choices and one of them is the answer")
+        message = scienceqa_message(row["question"], row["hint"], choices, image is not None)
+        return Question(task, str(number), where, message, image, SCIENCEQA_LETTERS[row["answer"]], len(choices))
+    if image is None:
+        raise UsageError(f"textvqa {where}: the row has no image (every TextVQA question is about one)")
+    message = textvqa_message(row["question"], row["ocr_tokens"])
+    return Question(task, str(row["question_id"]), where, message, image, list(row["answers"]))
+
+
+# -----------------------------------------------------------------------------
+# The files: from the hub at a pinned commit, or from a local folder
+
+
+@dataclass(frozen=True)
+class HubFiles:
+    repo: str
+    revision: str
+    files: tuple[str, ...]
+    questions: int  # how many questions the files hold
+
+
+# The split the paper's table evaluates, at the commit that was the head of each repo when this was written
+# (lmms-lab/ScienceQA "Update README.md"; lmms-lab/textvqa "Update README.md", after the data upload). No
+# sha256 of these files could be verified from here (no public record of them was found), so none is pinned:
+# a commit's files cannot change, and every run writes the sha256 of the files it read into its JSON.
+# The ScienceQA file name is the one the hub lists; the three TextVQA names follow the repo's data/validation-*
+# pattern and its 3-shard conversion, not a listing: if one is wrong the download says so.
+HUB = {
+    "scienceqa": HubFiles("lmms-lab/ScienceQA", "b6a4c32f378d00d47d5558a167abd5443ca10056",
+                          ("ScienceQA-FULL/test-00000-of-00001.parquet",), 4241),
+    "textvqa": HubFiles("lmms-lab/textvqa", "9c0699cd19768ac5ab97568f6b3cbac4c0062884",
+                        tuple(f"data/validation-{i:05d}-of-00003.parquet" for i in range(3)), 5000),
+}
+
+
+def task_files(task: str, data_dir=None) -> list[Path]:
+    """The parquet files of a task: `{data_dir}/{task}/*.parquet` in name order, or the hub's (downloaded once
+    into the Hugging Face cache)."""
+    if data_dir is not None:
+        folder = Path(data_dir) / task
+        files = sorted(folder.glob("*.parquet"))
+        if not files:
+            raise UsageError(f"no {task} data in --data-dir {data_dir}: {folder} holds no .parquet file")
+        return files
+    return [hub_file(HUB[task], filename) for filename in HUB[task].files]
+
+
+def hub_file(hub: HubFiles, filename: str) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
+
+    try:
+        return Path(hf_hub_download(hub.repo, filename, repo_type="dataset", revision=hub.revision))
+    except (OSError, EntryNotFoundError, RevisionNotFoundError) as e:  # no network, no such file or commit
+        raise UsageError(f"could not download {filename} from the {hub.repo} dataset at {hub.revision} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         "offline, pass --data-dir") from None
+
+
+def save_files(files: list[Path], data_dir, task: str) -> list[Path]:
+    """Copy a task's parquet files into the `--data-dir` layout, `{data_dir}/{task}/`; return the copies."""
+    folder = Path(data_dir) / task
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = [folder / path.name for path in files]
+    for path, copy in zip(files, copies):
+        if path.resolve() != copy.resolve():
+            shutil.copyfile(path, copy)
+    return copies
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

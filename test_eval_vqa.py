@@ -1,0 +1,356 @@
+"""Tests for vqa_tasks (metrics, prompts, data) and eval_vqa (the command). Each test can fail.
+
+References: the rules of LLaVA's `eval_science_qa.py` and of the EvalAI answer processor with the VQA
+accuracy (LLaVA's `m4c_evaluator.py`), written out case by case below; for the prompts, lines of LLaVA's own
+question files (`llava_test_CQM-A.json`, `llava_textvqa_val_v051_ocr.jsonl`) quoted character for character.
+The command runs end to end on a tiny random LLaVA saved in the Hugging Face layout and on tiny parquet files
+of each task made here with random images: nothing is downloaded, and ../shared is not needed.
+"""
+
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+import eval_vqa
+import vqa_tasks
+from vqa_tasks import normalize_answer, scienceqa_letter, scienceqa_message, textvqa_message, vqa_accuracy
+
+# -----------------------------------------------------------------------------
+# ScienceQA: the letter of a prediction
+
+
+@pytest.mark.parametrize("prediction, n_choices, letter", [
+    ("B", 4, "B"),                         # a bare letter
+    ("E", 5, "E"),
+    ("E", 4, None),                        # ...that names no option of this question
+    ("F", 5, None),                        # not one of the options A-E at all
+    ("b", 4, None),                        # lowercase is not a letter answer
+    ("", 4, None),
+    ("AB", 4, None),                       # two letters are not one
+    ("C. Rhode Island", 4, "C"),           # "X. " at the start, 3+ characters
+    ("C. ", 4, "C"),
+    ("C.", 4, None),                       # too short for "X. "
+    ("C) Rhode Island", 4, None),
+    ("F. Rhode Island", 4, None),
+    ("I think so. The answer is B.", 4, "B"),       # one "The answer is X." anywhere
+    ("The answer is B!", 4, "B"),                   # the reference's dot is any character
+    ("The answer is B", 4, None),                   # ...but there must be one
+    ("The answer is A. The answer is B.", 4, None),  # two matches: no answer
+    ("The answer is F.", 4, None),                  # a letter beyond the options
+    ("the answer is B.", 4, None),                  # case matters
+])
+def test_scienceqa_letter_follows_llavas_rules(prediction, n_choices, letter):
+    assert scienceqa_letter(prediction, n_choices) == letter
+
+
+# -----------------------------------------------------------------------------
+# TextVQA: the EvalAI answer processor, one rule at a time, and the VQA accuracy
+
+
+@pytest.mark.parametrize("answer, normalized", [
+    ("Coca Cola", "coca cola"),            # lowercase
+    ("  yes\n", "yes"),                    # whitespace trimmed, newlines are spaces
+    ("what?", "what"),                     # "?" and "," dropped
+    ("1,000", "1000"),                     # a comma between digits: the number stays one word
+    ("coke's", "coke 's"),                 # "'s" split off
+    ("x-ray", "x ray"),                    # a mark with no space beside it anywhere: a space
+    ("x-ray - yes", "xray yes"),           # a space beside the mark somewhere: every such mark removed
+    ("(a) dog", "dog"),                    # "(" and ")": then "a" is an article
+    ("3.5", "3.5"),                        # a period before a digit stays
+    ("5.", "5"),                           # a period not before a digit goes
+    ("mr. smith", "mr smith"),
+    ("two", "2"),                          # number words to digits
+    ("none", "0"),
+    ("twenty", "twenty"),                  # only zero to ten
+    ("the beatles", "beatles"),            # articles dropped
+    ("an apple a day", "apple day"),
+    ("dont", "don't"),                     # contractions get their apostrophe
+    ("whats", "what's"),
+    ("what's", "what 's"),                 # ...while "'s" itself is split off
+    ("." * 40, "." * 8),                   # only the first 32 periods go (the reference's count)
+])
+def test_answer_processor_rules(answer, normalized):
+    assert normalize_answer(answer) == normalized
+
+
+def test_vqa_accuracy_counts_matches_by_leave_one_out():
+    # 10 human answers, k of them equal to the prediction. Each of the 10 subsets leaves one answer out:
+    # leaving out one of the k matches leaves k - 1 matches in the subset, leaving out one of the 10 - k
+    # others leaves k, and a subset scores min(1, matches / 3). The accuracy is the mean over the 10:
+    #   k = 1: (1 * 0/3 + 9 * 1/3) / 10 = 3/10 = 0.3
+    #   k = 2: (2 * 1/3 + 8 * 2/3) / 10 = 6/10 = 0.6
+    #   k = 3: (3 * 2/3 + 7 * 1)   / 10 = 9/10 = 0.9
+    #   k = 4: (4 * 1   + 6 * 1)   / 10 = 1.0, and every k >= 4 scores 1.0
+    for k, expected in [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (7, 1.0), (10, 1.0)]:
+        answers = ["stop"] * k + [f"other {i}" for i in range(10 - k)]
+        random.Random(k).shuffle(answers)
+        assert vqa_accuracy("stop", answers) == pytest.approx(expected), k
+
+
+def test_vqa_accuracy_compares_normalized_answers():
+    answers = ["Two", "2", "two.", "the 2"] + ["three"] * 6  # all four normalize to "2"
+    assert vqa_accuracy("2", answers) == pytest.approx(1.0)
+    assert vqa_accuracy("TWO!", answers) == pytest.approx(1.0)
+    assert vqa_accuracy("3", answers) == pytest.approx(1.0)  # "three" six times
+    assert vqa_accuracy("four", answers) == 0.0
+
+
+# -----------------------------------------------------------------------------
+# Prompts, character for character against lines of LLaVA's question files
+
+
+SCIENCEQA_INSTRUCTION = "\nAnswer with the option's letter from the given choices directly."
+
+
+@pytest.mark.parametrize("row, llava_line", [
+    # llava_test_CQM-A.json, id 46: an image and a hint
+    (dict(question="Which property do these three objects have in common?", hint="Select the best answer.",
+          choices=["shiny", "slippery", "opaque"], image=True),
+     "<image>\nContext: Select the best answer.\nWhich property do these three objects have in common?\n"
+     "A. shiny\nB. slippery\nC. opaque"),
+    # id 11: an image, no hint
+    (dict(question="What is the name of the colony shown?", hint="",
+          choices=["Maryland", "New Hampshire", "Rhode Island", "Vermont"], image=True),
+     "<image>\nWhat is the name of the colony shown?\nA. Maryland\nB. New Hampshire\nC. Rhode Island\nD. Vermont"),
+    # id 26: a hint, no image
+    (dict(question="How long does it take to bake lasagna in the oven?", hint="Select the better estimate.",
+          choices=["33 minutes", "33 hours"], image=False),
+     "Context: Select the better estimate.\nHow long does it take to bake lasagna in the oven?\nA. 33 minutes\n"
+     "B. 33 hours"),
+    # id 29: neither (the question itself runs over three lines)
+    (dict(question="What do these two changes have in common?\ncompost rotting\na piece of apple turning brown",
+          hint="", choices=["Both are caused by cooling.", "Both are only physical changes.",
+                            "Both are caused by heating.", "Both are chemical changes."], image=False),
+     "What do these two changes have in common?\ncompost rotting\na piece of apple turning brown\n"
+     "A. Both are caused by cooling.\nB. Both are only physical changes.\nC. Both are caused by heating.\n"
+     "D. Both are chemical changes."),
+])
+def test_scienceqa_message_is_llavas(row, llava_line):
+    # LLaVA's model_vqa_science.py adds the instruction after the file's line (--single-pred-prompt)
+    message = scienceqa_message(row["question"], row["hint"], row["choices"], row["image"])
+    assert message == llava_line + SCIENCEQA_INSTRUCTION
+
+
+@pytest.mark.parametrize("question, ocr_tokens, llava_text", [
+    # llava_textvqa_val_v051_ocr.jsonl, question 003a8ae2ef43b901 (TextVQA's question is lowercase)
+    ("what is the brand of this camera?", ["DAKOTA", "DIGITAL", "Single-Use", "Camera", "Pire", "digitat"],
+     "What is the brand of this camera?\nReference OCR token: DAKOTA, DIGITAL, Single-Use, Camera, Pire, digitat\n"
+     "Answer the question using a single word or phrase."),
+    # 97b1112b17015396: no OCR token, the line stays
+    ("whats the lowest number yard line that you can see?", [],
+     "Whats the lowest number yard line that you can see?\nReference OCR token: \n"
+     "Answer the question using a single word or phrase."),
+    # 5ce862cbefd8458f: str.capitalize lowers the rest of the question too
+    ("Is this Denny's?", ["Deniy's", "D"],
+     "Is this denny's?\nReference OCR token: Deniy's, D\nAnswer the question using a single word or phrase."),
+])
+def test_textvqa_message_is_llavas(question, ocr_tokens, llava_text):
+    # model_vqa_loader.py puts "<image>\n" in front of the file's text
+    assert textvqa_message(question, ocr_tokens) == "<image>\n" + llava_text
+
+
+def test_the_image_placeholder_is_the_models():
+    import llava_model
+
+    assert vqa_tasks.IMAGE_PLACEHOLDER == llava_model.IMAGE_PLACEHOLDER
+
+
+# -----------------------------------------------------------------------------
+# Tiny parquet files of each task, with random images, in the hub's layout
+
+
+def png(seed: int, size=(24, 16), mode="RGB") -> bytes:
+    from PIL import Image
+
+    rng = random.Random(seed)
+    image = Image.new(mode, size)
+    image.putdata([tuple(rng.randrange(256) for _ in mode) for _ in range(size[0] * size[1])])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+WORDS = "red blue cat dog stop sign yes no two three the shop open".split()
+
+
+def scienceqa_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        choices = [rng.choice(WORDS) for _ in range(rng.randint(2, 5))]
+        rows.append(dict(image={"bytes": png(seed * 1000 + i), "path": None} if i % 3 else None,
+                         question=f"Which one is {rng.choice(WORDS)}?", choices=choices,
+                         answer=rng.randrange(len(choices)), hint=rng.choice(["", "Look closely."]),
+                         lecture="", solution=""))
+    return rows
+
+
+def textvqa_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [dict(image={"bytes": png(seed * 1000 + i, size=(20 + i, 30)), "path": None}, image_id=f"img{i}",
+                 question_id=100 + i, question=f"what does the {rng.choice(WORDS)} say?",
+                 answers=[rng.choice(WORDS[:4]) for _ in range(10)],
+                 ocr_tokens=[rng.choice(WORDS) for _ in range(rng.randint(0, 3))]) for i in range(n)]
+
+
+def write_parquet(path: Path, rows: list[dict], drop=()) -> Path:
+    import pyarrow
+    import pyarrow.parquet
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{k: v for k, v in row.items() if k not in drop} for row in rows]
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    """Both tasks in the --data-dir layout: ScienceQA in one file, TextVQA in two, as the hub shards them."""
+    write_parquet(tmp_path / "data" / "scienceqa" / "test-00000-of-00001.parquet", scienceqa_rows(9))
+    rows = textvqa_rows(8)
+    write_parquet(tmp_path / "data" / "textvqa" / "validation-00000-of-00002.parquet", rows[:5])
+    write_parquet(tmp_path / "data" / "textvqa" / "validation-00001-of-00002.parquet", rows[5:])
+    return tmp_path / "data"
+
+
+def test_questions_from_parquet_rows(data_dir):
+    questions = vqa_tasks.read_questions("textvqa", vqa_tasks.task_files("textvqa", data_dir))
+    rows = textvqa_rows(8)
+    assert [q.id for q in questions] == [str(r["question_id"]) for r in rows]  # file order, then row order
+    assert questions[6].where == "validation-00001-of-00002.parquet, row 1"
+    assert questions[6].message == textvqa_message(rows[6]["question"], rows[6]["ocr_tokens"])
+    assert questions[6].answer == rows[6]["answers"] and questions[6].image == rows[6]["image"]["bytes"]
+
+    questions = vqa_tasks.read_questions("scienceqa", vqa_tasks.task_files("scienceqa", data_dir))
+    rows = scienceqa_rows(9)
+    assert [q.id for q in questions] == [str(i) for i in range(9)]
+    for q, r in zip(questions, rows):
+        assert (q.image is None) == (r["image"] is None)
+        assert q.message == scienceqa_message(r["question"], r["hint"], r["choices"], r["image"] is not None)
+        assert q.answer == "ABCDE"[r["answer"]] and q.n_choices == len(r["choices"])
+
+
+def test_score_is_the_tasks_metric(data_dir):
+    sqa = vqa_tasks.read_questions("scienceqa", vqa_tasks.task_files("scienceqa", data_dir))[0]
+    assert vqa_tasks.score(sqa, sqa.answer) == 1.0
+    assert vqa_tasks.score(sqa, f"{sqa.answer}. something") == 1.0
+    assert vqa_tasks.score(sqa, "Z") == 0.0
+    tvqa = vqa_tasks.read_questions("textvqa", vqa_tasks.task_files("textvqa", data_dir))[0]
+    assert vqa_tasks.score(tvqa, tvqa.answer[0]) == vqa_accuracy(tvqa.answer[0], tvqa.answer) > 0
+
+
+def test_save_data_copies_the_files_into_the_data_dir_layout(data_dir, tmp_path):
+    files = vqa_tasks.task_files("textvqa", data_dir)
+    copies = vqa_tasks.save_files(files, tmp_path / "saved", "textvqa")
+    assert copies == vqa_tasks.task_files("textvqa", tmp_path / "saved")
+    assert [c.read_bytes() for c in copies] == [f.read_bytes() for f in files]
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one line, exit code 2, before any model work
+
+
+def fake_model_dir(tmp_path: Path, model_type: str) -> Path:
+    """A directory with only a config.json: enough for every check made before the model is loaded."""
+    directory = tmp_path / f"model-{model_type}"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return directory
+
+
+def run_command(capsys, *argv) -> tuple[int, str]:
+    """eval_vqa's exit code and its stderr; argparse's errors exit through SystemExit."""
+    try:
+        code = eval_vqa.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--task", "vqav2"], "--task: invalid choice: 'vqav2'"),
+    (["--task", "textvqa", "--calib", "c4"], "--calib: invalid choice: 'c4'"),
+    (["--task", "textvqa", "--limit", "0"], "--limit: expected a positive integer, got 0"),
+    (["--task", "textvqa", "--rho", "1.5"], "rho is the active-weight ratio"),
+    (["--task", "textvqa", "--methods", "sparse"], "--methods: invalid choice: 'sparse'"),
+])
+def test_bad_arguments(capsys, tmp_path, argv, fragment):
+    code, err = run_command(capsys, "--model", tmp_path, *argv)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_a_model_that_is_not_llava_is_refused(capsys, tmp_path, data_dir):
+    code, err = run_command(capsys, "--model", fake_model_dir(tmp_path, "opt"), "--task", "textvqa",
+                            "--data-dir", data_dir, "--out", tmp_path / "out.json")
+    assert_one_line_error(code, err, "is a 'opt' model", "model_type 'llava'")
+
+
+def test_a_parquet_file_without_a_column_is_named(capsys, tmp_path):
+    bad = write_parquet(tmp_path / "data" / "textvqa" / "validation.parquet", textvqa_rows(3), drop=["ocr_tokens"])
+    code, err = run_command(capsys, "--model", fake_model_dir(tmp_path, "llava"), "--task", "textvqa",
+                            "--methods", "dense", "--data-dir", tmp_path / "data", "--out", tmp_path / "out.json")
+    assert_one_line_error(code, err, str(bad), "no column ocr_tokens")
+
+
+def test_a_file_that_is_not_parquet_is_named(capsys, tmp_path):
+    bad = tmp_path / "data" / "scienceqa" / "test.parquet"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("not parquet")
+    code, err = run_command(capsys, "--model", fake_model_dir(tmp_path, "llava"), "--task", "scienceqa",
+                            "--methods", "dense", "--data-dir", tmp_path / "data", "--out", tmp_path / "out.json")
+    assert_one_line_error(code, err, str(bad), "not a readable parquet file")
+
+
+def test_missing_data_is_named(capsys, tmp_path, data_dir):
+    (data_dir / "scienceqa" / "test-00000-of-00001.parquet").unlink()
+    code, err = run_command(capsys, "--model", fake_model_dir(tmp_path, "llava"), "--task", "textvqa",
+                            "--data-dir", data_dir, "--out", tmp_path / "out.json")  # calibrated on ScienceQA
+    assert_one_line_error(code, err, "no scienceqa data in --data-dir", "holds no .parquet file")
+
+
+def test_too_few_calibration_prompts_is_refused(capsys, tmp_path, data_dir):
+    code, err = run_command(capsys, "--model", fake_model_dir(tmp_path, "llava"), "--task", "textvqa",
+                            "--data-dir", data_dir, "--out", tmp_path / "out.json")  # 6 of 9 have an image
+    assert_one_line_error(code, err, "--nsamples 128", "only 6 with an image", "--nsamples 6 or less")
+
+
+def break_image(data_dir: Path, task: str, row: int) -> None:
+    import pyarrow.parquet
+
+    path = vqa_tasks.task_files(task, data_dir)[0]
+    rows = pyarrow.parquet.read_table(path).to_pylist()
+    rows[row]["image"] = {"bytes": b"\x89PNG not really", "path": None}
+    write_parquet(path, rows)
+
+
+def test_an_image_that_does_not_decode_is_named_by_row(capsys, tmp_path, data_dir):
+    break_image(data_dir, "textvqa", 2)
+    code, err = run_command(capsys, "--model", fake_model_dir(tmp_path, "llava"), "--task", "textvqa",
+                            "--methods", "dense", "--data-dir", data_dir, "--out", tmp_path / "out.json")
+    assert_one_line_error(code, err, "textvqa question 102", "validation-00000-of-00002.parquet, row 2",
+                          "does not decode", "--skip-bad-rows")
+
+
+def test_skip_bad_rows_leaves_the_question_out_and_reports_it(data_dir):
+    break_image(data_dir, "textvqa", 2)
+    questions = vqa_tasks.read_questions("textvqa", vqa_tasks.task_files("textvqa", data_dir))
+    kept, skipped = vqa_tasks.check_images(questions, skip_bad_rows=True)
+    assert [q.id for q in kept] == [q.id for q in questions if q.id != "102"]
+    assert [s["id"] for s in skipped] == ["102"] and "row 2" in skipped[0]["where"]
+
+
+def test_an_unwritable_out_is_refused(capsys, tmp_path, data_dir):
+    (tmp_path / "file").write_text("")
+    code, err = run_command(capsys, "--model", fake_model_dir(tmp_path, "llava"), "--task", "textvqa",
+                            "--data-dir", data_dir, "--out", tmp_path / "file" / "out.json")
+    assert_one_line_error(code, err, "--out", "cannot be written")
