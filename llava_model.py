@@ -13,18 +13,28 @@ lays it out (`model_type` "llava"; the vision tower of `openai/clip-vit-large-pa
 
 The API (what eval_vqa.py and mumoe.py use):
 
-    LlavaConfig                               frozen config from config.json (vision, text, image token, ...)
-    load_llava(name_or_dir, device, dtype)    the model, strictly loaded (models.load_model dispatches here)
-    load_image(path) -> PIL image             a file that does not open is a UsageError
-    preprocess(image, size=336) -> (3, size, size) float32 tensor, as LLaVA-1.5's evaluation prepares it
-    conversation_prompt(message, has_image) -> str              the vicuna_v1 prompt of LLaVA-1.5's evaluation
-    prompt_ids(tokenizer, prompt, image_token_index) -> ids     one image_token_index where each image goes
-    model.embed_prompt(ids, pixel_values) -> (1, T, hidden)     the prompt the language model runs on
-    model.language_model                      the LLaMA, with the standard interface (blocks, head, new_cache ...)
-    model.image_features(pixel_values) -> (N, 576, hidden)      vision tower + projector
+    model = load_llava(name_or_dir, device, dtype)     strictly loaded; models.load_model dispatches "llava" here
+    tokenizer = load_tokenizer(name_or_dir)            the language model's (Llama's, BOS added)
+    image = load_image(path)                           Pillow RGB; a file that does not open is a UsageError
+    pixels = preprocess(image, size=336)               (3, 336, 336) float32, as LLaVA-1.5's evaluation does it
+    prompt = conversation_prompt(message, has_image)   the vicuna_v1 prompt: "... USER: <image>\n{message} ASSISTANT:"
+    ids = prompt_ids(tokenizer, prompt, model.config.image_token_index)     list[int], one image id per <image>
+    x = model.embed_prompt(ids, pixels)                (1, T, hidden): each image id replaced by its 576 features;
+                                                       pixels (N, 3, 336, 336) or (3, 336, 336); None: text only
+    model.language_model                               the LLaMA, with checkpoint.py's interface (blocks, head ...)
+    model.config                                       LlavaConfig: vision_config, text_config, image_token_index ...
+    model.image_features(pixels) -> (N, 576, hidden)   vision tower + projector
+    model(ids, pixels) -> (1, T, vocab)                dense logits at every position of the embedded prompt
 
-Generation, dense or μ-MoE, is mumoe.generate(model.language_model, model.embed_prompt(ids, pixel_values),
-max_new_tokens, rho, ...): the method files see a language model and an embedded prompt, never an image.
+Greedy generation, dense or μ-MoE (each prompt, its image features included, routed on itself):
+
+    new_ids = mumoe.generate(model.language_model, model.embed_prompt(ids, pixels), max_new_tokens, rho,
+                             routing="block", eos_id=model.language_model.config.eos_token_id)
+
+The offline pruners calibrate on embedded prompts: pruners.prune_model(model.language_model,
+[model.embed_prompt(ids_i, pixels_i) ...], "wanda", rho). The method files see a language model and embedded
+prompts, never an image. To route the vision tower's Linears on each image too, embed with
+`model.embed_prompt(ids, pixels, vision_block=mumoe.routed_block(rho))`.
 
 Preprocessing (LLaVA's `process_images` with `image_aspect_ratio="pad"`, as its eval scripts run it):
 the image is opened and converted to RGB with Pillow (`Image.convert("RGB")`: an alpha channel is dropped,
@@ -35,18 +45,18 @@ mean and std. Where transformers differs: its `LlavaProcessor` (and `CLIPImagePr
 so a non-square image loses its borders to the center crop; transformers 5 composites transparent pixels
 over white where Pillow's `convert("RGB")` drops the alpha channel.
 
-Imports: torch, Pillow (images), and (for the language model and loading) llama_model, checkpoint.
+Imports: torch, Pillow (images), llama_model (the language model), checkpoint (the block interface, loading).
 """
 
-import json
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from opt_model import LinearFn, UsageError, dense_linear
+import llama_model
+from checkpoint import (LinearFn, UsageError, check_device, check_dtype, dense_linear, load_weights, read_config_json,
+                        resolve_checkpoint)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -54,13 +64,15 @@ from opt_model import LinearFn, UsageError, dense_linear
 
 @dataclass(frozen=True)
 class CLIPVisionConfig:
-    """The vision tower's shape; the defaults are openai/clip-vit-large-patch14-336 (ViT-L/14 at 336 px)."""
-    hidden_size: int = 1024
-    intermediate_size: int = 4096
-    num_hidden_layers: int = 24
-    num_attention_heads: int = 16
-    image_size: int = 336
-    patch_size: int = 14
+    """The vision tower's shape. transformers writes a sub-config as its difference from the defaults of its
+    class, so a key that `vision_config` leaves out means the default of transformers' CLIPVisionConfig
+    (ViT-B/32 at 224 px), the defaults here; LLaVA-1.5's tower is CLIP_VIT_L_336 below."""
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    image_size: int = 224
+    patch_size: int = 32
     num_channels: int = 3
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
@@ -84,6 +96,9 @@ class CLIPVisionConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "CLIPVisionConfig":
+        if raw.get("model_type", "clip_vision_model") != "clip_vision_model":
+            raise UsageError(f"vision_config describes a {raw['model_type']!r} tower: only CLIP's "
+                             "(clip_vision_model) is supported")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
@@ -95,6 +110,10 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 VISION_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
 PROJECTOR_ACTIVATIONS = {"gelu": F.gelu}  # exact (erf) GELU, as LLaVA's mlp2x_gelu projector
+
+# openai/clip-vit-large-patch14-336, LLaVA-1.5's vision tower (ViT-L/14 at 336 pixels)
+CLIP_VIT_L_336 = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                  num_attention_heads=16, image_size=336, patch_size=14)
 
 # -----------------------------------------------------------------------------
 # The CLIP vision tower. Module names are the checkpoint's: vision_tower.vision_model.encoder.layers.0.mlp.fc1 ...
@@ -345,3 +364,201 @@ def prompt_ids(tokenizer, prompt: str, image_token_index: int = IMAGE_TOKEN_INDE
             raise ValueError(f"the tokenizer does not start {piece!r} with {lead} as it starts an empty text")
         ids += tokens[len(lead):]
     return ids
+
+
+# -----------------------------------------------------------------------------
+# LLaVA: config, model, loading
+
+# model_types of the LLaVA family that are not LLaVA-1.5, refused by name
+OTHER_VARIANTS = {
+    "llava_next": "LLaVA-NeXT (LLaVA-1.6, anyres tiling)", "llava_next_video": "LLaVA-NeXT-Video",
+    "llava_onevision": "LLaVA-OneVision", "vipllava": "ViP-LLaVA", "llava_llama": "the original liuhaotian/* LLaVA",
+    "llava_mistral": "the original liuhaotian/* LLaVA", "llava_mpt": "the original liuhaotian/* LLaVA",
+}
+ORIGINAL_LLAVA = ("the original liuhaotian/* LLaVA checkpoints are not supported (another layout): use their "
+                  "llava-hf/* conversions, e.g. llava-hf/llava-1.5-7b-hf (short name llava-1.5-7b)")
+FEATURE_STRATEGIES = ("default", "full")  # drop the CLS token, or keep it
+# transformers writes text_config as its difference from the defaults of its LlamaConfig (Llama-7B's), so a key
+# left out means that default: llava-1.5-7b-hf's text_config holds only vocab_size, max_position_embeddings and
+# rms_norm_eps
+LLAMA_CONFIG_DEFAULTS = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                             num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=2048,
+                             rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+
+
+@dataclass(frozen=True)
+class LlavaConfig:
+    vision_config: CLIPVisionConfig
+    text_config: "llama_model.LlamaConfig"
+    image_token_index: int = IMAGE_TOKEN_INDEX
+    projector_hidden_act: str = "gelu"
+    vision_feature_layer: int = -2  # the hidden states after the second-to-last layer (transformers' index)
+    vision_feature_select_strategy: str = "default"
+    multimodal_projector_bias: bool = True
+    image_aspect_ratio: str = "pad"  # not in llava-hf's config.json: LLaVA-1.5's own value
+
+    def __post_init__(self):
+        L = self.vision_config.num_hidden_layers
+        if not -L - 1 <= self.vision_feature_layer <= L:
+            raise UsageError(f"vision_feature_layer {self.vision_feature_layer} is not a layer of a "
+                             f"{L}-layer vision tower")
+        if self.vision_feature_select_strategy not in FEATURE_STRATEGIES:
+            raise UsageError(f"vision_feature_select_strategy {self.vision_feature_select_strategy!r} is not one "
+                             f"of {FEATURE_STRATEGIES}")
+        if self.projector_hidden_act not in PROJECTOR_ACTIVATIONS:
+            raise UsageError(f"projector_hidden_act {self.projector_hidden_act!r} is not one of "
+                             f"{sorted(PROJECTOR_ACTIVATIONS)}")
+        if self.image_aspect_ratio != "pad":
+            raise UsageError(f"image_aspect_ratio {self.image_aspect_ratio!r} is not supported: LLaVA-1.5 pads "
+                             "(\"pad\"); anyres is LLaVA-NeXT's")
+
+    @property
+    def feature_layers(self) -> int:
+        """How many vision layers the features need: layer -2 of 24 is the state after 23 layers."""
+        layer = self.vision_feature_layer
+        return layer if layer >= 0 else self.vision_config.num_hidden_layers + 1 + layer
+
+    @property
+    def image_tokens(self) -> int:
+        """Features per image: 576 patches for ViT-L/14 at 336 px (577 with the CLS token, strategy "full")."""
+        return self.vision_config.num_patches + (self.vision_feature_select_strategy == "full")
+
+    @classmethod
+    def from_json(cls, path) -> "LlavaConfig":
+        """Read llava-hf's `config.json` (either transformers' spelling); other LLaVA variants are named and refused."""
+        raw = read_config_json(path)
+        model_type = raw.get("model_type")
+        if model_type in OTHER_VARIANTS:
+            raise UsageError(f"{path}: {OTHER_VARIANTS[model_type]} (model_type {model_type!r}) is not supported: "
+                             "only LLaVA-1.5 (model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf)")
+        if model_type != "llava":
+            raise UsageError(f"{path} describes a {model_type!r} model, not LLaVA")
+        if "mm_vision_tower" in raw:
+            raise UsageError(f"{path}: {ORIGINAL_LLAVA}")
+        if "image_grid_pinpoints" in raw:
+            raise UsageError(f"{path} has image_grid_pinpoints: LLaVA-NeXT's anyres tiling is not supported")
+        if not isinstance(raw.get("vision_feature_layer", -2), int):
+            raise UsageError(f"{path}: vision_feature_layer {raw['vision_feature_layer']} (several layers) "
+                             "is not supported, only one layer")
+        for name in ("vision_config", "text_config"):
+            if not isinstance(raw.get(name), dict):
+                raise UsageError(f"{path} has no {name}")
+        known = {f.name for f in fields(cls)} - {"vision_config", "text_config"}
+        kw = {k: v for k, v in raw.items() if k in known}
+        if "image_token_id" in raw:  # transformers' other spelling of image_token_index
+            kw.setdefault("image_token_index", raw["image_token_id"])
+        config = cls(vision_config=CLIPVisionConfig.from_dict(raw["vision_config"]),
+                     text_config=llama_model.LlamaConfig.from_dict({**LLAMA_CONFIG_DEFAULTS, **raw["text_config"]}, path),
+                     **kw)
+        if raw.get("image_seq_length", config.image_tokens) != config.image_tokens:
+            raise UsageError(f"{path}: image_seq_length {raw['image_seq_length']} but the vision tower gives "
+                             f"{config.image_tokens} features per image")
+        return config
+
+
+class LlavaForConditionalGeneration(nn.Module):
+    """CLIP vision tower + projector + the LLaMA language model; module names are the hub checkpoint's."""
+
+    def __init__(self, config: LlavaConfig):
+        super().__init__()
+        self.config = config
+        self.vision_tower = CLIPVisionModel(config.vision_config)
+        self.multi_modal_projector = LlavaMultiModalProjector(
+            config.vision_config.hidden_size, config.text_config.hidden_size, config.projector_hidden_act,
+            config.multimodal_projector_bias)
+        self.language_model = llama_model.LlamaForCausalLM(config.text_config)
+
+    def image_features(self, pixel_values: torch.Tensor, vision_block=None) -> torch.Tensor:
+        """Pixel values (N, 3, 336, 336) -> each image's features in the language model's space (N, 576, hidden).
+
+        `vision_block(layer, x)`: how to run each vision layer (default: dense); mumoe.routed_block routes
+        each image on itself.
+        """
+        x = self.vision_tower.hidden_states(pixel_values, self.config.feature_layers, vision_block)
+        if self.config.vision_feature_select_strategy == "default":
+            x = x[:, 1:]  # the CLS token is dropped: the 576 patch tokens remain
+        return self.multi_modal_projector(x)
+
+    def embed_prompt(self, ids, pixel_values: torch.Tensor | None = None, vision_block=None) -> torch.Tensor:
+        """A prompt's token ids (a list, or (T,) / (1, T)), one `image_token_index` where each image goes, and its
+        images' pixel values (N, 3, H, W), or (3, H, W) for one -> the embedded prompt (1, T', hidden) that the
+        language model runs on: each image token replaced by that image's features (576 rows), in order."""
+        device = self.multi_modal_projector.linear_1.weight.device
+        ids = torch.as_tensor(ids, device=device).flatten()  # (T,)
+        is_image = ids == self.config.image_token_index
+        n_images = 0 if pixel_values is None else (1 if pixel_values.ndim == 3 else pixel_values.shape[0])
+        if is_image.sum().item() != n_images:
+            raise UsageError(f"the prompt has {is_image.sum().item()} {IMAGE_PLACEHOLDER} placeholders for "
+                             f"{n_images} images")
+        text = self.language_model.embed(ids.masked_fill(is_image, 0)[None])  # (1, T, hidden); image rows replaced
+        if n_images == 0:
+            return text
+        features = self.image_features(pixel_values.reshape(n_images, *pixel_values.shape[-3:]).to(device),
+                                       vision_block).to(text.dtype)  # (N, 576, hidden)
+        pieces, start = [], 0
+        for position, image in zip(is_image.nonzero().flatten().tolist(), features):
+            pieces += [text[:, start:position], image[None]]  # the text before the image, then the image
+            start = position + 1
+        pieces.append(text[:, start:])
+        return torch.cat(pieces, dim=1)  # (1, T - N + N * 576, hidden)
+
+    def forward(self, ids, pixel_values: torch.Tensor | None = None, linear: LinearFn = dense_linear) -> torch.Tensor:
+        """One prompt -> logits (1, T', vocab) at every position of the embedded prompt (images included)."""
+        x = self.embed_prompt(ids, pixel_values)
+        for block in self.language_model.blocks:
+            x = block(x, linear)
+        return self.language_model.head(x)
+
+
+FAMILY, CONFIG_CLASS, MODEL_CLASS = "llava", LlavaConfig, LlavaForConditionalGeneration  # for models.py
+read_config = LlavaConfig.from_json
+
+# A checkpoint key's prefix -> our module name for it. llava-hf's hub files are written by transformers < 4.52
+# (our names); 4.52 and later keep `model.` in front and the lm_head outside it; transformers 5 flattens
+# CLIPVisionModel (no `vision_model.`). Longer prefixes come first.
+CHECKPOINT_PREFIXES = (
+    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("vision_tower.", "vision_tower.vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+)
+# an old CLIP buffer (arange) that some checkpoints store: we compute positions ourselves
+POSITION_IDS = "vision_tower.vision_model.embeddings.position_ids"
+
+
+def our_name(key: str) -> str | None:
+    """A checkpoint key (either layout) -> our module's name; None for a buffer we compute ourselves."""
+    for prefix, ours in CHECKPOINT_PREFIXES:
+        if key.startswith(prefix):
+            key = ours + key[len(prefix):]
+            break
+    if key == POSITION_IDS:
+        return None
+    if key.startswith("language_model."):  # the language model's own keys, e.g. a stored rotary inv_freq
+        inner = llama_model.checkpoint_name(key[len("language_model."):])
+        return None if inner is None else "language_model." + inner
+    return key
+
+
+def load_llava(name_or_path, device="cpu", dtype=torch.float32) -> LlavaForConditionalGeneration:
+    """Build LLaVA from a checkpoint, strictly: every key used, none missing, every shape checked."""
+    if str(name_or_path).startswith("liuhaotian/"):  # refused before any download
+        raise UsageError(ORIGINAL_LLAVA)
+    device = check_device(device)
+    check_dtype(dtype)
+    directory = resolve_checkpoint(str(name_or_path))
+    config = LlavaConfig.from_json(directory / "config.json")
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    return load_weights(model, directory, our_name, device, dtype)
+
+
+load_model = load_llava  # the name models.py calls every family's loader by
+
+
+def load_tokenizer(name_or_path):
+    """The language model's tokenizer (llava-hf ships Llama's, with `<image>` added as id 32000)."""
+    return llama_model.load_tokenizer(name_or_path)

@@ -28,7 +28,7 @@ first N tokens only, a strictly causal variant.
 
     routed_block(rho, routing)       (block, x) -> the block's output, each prompt routed on itself
     micro_experts(rho, ...)          the μ-MoE Linear, a drop-in for checkpoint.dense_linear
-    mumoe_logits(model, ids, rho)    (B, T) ids -> (B, T, vocab) logits, each prompt routed on itself
+    mumoe_logits(model, ids, rho)    (B, T) ids (or embedded prompts) -> (B, T, vocab) logits, each routed on itself
     count_macs(config, T, rho)       the analytical MAC count, ours or the paper's convention
     generate(model, ids, n, rho)     greedy decoding with a KV cache, routed once on the prompt
     python mumoe.py --model opt-125m --rho 0.5 --prompt "..."    generation, dense beside μ-MoE
@@ -194,12 +194,13 @@ def chosen_experts(chosen: dict) -> LinearFn:
 
 
 @torch.no_grad()
-def mumoe_logits(model, input_ids: torch.Tensor, rho: float, select: str | None = None, prefix: int | None = None,
+def mumoe_logits(model, prompts: torch.Tensor, rho: float, select: str | None = None, prefix: int | None = None,
                  routing: str = "block", nm=None, chosen: dict | None = None,
                  counter: Counter | None = None) -> torch.Tensor:
-    """Token ids (B, T) -> logits (B, T, vocab), each of the B prompts routed on itself, block by block."""
+    """Token ids (B, T) -> logits (B, T, vocab), each of the B prompts routed on itself, block by block.
+    `prompts` may also be embedded already (B, T, hidden): a LLaVA prompt with its image features."""
     run = routed_block(rho, routing, select, prefix, nm, chosen, counter)
-    x = model.embed(input_ids)
+    x = prompts if prompts.is_floating_point() else model.embed(prompts)
     for block in model.blocks:
         x = run(block, x)
     return model.head(x)
@@ -289,7 +290,7 @@ def count_macs(model, tokens: int, rho: float, convention: str = "ours",
 
 
 @torch.no_grad()
-def generate(model, prompt_ids: list[int], max_new_tokens: int, rho: float = 1.0, routing: str = "block",
+def generate(model, prompt, max_new_tokens: int, rho: float = 1.0, routing: str = "block",
              select: str | None = None, prefix: int | None = None, eos_id=None,
              timings: dict | None = None) -> list[int]:
     """Greedy decoding with a KV cache: the new token ids, at most `max_new_tokens`, the last one an end of
@@ -302,9 +303,13 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, rho: float = 1.0
     and neither the masks nor W ⊙ M are ever rebuilt. The new tokens do not change the routing, as if the
     decode were routed on the prompt alone at every step (`prefix`: on its first `prefix` tokens only).
     `timings`: a dict that receives the seconds spent up to the first new token ("prompt": routing, the prompt
-    pass, the first token) and on the other tokens ("decode").
+    pass, the first token) and on the other tokens ("decode"). `prompt`: token ids (a list), or a prompt
+    embedded already (1, T, hidden): a LLaVA prompt with its image features, routed like any other.
     """
-    T, T_max = len(prompt_ids), model.config.max_position_embeddings
+    embedded = torch.is_tensor(prompt) and prompt.is_floating_point()
+    if embedded and (prompt.ndim != 3 or prompt.shape[0] != 1):
+        raise ValueError(f"an embedded prompt is one sequence (1, T, hidden), got {tuple(prompt.shape)}")
+    T, T_max = (prompt.shape[1] if embedded else len(prompt)), model.config.max_position_embeddings
     if T < 1:
         raise UsageError("the prompt is empty")
     if max_new_tokens < 1:
@@ -313,10 +318,9 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, rho: float = 1.0
         raise UsageError(f"{T} prompt tokens + {max_new_tokens} new tokens exceed max_position_embeddings={T_max}")
     start = time.perf_counter()
     cache = model.new_cache(T + max_new_tokens - 1)  # the last new token is never fed back
-    ids = torch.tensor([prompt_ids], device=next(model.parameters()).device)  # (1, T)
     chosen = {}
     run = routed_block(rho, routing, select, prefix, chosen=chosen)
-    x = model.embed(ids)
+    x = prompt if embedded else model.embed(torch.tensor([prompt], device=next(model.parameters()).device))
     for block, block_cache in zip(model.blocks, cache):
         x = run(block, x, block_cache)
     logits = model.head(x[:, -1:])  # (1, 1, vocab): only the last position picks the next token

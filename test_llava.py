@@ -209,3 +209,91 @@ def test_conversation_prompt_is_vicuna_v1():
     assert conversation_prompt("What is it?", has_image=True) == f"{system} USER: <image>\nWhat is it? ASSISTANT:"
     assert conversation_prompt("What is it?", has_image=False) == f"{system} USER: What is it? ASSISTANT:"
     assert conversation_prompt("Look: <image> here", has_image=True) == f"{system} USER: Look: <image> here ASSISTANT:"
+
+
+# -----------------------------------------------------------------------------
+# The whole LLaVA against transformers' LlavaForConditionalGeneration
+
+LOGITS_ATOL = 1e-5  # fp32 logits of two implementations of the same arithmetic: measured max |diff| ~1e-6
+IMAGE_ID = 100  # the tiny model's image_token_index (llava-hf's is 32000)
+TINY_TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256)
+N_FEATURES = 16  # 56 px / 14 = a 4x4 grid of patches, CLS dropped
+
+
+def save_tiny_llava(directory, seed=0, **overrides):
+    """A random transformers LlavaForConditionalGeneration saved with save_pretrained; returns the reference."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**TINY_VISION),
+                                      text_config=transformers.LlamaConfig(**TINY_TEXT), image_token_index=IMAGE_ID,
+                                      image_seq_length=N_FEATURES, **overrides)
+    reference = transformers.LlavaForConditionalGeneration(config).eval()
+    randomize_layer_norms(reference)
+    with torch.no_grad():  # RMSNorm weights too (named *layernorm / norm in LLaMA)
+        for name, p in reference.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.randn_like(p) * 0.5 + 1.0)
+    reference.save_pretrained(directory)
+    return reference
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_llava")
+    reference = save_tiny_llava(directory)
+    return directory, reference, llava_model.load_llava(directory)
+
+
+def random_pixels(n=1, seed=2):
+    return torch.randn(n, 3, 56, 56, generator=torch.Generator().manual_seed(seed))
+
+
+def expanded(ids):
+    """transformers' input ids: each image token repeated once per feature, as its LlavaProcessor writes them."""
+    out = []
+    for i in ids:
+        out += [i] * (N_FEATURES if i == IMAGE_ID else 1)
+    return torch.tensor([out])
+
+
+PROMPT_WITH_IMAGE = [1, 5, 17, 9, IMAGE_ID, 33, 41, 7, 12, 60]
+
+
+def test_logits_with_an_image_equal_transformers(tiny_llava):
+    _, reference, model = tiny_llava
+    pixels = random_pixels()
+    with torch.no_grad():
+        ref = reference(input_ids=expanded(PROMPT_WITH_IMAGE), pixel_values=pixels).logits
+        ours = model(PROMPT_WITH_IMAGE, pixels)
+    assert ours.shape == ref.shape == (1, len(PROMPT_WITH_IMAGE) - 1 + N_FEATURES, 128)
+    assert_close(ours, ref, LOGITS_ATOL, "logits with an image vs LlavaForConditionalGeneration")
+
+
+def test_text_only_logits_equal_transformers(tiny_llava):
+    _, reference, model = tiny_llava
+    ids = [1, 8, 3, 99, 4, 27]
+    with torch.no_grad():
+        assert_close(model(ids), reference(input_ids=torch.tensor([ids])).logits, LOGITS_ATOL, "text-only logits")
+
+
+def test_image_features_equal_transformers(tiny_llava):
+    _, reference, model = tiny_llava
+    pixels = random_pixels(2)
+    with torch.no_grad():
+        ref = reference.model.get_image_features(pixel_values=pixels).pooler_output  # a list, one per image
+        assert_close(model.image_features(pixels), torch.stack(ref), LOGITS_ATOL, "projected image features")
+
+
+def test_greedy_generation_equals_transformers(tiny_llava):
+    import mumoe
+
+    _, reference, model = tiny_llava
+    pixels, steps = random_pixels(), 12
+    with torch.no_grad():
+        hf = reference.generate(input_ids=expanded(PROMPT_WITH_IMAGE), pixel_values=pixels, max_new_tokens=steps,
+                                do_sample=False, eos_token_id=None, pad_token_id=0)
+    ours = mumoe.generate(model.language_model, model.embed_prompt(PROMPT_WITH_IMAGE, pixels), steps)
+    assert ours == hf[0, expanded(PROMPT_WITH_IMAGE).shape[1]:].tolist()
+    assert len(set(ours)) > 2, "a sequence that varies, so that a wrong position or cache shows"
