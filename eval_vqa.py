@@ -27,7 +27,7 @@ The vision tower, the projector, the embeddings and lm_head stay dense in every 
 question's prediction and score go into strict JSON (--out), written atomically as the run goes on, so a
 reader can re-score the predictions and `--resume` continues where a run stopped.
 
-Imports: checkpoint (errors, devices, model directories), models (loading), llava_model (images and prompt),
+Imports: checkpoint (errors, devices, model directories), llava_model (the model, its images and prompt),
 pruners (prune_model), mumoe (generate), vqa_tasks (questions, metrics, data); tqdm.
 """
 
@@ -44,7 +44,6 @@ import torch
 from tqdm import tqdm
 
 import llava_model
-import models
 import mumoe
 import pruners
 import vqa_tasks
@@ -93,7 +92,8 @@ def embed(model, question: Question, ids: list[int], device, dtype) -> torch.Ten
     pixels = None
     if question.image is not None:
         with vqa_tasks.open_image(question) as image:
-            pixels = llava_model.preprocess(image)[None].to(device, dtype)  # (1, 3, 336, 336)
+            size = model.config.vision_config.image_size
+            pixels = llava_model.preprocess(image, size)[None].to(device, dtype)  # (1, 3, 336, 336)
     return model.embed_prompt(torch.tensor([ids], device=device), pixels)
 
 
@@ -106,6 +106,16 @@ def answer(model, tokenizer, question: Question, ids: list[int], max_new_tokens:
     lm = model.language_model
     new = mumoe.generate(lm, x, max_new_tokens, rho, routing, select, eos_id=lm.config.eos_token_id)
     return tokenizer.decode(new).strip()
+
+
+def check_lengths(questions: list[Question], ids: dict[str, list[int]], config, max_new_tokens: int) -> None:
+    """Every prompt, its image's features and the longest answer must fit the language model's positions."""
+    limit = config.text_config.max_position_embeddings
+    for q in questions:
+        length = len(ids[q.id]) + (config.image_tokens - 1 if q.image is not None else 0) + max_new_tokens
+        if length > limit:
+            raise UsageError(f"{q.task} question {q.id} ({q.where}): its prompt and {max_new_tokens} new tokens "
+                             f"take {length} positions, more than the model's {limit}")
 
 
 def calibration_questions(questions: list[Question], nsamples: int, seed: int,
@@ -242,9 +252,9 @@ def row_key(row: dict) -> tuple:
     return row["method"], row["rho"], row["calib"], row["routing"]
 
 
-def finished_predictions(path: Path, settings: dict) -> dict[tuple, dict[str, dict]]:
-    """For --resume: the predictions of the --out file by row key and question id; a UsageError naming the
-    settings that differ. Questions are matched by id, so a run with another --limit reuses what it can."""
+def finished_rows(path: Path, settings: dict) -> dict[tuple, dict]:
+    """For --resume: the rows of the --out file by row key; a UsageError naming the settings that differ.
+    Their predictions are matched to questions by id, so a run with another --limit reuses what it can."""
     if not path.is_file():
         print(f"--resume: no {path} yet, every row is run")
         return {}
@@ -252,7 +262,7 @@ def finished_predictions(path: Path, settings: dict) -> dict[tuple, dict[str, di
         report = json.loads(path.read_text(encoding="utf-8"))
         old = report["settings"]
         differ = [f"{k} {old.get(k)} there, {settings[k]} here" for k in RESUME_SETTINGS if old.get(k) != settings[k]]
-        done = {row_key(r): {p["id"]: p for p in r["predictions"]} for r in report["results"]}
+        done = {row_key(r): r | {"kept": {p["id"]: p for p in r["predictions"]}} for r in report["results"]}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UsageError(f"--resume: {path} is not a results file of eval_vqa.py ({type(e).__name__}: {e}); "
                          "give another --out") from None
@@ -377,9 +387,10 @@ def run(args) -> list[dict]:
     if not questions:
         raise UsageError(f"no {args.task} question is left to answer")
 
-    tokenizer = models.load_tokenizer(directory)
-    config = models.read_config(directory)
+    tokenizer = llava_model.load_tokenizer(directory)
+    config = llava_model.read_config(directory / "config.json")
     ids = {q.id: prompt_ids(q, tokenizer, config.image_token_index) for q in questions + calib_questions}
+    check_lengths(questions, ids, config, args.max_new_tokens)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     settings.update(device=str(device), dtype=str(dtype).removeprefix("torch."), torch=torch.__version__,
                     data=data, skipped_rows=skipped, questions=len(questions),
@@ -389,7 +400,7 @@ def run(args) -> list[dict]:
     plan = [("dense", 1.0, None, None)] if "dense" in args.methods else []
     plan += [(m, rho, args.calib if m in CALIBRATED else None, r) for rho in args.rho for m in METHODS[1:]
              if m in args.methods for r in (args.mumoe_routing if m == "mumoe" else [None])]
-    done = finished_predictions(args.out, settings) if args.resume else {}
+    done = finished_rows(args.out, settings) if args.resume else {}
     by_id = {q.id: q for q in questions}
     report = {"settings": settings, "questions": [question_record(q) for q in questions], "results": []}
     rows = {}  # row key -> the row's record in report["results"]
@@ -404,10 +415,11 @@ def run(args) -> list[dict]:
     model, pruned, calib_hidden = None, False, None
     for key in plan:
         method, rho, calib, routing = key
-        kept = done.get(key, {})
+        kept = done[key]["kept"] if key in done else {}
         predictions = [kept[q.id] for q in questions if q.id in kept]
         todo = [q for q in questions if q.id not in kept]
-        rows[key] = row = dict(method=method, rho=rho, calib=calib, routing=routing, seconds=0.0,
+        rows[key] = row = dict(method=method, rho=rho, calib=calib, routing=routing,
+                               seconds=done[key]["seconds"] if key in done else 0.0,  # this row's work, every run
                                complete=not todo, predictions=predictions, **summary(predictions, by_id))
         if not todo:
             print(f"{label(row)}, rho {rho}: {row['accuracy']:.2f} (kept from {args.out})")
@@ -415,7 +427,7 @@ def run(args) -> list[dict]:
         start = time.time()
         if model is None or pruned:
             del model
-            model, pruned = models.load_model(directory, device, dtype), False
+            model, pruned = llava_model.load_llava(directory, device, dtype), False
         if method in CALIBRATED + ("magnitude",):
             if method in CALIBRATED and calib_hidden is None:  # once, shared by every calibrated row
                 calib_hidden = [embed(model, q, ids[q.id], device, dtype) for q in

@@ -16,6 +16,7 @@ import pytest
 
 import eval_vqa
 import vqa_tasks
+from test_llava import one_thread  # noqa: F401 (a fixture: tiny models run faster on one thread)
 from vqa_tasks import normalize_answer, scienceqa_letter, scienceqa_message, textvqa_message, vqa_accuracy
 
 # -----------------------------------------------------------------------------
@@ -354,3 +355,210 @@ def test_an_unwritable_out_is_refused(capsys, tmp_path, data_dir):
     code, err = run_command(capsys, "--model", fake_model_dir(tmp_path, "llava"), "--task", "textvqa",
                             "--data-dir", data_dir, "--out", tmp_path / "file" / "out.json")
     assert_one_line_error(code, err, "--out", "cannot be written")
+
+
+# -----------------------------------------------------------------------------
+# The command end to end: a tiny random LLaVA in the Hugging Face layout, a tiny tokenizer, tiny parquet files
+
+IMAGE_ID = 500  # the tiny model's image_token_index: above the tokenizer's 400 ids, below the vocabulary
+TINY_TEXT = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
+                 initializer_range=0.3)  # larger than the default 0.02: answers that depend on the prompt
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   image_size=28, patch_size=14)  # 2x2 patches: 4 features per image
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory) -> Path:
+    """A random transformers LlavaForConditionalGeneration saved with save_pretrained, with a byte-level BPE
+    tokenizer trained in the test (LLaMA's <unk> <s> </s> at 0 1 2, <s> put in front)."""
+    import torch
+    import transformers
+
+    from test_llama import save_llama_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny_llava")
+    torch.manual_seed(0)
+    config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**TINY_VISION),
+                                      text_config=transformers.LlamaConfig(**TINY_TEXT), image_token_index=IMAGE_ID,
+                                      image_seq_length=4)
+    transformers.LlavaForConditionalGeneration(config).save_pretrained(directory)
+    save_llama_tokenizer(directory, "<s>")
+    return directory
+
+
+def command(model_dir, data_dir, out, *extra) -> list[str]:
+    """A quick run: two ratios, every method, both μ-MoE routings, 4 calibration prompts, short answers."""
+    return [str(a) for a in ["--model", model_dir, "--data-dir", data_dir, "--out", out, "--rho", "0.6", "0.4",
+                             "--mumoe-routing", "block", "linear", "--nsamples", "4", "--max-new-tokens", "6",
+                             "--device", "cpu", *extra]]
+
+
+def rescored(report: dict) -> dict[tuple, tuple[float, float]]:
+    """Each row's accuracy and image-subset accuracy, scored again from the saved predictions alone, with the
+    task's metric functions (not eval_vqa's bookkeeping)."""
+    questions = {q["id"]: q for q in report["questions"]}
+    out = {}
+    for row in report["results"]:
+        scores, image_scores = [], []
+        for p in row["predictions"]:
+            q = questions[p["id"]]
+            if "answers" in q:
+                s = vqa_accuracy(p["prediction"], q["answers"])
+            else:
+                s = float(scienceqa_letter(p["prediction"], q["n_choices"]) == q["answer"])
+            scores.append(s)
+            if q["image"]:
+                image_scores.append(s)
+        mean = lambda xs: 100 * sum(xs) / len(xs) if xs else None
+        out[eval_vqa.row_key(row)] = (mean(scores), mean(image_scores))
+    return out
+
+
+def counting_answers(monkeypatch) -> list[tuple]:
+    """Record (method, rho, question id) of every answer the command asks the model for."""
+    calls, real = [], eval_vqa.answer
+
+    def answer(model, tokenizer, question, *args, **kwargs):
+        calls.append(question.id)
+        return real(model, tokenizer, question, *args, **kwargs)
+
+    monkeypatch.setattr(eval_vqa, "answer", answer)
+    return calls
+
+
+@pytest.mark.parametrize("task", ["scienceqa", "textvqa"])
+def test_every_method_runs_and_the_accuracy_is_the_rescored_predictions(tiny_llava, data_dir, tmp_path, task,
+                                                                        capsys):
+    out = tmp_path / "out.json"
+    assert eval_vqa.main(command(tiny_llava, data_dir, out, "--task", task)) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())  # strict JSON: json.loads would take NaN, so check the text too
+    assert "NaN" not in out.read_text() and "Infinity" not in out.read_text()
+
+    calib = {"scienceqa": "textvqa", "textvqa": "scienceqa"}[task]
+    keys = [eval_vqa.row_key(r) for r in report["results"]]
+    assert keys == [("dense", 1.0, None, None)] + [
+        (m, rho, calib if m in ("sparsegpt", "wanda") else None, r) for rho in (0.6, 0.4)
+        for m, r in [("magnitude", None), ("sparsegpt", None), ("wanda", None), ("mumoe", "block"),
+                     ("mumoe", "linear")]]
+    n = {"scienceqa": 9, "textvqa": 8}[task]
+    assert report["settings"]["questions"] == n and len(report["questions"]) == n
+    assert report["settings"]["calib"] == calib and report["settings"]["nsamples"] == 4
+    assert [f["file"] for f in report["settings"]["data"][task]] == sorted(p.name for p in (data_dir / task).iterdir())
+    for row in report["results"]:
+        assert row["complete"] and [p["id"] for p in row["predictions"]] == [q["id"] for q in report["questions"]]
+        assert (row["accuracy"], row["accuracy_image"]) == pytest.approx(rescored(report)[eval_vqa.row_key(row)])
+    # the pruned rows answer differently from the dense one (the model really was pruned / routed)
+    dense = [p["prediction"] for p in report["results"][0]["predictions"]]
+    for row in report["results"][1:]:
+        assert [p["prediction"] for p in row["predictions"]] != dense, eval_vqa.label(row)
+
+    for name in ["Dense", "Magnitude", "SparseGPT (" + eval_vqa.TASK_NAMES[calib] + ")", "Wanda", "μ-MoE",
+                 "μ-MoE (one pass)", "60%", "40%", "100%"]:
+        assert name in printed, name
+    assert ("questions with an image" in printed) == (task == "scienceqa")
+    assert "[" not in printed.split("accuracy (%)")[1]  # a tiny model: no paper figures beside ours
+
+
+def test_the_accuracy_counts_right_answers(tiny_llava, data_dir, tmp_path):
+    """TextVQA questions whose 10 answers are the dense model's own prediction score 100, the others 0: the
+    dense row's accuracy is then the share of such questions, exactly."""
+    import pyarrow.parquet
+
+    first = tmp_path / "first.json"
+    assert eval_vqa.main(command(tiny_llava, data_dir, first, "--task", "textvqa", "--methods", "dense")) == 0
+    predictions = {p["id"]: p["prediction"] for p in json.loads(first.read_text())["results"][0]["predictions"]}
+    for path in vqa_tasks.task_files("textvqa", data_dir):
+        rows = pyarrow.parquet.read_table(path).to_pylist()
+        for row in rows:
+            right = row["question_id"] % 4 == 0  # 100, 104: 2 of the 8 questions
+            row["answers"] = [predictions[str(row["question_id"])] if right else "no such answer"] * 10
+        write_parquet(path, rows)
+    out = tmp_path / "out.json"
+    assert eval_vqa.main(command(tiny_llava, data_dir, out, "--task", "textvqa", "--methods", "dense")) == 0
+    assert json.loads(out.read_text())["results"][0]["accuracy"] == pytest.approx(100 * 2 / 8)
+
+
+def test_resume_answers_only_what_is_missing(tiny_llava, data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out.json"
+    argv = command(tiny_llava, data_dir, out, "--task", "textvqa", "--methods", "dense", "wanda", "mumoe",
+                   "--mumoe-routing", "block")
+    calls = counting_answers(monkeypatch)
+    assert eval_vqa.main(argv + ["--limit", "3"]) == 0
+    assert len(calls) == 5 * 3  # dense, then wanda and μ-MoE at two ratios
+    first = json.loads(out.read_text())
+
+    calls.clear()
+    assert eval_vqa.main(argv + ["--limit", "5", "--resume"]) == 0
+    assert calls == ["103", "104"] * 5  # the first three questions of every row are kept
+    second = json.loads(out.read_text())
+    for old, new in zip(first["results"], second["results"]):
+        assert new["predictions"][:3] == old["predictions"]
+        assert len(new["predictions"]) == 5 and new["complete"]
+
+    # a run killed in the middle of a row: the row's saved predictions are kept, the rest answered
+    second["results"][2]["predictions"] = second["results"][2]["predictions"][:2]
+    second["results"][2]["complete"] = False
+    out.write_text(json.dumps(second))
+    calls.clear()
+    assert eval_vqa.main(argv + ["--limit", "5", "--resume"]) == 0
+    assert calls == ["102", "103", "104"]
+    third = json.loads(out.read_text())
+    assert third["results"][:2] == second["results"][:2]  # the finished rows as they were
+    assert third["results"][2]["predictions"][:2] == second["results"][2]["predictions"]
+    assert [p["id"] for p in third["results"][2]["predictions"]] == ["100", "101", "102", "103", "104"]
+
+    calls.clear()
+    assert eval_vqa.main(argv + ["--limit", "5", "--resume"]) == 0
+    assert calls == []
+
+
+def test_resume_refuses_other_settings(tiny_llava, data_dir, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    argv = command(tiny_llava, data_dir, out, "--task", "textvqa", "--methods", "dense", "--limit", "2")
+    assert eval_vqa.main(argv) == 0
+    capsys.readouterr()
+    code, err = run_command(capsys, *argv, "--resume", "--max-new-tokens", "3")
+    assert_one_line_error(code, err, "--resume", "max_new_tokens 6 there, 3 here")
+
+
+def test_skip_bad_rows_goes_on_and_counts_them(tiny_llava, data_dir, tmp_path):
+    break_image(data_dir, "textvqa", 2)
+    out = tmp_path / "out.json"
+    assert eval_vqa.main(command(tiny_llava, data_dir, out, "--task", "textvqa", "--methods", "dense",
+                                 "--skip-bad-rows")) == 0
+    report = json.loads(out.read_text())
+    assert [s["id"] for s in report["settings"]["skipped_rows"]] == ["102"]
+    assert report["settings"]["questions"] == 7 and "102" not in [q["id"] for q in report["questions"]]
+
+
+def test_save_data_then_data_dir_gives_the_same_run(tiny_llava, data_dir, tmp_path):
+    argv = ["--task", "scienceqa", "--methods", "dense", "wanda", "--rho", "0.5", "--limit", "3"]
+    assert eval_vqa.main(command(tiny_llava, data_dir, tmp_path / "a.json", *argv, "--save-data",
+                                 tmp_path / "saved")) == 0
+    assert sorted(p.relative_to(tmp_path / "saved").as_posix() for p in (tmp_path / "saved").rglob("*.parquet")) == [
+        "scienceqa/test-00000-of-00001.parquet", "textvqa/validation-00000-of-00002.parquet",
+        "textvqa/validation-00001-of-00002.parquet"]  # the task's files and the calibration task's
+    assert eval_vqa.main(command(tiny_llava, tmp_path / "saved", tmp_path / "b.json", *argv)) == 0
+    a, b = (json.loads((tmp_path / name).read_text()) for name in ("a.json", "b.json"))
+    assert [r["predictions"] for r in a["results"]] == [r["predictions"] for r in b["results"]]
+    assert a["settings"]["data"] == b["settings"]["data"]  # the same files, by sha256
+
+
+def test_each_pruned_row_starts_from_the_checkpoint(tiny_llava, data_dir, tmp_path):
+    """Wanda after magnitude in one run answers as Wanda alone: every pruned row prunes a fresh model."""
+    argv = ["--task", "textvqa", "--rho", "0.4", "--limit", "4"]
+    assert eval_vqa.main(command(tiny_llava, data_dir, tmp_path / "both.json", *argv,
+                                 "--methods", "magnitude", "wanda")) == 0
+    assert eval_vqa.main(command(tiny_llava, data_dir, tmp_path / "alone.json", *argv, "--methods", "wanda")) == 0
+    both, alone = (json.loads((tmp_path / f"{name}.json").read_text())["results"] for name in ("both", "alone"))
+    assert both[1]["predictions"] == alone[0]["predictions"]
+
+
+def test_summary_counts_all_questions_and_those_with_an_image():
+    questions = {str(i): vqa_tasks.Question("scienceqa", str(i), "", "", b"png" if i < 3 else None, "A", 2)
+                 for i in range(5)}
+    predictions = [{"id": str(i), "prediction": "", "score": s} for i, s in enumerate([1.0, 0.0, 1.0, 1.0, 0.0])]
+    assert eval_vqa.summary(predictions, questions) == {"accuracy": 60.0, "accuracy_image": pytest.approx(200 / 3),
+                                                        "answered": 5, "answered_image": 3}
