@@ -168,7 +168,7 @@ def paper_figure(row: dict, settings: dict) -> float | None:
 def table(rows: list[dict], settings: dict, key: str = "accuracy", with_paper: bool = True) -> str:
     """One row per method, one column per active-weight ratio (dense in its own, 100%), accuracy in percent;
     [the paper's figure] beside ours."""
-    ratios = [1.0] + sorted({r["rho"] for r in rows if r["method"] != "dense"}, reverse=True)
+    ratios = sorted({r["rho"] for r in rows}, reverse=True)  # dense's 1.0 (100%) first
     lines, names = [], []
     for method_rows in group_rows(rows):
         cells = {}
@@ -183,7 +183,7 @@ def table(rows: list[dict], settings: dict, key: str = "accuracy", with_paper: b
     first = 2 + max([10] + [len(n) for n in names])
     out = [" " * first + "".join(f"{rho:>{width}.0%}" for rho in ratios)]
     for name, cells in zip(names, lines):
-        out.append(f"{name:<{first}}" + "".join(f"{cells.get(rho, ''):>{width}}" for rho in ratios))
+        out.append((f"{name:<{first}}" + "".join(f"{cells.get(rho, ''):>{width}}" for rho in ratios)).rstrip())
     return "\n".join(out)
 
 
@@ -206,7 +206,7 @@ def tables(rows: list[dict], settings: dict) -> str:
         text += (f"\n\n{head}, the {n_image} questions with an image (LLaVA's IMG figure): accuracy (%)\n"
                  + table(rows, settings, "accuracy_image", with_paper=False))
     if any(not r["complete"] for r in rows):
-        text += "\n* a row still in progress: its accuracy so far"
+        text += "\n\n* a row still in progress: its accuracy so far"
     return text
 
 
@@ -381,7 +381,7 @@ def run(args) -> list[dict]:
     data = {args.task: data}
     calib_questions = []
     if calibrated:
-        pool, data[args.calib] = (questions, data[args.task]) if args.calib == args.task else load_task(args.calib, args)
+        pool, data[args.calib] = load_task(args.calib, args)  # all of its questions, whatever --limit says
         calib_questions, calib_skipped = calibration_questions(pool, args.nsamples, args.seed, args.skip_bad_rows)
         skipped += [s | {"task": args.calib} for s in calib_skipped]
     if not questions:
@@ -405,8 +405,9 @@ def run(args) -> list[dict]:
     report = {"settings": settings, "questions": [question_record(q) for q in questions], "results": []}
     rows = {}  # row key -> the row's record in report["results"]
 
-    def save(force=False):
+    def save(row: dict, force=False):
         if force or time.time() - save.last > SAVE_EVERY_SECONDS:
+            row.update(summary(row["predictions"], by_id))
             report["results"] = [rows[key] for key in plan if key in rows]
             write_report(args.out, report)
             save.last = time.time()
@@ -436,23 +437,24 @@ def run(args) -> list[dict]:
                                 select=args.select, group=MAGNITUDE_GROUP, blocksize=SPARSEGPT_BLOCKSIZE)
             pruned = True
         routed_rho = rho if method == "mumoe" else 1.0  # the others run their (pruned) weights densely
-        progress = tqdm(todo, desc=f"{label(row)} rho={rho}", leave=False)
+        progress, total = tqdm(todo, desc=f"{label(row)} rho={rho}", leave=False), sum(p["score"] for p in predictions)
         for q in progress:
             prediction = answer(model, tokenizer, q, ids[q.id], args.max_new_tokens, routed_rho, routing or "block",
                                 args.select, device, dtype)
             predictions.append({"id": q.id, "prediction": prediction, "score": vqa_tasks.score(q, prediction)})
-            row.update(summary(predictions, by_id), seconds=row["seconds"] + time.time() - start)
+            total += predictions[-1]["score"]
+            progress.set_postfix_str(f"{100 * total / len(predictions):.2f}%")
+            row["seconds"] += time.time() - start
             start = time.time()
-            progress.set_postfix_str(f"{row['accuracy']:.2f}%")
-            save()
+            save(row)
         order = {q.id: i for i, q in enumerate(questions)}
-        predictions.sort(key=lambda p: order[p["id"]])  # resumed ones first otherwise
+        predictions.sort(key=lambda p: order[p["id"]])  # the kept ones of a resumed row came first
         row["complete"] = True
+        save(row, force=True)
         print(f"{label(row)}, rho {rho}: {row['accuracy']:.2f} ({row['seconds']:.0f} s)", flush=True)
-        save(force=True)
 
-    save(force=True)
-    results = report["results"]
+    report["results"] = results = [rows[key] for key in plan]
+    write_report(args.out, report)
     print("\n" + tables(results, settings))
     print(f"\nresults: {args.out}")
     return results

@@ -562,3 +562,31 @@ def test_summary_counts_all_questions_and_those_with_an_image():
     predictions = [{"id": str(i), "prediction": "", "score": s} for i, s in enumerate([1.0, 0.0, 1.0, 1.0, 0.0])]
     assert eval_vqa.summary(predictions, questions) == {"accuracy": 60.0, "accuracy_image": pytest.approx(200 / 3),
                                                         "answered": 5, "answered_image": 3}
+
+
+def table_rows(calib: str) -> list[dict]:
+    row = lambda method, rho, calib=None, routing=None: dict(method=method, rho=rho, calib=calib, routing=routing,
+                                                            accuracy=12.5, accuracy_image=25.0, complete=True)
+    return [row("dense", 1.0)] + [r for rho in (0.6, 0.4) for r in (
+        row("magnitude", rho), row("sparsegpt", rho, calib), row("wanda", rho, calib), row("mumoe", rho, None, "block"),
+        row("mumoe", rho, None, "linear"))]
+
+
+def test_the_table_puts_the_papers_figures_beside_the_rows_of_its_setting():
+    settings = dict(model="llava-1.5-7b", task="textvqa", paper_model=True, questions=8, questions_with_image=8)
+    lines = eval_vqa.tables(table_rows("scienceqa"), settings).splitlines()
+    assert lines[1].split() == ["100%", "60%", "40%"]
+    assert lines[2].split() == ["Dense", "12.50", "[61.32]"]
+    assert lines[3].split() == ["Magnitude", "12.50", "[54.12]", "12.50", "[24.62]"]
+    assert lines[6].split() == ["μ-MoE", "12.50", "[57.16]", "12.50", "[46.97]"]
+    assert lines[7].split() == ["μ-MoE", "(one", "pass)", "12.50", "12.50"]  # not the paper's routing
+    # calibrated on TextVQA itself: not the paper's setting, no figure beside SparseGPT and Wanda
+    lines = eval_vqa.tables(table_rows("textvqa"), settings).splitlines()
+    assert lines[4].split() == ["SparseGPT", "(TextVQA)", "12.50", "12.50"]
+    assert "[" not in eval_vqa.tables(table_rows("scienceqa"), settings | {"paper_model": False})
+    # ScienceQA: all questions with the paper's figures, then the image subset without
+    settings |= dict(task="scienceqa", questions=9, questions_with_image=6)
+    text = eval_vqa.tables(table_rows("textvqa"), settings)
+    everything, images = text.split("\n\n")
+    assert "all 9 questions" in everything and "[70.03]" in everything and "[0.21]" in everything
+    assert "6 questions with an image" in images and "25.00" in images and "[" not in images
