@@ -28,13 +28,12 @@ question's prediction and score go into strict JSON (--out), written atomically 
 reader can re-score the predictions and `--resume` continues where a run stopped.
 
 Imports: checkpoint (errors, devices, model directories), llava_model (the model, its images and prompt),
-pruners (prune_model), mumoe (generate), vqa_tasks (questions, metrics, data); tqdm.
+pruners (prune_model), mumoe (generate), vqa_tasks (questions, metrics, data), results_file; tqdm.
 """
 
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -47,6 +46,7 @@ import llava_model
 import mumoe
 import pruners
 import vqa_tasks
+from results_file import check_writable, write_json
 from checkpoint import DTYPES, UsageError, check_device, hub_repo_id, read_config_json, resolve_checkpoint
 from vqa_tasks import TASKS, Question
 
@@ -214,36 +214,6 @@ def tables(rows: list[dict], settings: dict) -> str:
 # The results file: strict JSON, written atomically; --resume reads it back
 
 
-def check_writable(path: Path, option: str) -> None:
-    """Fail now, not after hours of work, when `path` cannot be written; an existing file is left as it is."""
-    existed = path.exists()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a"):
-            pass
-    except OSError as e:
-        raise UsageError(f"{option} {path} cannot be written ({e.strerror}: {e.filename})") from None
-    if not existed:
-        path.unlink()
-
-
-def write_report(path: Path, report: dict) -> None:
-    """Strict JSON (a NaN, e.g. the image accuracy of a run without images, is null), to a temporary file
-    first, then renamed over `path`: a run killed while writing leaves the previous file whole."""
-    def strict(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: strict(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [strict(v) for v in value]
-        return value
-
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(strict(report), indent=1, ensure_ascii=False, allow_nan=False), encoding="utf-8")
-    os.replace(partial, path)
-
-
 # The settings every prediction depends on; a resumed file must have the same, or its rows would not compare
 RESUME_SETTINGS = ("model", "task", "calib", "nsamples", "seed", "dtype", "max_new_tokens", "data")
 
@@ -409,7 +379,7 @@ def run(args) -> list[dict]:
         if force or time.time() - save.last > SAVE_EVERY_SECONDS:
             row.update(summary(row["predictions"], by_id))
             report["results"] = [rows[key] for key in plan if key in rows]
-            write_report(args.out, report)
+            write_json(args.out, report, indent=1)
             save.last = time.time()
 
     save.last = time.time()
@@ -454,7 +424,7 @@ def run(args) -> list[dict]:
         print(f"{label(row)}, rho {rho}: {row['accuracy']:.2f} ({row['seconds']:.0f} s)", flush=True)
 
     report["results"] = results = [rows[key] for key in plan]
-    write_report(args.out, report)
+    write_json(args.out, report, indent=1)
     print("\n" + tables(results, settings))
     print(f"\nresults: {args.out}")
     return results
