@@ -12,10 +12,11 @@ Nothing is guessed from a model's name. Imports: checkpoint, opt_model, llama_mo
 import torch
 import torch.nn as nn
 
+import llama_model
 import opt_model
 from checkpoint import UsageError, read_config_json, resolve_checkpoint
 
-FAMILIES = {"opt": opt_model}
+FAMILIES = {"opt": opt_model, **{model_type: llama_model for model_type in llama_model.MODEL_TYPES}}
 
 
 def family(name_or_path):
