@@ -545,7 +545,7 @@ def our_name(key: str) -> str | None:
 
 def load_llava(name_or_path, device="cpu", dtype=torch.float32) -> LlavaForConditionalGeneration:
     """Build LLaVA from a checkpoint, strictly: every key used, none missing, every shape checked."""
-    if str(name_or_path).startswith("liuhaotian/"):  # refused before any download
+    if str(name_or_path).startswith("liuhaotian/"):  # refused by name, before anything is downloaded
         raise UsageError(ORIGINAL_LLAVA)
     device = check_device(device)
     check_dtype(dtype)
@@ -553,7 +553,10 @@ def load_llava(name_or_path, device="cpu", dtype=torch.float32) -> LlavaForCondi
     config = LlavaConfig.from_json(directory / "config.json")
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
-    return load_weights(model, directory, our_name, device, dtype)
+    tied = ({"language_model.lm_head.weight": "language_model.model.embed_tokens.weight"}
+            if config.text_config.tie_word_embeddings else {})
+    load_weights(model, directory, our_name, device, dtype, tied)
+    return model.to(device)  # the rotary frequencies, computed on the CPU, join the weights
 
 
 load_model = load_llava  # the name models.py calls every family's loader by

@@ -297,3 +297,244 @@ def test_greedy_generation_equals_transformers(tiny_llava):
     ours = mumoe.generate(model.language_model, model.embed_prompt(PROMPT_WITH_IMAGE, pixels), steps)
     assert ours == hf[0, expanded(PROMPT_WITH_IMAGE).shape[1]:].tolist()
     assert len(set(ours)) > 2, "a sequence that varies, so that a wrong position or cache shows"
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint layouts and variants
+
+def hub_legacy_key(key):
+    """transformers 5's save_pretrained key -> llava-hf's hub files (transformers < 4.52)."""
+    return key.replace("vision_tower.", "vision_tower.vision_model.", 1) if key.startswith("vision_tower.") else key
+
+
+def transformers_4_52_key(key):
+    """-> transformers 4.52 .. 4.57's layout: everything under model., lm_head outside, CLIP not flattened."""
+    key = hub_legacy_key(key)
+    if key.startswith("language_model.lm_head."):
+        return key.removeprefix("language_model.")
+    if key.startswith("language_model.model."):
+        return "model.language_model." + key.removeprefix("language_model.model.")
+    return "model." + key
+
+
+LAYOUTS = {
+    "hub_legacy": hub_legacy_key,
+    "transformers_4_52": transformers_4_52_key,
+    "transformers_5_in_memory": lambda key: transformers_4_52_key(key).replace(".vision_model.", ".", 1),
+}
+
+
+def rewrite_checkpoint(src, dst, rename=lambda key: key, drop=(), add=None):
+    """A copy of the checkpoint in src with its keys renamed, some dropped, some added."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(exist_ok=True)
+    state = {rename(k): v for k, v in load_file(src / "model.safetensors").items() if k not in drop}
+    save_file({**state, **(add or {})}, dst / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(src / "config.json", dst / "config.json")
+    return dst
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_checkpoint_layouts_load_to_the_same_model(tiny_llava, tmp_path, layout):
+    directory, _, model = tiny_llava
+    other = llava_model.load_llava(rewrite_checkpoint(directory, tmp_path / layout, LAYOUTS[layout]))
+    theirs, ours = other.state_dict(), model.state_dict()
+    assert theirs.keys() == ours.keys()
+    assert all(torch.equal(theirs[k], ours[k]) for k in ours), f"{layout} loads other tensors"
+
+
+def test_hub_legacy_layout_is_what_transformers_reads(tiny_llava, tmp_path):
+    """The legacy names are not our invention: transformers maps them onto the same model."""
+    import transformers
+
+    directory, reference, _ = tiny_llava
+    legacy = rewrite_checkpoint(directory, tmp_path / "legacy", hub_legacy_key)
+    again = transformers.LlavaForConditionalGeneration.from_pretrained(legacy).eval()
+    theirs = again.state_dict()
+    assert all(torch.equal(theirs[k], v) for k, v in reference.state_dict().items())
+
+
+def test_stored_clip_position_ids_are_accepted(tiny_llava, tmp_path):
+    directory, _, model = tiny_llava
+    arange = torch.arange(N_FEATURES + 1)[None]
+    stored = rewrite_checkpoint(directory, tmp_path / "ids", add={"vision_tower.embeddings.position_ids": arange})
+    assert torch.equal(llava_model.load_llava(stored).state_dict()["multi_modal_projector.linear_1.weight"],
+                       model.state_dict()["multi_modal_projector.linear_1.weight"])
+
+
+@pytest.mark.parametrize("drop, message", [
+    ("multi_modal_projector.linear_2.bias", "lacks 'multi_modal_projector.linear_2.bias'"),
+    ("vision_tower.post_layernorm.weight", "lacks 'vision_tower.vision_model.post_layernorm.weight'"),
+    ("language_model.lm_head.weight", "lacks 'language_model.lm_head.weight'"),
+])
+def test_missing_key_is_refused(tiny_llava, tmp_path, drop, message):
+    directory, _, _ = tiny_llava
+    with pytest.raises(UsageError, match=message):
+        llava_model.load_llava(rewrite_checkpoint(directory, tmp_path / "missing", drop=[drop]))
+
+
+def test_unexpected_key_is_refused(tiny_llava, tmp_path):
+    directory, _, _ = tiny_llava
+    extra = rewrite_checkpoint(directory, tmp_path / "extra", add={"image_newline": torch.zeros(32)})
+    with pytest.raises(UsageError, match="unexpected key 'image_newline'"):
+        llava_model.load_llava(extra)
+
+
+def edited_config(directory, tmp_path, edit):
+    import json
+    import shutil
+
+    dst = tmp_path / "edited"
+    shutil.copytree(directory, dst)
+    config = json.loads((dst / "config.json").read_text())
+    edit(config)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(model_type="llava_next"), r"LLaVA-NeXT \(LLaVA-1.6, anyres tiling\) .* is not supported"),
+    (lambda c: c.update(image_grid_pinpoints=[[336, 672]]), "anyres tiling is not supported"),
+    (lambda c: c.update(image_aspect_ratio="anyres"), "image_aspect_ratio 'anyres' is not supported"),
+    (lambda c: c.update(mm_vision_tower="openai/clip-vit-large-patch14-336"), "original liuhaotian"),
+    (lambda c: c.update(model_type="llava_llama"), "original liuhaotian"),
+    (lambda c: c.update(vision_feature_layer=[-2, -5]), "several layers"),
+    (lambda c: c.update(vision_feature_select_strategy="cls"), "vision_feature_select_strategy 'cls'"),
+    (lambda c: c["vision_config"].update(model_type="siglip_vision_model"), "only CLIP's"),
+    (lambda c: c.update(image_seq_length=576), "image_seq_length 576 but the vision tower gives 16"),
+])
+def test_other_variants_are_refused_by_name(tiny_llava, tmp_path, edit, message):
+    directory, _, _ = tiny_llava
+    with pytest.raises(UsageError, match=message):
+        llava_model.load_llava(edited_config(directory, tmp_path, edit))
+
+
+def test_original_llava_is_refused_before_any_download():
+    with pytest.raises(UsageError, match="llava-hf/llava-1.5-7b-hf"):
+        llava_model.load_llava("liuhaotian/llava-v1.5-7b")
+
+
+# llava-hf/llava-1.5-7b-hf's config.json (transformers 4.36's diff against each sub-config's defaults)
+LLAVA_15_7B_CONFIG = {
+    "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": 32000,
+    "model_type": "llava", "pad_token_id": 32001, "projector_hidden_act": "gelu",
+    "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
+                    "max_position_embeddings": 4096, "model_type": "llama", "rms_norm_eps": 1e-05,
+                    "torch_dtype": "float16", "vocab_size": 32064},
+    "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.36.0.dev0",
+    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                      "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+                      "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+    "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064,
+}
+
+
+def test_llava_15_7b_config_gives_the_7b_model(tmp_path):
+    """The hub's config leaves out what equals transformers' defaults: read as transformers reads it, it is
+    Vicuna-7B + CLIP ViT-L/14-336, 7,063,427,072 parameters (the hub's model card: 7.06B)."""
+    import json
+
+    import transformers
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAVA_15_7B_CONFIG))
+    config = llava_model.LlavaConfig.from_json(tmp_path / "config.json")
+    assert config.vision_config == llava_model.CLIP_VIT_L_336
+    text = config.text_config
+    assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.num_attention_heads,
+            text.num_key_value_heads, text.vocab_size, text.max_position_embeddings, text.rms_norm_eps,
+            text.eos_token_id) == (4096, 11008, 32, 32, 32, 32064, 4096, 1e-5, 2)
+    assert (config.image_token_index, config.feature_layers, config.image_tokens) == (32000, 23, 576)
+    with torch.device("meta"):
+        ours = llava_model.LlavaForConditionalGeneration(config)
+        theirs = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(**LLAVA_15_7B_CONFIG))
+    count = lambda m: sum(p.numel() for p in m.state_dict().values())
+    assert count(ours) == count(theirs) == 7_063_427_072
+
+
+# -----------------------------------------------------------------------------
+# Tokenizing the prompt as LLaVA does
+
+def save_llama2_like_tokenizer(directory) -> int:
+    """A tokenizer.json built like Llama-2's: sentencepiece-style BPE on "▁"-joined words with a "▁" put in front
+    of every text, byte fallback (<0x0A> for a newline, unseen in training), BOS <s> added by the post-processor,
+    and "<image>" added as a special token, as llava-hf's tokenizer has it. Returns the image token's id."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    corpus = [llava_model.VICUNA_V1_SYSTEM, "USER: What is in the picture? ASSISTANT: A cat on a mat.",
+              "USER: Describe the image in detail. ASSISTANT: It shows two dogs."] * 3
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")  # no merges across words in training
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=180, special_tokens=["<unk>", "<s>", "</s>"]))
+    tokenizer.pre_tokenizer = None  # as in Llama-2's tokenizer.json
+    path = directory / "tokenizer.json"
+    tokenizer.save(str(path))
+    data = json.loads(path.read_text())  # the byte tokens after the trained vocabulary, as fallback
+    vocab = data["model"]["vocab"]
+    vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
+    data["model"].update(byte_fallback=True, fuse_unk=True)
+    path.write_text(json.dumps(data))
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    tokenizer.add_special_tokens(["<image>"])
+    tokenizer.save(str(path))
+    return tokenizer.token_to_id("<image>")
+
+
+def llava_tokenizer_image_token(hf_tokenizer, prompt, image_id):
+    """LLaVA's tokenizer_image_token, restated: each chunk between placeholders tokenized with BOS; if the
+    first starts with BOS, BOS is kept once in front and the first token of every chunk is dropped."""
+    chunks = [hf_tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
+    ids, offset = [], 0
+    if chunks and chunks[0] and chunks[0][0] == hf_tokenizer.bos_token_id:
+        offset = 1
+        ids.append(chunks[0][0])
+    separated = [x for chunk in chunks for x in (chunk, [image_id] * (offset + 1))][:-1]
+    for x in separated:
+        ids.extend(x[offset:])
+    return ids
+
+
+@pytest.fixture(scope="module")
+def tokenizers_pair(tmp_path_factory):
+    """(ours, transformers' fast tokenizer on the same file, the image token's id)"""
+    import llama_model
+    import transformers
+
+    directory = tmp_path_factory.mktemp("llama2_tokenizer")
+    image_id = save_llama2_like_tokenizer(directory)
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"), bos_token="<s>")
+    return llama_model.load_tokenizer(directory), theirs, image_id
+
+
+@pytest.mark.parametrize("message, has_image", [
+    ("What is in the picture?", True),
+    ("What is in the picture?", False),
+    ("Compare <image> with <image>:", True),  # two images, text between and after
+    ("<image>", True),  # nothing after the image but the assistant's turn
+])
+def test_prompt_ids_equal_llavas_procedure(tokenizers_pair, message, has_image):
+    ours, theirs, image_id = tokenizers_pair
+    prompt = conversation_prompt(message, has_image)
+    ids = llava_model.prompt_ids(ours, prompt, image_id)
+    assert ids == llava_tokenizer_image_token(theirs, prompt, image_id)
+    assert ids[0] == 1 and ids.count(1) == 1, "one BOS, at the start"
+    assert ids.count(image_id) == prompt.count("<image>")
+    if has_image:
+        first = theirs(prompt.split("<image>")[0]).input_ids  # BOS + the system text and "USER: "
+        assert ids.index(image_id) == len(first), "the image sits right after the text before it"
+
+
+def test_text_after_an_image_starts_as_a_fresh_text(tokenizers_pair):
+    """As with Llama's sentencepiece: the piece after the image begins with "▁", then the newline's byte."""
+    ours, theirs, image_id = tokenizers_pair
+    ids = llava_model.prompt_ids(ours, conversation_prompt("What is it?", True), image_id)
+    after = ids[ids.index(image_id) + 1:]
+    assert theirs.convert_ids_to_tokens(after[:2]) == ["▁", "<0x0A>"]
