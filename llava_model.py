@@ -235,6 +235,19 @@ class CLIPVisionModel(nn.Module):
         return x
 
 
+class CLIPFeatureEncoder(nn.Module):
+    """The first `layers` encoder layers of a tower (those LLaVA's features need), offering what the method files
+    read of a model: `blocks`, `blocks_key`, `config` (mumoe.count_macs, pruners.prune_model on embedded images).
+    It shares the tower's modules: pruning it prunes the tower."""
+
+    blocks_key = "vision_tower.vision_model.encoder.layers"  # the blocks' name in LLaVA's checkpoint
+
+    def __init__(self, tower: CLIPVisionModel, layers: int):
+        super().__init__()
+        self.config = tower.config
+        self.blocks = nn.ModuleList(tower.blocks[:layers])
+
+
 class LlavaMultiModalProjector(nn.Module):
     """Vision features -> the language model's embedding space: linear_2(GELU(linear_1(x)))."""
 
@@ -344,6 +357,14 @@ def conversation_prompt(message: str, has_image: bool) -> str:
     if has_image and IMAGE_PLACEHOLDER not in message:
         message = f"{IMAGE_PLACEHOLDER}\n{message}"
     return f"{VICUNA_V1_SYSTEM} USER: {message} ASSISTANT:"
+
+
+def check_placeholders(prompt: str, n_images: int) -> None:
+    """One `<image>` in the prompt per image, before any model work: a UsageError names the mismatch."""
+    n = prompt.count(IMAGE_PLACEHOLDER)
+    if n != n_images:
+        raise UsageError(f"the prompt has {n} {IMAGE_PLACEHOLDER} placeholders for {n_images} images"
+                         + (": give one <image> in the prompt per image" if n_images > 1 else ""))
 
 
 def prompt_ids(tokenizer, prompt: str, image_token_index: int = IMAGE_TOKEN_INDEX) -> list[int]:
@@ -488,8 +509,7 @@ class LlavaForConditionalGeneration(nn.Module):
         is_image = ids == self.config.image_token_index
         n_images = 0 if pixel_values is None else (1 if pixel_values.ndim == 3 else pixel_values.shape[0])
         if is_image.sum().item() != n_images:
-            raise UsageError(f"the prompt has {is_image.sum().item()} {IMAGE_PLACEHOLDER} placeholders for "
-                             f"{n_images} images")
+            raise UsageError(f"the prompt has {is_image.sum().item()} image tokens for {n_images} images")
         text = self.language_model.embed(ids.masked_fill(is_image, 0)[None])  # (1, T, hidden); image rows replaced
         if n_images == 0:
             return text
@@ -501,6 +521,10 @@ class LlavaForConditionalGeneration(nn.Module):
             start = position + 1
         pieces.append(text[:, start:])
         return torch.cat(pieces, dim=1)  # (1, T - N + N * 576, hidden)
+
+    def vision_encoder(self) -> "CLIPFeatureEncoder":
+        """The vision layers that make the features, as the method files see a model (count_macs, prune_model)."""
+        return CLIPFeatureEncoder(self.vision_tower, self.config.feature_layers)
 
     def forward(self, ids, pixel_values: torch.Tensor | None = None, linear: LinearFn = dense_linear) -> torch.Tensor:
         """One prompt -> logits (1, T', vocab) at every position of the embedded prompt (images included)."""

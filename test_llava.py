@@ -221,14 +221,14 @@ TINY_TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidde
 N_FEATURES = 16  # 56 px / 14 = a 4x4 grid of patches, CLS dropped
 
 
-def save_tiny_llava(directory, seed=0, **overrides):
+def save_tiny_llava(directory, seed=0, vocab_size=128, image_token_index=IMAGE_ID):
     """A random transformers LlavaForConditionalGeneration saved with save_pretrained; returns the reference."""
     import transformers
 
     torch.manual_seed(seed)
-    config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**TINY_VISION),
-                                      text_config=transformers.LlamaConfig(**TINY_TEXT), image_token_index=IMAGE_ID,
-                                      image_seq_length=N_FEATURES, **overrides)
+    text = transformers.LlamaConfig(**{**TINY_TEXT, "vocab_size": vocab_size})
+    config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**TINY_VISION), text_config=text,
+                                      image_token_index=image_token_index, image_seq_length=N_FEATURES)
     reference = transformers.LlavaForConditionalGeneration(config).eval()
     randomize_layer_norms(reference)
     with torch.no_grad():  # RMSNorm weights too (named *layernorm / norm in LLaMA)
@@ -538,3 +538,178 @@ def test_text_after_an_image_starts_as_a_fresh_text(tokenizers_pair):
     ids = llava_model.prompt_ids(ours, conversation_prompt("What is it?", True), image_id)
     after = ids[ids.index(image_id) + 1:]
     assert theirs.convert_ids_to_tokens(after[:2]) == ["▁", "<0x0A>"]
+
+
+# -----------------------------------------------------------------------------
+# μ-MoE on LLaVA: the method files get the language model's blocks and the embedded prompt
+
+ROUTING_ATOL = 1e-5  # routed vs. a model pruned by prune_model: the same masks, products in another order
+
+
+def embedded_prompts(model, n, seed=5):
+    """n prompts of equal length, each with its own image and its own text: (1, T, hidden) each."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = []
+    for i in range(n):
+        ids = torch.randint(3, 90, (12,), generator=g).tolist()
+        ids[1 + i] = IMAGE_ID  # the image at another place in each
+        prompts.append(model.embed_prompt([1] + ids, random_pixels(seed=seed + i)))
+    return prompts
+
+
+@pytest.mark.parametrize("rho", [0.5, 0.3])
+def test_block_routing_of_a_prompt_is_wanda_calibrated_on_it(tiny_llava, rho):
+    """The identity that holds for OPT and LLaMA, on a prompt with its image features."""
+    import copy
+
+    from mumoe import mumoe_logits
+    from pruners import prune_model
+
+    _, _, model = tiny_llava
+    x = embedded_prompts(model, 1)[0]
+    pruned = copy.deepcopy(model.language_model)
+    prune_model(pruned, [x], "wanda", rho, progress=False)
+    expected = mumoe_logits(pruned, x, 1.0)  # the pruned model, dense, on the same prompt
+    routed = mumoe_logits(model.language_model, x, rho, routing="block")
+    assert_close(routed, expected, ROUTING_ATOL, f"block routing vs prune_model on the prompt, rho={rho}")
+    assert (routed - model.language_model.head(x)).abs().max() > 1e-3, "the routing changed nothing"
+
+
+@pytest.mark.parametrize("routing", ["block", "linear"])
+def test_prompts_in_a_batch_are_routed_independently(tiny_llava, routing):
+    from mumoe import mumoe_logits
+
+    _, _, model = tiny_llava
+    prompts = embedded_prompts(model, 3)
+    batched = mumoe_logits(model.language_model, torch.cat(prompts), 0.5, routing=routing)
+    for b, x in enumerate(prompts):
+        assert_close(batched[b], mumoe_logits(model.language_model, x, 0.5, routing=routing)[0], ROUTING_ATOL,
+                     f"prompt {b} batched vs alone ({routing})")
+
+
+@pytest.mark.parametrize("routing", ["block", "linear"])
+def test_rho_one_is_dense(tiny_llava, routing):
+    from mumoe import mumoe_logits, routed_block
+
+    _, _, model = tiny_llava
+    ids, pixels = PROMPT_WITH_IMAGE, random_pixels()
+    dense = model(ids, pixels)
+    assert torch.equal(mumoe_logits(model.language_model, model.embed_prompt(ids, pixels), 1.0, routing=routing), dense)
+    routed_vision = model.embed_prompt(ids, pixels, vision_block=routed_block(1.0, routing))
+    assert torch.equal(routed_vision, model.embed_prompt(ids, pixels)), "rho = 1 routes the vision tower densely"
+
+
+def test_generation_routes_once_on_the_embedded_prompt(tiny_llava):
+    """μ-MoE generation on a LLaVA prompt: each new token is what the routed forward over the prompt and the
+    tokens so far picks, routed on the prompt only (prefix = its length)."""
+    from mumoe import generate, mumoe_logits
+
+    _, _, model = tiny_llava
+    lm, x = model.language_model, model.embed_prompt(PROMPT_WITH_IMAGE, random_pixels())
+    new = generate(lm, x, 6, 0.5)
+    for step in range(6):
+        so_far = torch.cat([x, lm.embed(torch.tensor([new[:step]], dtype=torch.long))], dim=1)
+        logits = mumoe_logits(lm, so_far, 0.5, prefix=x.shape[1])
+        assert logits[0, -1].argmax().item() == new[step], f"token {step}"
+    assert new != generate(lm, x, 6), "the dense model continues differently"
+
+
+@pytest.mark.parametrize("rho", [0.5])
+def test_vision_routing_of_an_image_is_wanda_calibrated_on_it(tiny_llava, rho):
+    """--route-vision: each image routed on itself in the vision layers the features need, the same identity."""
+    import copy
+
+    from mumoe import routed_block
+    from pruners import prune_model
+
+    _, _, model = tiny_llava
+    pixels = random_pixels(seed=9)
+    pruned = copy.deepcopy(model)
+    report = prune_model(pruned.vision_encoder(), [model.vision_tower.hidden_states(pixels, 0)], "wanda", rho,
+                         progress=False)
+    assert len(report) == 6 * model.config.feature_layers and all(k.startswith("vision_tower.") for k in report)
+    routed = model.image_features(pixels, vision_block=routed_block(rho, "block"))
+    assert_close(routed, pruned.image_features(pixels), ROUTING_ATOL, "vision routing vs prune_model on the image")
+    assert (routed - model.image_features(pixels)).abs().max() > 1e-3, "the routing changed nothing"
+
+
+def test_embed_prompt_refuses_a_mismatch(tiny_llava):
+    _, _, model = tiny_llava
+    with pytest.raises(UsageError, match="1 image tokens for 0 images"):
+        model.embed_prompt(PROMPT_WITH_IMAGE, None)
+    with pytest.raises(UsageError, match="1 image tokens for 2 images"):
+        model.embed_prompt(PROMPT_WITH_IMAGE, random_pixels(2))
+    with pytest.raises(UsageError, match="0 image tokens for 1 images"):
+        model.embed_prompt([1, 2, 3], random_pixels())
+    two = PROMPT_WITH_IMAGE + [IMAGE_ID, 5]
+    x = model.embed_prompt(two, random_pixels(2))
+    assert x.shape == (1, len(two) - 2 + 2 * N_FEATURES, 32)
+    assert torch.equal(x[0, 4:4 + N_FEATURES], model.image_features(random_pixels(2))[0]), "the first image first"
+    assert torch.equal(x[0, -1 - N_FEATURES:-1], model.image_features(random_pixels(2))[1])
+
+
+# -----------------------------------------------------------------------------
+# The generation command on a LLaVA
+
+@pytest.fixture(scope="module")
+def llava_with_tokenizer(tmp_path_factory):
+    """A tiny LLaVA whose directory holds a Llama-2-like tokenizer, "<image>" at the model's image_token_index."""
+    directory = tmp_path_factory.mktemp("llava_with_tokenizer")
+    image_id = save_llama2_like_tokenizer(directory)
+    save_tiny_llava(directory, vocab_size=image_id + 1, image_token_index=image_id)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def cat_jpg(tmp_path_factory):
+    path = tmp_path_factory.mktemp("images") / "cat.jpg"
+    random_image("RGB", 90, 60).save(path)
+    return path
+
+
+def run_mumoe(argv, capsys) -> tuple[int, str, str]:
+    import mumoe
+
+    try:
+        mumoe.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generation_command_on_a_llava(llava_with_tokenizer, cat_jpg, capsys):
+    argv = ["--model", str(llava_with_tokenizer), "--image", str(cat_jpg), "--prompt", "What is in the picture?",
+            "--rho", "0.5", "--max-new-tokens", "4", "--device", "cpu"]
+    code, out, err = run_mumoe(argv, capsys)
+    assert code == 0, err
+    assert f"{N_FEATURES} per image" in out and "USER: <image>\nWhat is in the picture? ASSISTANT:" in out
+    assert "--- dense:" in out and "--- μ-MoE, rho = 0.5" in out
+    assert "dense in both (--route-vision routes it)" in out
+    code, out, err = run_mumoe(argv + ["--route-vision"], capsys)
+    assert code == 0, err
+    vision = [line for line in out.splitlines() if "vision tower (2 layers, 17 tokens)" in line]
+    assert len(vision) == 1 and "(--route-vision)" in vision[0], out
+
+
+def test_generation_command_without_an_image(llava_with_tokenizer, capsys):
+    code, out, err = run_mumoe(["--model", str(llava_with_tokenizer), "--prompt", "Describe a cat.", "--rho", "0.5",
+                                "--max-new-tokens", "3", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "USER: Describe a cat. ASSISTANT:" in out and "vision tower" not in out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--image", "{missing}"], "not found"),
+    (["--image", "{text_file}"], "could not be opened"),
+    (["--image", "{cat}", "--image", "{cat}"], "give one <image> in the prompt per image"),
+    (["--image", "{cat}", "--prompt", "<image> and <image>?"], "2 <image> placeholders for 1 images"),
+    (["--prompt", "What is <image>?"], "1 <image> placeholders for 0 images"),
+])
+def test_generation_command_bad_input(llava_with_tokenizer, cat_jpg, tmp_path, capsys, extra, message):
+    (tmp_path / "notes.jpg").write_text("not an image")
+    paths = dict(missing=tmp_path / "missing.png", text_file=tmp_path / "notes.jpg", cat=cat_jpg)
+    argv = ["--model", str(llava_with_tokenizer), "--prompt", "What is it?", "--rho", "0.5", "--device", "cpu"]
+    code, out, err = run_mumoe(argv + [arg.format(**paths) for arg in extra], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
