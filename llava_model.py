@@ -398,6 +398,11 @@ OTHER_VARIANTS = {
 }
 ORIGINAL_LLAVA = ("the original liuhaotian/* LLaVA checkpoints are not supported (another layout): use their "
                   "llava-hf/* conversions, e.g. llava-hf/llava-1.5-7b-hf (short name llava-1.5-7b)")
+def unsupported_variant(model_type: str) -> str:
+    return (f"{OTHER_VARIANTS[model_type]} (model_type {model_type!r}) is not supported: only LLaVA-1.5 "
+            "(model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf)")
+
+
 FEATURE_STRATEGIES = ("default", "full")  # drop the CLS token, or keep it
 # transformers writes text_config as its difference from the defaults of its LlamaConfig (Llama-7B's), so a key
 # left out means that default: llava-1.5-7b-hf's text_config holds only vocab_size, max_position_embeddings and
@@ -450,8 +455,7 @@ class LlavaConfig:
         raw = read_config_json(path)
         model_type = raw.get("model_type")
         if model_type in OTHER_VARIANTS:
-            raise UsageError(f"{path}: {OTHER_VARIANTS[model_type]} (model_type {model_type!r}) is not supported: "
-                             "only LLaVA-1.5 (model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf)")
+            raise UsageError(f"{path}: {unsupported_variant(model_type)}")
         if model_type != "llava":
             raise UsageError(f"{path} describes a {model_type!r} model, not LLaVA")
         if "mm_vision_tower" in raw:

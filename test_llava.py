@@ -713,3 +713,16 @@ def test_generation_command_bad_input(llava_with_tokenizer, cat_jpg, tmp_path, c
     argv = ["--model", str(llava_with_tokenizer), "--prompt", "What is it?", "--rho", "0.5", "--device", "cpu"]
     code, out, err = run_mumoe(argv + [arg.format(**paths) for arg in extra], capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_models_dispatches_llava_and_names_other_variants(tiny_llava, tmp_path):
+    import models
+
+    directory, _, model = tiny_llava
+    loaded = models.load_model(directory)
+    assert isinstance(loaded, llava_model.LlavaForConditionalGeneration)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(UsageError, match=r"LLaVA-OneVision \(model_type 'llava_onevision'\) is not supported"):
+        models.load_model(edited_config(directory, tmp_path, lambda c: c.update(model_type="llava_onevision")))
+    with pytest.raises(UsageError, match="liuhaotian"):
+        models.load_model("liuhaotian/llava-v1.5-13b")
