@@ -235,6 +235,19 @@ class CLIPVisionModel(nn.Module):
         return x
 
 
+class CLIPFeatureEncoder(nn.Module):
+    """The first `layers` encoder layers of a tower (those LLaVA's features need), offering what the method files
+    read of a model: `blocks`, `blocks_key`, `config` (mumoe.count_macs, pruners.prune_model on embedded images).
+    It shares the tower's modules: pruning it prunes the tower."""
+
+    blocks_key = "vision_tower.vision_model.encoder.layers"  # the blocks' name in LLaVA's checkpoint
+
+    def __init__(self, tower: CLIPVisionModel, layers: int):
+        super().__init__()
+        self.config = tower.config
+        self.blocks = nn.ModuleList(tower.blocks[:layers])
+
+
 class LlavaMultiModalProjector(nn.Module):
     """Vision features -> the language model's embedding space: linear_2(GELU(linear_1(x)))."""
 
@@ -346,6 +359,14 @@ def conversation_prompt(message: str, has_image: bool) -> str:
     return f"{VICUNA_V1_SYSTEM} USER: {message} ASSISTANT:"
 
 
+def check_placeholders(prompt: str, n_images: int) -> None:
+    """One `<image>` in the prompt per image, before any model work: a UsageError names the mismatch."""
+    n = prompt.count(IMAGE_PLACEHOLDER)
+    if n != n_images:
+        raise UsageError(f"the prompt has {n} {IMAGE_PLACEHOLDER} placeholders for {n_images} images"
+                         + (": give one <image> in the prompt per image" if n_images > 1 else ""))
+
+
 def prompt_ids(tokenizer, prompt: str, image_token_index: int = IMAGE_TOKEN_INDEX) -> list[int]:
     """Token ids of a prompt, with `image_token_index` where each `<image>` was: LLaVA's tokenizer_image_token.
 
@@ -377,6 +398,11 @@ OTHER_VARIANTS = {
 }
 ORIGINAL_LLAVA = ("the original liuhaotian/* LLaVA checkpoints are not supported (another layout): use their "
                   "llava-hf/* conversions, e.g. llava-hf/llava-1.5-7b-hf (short name llava-1.5-7b)")
+def unsupported_variant(model_type: str) -> str:
+    return (f"{OTHER_VARIANTS[model_type]} (model_type {model_type!r}) is not supported: only LLaVA-1.5 "
+            "(model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf)")
+
+
 FEATURE_STRATEGIES = ("default", "full")  # drop the CLS token, or keep it
 # transformers writes text_config as its difference from the defaults of its LlamaConfig (Llama-7B's), so a key
 # left out means that default: llava-1.5-7b-hf's text_config holds only vocab_size, max_position_embeddings and
@@ -429,8 +455,7 @@ class LlavaConfig:
         raw = read_config_json(path)
         model_type = raw.get("model_type")
         if model_type in OTHER_VARIANTS:
-            raise UsageError(f"{path}: {OTHER_VARIANTS[model_type]} (model_type {model_type!r}) is not supported: "
-                             "only LLaVA-1.5 (model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf)")
+            raise UsageError(f"{path}: {unsupported_variant(model_type)}")
         if model_type != "llava":
             raise UsageError(f"{path} describes a {model_type!r} model, not LLaVA")
         if "mm_vision_tower" in raw:
@@ -488,8 +513,7 @@ class LlavaForConditionalGeneration(nn.Module):
         is_image = ids == self.config.image_token_index
         n_images = 0 if pixel_values is None else (1 if pixel_values.ndim == 3 else pixel_values.shape[0])
         if is_image.sum().item() != n_images:
-            raise UsageError(f"the prompt has {is_image.sum().item()} {IMAGE_PLACEHOLDER} placeholders for "
-                             f"{n_images} images")
+            raise UsageError(f"the prompt has {is_image.sum().item()} image tokens for {n_images} images")
         text = self.language_model.embed(ids.masked_fill(is_image, 0)[None])  # (1, T, hidden); image rows replaced
         if n_images == 0:
             return text
@@ -501,6 +525,10 @@ class LlavaForConditionalGeneration(nn.Module):
             start = position + 1
         pieces.append(text[:, start:])
         return torch.cat(pieces, dim=1)  # (1, T - N + N * 576, hidden)
+
+    def vision_encoder(self) -> "CLIPFeatureEncoder":
+        """The vision layers that make the features, as the method files see a model (count_macs, prune_model)."""
+        return CLIPFeatureEncoder(self.vision_tower, self.config.feature_layers)
 
     def forward(self, ids, pixel_values: torch.Tensor | None = None, linear: LinearFn = dense_linear) -> torch.Tensor:
         """One prompt -> logits (1, T', vocab) at every position of the embedded prompt (images included)."""
@@ -545,7 +573,7 @@ def our_name(key: str) -> str | None:
 
 def load_llava(name_or_path, device="cpu", dtype=torch.float32) -> LlavaForConditionalGeneration:
     """Build LLaVA from a checkpoint, strictly: every key used, none missing, every shape checked."""
-    if str(name_or_path).startswith("liuhaotian/"):  # refused before any download
+    if str(name_or_path).startswith("liuhaotian/"):  # refused by name, before anything is downloaded
         raise UsageError(ORIGINAL_LLAVA)
     device = check_device(device)
     check_dtype(dtype)
@@ -553,7 +581,10 @@ def load_llava(name_or_path, device="cpu", dtype=torch.float32) -> LlavaForCondi
     config = LlavaConfig.from_json(directory / "config.json")
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
-    return load_weights(model, directory, our_name, device, dtype)
+    tied = ({"language_model.lm_head.weight": "language_model.model.embed_tokens.weight"}
+            if config.text_config.tie_word_embeddings else {})
+    load_weights(model, directory, our_name, device, dtype, tied)
+    return model.to(device)  # the rotary frequencies, computed on the CPU, join the weights
 
 
 load_model = load_llava  # the name models.py calls every family's loader by
