@@ -27,8 +27,9 @@ The vision tower, the projector, the embeddings and lm_head stay dense in every 
 question's prediction and score go into strict JSON (--out), written atomically as the run goes on, so a
 reader can re-score the predictions and `--resume` continues where a run stopped.
 
-Imports: checkpoint (errors, devices, model directories), llava_model (the model, its images and prompt),
-pruners (prune_model), mumoe (generate), vqa_tasks (questions, metrics, data), results_file; tqdm.
+Imports: checkpoint (errors, devices, model directories), models (which family), llava_model (the model, its
+images and prompt), pruners (prune_model), mumoe (generate), vqa_tasks (questions, metrics, data), results_file
+(the JSON file); tqdm.
 """
 
 import argparse
@@ -43,6 +44,7 @@ import torch
 from tqdm import tqdm
 
 import llava_model
+import models
 import mumoe
 import pruners
 import vqa_tasks
@@ -330,11 +332,11 @@ def run(args) -> list[dict]:
     device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
     check_writable(args.out, "--out")
-    directory = resolve_checkpoint(args.model)
-    model_type = read_config_json(directory / "config.json").get("model_type")
-    if model_type != "llava":
-        raise UsageError(f"--model {args.model} is a {model_type!r} model; eval_vqa.py evaluates LLaVA models "
+    if models.family(args.model) is not llava_model:  # other LLaVA variants and unknown families: named there
+        model_type = read_config_json(resolve_checkpoint(args.model) / "config.json").get("model_type")
+        raise UsageError(f"--model {args.model} is a {model_type!r} model; eval_vqa.py evaluates LLaVA-1.5 "
                          "(model_type 'llava'), e.g. llava-1.5-7b")
+    directory = resolve_checkpoint(args.model)
 
     # The data, every question checked, before any model work
     calibrated = [m for m in args.methods if m in CALIBRATED]

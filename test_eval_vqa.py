@@ -290,10 +290,15 @@ def test_bad_arguments(capsys, tmp_path, argv, fragment):
     assert_one_line_error(code, err, fragment)
 
 
-def test_a_model_that_is_not_llava_is_refused(capsys, tmp_path, data_dir):
-    code, err = run_command(capsys, "--model", fake_model_dir(tmp_path, "opt"), "--task", "textvqa",
+@pytest.mark.parametrize("model_type, fragments", [
+    ("opt", ["is a 'opt' model", "evaluates LLaVA-1.5 (model_type 'llava')"]),
+    ("llava_next", ["LLaVA-NeXT", "is not supported"]),
+    ("bert", ["model_type 'bert' is not supported"]),
+])
+def test_a_model_that_is_not_llava_is_refused(capsys, tmp_path, data_dir, model_type, fragments):
+    code, err = run_command(capsys, "--model", fake_model_dir(tmp_path, model_type), "--task", "textvqa",
                             "--data-dir", data_dir, "--out", tmp_path / "out.json")
-    assert_one_line_error(code, err, "is a 'opt' model", "model_type 'llava'")
+    assert_one_line_error(code, err, *fragments)
 
 
 def test_a_parquet_file_without_a_column_is_named(capsys, tmp_path):
