@@ -217,7 +217,7 @@ def tables(rows: list[dict], settings: dict) -> str:
 
 
 # The settings every prediction depends on; a resumed file must have the same, or its rows would not compare
-RESUME_SETTINGS = ("model", "task", "calib", "nsamples", "seed", "dtype", "max_new_tokens", "data")
+RESUME_SETTINGS = ("model", "task", "calib", "nsamples", "seed", "dtype", "max_new_tokens")
 
 
 def row_key(row: dict) -> tuple:
@@ -234,7 +234,10 @@ def finished_rows(path: Path, settings: dict) -> dict[tuple, dict]:
         report = json.loads(path.read_text(encoding="utf-8"))
         old = report["settings"]
         differ = [f"{k} {old.get(k)} there, {settings[k]} here" for k in RESUME_SETTINGS if old.get(k) != settings[k]]
-        done = {row_key(r): r | {"kept": {p["id"]: p for p in r["predictions"]}} for r in report["results"]}
+        # and the data files, of each task both runs read (a run without calibrated rows reads one task only)
+        differ += [f"other {task} files (by sha256)" for task in old["data"].keys() & settings["data"].keys()
+                   if old["data"][task] != settings["data"][task]]
+        done = {row_key(r): r for r in report["results"]}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UsageError(f"--resume: {path} is not a results file of eval_vqa.py ({type(e).__name__}: {e}); "
                          "give another --out") from None
@@ -363,6 +366,7 @@ def run(args) -> list[dict]:
     config = llava_model.read_config(directory / "config.json")
     ids = {q.id: prompt_ids(q, tokenizer, config.image_token_index) for q in questions + calib_questions}
     check_lengths(questions, ids, config, args.max_new_tokens)
+    check_lengths(calib_questions, ids, config, 0)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     settings.update(device=str(device), dtype=str(dtype).removeprefix("torch."), torch=torch.__version__,
                     data=data, skipped_rows=skipped, questions=len(questions),
@@ -377,18 +381,20 @@ def run(args) -> list[dict]:
     report = {"settings": settings, "questions": [question_record(q) for q in questions], "results": []}
     rows = {}  # row key -> the row's record in report["results"]
 
-    def save(row: dict, force=False):
-        if force or time.time() - save.last > SAVE_EVERY_SECONDS:
-            row.update(summary(row["predictions"], by_id))
-            report["results"] = [rows[key] for key in plan if key in rows]
-            write_json(args.out, report, indent=1)
-            save.last = time.time()
+    others = [row for key, row in done.items() if key not in plan]  # a resumed file's other rows stay in it
+    last_save = time.time()
 
-    save.last = time.time()
+    def save(row: dict, force=False):
+        nonlocal last_save
+        if force or time.time() - last_save > SAVE_EVERY_SECONDS:
+            row.update(summary(row["predictions"], by_id))
+            report["results"] = [rows[key] for key in plan if key in rows] + others
+            write_json(args.out, report, indent=1)
+            last_save = time.time()
     model, pruned, calib_hidden = None, False, None
     for key in plan:
         method, rho, calib, routing = key
-        kept = done[key]["kept"] if key in done else {}
+        kept = {p["id"]: p for p in done[key]["predictions"]} if key in done else {}
         predictions = [kept[q.id] for q in questions if q.id in kept]
         todo = [q for q in questions if q.id not in kept]
         rows[key] = row = dict(method=method, rho=rho, calib=calib, routing=routing,
@@ -425,7 +431,7 @@ def run(args) -> list[dict]:
         save(row, force=True)
         print(f"{label(row)}, rho {rho}: {row['accuracy']:.2f} ({row['seconds']:.0f} s)", flush=True)
 
-    report["results"] = results = [rows[key] for key in plan]
+    report["results"] = results = [rows[key] for key in plan] + others
     write_json(args.out, report, indent=1)
     print("\n" + tables(results, settings))
     print(f"\nresults: {args.out}")

@@ -517,6 +517,9 @@ def test_resume_answers_only_what_is_missing(tiny_llava, data_dir, tmp_path, mon
     calls.clear()
     assert eval_vqa.main(argv + ["--limit", "5", "--resume"]) == 0
     assert calls == []
+    # a resumed run that plans fewer rows keeps the others in the file
+    assert eval_vqa.main(argv + ["--limit", "5", "--resume", "--rho", "0.6", "--methods", "dense"]) == 0
+    assert calls == [] and json.loads(out.read_text())["results"] == third["results"]
 
 
 def test_resume_refuses_other_settings(tiny_llava, data_dir, tmp_path, capsys):
@@ -526,6 +529,9 @@ def test_resume_refuses_other_settings(tiny_llava, data_dir, tmp_path, capsys):
     capsys.readouterr()
     code, err = run_command(capsys, *argv, "--resume", "--max-new-tokens", "3")
     assert_one_line_error(code, err, "--resume", "max_new_tokens 6 there, 3 here")
+    write_parquet(data_dir / "textvqa" / "validation-00001-of-00002.parquet", textvqa_rows(8, seed=1)[5:])
+    code, err = run_command(capsys, *argv, "--resume")
+    assert_one_line_error(code, err, "--resume", "other textvqa files (by sha256)")
 
 
 def test_skip_bad_rows_goes_on_and_counts_them(tiny_llava, data_dir, tmp_path):
