@@ -106,6 +106,11 @@ def test_vqa_accuracy_compares_normalized_answers():
 SCIENCEQA_INSTRUCTION = "\nAnswer with the option's letter from the given choices directly."
 
 
+def test_scienceqa_message_is_stripped_as_llava_strips_its_lines():
+    message = scienceqa_message("Which is a mammal? ", "", ["whale ", "shark\n"], has_image=True)
+    assert message == "<image>\nWhich is a mammal? \nA. whale \nB. shark" + SCIENCEQA_INSTRUCTION
+
+
 @pytest.mark.parametrize("row, llava_line", [
     # llava_test_CQM-A.json, id 46: an image and a hint
     (dict(question="Which property do these three objects have in common?", hint="Select the best answer.",
@@ -601,3 +606,30 @@ def test_the_table_puts_the_papers_figures_beside_the_rows_of_its_setting():
     everything, images = text.split("\n\n")
     assert "all 9 questions" in everything and "[70.03]" in everything and "[0.21]" in everything
     assert "6 questions with an image" in images and "25.00" in images and "[" not in images
+
+
+def test_the_hub_files_are_fetched_at_the_pinned_commit(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    fetched = []
+
+    def download(repo_id, filename, repo_type=None, revision=None):
+        fetched.append((repo_id, filename, repo_type, revision))
+        return str(tmp_path / filename.replace("/", "_"))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    files = vqa_tasks.task_files("textvqa")
+    assert [f.name for f in files] == [f"data_validation-0000{i}-of-00003.parquet" for i in range(3)]
+    assert {(repo, kind, revision) for repo, _, kind, revision in fetched} == {
+        ("lmms-lab/textvqa", "dataset", "9c0699cd19768ac5ab97568f6b3cbac4c0062884")}
+    vqa_tasks.task_files("scienceqa")
+    assert fetched[-1] == ("lmms-lab/ScienceQA", "ScienceQA-FULL/test-00000-of-00001.parquet", "dataset",
+                           "b6a4c32f378d00d47d5558a167abd5443ca10056")
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(vqa_tasks.UsageError, match="could not download ScienceQA-FULL/test-00000-of-00001.parquet "
+                       "from the lmms-lab/ScienceQA dataset at b6a4c32f.*offline, pass --data-dir"):
+        vqa_tasks.task_files("scienceqa")

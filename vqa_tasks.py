@@ -47,10 +47,11 @@ TEXTVQA_INSTRUCTION = "Answer the question using a single word or phrase."
 
 
 def scienceqa_message(question: str, hint: str, choices: list[str], has_image: bool) -> str:
-    """LLaVA's ScienceQA message (the CQM-A format with its single-prediction instruction)."""
+    """LLaVA's ScienceQA message (the CQM-A format with its single-prediction instruction). The question
+    with its options is stripped, as model_vqa_science.py strips each line of the question file."""
     context = f"Context: {hint}\n" if hint else ""
     options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(SCIENCEQA_LETTERS, choices))
-    text = f"{context}{question}\n{options}\n{SCIENCEQA_INSTRUCTION}"
+    text = f"{context}{question}\n{options}".strip() + f"\n{SCIENCEQA_INSTRUCTION}"
     return f"{IMAGE_PLACEHOLDER}\n{text}" if has_image else text
 
 
