@@ -48,8 +48,8 @@ import models
 import mumoe
 import pruners
 import vqa_tasks
-from results_file import check_writable, write_json
 from checkpoint import DTYPES, UsageError, check_device, hub_repo_id, read_config_json, resolve_checkpoint
+from results_file import check_writable, write_json
 from vqa_tasks import TASKS, Question
 
 METHODS = ("dense", "magnitude", "sparsegpt", "wanda", "mumoe")  # the paper's row order
@@ -110,11 +110,11 @@ def answer(model, tokenizer, question: Question, ids: list[int], max_new_tokens:
     return tokenizer.decode(new).strip()
 
 
-def check_lengths(questions: list[Question], ids: dict[str, list[int]], config, max_new_tokens: int) -> None:
+def check_lengths(questions: list[Question], ids: dict[tuple, list[int]], config, max_new_tokens: int) -> None:
     """Every prompt, its image's features and the longest answer must fit the language model's positions."""
     limit = config.text_config.max_position_embeddings
     for q in questions:
-        length = len(ids[q.id]) + (config.image_tokens - 1 if q.image is not None else 0) + max_new_tokens
+        length = len(ids[q.task, q.id]) + (config.image_tokens - 1 if q.image is not None else 0) + max_new_tokens
         if length > limit:
             raise UsageError(f"{q.task} question {q.id} ({q.where}): its prompt and {max_new_tokens} new tokens "
                              f"take {length} positions, more than the model's {limit}")
@@ -175,7 +175,8 @@ def table(rows: list[dict], settings: dict, key: str = "accuracy", with_paper: b
     for method_rows in group_rows(rows):
         cells = {}
         for r in method_rows:
-            cell = f"{r[key]:.2f}" if math.isfinite(r[key]) else "-"
+            value = r[key]  # None (null) in a resumed file: no question of that kind was answered
+            cell = f"{value:.2f}" if value is not None and math.isfinite(value) else "-"
             cell += "" if r["complete"] else "*"
             paper = paper_figure(r, settings) if with_paper else None
             cells[r["rho"]] = cell + (f" [{paper:.2f}]" if paper is not None else "")
@@ -213,7 +214,7 @@ def tables(rows: list[dict], settings: dict) -> str:
 
 
 # -----------------------------------------------------------------------------
-# The results file: strict JSON, written atomically; --resume reads it back
+# --resume: the results file read back
 
 
 # The settings every prediction depends on; a resumed file must have the same, or its rows would not compare
@@ -364,7 +365,7 @@ def run(args) -> list[dict]:
 
     tokenizer = llava_model.load_tokenizer(directory)
     config = llava_model.read_config(directory / "config.json")
-    ids = {q.id: prompt_ids(q, tokenizer, config.image_token_index) for q in questions + calib_questions}
+    ids = {(q.task, q.id): prompt_ids(q, tokenizer, config.image_token_index) for q in questions + calib_questions}
     check_lengths(questions, ids, config, args.max_new_tokens)
     check_lengths(calib_questions, ids, config, 0)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
@@ -409,7 +410,7 @@ def run(args) -> list[dict]:
             model, pruned = llava_model.load_llava(directory, device, dtype), False
         if method in CALIBRATED + ("magnitude",):
             if method in CALIBRATED and calib_hidden is None:  # once, shared by every calibrated row
-                calib_hidden = [embed(model, q, ids[q.id], device, dtype) for q in
+                calib_hidden = [embed(model, q, ids[q.task, q.id], device, dtype) for q in
                                 tqdm(calib_questions, desc=f"embedding {args.calib} calibration prompts", leave=False)]
             pruners.prune_model(model.language_model, calib_hidden if method in CALIBRATED else None, method, rho,
                                 select=args.select, group=MAGNITUDE_GROUP, blocksize=SPARSEGPT_BLOCKSIZE)
@@ -417,8 +418,8 @@ def run(args) -> list[dict]:
         routed_rho = rho if method == "mumoe" else 1.0  # the others run their (pruned) weights densely
         progress, total = tqdm(todo, desc=f"{label(row)} rho={rho}", leave=False), sum(p["score"] for p in predictions)
         for q in progress:
-            prediction = answer(model, tokenizer, q, ids[q.id], args.max_new_tokens, routed_rho, routing or "block",
-                                args.select, device, dtype)
+            prediction = answer(model, tokenizer, q, ids[q.task, q.id], args.max_new_tokens, routed_rho,
+                                routing or "block", args.select, device, dtype)
             predictions.append({"id": q.id, "prediction": prediction, "score": vqa_tasks.score(q, prediction)})
             total += predictions[-1]["score"]
             progress.set_postfix_str(f"{100 * total / len(predictions):.2f}%")

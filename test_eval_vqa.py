@@ -194,10 +194,10 @@ def scienceqa_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def textvqa_rows(n: int, seed: int = 0) -> list[dict]:
+def textvqa_rows(n: int, seed: int = 0, first_id: int = 100) -> list[dict]:
     rng = random.Random(seed)
     return [dict(image={"bytes": png(seed * 1000 + i, size=(20 + i, 30)), "path": None}, image_id=f"img{i}",
-                 question_id=100 + i, question=f"what does the {rng.choice(WORDS)} say?",
+                 question_id=first_id + i, question=f"what does the {rng.choice(WORDS)} say?",
                  answers=[rng.choice(WORDS[:4]) for _ in range(10)],
                  ocr_tokens=[rng.choice(WORDS) for _ in range(rng.randint(0, 3))]) for i in range(n)]
 
@@ -633,3 +633,15 @@ def test_the_hub_files_are_fetched_at_the_pinned_commit(monkeypatch, tmp_path):
     with pytest.raises(vqa_tasks.UsageError, match="could not download ScienceQA-FULL/test-00000-of-00001.parquet "
                        "from the lmms-lab/ScienceQA dataset at b6a4c32f.*offline, pass --data-dir"):
         vqa_tasks.task_files("scienceqa")
+
+
+def test_questions_of_both_tasks_with_the_same_id_keep_their_own_prompts(tiny_llava, data_dir, tmp_path):
+    """TextVQA question ids 0-7 and ScienceQA row numbers 0-8 overlap: calibrating on ScienceQA must not change
+    the TextVQA prompts the dense row answers."""
+    write_parquet(data_dir / "textvqa" / "validation-00000-of-00002.parquet", textvqa_rows(8, first_id=0))
+    (data_dir / "textvqa" / "validation-00001-of-00002.parquet").unlink()
+    argv = ["--task", "textvqa", "--rho", "0.5", "--limit", "3"]
+    assert eval_vqa.main(command(tiny_llava, data_dir, tmp_path / "a.json", *argv, "--methods", "dense")) == 0
+    assert eval_vqa.main(command(tiny_llava, data_dir, tmp_path / "b.json", *argv, "--methods", "dense", "wanda")) == 0
+    a, b = (json.loads((tmp_path / name).read_text())["results"][0] for name in ("a.json", "b.json"))
+    assert a["predictions"] == b["predictions"]
