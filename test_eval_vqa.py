@@ -645,3 +645,21 @@ def test_questions_of_both_tasks_with_the_same_id_keep_their_own_prompts(tiny_ll
     assert eval_vqa.main(command(tiny_llava, data_dir, tmp_path / "b.json", *argv, "--methods", "dense", "wanda")) == 0
     a, b = (json.loads((tmp_path / name).read_text())["results"][0] for name in ("a.json", "b.json"))
     assert a["predictions"] == b["predictions"]
+
+
+def test_prompts_read_from_parquet_rows_are_llavas(tmp_path):
+    """The whole way from a parquet row: llava_test_CQM-A.json's id 46 and the empty OCR list of TextVQA's
+    97b1112b17015396, as LLaVA's scripts put them before the conversation."""
+    write_parquet(tmp_path / "scienceqa.parquet", [dict(
+        image={"bytes": png(0), "path": None}, question="Which property do these three objects have in common?",
+        choices=["shiny", "slippery", "opaque"], answer=2, hint="Select the best answer.")])
+    [q] = vqa_tasks.read_questions("scienceqa", [tmp_path / "scienceqa.parquet"])
+    assert q.message == ("<image>\nContext: Select the best answer.\nWhich property do these three objects have in "
+                         "common?\nA. shiny\nB. slippery\nC. opaque" + SCIENCEQA_INSTRUCTION)
+    assert (q.answer, q.n_choices) == ("C", 3)
+    write_parquet(tmp_path / "textvqa.parquet", [dict(
+        image={"bytes": png(1), "path": None}, question_id=7, question="whats the lowest number yard line that you "
+        "can see?", answers=["10"] * 10, ocr_tokens=[])])
+    [q] = vqa_tasks.read_questions("textvqa", [tmp_path / "textvqa.parquet"])
+    assert q.message == ("<image>\nWhats the lowest number yard line that you can see?\nReference OCR token: \n"
+                         "Answer the question using a single word or phrase.")
