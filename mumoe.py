@@ -30,8 +30,10 @@ first N tokens only, a strictly causal variant.
     micro_experts(rho, ...)          the μ-MoE Linear, a drop-in for checkpoint.dense_linear
     mumoe_logits(model, ids, rho)    (B, T) ids (or embedded prompts) -> (B, T, vocab) logits, each routed on itself
     count_macs(config, T, rho)       the analytical MAC count, ours or the paper's convention
-    generate(model, ids, n, rho)     greedy decoding with a KV cache, routed once on the prompt
+    generate(model, ids, n, rho)     greedy decoding with a KV cache, routed once on the prompt (ids, or the
+                                     prompt embedded: a LLaVA's, its image features spliced in)
     python mumoe.py --model opt-125m --rho 0.5 --prompt "..."    generation, dense beside μ-MoE
+    python mumoe.py --model llava-1.5-7b --image cat.jpg --prompt "..." --rho 0.5    the same, with an image
 
 Complexity (the paper's argument). A dense Linear with d inputs and d' outputs costs d·d'·T MACs for
 T tokens. μ-MoE costs rho·d·d'·T for the active experts, plus routing: d·T for the norms ||X_j||²,
@@ -43,7 +45,8 @@ Everything here works on any model with checkpoint.py's interface (OPT, LLaMA, a
 language model): it sees blocks, their `linears()` and hidden states, never a model family.
 
 Imports: torch, checkpoint (the block interface, UsageError), pruners (Wanda's mask and gated weight); the
-command line alone loads a model by name, through models.
+command line alone loads a model by name, through models, and prepares a LLaVA's images and prompt with
+llava_model.
 """
 
 import argparse

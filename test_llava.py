@@ -1,7 +1,9 @@
 """Tests for llava_model: the CLIP vision tower, the projector, preprocessing, the prompt, the whole LLaVA.
 
 References (test-only oracles): transformers' CLIPVisionModel (the vision features), CLIPImageProcessorPil
-and LlavaImageProcessorPil (preprocessing), LlavaForConditionalGeneration (logits and greedy generation).
+and LlavaImageProcessorPil (preprocessing), LlavaForConditionalGeneration (logits and greedy generation),
+PreTrainedTokenizerFast with LLaVA's tokenizer_image_token restated (the prompt's ids), and, for μ-MoE on
+LLaVA, our own pruners.prune_model (block routing of a prompt is Wanda calibrated on that prompt alone).
 Tiny random models are built and saved in the Hugging Face layout here, so nothing is downloaded.
 """
 
@@ -10,25 +12,10 @@ import pytest
 import torch
 
 import llava_model
+from checkpoint import UsageError
 from llava_model import (CLIP_MEAN, CLIP_STD, PAD_COLOR, CLIPVisionConfig, CLIPVisionModel, conversation_prompt,
                          expand_to_square, preprocess)
-from opt_model import UsageError
-
-
-def assert_close(ours, ref, atol, what):
-    diff = (ours.float() - ref.float()).abs()
-    worst = diff.flatten().argmax().item()
-    assert diff.max() <= atol, (f"{what}: max |diff| {diff.max():.3e} > {atol:.2g}; first disagreement at flat "
-                                f"index {worst}: ours {ours.flatten()[worst]:.6f} vs ref {ref.flatten()[worst]:.6f}")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny: on a busy 2-core machine, a second thread per small op costs more than it gives."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_mumoe import assert_close, one_thread  # noqa: F401 (a fixture)
 
 
 # -----------------------------------------------------------------------------

@@ -19,23 +19,17 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llava_model  # noqa: E402
+from bench_forward import timed  # noqa: E402  (same directory)
 
 TEXT_TOKENS = 64  # the prompt's text around the image (LLaVA-1.5's vicuna_v1 prompt with a question is ~60)
 VICUNA_7B = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                  num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def race(runs: dict, repeats: int) -> dict:
