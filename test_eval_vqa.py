@@ -16,7 +16,7 @@ import pytest
 
 import eval_vqa
 import vqa_tasks
-from test_llava import one_thread  # noqa: F401 (a fixture: tiny models run faster on one thread)
+from test_mumoe import one_thread  # noqa: F401 (a fixture: tiny models run faster on one thread)
 from vqa_tasks import normalize_answer, scienceqa_letter, scienceqa_message, textvqa_message, vqa_accuracy
 
 # -----------------------------------------------------------------------------
