@@ -18,6 +18,7 @@ The API (what eval_vqa.py and mumoe.py use):
     image = load_image(path)                           Pillow RGB; a file that does not open is a UsageError
     pixels = preprocess(image, size=336)               (3, 336, 336) float32, as LLaVA-1.5's evaluation does it
     prompt = conversation_prompt(message, has_image)   the vicuna_v1 prompt: "... USER: <image>\n{message} ASSISTANT:"
+    check_placeholders(prompt, n_images)               one <image> per image, else a UsageError (no model needed)
     ids = prompt_ids(tokenizer, prompt, model.config.image_token_index)     list[int], one image id per <image>
     x = model.embed_prompt(ids, pixels)                (1, T, hidden): each image id replaced by its 576 features;
                                                        pixels (N, 3, 336, 336) or (3, 336, 336); None: text only
@@ -25,6 +26,8 @@ The API (what eval_vqa.py and mumoe.py use):
     model.config                                       LlavaConfig: vision_config, text_config, image_token_index ...
     model.image_features(pixels) -> (N, 576, hidden)   vision tower + projector
     model(ids, pixels) -> (1, T, vocab)                dense logits at every position of the embedded prompt
+    model.vision_encoder()                             the vision layers the features need, as a model for
+                                                       mumoe.count_macs and pruners.prune_model
 
 Greedy generation, dense or μ-MoE (each prompt, its image features included, routed on itself):
 
