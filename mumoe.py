@@ -383,6 +383,8 @@ def main(argv=None) -> None:
         vision = isinstance(read_config(args.model), llava_model.LlavaConfig)
         if (args.image or args.route_vision) and not vision:
             raise UsageError(f"--image and --route-vision need a vision-language model (LLaVA); {args.model} is not")
+        if args.route_vision and not args.image:
+            raise UsageError("--route-vision routes the vision tower on the --image it encodes: give an image")
         images = [llava_model.load_image(path) for path in args.image]  # a bad file stops us before the model loads
         text = llava_model.conversation_prompt(args.prompt, bool(images)) if vision else args.prompt
         if vision:

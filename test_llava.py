@@ -693,6 +693,7 @@ def test_generation_command_without_an_image(llava_with_tokenizer, capsys):
     (["--image", "{cat}", "--image", "{cat}"], "give one <image> in the prompt per image"),
     (["--image", "{cat}", "--prompt", "<image> and <image>?"], "2 <image> placeholders for 1 images"),
     (["--prompt", "What is <image>?"], "1 <image> placeholders for 0 images"),
+    (["--route-vision"], "--route-vision routes the vision tower on the --image it encodes"),
 ])
 def test_generation_command_bad_input(llava_with_tokenizer, cat_jpg, tmp_path, capsys, extra, message):
     (tmp_path / "notes.jpg").write_text("not an image")
@@ -713,3 +714,12 @@ def test_models_dispatches_llava_and_names_other_variants(tiny_llava, tmp_path):
         models.load_model(edited_config(directory, tmp_path, lambda c: c.update(model_type="llava_onevision")))
     with pytest.raises(UsageError, match="liuhaotian"):
         models.load_model("liuhaotian/llava-v1.5-13b")
+
+
+def test_image_given_to_a_text_model_is_refused(cat_jpg, tmp_path, capsys):
+    from test_mumoe import save_tiny_opt
+
+    save_tiny_opt(tmp_path)
+    code, _, err = run_mumoe(["--model", str(tmp_path), "--image", str(cat_jpg), "--prompt", "Hi", "--rho", "0.5"],
+                             capsys)
+    assert code == 2 and "--image and --route-vision need a vision-language model (LLaVA)" in err, err
