@@ -20,13 +20,12 @@ keeps every setting and, per row, lm-eval's own `results[task]` dict for every t
 choices of a question share one routing); `--routing-scope full` routes on context + continuation instead, as a
 perplexity window is routed on its own tokens. `--mumoe-routing block linear` and `--nm N:M` as in eval_ppl.py.
 
-Imports: lm_eval, lm_harness (HarnessLM), models, pruners, mumoe, and eval_ppl for its calibration data and its
-run-guarding helpers (the one copy of the protocol and of --resume's checks).
+Imports: lm_eval, lm_harness (HarnessLM), models, pruners, mumoe, results_file, and eval_ppl for its calibration
+data and its command-line and run-guarding helpers (the one copy of the protocol and of the options' checks).
 """
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from checkpoint import DTYPES, UsageError, check_device, resolve_checkpoint
 from eval_ppl import (CALIBRATED, DATASETS, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE, active_ratio,
                       nm_active_ratio, nm_name, nm_pattern, positive_int, window_length)
 from lm_harness import SCOPES, HarnessLM
+from results_file import check_writable, write_json
 
 # Wanda's zero-shot tasks (its paper's Table 2 and lib/eval.py), in its order
 TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -196,14 +196,6 @@ def finished_rows(path: Path, settings: dict) -> dict[tuple, dict]:
     return rows
 
 
-def write_results(path: Path, settings: dict, rows: list[dict]) -> None:
-    """Strict JSON (a NaN, e.g. lm-eval's stderr of one document, becomes null), written whole or not at all."""
-    report = eval_ppl.strict_json({"settings": settings, "results": rows})
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8")
-    os.replace(partial, path)
-
-
 # -----------------------------------------------------------------------------
 # The run
 
@@ -223,7 +215,7 @@ def run(args) -> list[dict]:
 
     device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
-    eval_ppl.check_writable(args.out, "--out")
+    check_writable(args.out, "--out")
     manager = task_manager(args.tasks, args.include_path)  # an unknown task: now, before any model is found
     directory = resolve_checkpoint(args.model)
     family = models.family(directory)
@@ -282,7 +274,8 @@ def run(args) -> list[dict]:
         rows[key] = dict(row, results=results, mean=mean_accuracy(results), seconds=time.time() - start,
                          routed=lm.routed if method == "mumoe" else None)
         print(f"{label(row)}, rho {rho}: mean {fraction(rows[key]['mean'])} ({rows[key]['seconds']:.0f} s)", flush=True)
-        write_results(args.out, settings, eval_ppl.in_plan_order(rows, plan))
+        # strict JSON (a NaN, such as lm-eval's stderr of a single document, is null), written whole or not at all
+        write_json(args.out, {"settings": settings, "results": eval_ppl.in_plan_order(rows, plan)})
 
     results = eval_ppl.in_plan_order(rows, plan)
     for rho in args.rho:
