@@ -24,8 +24,8 @@ costs more than the blocks).
                context chose (mumoe.chosen_experts). Requests sharing a context (the choices of one question)
                share that one routing, and their continuations go through as one batch.
     "full"     the router reads context + continuation, as a perplexity window is routed on its own tokens: each
-               request is one routed forward over its (last max_length) tokens (mumoe.mumoe_logits). It leaks
-               the answer into the experts, so it measures how much the continuation helps its own routing.
+               request is one routed forward over its tokens (mumoe.mumoe_logits), at most max_length of them. It
+               leaks the answer into the experts, so it measures how much the continuation helps its own routing.
 
 Imports: torch, lm_eval (TemplateLM, its rolling-window helpers), mumoe (route_prompt, chosen_experts,
 mumoe_logits, generate). Only this file and the command eval_tasks.py import lm_eval.
@@ -184,19 +184,28 @@ class HarnessLM(TemplateLM):
 
     @torch.no_grad()
     def score_routed_on_all(self, windows, disable_tqdm=False) -> list[tuple[float, bool]]:
-        """μ-MoE routed on context + continuation (the last max_length tokens), one routed forward per request."""
-        by_tokens = defaultdict(list)
+        """μ-MoE routed on context + continuation, one routed forward per distinct request. A window of
+        max_length + 1 tokens has no position for all of them: its oldest context token gives way, or, where the
+        context is a single token (a rolling window's), the continuation's last token (which is then not routed on,
+        only predicted)."""
+        by_tokens = defaultdict(list)  # the tokens read and routed on -> (request, its context's length there)
         for i, (context, continuation) in enumerate(windows):
-            by_tokens[tuple(context + continuation)[-self.max_length:]].append(i)
+            if len(context) + len(continuation) <= self.max_length:
+                tokens, n_context = context + continuation, len(context)
+            elif len(context) > 1:  # the oldest context token gives way
+                tokens, n_context = context[1:] + continuation, len(context) - 1
+            else:  # a rolling window's one-token context: the continuation's last token is not read
+                tokens, n_context = context + continuation[:-1], 1
+            by_tokens[tuple(tokens)].append((i, n_context))
         results = [None] * len(windows)
         for tokens, group in tqdm(by_tokens.items(), disable=disable_tqdm, desc="μ-MoE requests"):
             ids = torch.tensor([tokens], device=self.device)
             logits = mumoe_logits(self.model, ids, self.rho, self.select, routing=self.routing, nm=self.nm)
             self.routed += 1
             logprobs = F.log_softmax(logits[0].float(), dim=-1)  # (T, vocab)
-            for i in group:
-                n = len(windows[i][1])
-                results[i] = score(logprobs[len(tokens) - n - 1 : len(tokens) - 1], windows[i][1])
+            for i, n_context in group:
+                n = len(windows[i][1])  # predicted by the positions from the context's last one on
+                results[i] = score(logprobs[n_context - 1 : n_context - 1 + n], windows[i][1])
         return results
 
     # -------------------------------------------------------------------------

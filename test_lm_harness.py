@@ -278,6 +278,28 @@ def test_full_scope_equals_full_routing(ours, routing):
     assert max(abs(f - c) for f, c in zip(full, on_context)) > 0.01, "the two scopes route alike"
 
 
+def test_full_scope_reads_every_token_it_can(ours):
+    """The full scope reads the whole continuation where max_length allows, its context cut by one token if need
+    be; a rolling window (a one-token context, max_length tokens to predict) leaves no room for its last token,
+    which is then predicted, not read. At rho = 1 that is the dense model on those cut contexts."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    model, tokenizer = ours
+    rng = random.Random(7)
+    text = " ".join(sentence(rng, 12) for _ in range(10))
+    request = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    full = HarnessLM(model, tokenizer, routing_scope="full")
+    full.mumoe = True  # rho = 1 through the routed path: mumoe_logits is then the dense model
+    windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+        full.tok_encode(text), full.prefix_token_id, MAX_POSITIONS, context_len=1)]
+    cut = [(None, c[max(0, len(c) + len(x) - MAX_POSITIONS):] or c[-1:], x) for c, x in windows]
+    assert [len(c) for _, c, _ in cut] != [len(c) for c, _ in windows], "no window's context needed cutting"
+    dense = sum(lp for lp, _ in HarnessLM(model, tokenizer)._loglikelihood_tokens(cut))
+    assert_same(full.loglikelihood_rolling(request, disable_tqdm=True), [dense], LL_ATOL * 200, "rolling, full scope")
+    routed = HarnessLM(model, tokenizer, rho=0.5, routing_scope="full").loglikelihood_rolling(request, True)
+    assert abs(routed[0] - dense) > 0.1 and full.routed == len(windows), (routed, dense, full.routed)
+
+
 LLAMA_CONFIG = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS)
 
