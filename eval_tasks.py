@@ -62,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), metavar="TASK",
                    help=f"lm-eval task names (default: {' '.join(TASKS)})")
     sparsity = p.add_mutually_exclusive_group()
-    sparsity.add_argument("--rho", type=active_ratio, nargs="+", help="active-weight ratio(s), in (0, 1] (default: 0.5)")
+    sparsity.add_argument("--rho", type=active_ratio, nargs="+",
+                          help="active-weight ratio(s), in (0, 1] (default: 0.5)")
     sparsity.add_argument("--nm", type=nm_pattern, metavar="N:M", help="prune N of every M consecutive weights of "
                           "each row instead (μ-MoE: each context its own N of every M)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
@@ -146,9 +147,14 @@ def label(row: dict) -> str:
     return name + (" (routed on all)" if row["scope"] == "full" else "")
 
 
-def table(rows: list[dict], rho: float, model_name: str, nm: str | None, num_fewshot: int) -> str:
+def columns(results: dict, tasks: list[str]) -> list[str]:
+    """The table's tasks: those asked for (a group's aggregate, not its parts), or every task a tag stood for."""
+    return [t for t in tasks if t in results] or list(results)
+
+
+def table(rows: list[dict], tasks: list[str], rho: float, model_name: str, nm: str | None, num_fewshot: int) -> str:
     """A row per method, a column per task (its metric in %), and their mean; dense heads every table."""
-    tasks = list(rows[0]["results"])
+    tasks = columns(rows[0]["results"], tasks)
     shown = [r for r in rows if r["method"] == "dense"][:1] + [r for r in rows if r["method"] != "dense"
                                                               and r["rho"] == rho and r["nm"] == nm]
     heading = f"{model_name}, " + (f"{nm} ({rho:.0%} active)" if nm else f"active weights {rho:.0%}")
@@ -170,8 +176,8 @@ def fraction(value) -> str:
     return f"{100 * value:.2f}" if isinstance(value, (int, float)) and value == value else "—"
 
 
-def mean_accuracy(results: dict) -> float | None:
-    values = [r.get(metric(r)) for r in results.values()]
+def mean_accuracy(results: dict, tasks: list[str]) -> float | None:
+    values = [results[t].get(metric(results[t])) for t in columns(results, tasks)]
     return sum(values) / len(values) if all(isinstance(v, float) for v in values) else None
 
 
@@ -271,7 +277,7 @@ def run(args) -> list[dict]:
         output = lm_eval.simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                                          task_manager=manager, log_samples=False)
         results = output["results"]  # by task: each task asked for, or each task of a group or tag asked for
-        rows[key] = dict(row, results=results, mean=mean_accuracy(results), seconds=time.time() - start,
+        rows[key] = dict(row, results=results, mean=mean_accuracy(results, args.tasks), seconds=time.time() - start,
                          routed=lm.routed if method == "mumoe" else None)
         print(f"{label(row)}, rho {rho}: mean {fraction(rows[key]['mean'])} ({rows[key]['seconds']:.0f} s)", flush=True)
         # strict JSON (a NaN, such as lm-eval's stderr of a single document, is null), written whole or not at all
@@ -279,7 +285,7 @@ def run(args) -> list[dict]:
 
     results = eval_ppl.in_plan_order(rows, plan)
     for rho in args.rho:
-        print("\n" + table(results, rho, args.model, nm, args.num_fewshot))
+        print("\n" + table(results, args.tasks, rho, args.model, nm, args.num_fewshot))
     print(f"\nresults: {args.out}")
     return results
 

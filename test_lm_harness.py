@@ -433,6 +433,13 @@ def test_command_unknown_task(command_setup, tmp_path, capsys, monkeypatch):
     assert err.count("\n") == 1 and "unknown task 'hellaswagg'" in err and "--include-path" in err, err
 
 
+def test_table_columns_are_the_tasks_asked_for():
+    group = {"mmlu": {"acc,none": 0.3}, "mmlu_a": {"acc,none": 0.2}, "mmlu_b": {"acc,none": 0.4}}
+    assert eval_tasks.columns(group, ["mmlu"]) == ["mmlu"], "a group's aggregate, not its parts"
+    assert eval_tasks.columns(group, ["a_tag"]) == list(group), "a tag: every task it stood for"
+    assert eval_tasks.mean_accuracy(group, ["mmlu"]) == 0.3
+
+
 def test_metric_prefers_acc_norm():
     assert eval_tasks.metric({"alias": "t", "acc,none": 0.5, "acc_norm,none": 0.6}) == "acc_norm,none"
     assert eval_tasks.metric({"alias": "t", "acc,none": 0.5, "perplexity,none": 9.0}) == "acc,none"
