@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import distributed
 from opt_model import UsageError
 
 SELECTS = ("sort", "topk", "kthvalue", "partition")
@@ -321,23 +322,31 @@ def gather_statistics(block, hidden: list[torch.Tensor], method: str) -> dict[st
 
     with X the (T, d_in) input of one window and N the number of windows. (The references keep running
     averages over windows; the sums are the same up to float rounding.)
+
+    Under torchrun `hidden` is this rank's share of the windows: the sums of all ranks are added up
+    (all-reduced) before they are scaled, and N counts every rank's windows. The float32 sums then add
+    in another order than one process's, which moves them by an ulp or so: a Wanda score that ties
+    another's to 1e-7 may swap sides, and SparseGPT's weights move by about as much (test_distributed).
     """
     linears = block.linears()
     name_of = {layer: name for name, layer in linears.items()}
-    sums = dict.fromkeys(linears)
+    d_in = {name: layer.weight.shape[1] for name, layer in linears.items()}
+    shapes = {name: (d,) if method == "wanda" else (d, d) for name, d in d_in.items()}
+    # zeros to add onto, not the first window's statistic: under torchrun a rank may have no window
+    sums = {name: torch.zeros(shapes[name], device=layer.weight.device) for name, layer in linears.items()}
     last = {"input": None, "stat": None}  # q, k and v read one tensor: its statistic is computed once
 
     def dense_noting_input(layer, x):
         if x is not last["input"]:
             X = x.reshape(-1, x.shape[-1]).float()  # (T, d_in)
             last.update(input=x, stat=(X ** 2).sum(dim=0) if method == "wanda" else X.T @ X)
-        name = name_of[layer]
-        sums[name] = last["stat"] if sums[name] is None else sums[name] + last["stat"]
+        sums[name_of[layer]] += last["stat"]
         return layer(x)
 
     for h in hidden:
         block(h, dense_noting_input)
-    scale = (1 if method == "wanda" else 2) / len(hidden)
+    distributed.all_reduce_sum(*sums.values())  # under torchrun: the sums over every rank's windows
+    scale = (1 if method == "wanda" else 2) / distributed.total(len(hidden))
     return {name: s * scale for name, s in sums.items()}
 
 
@@ -354,6 +363,7 @@ def prune_model(model, calib_ids: torch.Tensor | None, method: str, rho: float, 
     float32 whatever the model's dtype. magnitude needs no calibration (calib_ids may be None) and uses
     `group`; wanda uses `select`. If `device` is given, each block is moved there for its turn and back
     (offload of a model kept on the CPU); the hidden states of the N windows live on `device`.
+    Under torchrun each rank calibrates on its share of the windows and every rank prunes identically.
     """
     if method not in METHODS:
         raise UsageError(f"method must be one of {METHODS}, got {method!r}")
@@ -365,7 +375,8 @@ def prune_model(model, calib_ids: torch.Tensor | None, method: str, rho: float, 
         if calib_ids is None or calib_ids.ndim != 2 or calib_ids.dtype != torch.long:
             raise UsageError("calib_ids must be a (N, seqlen) LongTensor of token ids, got "
                              + ("None" if calib_ids is None else f"{calib_ids.dtype} {tuple(calib_ids.shape)}"))
-        hidden = [model.embed(ids[None].to(home)).to(device) for ids in calib_ids]  # N x (1, T, hidden)
+        mine = calib_ids[distributed.shard(len(calib_ids))]  # under torchrun, this rank's share
+        hidden = [model.embed(ids[None].to(home)).to(device) for ids in mine]  # N x (1, T, hidden)
 
     report = {}
     for b, block in enumerate(tqdm(model.decoder.layers, desc=f"{method} rho={rho}", disable=not progress)):
