@@ -39,7 +39,9 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -630,20 +632,33 @@ def check_nm_fits(nm: tuple[int, int], config: OPTConfig, sparsegpt: bool) -> No
 def main(argv=None) -> int:
     distributed.silence_other_ranks()
     args = parse_args(argv)
+    CTRL_C.clear()
+    previous = signal.signal(signal.SIGINT, note_ctrl_c)
     try:
         run(args)
     except UsageError as e:
         return distributed.fail(f"eval_ppl.py: error: {e}", 2)
-    except KeyboardInterrupt:
-        return distributed.fail(interrupted(args, sys.argv[1:] if argv is None else argv), INTERRUPTED)
     except distributed.RanksLost as e:  # another rank failed or was interrupted, and said so
         return distributed.failed_elsewhere(e, "eval_ppl.py")
+    except BaseException:
+        if not CTRL_C.is_set():
+            raise
+        return distributed.fail(interrupted(args, sys.argv[1:] if argv is None else argv), INTERRUPTED)
     finally:
+        signal.signal(signal.SIGINT, previous)
         distributed.stop()
     return 0
 
 
 INTERRUPTED = 130  # the shell's exit status for a command ended by Ctrl-C (128 + SIGINT)
+# Ctrl-C raises KeyboardInterrupt wherever Python is; inside a native call (safetensors reading a tensor) the
+# call may turn it into an error of its own, so that the press itself is noted, and any error after it is it
+CTRL_C = threading.Event()
+
+
+def note_ctrl_c(signum, frame):
+    CTRL_C.set()
+    signal.default_int_handler(signum, frame)
 
 
 def interrupted(args, argv: list[str]) -> str:

@@ -245,3 +245,102 @@ def test_a_failing_rank_ends_the_run_in_one_line(case, tiny_with_tokenizer, cli_
     said = [said_lines(err) for _, _, err in ranks_out]
     assert sorted(map(len, said)) == [0, 1] and line in sum(said, [])[0], said
     assert not (tmp_path / "r.json").exists() or case == "rank 1 fails alone"
+
+
+# -----------------------------------------------------------------------------
+# Results never lost: atomic writes, Ctrl-C
+
+
+def test_a_write_cut_short_leaves_the_previous_file(tiny_with_tokenizer, cli_data, tmp_path, capsys, monkeypatch):
+    """The write of the second row dies between the temporary file and the rename: the first row's file is left
+    whole, and --resume goes on from it."""
+    out = tmp_path / "r.json"
+    argv = cli_args(tiny_with_tokenizer, cli_data, "--datasets", "ptb", "--methods", "dense", "magnitude",
+                    "--out", str(out))
+    writes, replace = [], os.replace
+
+    def dying_replace(src, dst):
+        writes.append(Path(src).read_text())
+        if len(writes) == 2:
+            raise KeyboardInterrupt  # as a kill would, after the temporary file is complete
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    code, _, err = run_main(argv, capsys)
+    assert code == 130 and len(writes) == 2, err
+    assert out.read_text() == writes[0], "the results file is not the first row's complete file"
+    assert json.loads(writes[1])["results"][1]["method"] == "magnitude", "the cut write was not the second row's"
+    assert err.strip().endswith(f"interrupted: 1 rows saved in {out}; to go on: python eval_ppl.py "
+                                + " ".join(argv) + " --resume"), err
+
+    monkeypatch.setattr(os, "replace", replace)
+    code, stdout, _ = run_main(argv + ["--resume"], capsys)
+    assert code == 0 and stdout.count("(kept from") == 1 and "Magnitude, rho 0.5" in stdout
+    assert [r["method"] for r in json.loads(out.read_text())["results"]] == ["dense", "magnitude"]
+
+
+def test_ctrl_c_saves_the_rows_and_says_how_to_go_on(tiny_with_tokenizer, cli_data, tmp_path):
+    """SIGINT to a running command, once its first rows are saved: exit 130, one line, the rows intact."""
+    out = tmp_path / "r.json"
+    rhos = [f"0.{i}" for i in range(1, 10)]
+    argv = cli_args(tiny_with_tokenizer, cli_data, "--datasets", "ptb", "--methods", "dense", "magnitude", "wanda",
+                    "--calib", "ptb", "--rho", *rhos, "--out", str(out))
+    proc = subprocess.Popen([sys.executable, "eval_ppl.py", *argv], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + RANK_TIMEOUT
+    while not out.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=RANK_TIMEOUT)
+    saved = json.loads(out.read_text())["results"]
+    assert proc.returncode == 130 and 1 <= len(saved) < 1 + 2 * len(rhos), (proc.returncode, err[-2000:])
+    lines = said_lines(err)
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert lines[0].startswith(f"interrupted: {len(saved)} rows saved in {out}; to go on: python eval_ppl.py")
+    assert lines[0].endswith(" --resume")
+
+
+# -----------------------------------------------------------------------------
+# Memory across ranks: the ranks of a node share the checkpoint's pages
+
+
+def mapped_file(tensor: torch.Tensor) -> str | None:
+    """The file whose memory mapping holds the tensor's data (Linux), or None."""
+    address = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *rest = line.split()
+        start, end = (int(a, 16) for a in span.split("-"))
+        if start <= address < end:
+            return rest[4] if len(rest) > 4 else None
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the memory map of Linux's /proc")
+def test_loaded_weights_are_the_files_pages(tiny_with_tokenizer):
+    """In the checkpoint's dtype on the CPU (--offload), every weight is a view of the memory-mapped file: the
+    page cache holds one copy for all the ranks of a node. Another dtype converts: a copy per process."""
+    model = eval_ppl.load_model(tiny_with_tokenizer)
+    shared = {name: mapped_file(p) for name, p in model.named_parameters()}
+    file = str(tiny_with_tokenizer / "model.safetensors")
+    assert set(shared.values()) == {file}, f"weights not mapped from {file}: {shared}"
+    converted = eval_ppl.load_model(tiny_with_tokenizer, dtype=torch.bfloat16)
+    assert mapped_file(converted.lm_head.weight) != file
+
+
+# -----------------------------------------------------------------------------
+# benchmarks/gpu_check.py must not rot where no GPU is
+
+
+def test_gpu_check_dry_run(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=RANK_TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    report = json.loads(out.read_text())
+    failed = {name: step["traceback"] for name, step in report["steps"].items() if step["status"] == "failed"}
+    assert proc.returncode == 0 and not failed, f"exit {proc.returncode}: {failed or proc.stderr[-2000:]}"
+    steps = report["steps"]
+    assert steps["tests"]["status"] == "skipped" and report["dry_run"] and report["device"] == "cpu"
+    assert steps["forward"]["figures"]["T=32"]["dense"]["ratio_to_dense"] == 1.0
+    assert set(steps["generate"]["figures"]) == {"dense", "mumoe block", "mumoe linear"}
+    assert len(steps["eval"]["ppl"]) == 5 and all(p > 1 for row in steps["eval"]["ppl"].values() for p in row.values())
+    assert any(key.endswith("kthvalue") for key in steps["selection"]["ms"])
