@@ -17,7 +17,7 @@ gloo), the shares, the collectives (each a no-op in a single process), rank 0 al
 run one rank of which failed with that rank's one line and its exit code on every rank, not a hang.
 Without WORLD_SIZE > 1 in the environment every function here returns at once: one process, as before.
 
-Imports: torch.distributed; opt_model for UsageError and check_device.
+Imports: torch.distributed; checkpoint for UsageError and check_device.
 """
 
 import os
@@ -28,7 +28,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from opt_model import UsageError, check_device
+from checkpoint import UsageError, check_device
 
 # Collectives wait this long for the slowest rank. Rank 0 downloads the model and the data (OPT-66B: 132 GB)
 # while the others wait at a barrier, which the defaults (10 min with NCCL, 30 with gloo) would cut short;

@@ -6,14 +6,17 @@ This file owns the evaluation protocol of the paper's tables and the one command
 
 loads OPT, evaluates the dense model, prunes it with magnitude, Wanda (calibrated on each of WikiText-2,
 PTB and C4) and SparseGPT (C4), evaluates each, evaluates μ-MoE (each window routed on itself), and prints
-one table per rho: a row per method, WT2 / PTB / C4 / Avg columns.
+one table per rho: a row per method, WT2 / PTB / C4 / Avg columns. A LLaMA-family model (Llama 1/2/3,
+Mistral, Qwen2: `--model meta-llama/Llama-2-7b-hf`) runs Wanda's LLaMA protocol instead: WikiText-2 only,
+every calibrated method on C4 (PTB and C4 evaluation are one `--datasets` away).
 
 The protocol is the one of IST-DASLab/sparsegpt `datautils.py` + `opt_eval` and locuslab/wanda
 `lib/data.py` + `lib/eval.py` (the data README in shared/data quotes them):
 
     evaluation   wikitext2  "\\n\\n".join(test rows)    ptb  " ".join(test rows)
                  c4         " ".join(first 1100 validation docs), cut to 256 * seqlen tokens
-                 -> numel // seqlen non-overlapping windows of seqlen = 2048 tokens
+                 -> numel // seqlen non-overlapping windows of seqlen tokens: the model's context
+                    (OPT 2048, LLaMA-1 2048, Llama-2 4096), capped at 4096 for longer ones
     calibration  nsamples = 128 random windows, Python's random seeded with 0
     perplexity   exp(mean over windows of the window's mean next-token NLL)
 
@@ -22,11 +25,12 @@ strictly causally instead: on the targets after the prefix only, tokens P..seqle
 With `--nm N:M` every method prunes N of every M consecutive weights of each row instead of a ratio (μ-MoE:
 each window its own N of every M).
 
-Every string is tokenized once with OPT's tokenizer, which puts BOS (id 2) in front, as the reference's
-Hugging Face tokenizer does. Data comes from the Hugging Face hub (WikiText-2 parquet, C4 json.gz) and
+Every string is tokenized once with the model's tokenizer, which puts BOS in front as the reference's
+Hugging Face tokenizer does (OPT's `</s>`, Llama's `<s>`; Qwen2 has none). Data comes from the Hugging Face hub (WikiText-2 parquet, C4 json.gz) and
 from the URLs of the old `ptb_text_only` loader, or offline from `--data-dir`.
 
-Imports: opt_model (model, tokenizer), pruners (prune_model), mumoe (micro_experts); huggingface_hub,
+Imports: checkpoint (UsageError, devices), models (the model and tokenizer of any family), pruners
+(prune_model), mumoe (routed_block); huggingface_hub,
 pyarrow and matplotlib only when they are needed.
 """
 
@@ -53,8 +57,8 @@ from tqdm import tqdm
 import distributed
 import mumoe
 import pruners
-from opt_model import (DTYPES, BlockFn, OPTConfig, OPTForCausalLM, UsageError, dense_block,
-                       load_model, load_tokenizer, resolve_checkpoint)
+import models
+from checkpoint import DTYPES, BlockFn, UsageError, dense_block, resolve_checkpoint
 
 # -----------------------------------------------------------------------------
 # Data: the rows of each split, exactly as the Hugging Face loaders of the references give them
@@ -271,15 +275,8 @@ def calibration_windows(dataset: str, tokenizer, nsamples: int, seqlen: int, see
 MAX_EXP = math.log(sys.float_info.max)  # ≈ 709.8: math.exp of more overflows a float
 
 
-def outer_modules(model: OPTForCausalLM) -> list[torch.nn.Module]:
-    """Everything but the decoder blocks: embeddings, projections, final LayerNorm, lm_head (tied to embed_tokens)."""
-    dec = model.decoder
-    names = ("embed_tokens", "embed_positions", "project_in", "project_out", "final_layer_norm")
-    return [getattr(dec, n) for n in names if hasattr(dec, n)] + [model.lm_head]
-
-
 @torch.no_grad()
-def perplexity(model: OPTForCausalLM, ids: torch.Tensor, device=None, run_block: BlockFn = dense_block,
+def perplexity(model, ids: torch.Tensor, device=None, run_block: BlockFn = dense_block,
                offload: bool = False, desc: str = "perplexity", first_target: int = 1) -> float:
     """exp(mean over windows of the window's mean next-token NLL) of token windows ids (N, seqlen).
 
@@ -302,14 +299,15 @@ def perplexity(model: OPTForCausalLM, ids: torch.Tensor, device=None, run_block:
     mine = distributed.shard(N)  # under torchrun, this rank's windows; alone, all of them
     window_nll = torch.zeros(N, dtype=torch.float64)
     ids = ids[mine]
-    device = torch.device(device) if device is not None else model.lm_head.weight.device
+    weight = next(model.parameters())
+    device = torch.device(device) if device is not None else weight.device
     store = torch.device("cpu") if offload else device  # where the hidden states of all windows wait
-    for module in outer_modules(model):
+    for module in model.outer_modules():
         module.to(device)
-    x = torch.empty(len(ids), T, model.config.hidden_size, dtype=model.lm_head.weight.dtype, device=store)
+    x = torch.empty(len(ids), T, model.config.hidden_size, dtype=weight.dtype, device=store)
     for i in range(len(ids)):
         x[i] = model.embed(ids[i : i + 1].to(device))[0]
-    for block in tqdm(model.decoder.layers, desc=desc, leave=False):
+    for block in tqdm(model.blocks, desc=desc, leave=False):
         block.to(device)
         for i in range(len(ids)):
             x[i] = run_block(block, x[i : i + 1].to(device))[0]
@@ -322,7 +320,7 @@ def perplexity(model: OPTForCausalLM, ids: torch.Tensor, device=None, run_block:
         nll = F.cross_entropy(logits[first_target - 1 : -1], ids[i, first_target:].to(device))
         window_nll[mine.start + i] = nll.item()
     if offload:
-        for module in outer_modules(model):
+        for module in model.outer_modules():
             module.to("cpu")
     distributed.all_reduce_sum(window_nll)  # every entry from the one rank that has the window: exact
     mean_nll = math.fsum(window_nll.tolist()) / N
@@ -334,7 +332,16 @@ def perplexity(model: OPTForCausalLM, ids: torch.Tensor, device=None, run_block:
 
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "mumoe")
 CALIBRATED = ("wanda", "sparsegpt")
-DEFAULT_CALIB = {"wanda": ("wikitext2", "ptb", "c4"), "sparsegpt": ("c4",)}  # the paper's table
+# Each family's default protocol. OPT: the μ-MoE paper's table. LLaMA (Mistral, Qwen2): Wanda's code, which
+# evaluates WikiText-2 only and calibrates every method on C4.
+DEFAULT_DATASETS = {"opt": DATASETS, "llama": ("wikitext2",)}
+DEFAULT_CALIB = {"opt": {"wanda": ("wikitext2", "ptb", "c4"), "sparsegpt": ("c4",)},
+                 "llama": {"wanda": ("c4",), "sparsegpt": ("c4",)}}
+# The default window is the model's context, as both references set seqlen = max_position_embeddings (OPT 2048,
+# LLaMA-1 2048, Llama-2 4096), capped for the long-context models (Llama 3: 8192, Llama 3.1: 131072, Mistral and
+# Qwen2: 32768): 4096 compares with Llama-2's figures, and 128 calibration windows of it keep 2 x 128 x 4096 x 4096
+# float16 hidden states (8 GiB) for a 7B model; longer windows are one --seqlen away.
+MAX_DEFAULT_SEQLEN = 4096
 NAMES = {"dense": "Dense", "magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "mumoe": "μ-MoE"}
 MAGNITUDE_GROUP = "matrix"  # one threshold per weight matrix, as SparseGPT's and Wanda's magnitude baselines
 SPARSEGPT_BLOCKSIZE = 128  # the reference's column block; an N:M group must not straddle two blocks
@@ -402,12 +409,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
                    help=f"any of {' '.join(METHODS)} (default: all)")
     p.add_argument("--calib", nargs="+", type=calib_token, default=[], metavar="[METHOD=]DATASET[,...]",
-                   help="calibration sets: 'ptb' for every calibrated method, or per method; "
-                        "default 'wanda=wikitext2,ptb,c4 sparsegpt=c4', as the paper's table")
-    p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS), metavar="DATASET",
-                   help=f"any of {' '.join(DATASETS)} (default: all)")
+                   help="calibration sets: 'ptb' for every calibrated method, or per method; default for OPT "
+                        "'wanda=wikitext2,ptb,c4 sparsegpt=c4', as the paper's table; for LLaMA 'c4', as Wanda")
+    p.add_argument("--datasets", nargs="+", choices=DATASETS, metavar="DATASET",
+                   help=f"any of {' '.join(DATASETS)} (default: all for OPT, wikitext2 for LLaMA, as Wanda)")
     p.add_argument("--nsamples", type=positive_int, metavar="N", default=128, help="calibration windows (default: 128)")
-    p.add_argument("--seqlen", type=window_length, metavar="T", default=2048, help="tokens per window (default: 2048)")
+    p.add_argument("--seqlen", type=window_length, metavar="T", help="tokens per window (default: the model's "
+                   f"max_position_embeddings up to {MAX_DEFAULT_SEQLEN}: OPT 2048, LLaMA-1 2048, Llama-2 4096, "
+                   f"Llama 3, Mistral and Qwen2 {MAX_DEFAULT_SEQLEN}, as the references use the model's context)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draws (default: 0)")
     p.add_argument("--device", help="default: cuda when present, else cpu")
     p.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 on CPU")
@@ -432,11 +441,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="perplexity against active weights for each rho, as the paper's Figure 4 (default: ppl_vs_rho.png)")
     args = p.parse_args(argv)
     args.rho = [nm_active_ratio(args.nm)] if args.nm else args.rho or [0.5]
+    return args
+
+
+def resolve_defaults(args, family: str, max_positions: int) -> None:
+    """Fill in what depends on the model family: datasets, calibration sets (--calib as given, per method or
+    for all, else the family's protocol) and seqlen."""
+    args.datasets = args.datasets or list(DEFAULT_DATASETS[family])
     everyone = [d for method, datasets in args.calib if method is None for d in datasets]
-    calib = {m: tuple(everyone) or DEFAULT_CALIB[m] for m in CALIBRATED}
+    calib = {m: tuple(everyone) or DEFAULT_CALIB[family][m] for m in CALIBRATED}
     calib.update({method: datasets for method, datasets in args.calib if method})
     args.calib = {m: calib[m] for m in CALIBRATED if m in args.methods}
-    return args
+    args.seqlen = args.seqlen or min(max_positions, MAX_DEFAULT_SEQLEN)
 
 
 def row_key(result: dict) -> tuple:
@@ -612,12 +628,12 @@ def finished_rows(path: Path, settings: dict) -> dict[tuple, dict]:
     return rows
 
 
-def check_nm_fits(nm: tuple[int, int], config: OPTConfig, sparsegpt: bool) -> None:
-    """Every decoder Linear reads hidden_size inputs (q, k, v, out_proj, fc1) or ffn_dim (fc2): each row must
-    split into groups of M, and SparseGPT's column blocks too."""
+def check_nm_fits(nm: tuple[int, int], model, sparsegpt: bool) -> None:
+    """Every row of every decoder Linear of `model` (built on the meta device will do) must split into groups
+    of M, and SparseGPT's column blocks too."""
     try:
-        for d_in in (config.hidden_size, config.ffn_dim):
-            pruners.check_nm(nm, d_in)
+        for layer in model.blocks[0].linears().values():
+            pruners.check_nm(nm, layer.weight.shape[1])
     except UsageError as e:
         raise UsageError(f"--nm {nm_name(nm)} does not fit this model: {e}") from None
     if sparsegpt and SPARSEGPT_BLOCKSIZE % nm[1]:
@@ -640,8 +656,8 @@ def main(argv=None) -> int:
         return distributed.fail(f"eval_ppl.py: error: {e}", 2)
     except distributed.RanksLost as e:  # another rank failed or was interrupted, and said so
         return distributed.failed_elsewhere(e, "eval_ppl.py")
-    except BaseException:
-        if not CTRL_C.is_set():
+    except BaseException as e:  # Ctrl-C: a KeyboardInterrupt, or the error a native call made of it
+        if not (isinstance(e, KeyboardInterrupt) or CTRL_C.is_set()):
             raise
         return distributed.fail(interrupted(args, sys.argv[1:] if argv is None else argv), INTERRUPTED)
     finally:
@@ -677,13 +693,20 @@ def run(args) -> list[dict]:
     if not distributed.is_main():
         distributed.barrier()  # rank 0 checks the input and downloads the model and data first; then the others
     dtype = DTYPES[args.dtype] if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
-    if args.mumoe_prefix and args.mumoe_prefix >= args.seqlen:
-        raise UsageError(f"--mumoe-prefix {args.mumoe_prefix} leaves no token to score in a window of --seqlen "
-                         f"{args.seqlen}: the rows are scored on the tokens after the prefix")
     if distributed.is_main():  # the one rank that writes
         check_writable(args.out, "--out")
     if args.plot and distributed.is_main():
         check_writable(args.plot, "--plot")
+    directory = resolve_checkpoint(args.model)
+    family = models.family(directory)
+    config = family.read_config(directory / "config.json")
+    resolve_defaults(args, family.FAMILY, config.max_position_embeddings)
+    if args.seqlen > config.max_position_embeddings:
+        raise UsageError(f"--seqlen {args.seqlen} exceeds the model's max_position_embeddings "
+                         f"{config.max_position_embeddings}")
+    if args.mumoe_prefix and args.mumoe_prefix >= args.seqlen:
+        raise UsageError(f"--mumoe-prefix {args.mumoe_prefix} leaves no token to score in a window of --seqlen "
+                         f"{args.seqlen}: the rows are scored on the tokens after the prefix")
     needed = [(d, EVAL_SPLIT[d]) for d in args.datasets]
     needed += [(d, "train") for d in DATASETS if any(d in datasets for datasets in args.calib.values())]
     if args.save_data and distributed.is_main():
@@ -693,18 +716,13 @@ def run(args) -> list[dict]:
         args.data_dir = args.save_data
     for dataset, split in needed if args.data_dir else []:
         load_rows(dataset, split, args.data_dir)  # a missing file or a malformed line: now, not after an hour of pruning
-    directory = resolve_checkpoint(args.model)
-    config = OPTConfig.from_json(directory / "config.json")
-    if args.seqlen > config.max_position_embeddings:
-        raise UsageError(f"--seqlen {args.seqlen} exceeds the model's max_position_embeddings "
-                         f"{config.max_position_embeddings}")
     if args.nm:
-        check_nm_fits(args.nm, config, "sparsegpt" in args.methods)
+        check_nm_fits(args.nm, models.empty_model(config), "sparsegpt" in args.methods)
     if args.calib:  # a calibrated method will run
-        check_calibration_memory(distributed.share_size(args.nsamples), args.seqlen, config.hidden_size, dtype, available_memory(device),
-                                 str(device))
+        check_calibration_memory(distributed.share_size(args.nsamples), args.seqlen, config.hidden_size, dtype,
+                                 available_memory(device), str(device))
 
-    tokenizer = load_tokenizer(directory)
+    tokenizer = family.load_tokenizer(directory)
     test = {d: windows(evaluation_ids(d, tokenizer, args.seqlen, args.data_dir), args.seqlen)[: args.max_windows]
             for d in args.datasets}
     print(f"windows of {args.seqlen} tokens: " + ", ".join(f"{LABELS[d]} {len(w)}" for d, w in test.items()))
@@ -734,7 +752,7 @@ def run(args) -> list[dict]:
             continue
         if model is None or pruned:
             del model
-            model, pruned = load_model(directory, "cpu" if args.offload else device, dtype), False
+            model, pruned = family.load_model(directory, "cpu" if args.offload else device, dtype), False
         start, run_block = time.time(), dense_block
         if method == "mumoe":
             run_block = mumoe.routed_block(rho, routing, select=args.select, prefix=args.mumoe_prefix, nm=args.nm)

@@ -27,7 +27,7 @@ perplexity window on all of its tokens, the ones it then predicts included; `pre
 first N tokens only, a strictly causal variant.
 
     routed_block(rho, routing)       (block, x) -> the block's output, each prompt routed on itself
-    micro_experts(rho, ...)          the μ-MoE Linear, a drop-in for opt_model.dense_linear
+    micro_experts(rho, ...)          the μ-MoE Linear, a drop-in for checkpoint.dense_linear
     mumoe_logits(model, ids, rho)    (B, T) ids -> (B, T, vocab) logits, each prompt routed on itself
     count_macs(config, T, rho)       the analytical MAC count, ours or the paper's convention
     generate(model, ids, n, rho)     greedy decoding with a KV cache, routed once on the prompt
@@ -39,7 +39,11 @@ d·d' to score, about d·d' to select (introselect is linear on average) and d·
 the dense pass, routing is (3/T + 1/d') -- 0.3% at T = 2048, d' = 768 -- so the MACs fall almost as
 rho. In wall time the selection is what costs: pruners.wanda_gated_weight fuses it on the CPU.
 
-Imports: torch, opt_model (the model, its tokenizer, UsageError), pruners (Wanda's mask and gated weight).
+Everything here works on any model with checkpoint.py's interface (OPT, LLaMA, a vision-language model's
+language model): it sees blocks, their `linears()` and hidden states, never a model family.
+
+Imports: torch, checkpoint (the block interface, UsageError), pruners (Wanda's mask and gated weight); the
+command line alone loads a model by name, through models.
 """
 
 import argparse
@@ -52,8 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from opt_model import (DTYPES, KVCache, LinearFn, OPTConfig, OPTDecoderLayer, UsageError, check_device,
-                       dense_linear, load_model, load_tokenizer)
+from checkpoint import DTYPES, KVCache, LinearFn, UsageError, check_device, dense_linear
 from pruners import SELECTS, check_rho, default_select, prune_count, wanda_gated_weight
 
 # -----------------------------------------------------------------------------
@@ -131,20 +134,21 @@ def micro_experts(rho: float, select: str | None = None, prefix: int | None = No
     return routed_linear
 
 
-def block_statistics(block: OPTDecoderLayer, x: torch.Tensor, prefix: int | None = None) -> dict:
+def block_statistics(block: nn.Module, x: torch.Tensor, prefix: int | None = None) -> dict:
     """One dense pass of `block` over x (B, T, hidden): each Linear -> the (B, d_in) norms ||X_j||² of its input.
 
     The block is dense throughout, as the reference's Wanda hooks see it. The model is causal, so the
     first `prefix` tokens' activations are those of a pass over the prefix alone.
     """
     stats, last = {}, {"x": None, "sqnorms": None}
-    fc2 = block.fc2  # its output only feeds the block's output, which this pass does not need
+    *_, final = block.linears().values()  # fc2, down_proj: its output only feeds the block's output,
+                                          # which this pass does not need
 
     def dense_noting_input(layer, x_in):
         if x_in is not last["x"]:  # q, k and v read one tensor
             last.update(x=x_in, sqnorms=input_sqnorms(x_in))
         stats[layer] = last["sqnorms"]
-        return x_in.new_zeros(()) if layer is fc2 else layer(x_in)  # x + 0: fc2's product is skipped
+        return x_in.new_zeros(()) if layer is final else layer(x_in)  # x + 0: the last product is skipped
 
     block(x[:, :prefix], dense_noting_input)
     return stats
@@ -154,7 +158,7 @@ def routed_block(rho: float, routing: str = "block", select: str | None = None, 
                  nm=None, chosen: dict | None = None, counter: Counter | None = None):
     """(block, x) -> the block's output for x (B, T, hidden), each prompt routed on itself.
 
-        routing="block"   the six Linears route on the statistics of a dense pass of the block over the
+        routing="block"   the block's Linears route on the statistics of a dense pass of the block over the
                           prompt, then the block runs gated: Wanda's procedure, run per prompt
         routing="linear"  each Linear routes on the input it receives in the gated pass itself: one pass,
                           nothing dense
@@ -168,7 +172,7 @@ def routed_block(rho: float, routing: str = "block", select: str | None = None, 
     stats = {} if routing == "block" and not dense else None  # each block's statistics, added as it runs
     linear = micro_experts(rho, select, prefix, nm, stats, chosen, counter)
 
-    def run(block: OPTDecoderLayer, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def run(block: nn.Module, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         if prefix is not None and prefix > x.shape[1]:
             raise UsageError(f"prefix {prefix} is longer than the {x.shape[1]} tokens of the input")
         if stats is not None:  # without the cache: the gated pass below fills it
@@ -196,15 +200,15 @@ def mumoe_logits(model, input_ids: torch.Tensor, rho: float, select: str | None 
     """Token ids (B, T) -> logits (B, T, vocab), each of the B prompts routed on itself, block by block."""
     run = routed_block(rho, routing, select, prefix, nm, chosen, counter)
     x = model.embed(input_ids)
-    for block in model.decoder.layers:
+    for block in model.blocks:
         x = run(block, x)
     return model.head(x)
 
 
 def linear_names(model) -> dict[nn.Linear, str]:
     """Each decoder Linear -> its checkpoint name, the keys of `count_macs` (e.g. to read a counter)."""
-    return {layer: f"decoder.layers.{i}.{name}"
-            for i, block in enumerate(model.decoder.layers) for name, layer in block.linears().items()}
+    return {layer: f"{model.blocks_key}.{i}.{name}"
+            for i, block in enumerate(model.blocks) for name, layer in block.linears().items()}
 
 
 # -----------------------------------------------------------------------------
@@ -226,18 +230,22 @@ class MacCount:
         return sum(self.linear.values()) + sum(self.routing.values())
 
 
-def count_macs(config: OPTConfig, tokens: int, rho: float, convention: str = "ours",
+def count_macs(model, tokens: int, rho: float, convention: str = "ours",
                prefix: int | None = None, routing: str = "block") -> MacCount:
-    """MACs of a μ-MoE forward over `tokens` tokens of one prompt (rho = 1: the dense model).
+    """MACs of a μ-MoE forward over `tokens` tokens of one prompt (rho = 1: the dense model), counted from the
+    model's own Linear shapes (a model built on the meta device will do: `models.empty_model(config)`).
 
     convention="ours" counts the multiply-accumulates with active (nonzero) weights, the work a sparse
     kernel would do (the gate here multiplies the dense W ⊙ M, zeros included): a decoder Linear
     (d_in -> d_out) uses d_out · (d_in - int(d_in · (1 - rho))) · T MACs -- the exact kept count, about
     rho·d·d'·T -- plus routing d_in·T (norms over the routed tokens: `prefix` of them, if given) +
-    d_in·d_out (scores). routing="block" adds, per Linear but fc2, its dense product over the routed
-    tokens (d_in·d_out·T_routed): the dense pass that gathers the block's statistics.
-    Embeddings are lookups; project_in/out (350m) and lm_head are dense Linears. Attention products
-    are causal: q k^T and the weighted sum over v each take d · T(T+1)/2 MACs per layer.
+    d_in·d_out (scores). routing="block" adds, per Linear but the block's last (fc2, down_proj), its dense
+    product over the routed tokens (d_in·d_out·T_routed): the dense pass that gathers the block's statistics.
+    The Linears are the block's own: OPT's six (q, k, v, out_proj, fc1, fc2), LLaMA's seven, whose MLP has
+    three matrices (gate_proj and up_proj read the block's normed input, down_proj their product) and
+    whose k and v are smaller than q under grouped-query attention (num_key_value_heads · head_dim outputs).
+    Embeddings are lookups; project_in/out (OPT-350m) and lm_head are dense Linears. Attention products
+    are causal: q k^T and the weighted sum over v each take n_heads·head_dim · T(T+1)/2 MACs per layer.
 
     convention="paper" is how the paper's OPT-13B table counts: every Linear, lm_head included,
     costs rho·d·d'·T, each decoder Linear adds d·d' for its scores when rho < 1, and attention
@@ -253,26 +261,26 @@ def count_macs(config: OPTConfig, tokens: int, rho: float, convention: str = "ou
         raise UsageError(f"routing must be one of {ROUTINGS}, got {routing!r}")
     T, paper = tokens, convention == "paper"
     routed = T if prefix is None else prefix
-    with torch.device("meta"):  # the Linear shapes, straight from the model (no memory used)
-        shapes = {name: layer.weight.shape for name, layer in OPTDecoderLayer(config).linears().items()}
+    shapes = {name: layer.weight.shape for name, layer in model.blocks[0].linears().items()}  # every block alike
+    *_, final = shapes  # its product is not needed by block routing's statistics pass
 
     linear, router = {}, {}
-    for i in range(config.num_hidden_layers):
+    for i in range(len(model.blocks)):
         for name, (d_out, d_in) in shapes.items():
-            key = f"decoder.layers.{i}.{name}"
+            key = f"{model.blocks_key}.{i}.{name}"
             kept = rho * d_in if paper else d_in - prune_count(d_in, rho)
             linear[key] = round(d_out * kept * T)
             if rho < 1.0:
                 router[key] = d_out * d_in + (0 if paper else d_in * routed)
-                if routing == "block" and not paper and name != "fc2":
+                if routing == "block" and not paper and name != final:
                     router[key] += d_out * d_in * routed
     outer_scale = rho if paper else 1.0  # the paper scales the Linears outside the blocks too
-    d, e = config.hidden_size, config.word_embed_proj_dim
-    if config.projects_embeddings:
-        linear["decoder.project_in"] = round(outer_scale * e * d * T)
-        linear["decoder.project_out"] = round(outer_scale * d * e * T)
-    linear["lm_head"] = round(outer_scale * e * config.vocab_size * T)
-    attention = 0 if paper else config.num_hidden_layers * 2 * d * T * (T + 1) // 2
+    for name, layer in model.named_modules():  # lm_head, and OPT-350m's project_in/out
+        if isinstance(layer, nn.Linear) and not name.startswith(model.blocks_key + "."):
+            d_out, d_in = layer.weight.shape
+            linear[name] = round(outer_scale * d_in * d_out * T)
+    c = model.config
+    attention = 0 if paper else len(model.blocks) * 2 * c.num_attention_heads * c.head_dim * T * (T + 1) // 2
     return MacCount(linear, router, attention)
 
 
@@ -282,9 +290,10 @@ def count_macs(config: OPTConfig, tokens: int, rho: float, convention: str = "ou
 
 @torch.no_grad()
 def generate(model, prompt_ids: list[int], max_new_tokens: int, rho: float = 1.0, routing: str = "block",
-             select: str | None = None, prefix: int | None = None, eos_id: int | None = None,
+             select: str | None = None, prefix: int | None = None, eos_id=None,
              timings: dict | None = None) -> list[int]:
-    """Greedy decoding with a KV cache: the new token ids, at most `max_new_tokens`, the last one eos_id if emitted.
+    """Greedy decoding with a KV cache: the new token ids, at most `max_new_tokens`, the last one an end of
+    sequence if emitted (`eos_id`: one id, or several, as Llama 3's config.json lists them).
 
     The prompt runs once, block by block, routed on itself (rho = 1: the dense model). With block
     routing each block's dense statistics pass runs first, then its gated pass, which fills the block's cache.
@@ -304,11 +313,11 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, rho: float = 1.0
         raise UsageError(f"{T} prompt tokens + {max_new_tokens} new tokens exceed max_position_embeddings={T_max}")
     start = time.perf_counter()
     cache = model.new_cache(T + max_new_tokens - 1)  # the last new token is never fed back
-    ids = torch.tensor([prompt_ids], device=model.lm_head.weight.device)  # (1, T)
+    ids = torch.tensor([prompt_ids], device=next(model.parameters()).device)  # (1, T)
     chosen = {}
     run = routed_block(rho, routing, select, prefix, chosen=chosen)
     x = model.embed(ids)
-    for block, block_cache in zip(model.decoder.layers, cache):
+    for block, block_cache in zip(model.blocks, cache):
         x = run(block, x, block_cache)
     logits = model.head(x[:, -1:])  # (1, 1, vocab): only the last position picks the next token
     experts = chosen_experts(chosen)  # the prompt's W ⊙ M, built once by the pass above
@@ -316,7 +325,8 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, rho: float = 1.0
     next_id = logits[:, -1].argmax(dim=-1, keepdim=True)  # (1, 1)
     new = [next_id.item()]
     prompt_done = time.perf_counter()
-    while new[-1] != eos_id and len(new) < max_new_tokens:
+    stop = set(eos_id) if isinstance(eos_id, (list, tuple, set)) else {eos_id}
+    while new[-1] not in stop and len(new) < max_new_tokens:
         logits = model(next_id, experts, cache)  # (1, 1, vocab): one token, at position cache length
         next_id = logits[:, -1].argmax(dim=-1, keepdim=True)
         new.append(next_id.item())
@@ -334,7 +344,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def main(argv=None) -> None:
     parser = ArgumentParser(prog="mumoe.py", description="Generate greedily with the dense model and with μ-MoE.")
-    parser.add_argument("--model", required=True, help="opt-125m ... opt-66b, a hub id, or a local directory")
+    parser.add_argument("--model", required=True, help="opt-125m ... opt-66b, a hub id (OPT, LLaMA, Mistral, "
+                        "Qwen2), or a local directory")
     parser.add_argument("--rho", type=float, required=True, help="active-weight ratio in (0, 1]")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -346,6 +357,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 otherwise")
     args = parser.parse_args(argv)
+    from models import load_model, load_tokenizer  # the command line alone loads a model by name
+
     try:
         check_rho(args.rho)
         if not args.prompt.strip():
@@ -360,7 +373,7 @@ def main(argv=None) -> None:
         if args.prefix is not None and not 1 <= args.prefix <= len(prompt_ids):
             raise UsageError(f"--prefix {args.prefix} must lie in [1, {len(prompt_ids)}], "
                              f"the prompt's token count (BOS included)")
-        eos_id = tokenizer.bos_id  # OPT's </s> is both BOS and EOS
+        eos_id = model.config.eos_token_id
         generate(model, prompt_ids[:1], 1)  # warm-up: one-off costs (allocator, threads) would count against dense
         dense_s, mumoe_s = {}, {}  # seconds spent on the prompt and on decoding
         dense_new = generate(model, prompt_ids, args.max_new_tokens, eos_id=eos_id, timings=dense_s)
@@ -378,15 +391,15 @@ def main(argv=None) -> None:
           f"{speed(len(mumoe_new), mumoe_s)}\n")
     print(f"routing on the prompt, once: {mumoe_s['prompt'] - dense_s['prompt']:.3f} s "
           f"(the μ-MoE prompt pass minus the dense one)")
-    decoder_linears = [layer for block in model.decoder.layers for layer in block.linears().values()]
+    decoder_linears = [layer for block in model.blocks for layer in block.linears().values()]
     total = sum(layer.weight.numel() for layer in decoder_linears)
     active = sum(layer.weight.shape[0] * (layer.weight.shape[1] - prune_count(layer.weight.shape[1], args.rho))
                  for layer in decoder_linears)  # exactly int(d_in * (1 - rho)) pruned in every row
     print(f"active weights: {active:,} of {total:,} in the decoder Linears ({active / total:.2%}); "
           f"embeddings and lm_head dense")
     T = len(prompt_ids) + len(mumoe_new)
-    dense_macs = count_macs(model.config, T, 1.0).total
-    mumoe_macs = count_macs(model.config, T, args.rho, prefix=args.prefix or len(prompt_ids), routing=args.routing)
+    dense_macs = count_macs(model, T, 1.0).total
+    mumoe_macs = count_macs(model, T, args.rho, prefix=args.prefix or len(prompt_ids), routing=args.routing)
     print(f"MACs with active weights for the prompt and {len(mumoe_new)} new tokens, each token computed once, "
           f"attention products excluded:\n  dense {si(dense_macs)}, μ-MoE {si(mumoe_macs.total)} "
           f"(routing {si(sum(mumoe_macs.routing.values()))}): {1 - mumoe_macs.total / dense_macs:.1%} saved")

@@ -18,21 +18,21 @@ Decoding: a `KVCache` per block keeps the keys and values of every token seen so
 token computes only its own row of every product: `model(prompt, cache=cache)`, then
 `model(next_token, cache=cache)`, its position continuing where the cache ends.
 
-Imports: torch, safetensors, tokenizers, and huggingface_hub (only to download a named model).
+The interface every model family offers (embed, blocks, head, new_cache, ...) and the loading code the
+families share live in `checkpoint.py`, below this file.
+
+Imports: torch, tokenizers, checkpoint (the shared interface, loading and tokenizer code).
 """
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class UsageError(ValueError):
-    """An error the user can cause and fix (bad argument, missing file); the CLIs print it in one line."""
+from checkpoint import (KVCache, LinearFn, Tokenizer, UsageError, check_device, check_dtype, dense_linear,
+                        load_weights, read_config_json, resolve_checkpoint)
 
 
 # -----------------------------------------------------------------------------
@@ -54,6 +54,7 @@ class OPTConfig:
     layer_norm_elementwise_affine: bool = True
     activation_function: str = "relu"
     bos_token_id: int = 2
+    eos_token_id: int = 2  # </s> is both
     pad_token_id: int = 1
 
     def __post_init__(self):
@@ -78,13 +79,7 @@ class OPTConfig:
     @classmethod
     def from_json(cls, path) -> "OPTConfig":
         """Read a Hugging Face `config.json`; keys we do not model (dropout, init_std, ...) are ignored."""
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UsageError(f"{path} not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UsageError(f"{path} is not valid JSON ({e})") from None
+        raw = read_config_json(path)
         if raw.get("model_type", "opt") != "opt":
             raise UsageError(f"{path} describes a {raw['model_type']!r} model, not OPT")
         known = {f.name for f in fields(cls)}
@@ -101,45 +96,6 @@ POSITION_OFFSET = 2
 
 # -----------------------------------------------------------------------------
 # Model
-
-LinearFn = Callable[[nn.Linear, torch.Tensor], torch.Tensor]
-
-
-def dense_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return layer(x)
-
-
-# How a loop over blocks runs one block: dense, or routed per prompt (mumoe.routed_block)
-BlockFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
-
-
-def dense_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return block(x)
-
-
-class KVCache:
-    """One block's keys and values of the tokens seen so far, for decoding: a new token attends to them all.
-
-    The buffers (B, nh, capacity, hs) are allocated once and filled in place, so a decoding step copies
-    only its own keys and values (a torch.cat per step would copy the whole cache every time).
-    """
-
-    def __init__(self, config: OPTConfig, batch: int, capacity: int, device=None, dtype=None):
-        shape = (batch, config.num_attention_heads, capacity, config.head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.length = 0  # tokens cached so far: the next token's position
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new tokens' k, v (B, nh, T, hs); return the keys and values of every token so far."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.k.shape[2]:
-            raise ValueError(f"{end} tokens overflow a KV cache allocated for {self.k.shape[2]}")
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]  # (B, nh, end, hs)
-
 
 class OPTAttention(nn.Module):
     def __init__(self, config: OPTConfig):
@@ -160,8 +116,6 @@ class OPTAttention(nn.Module):
         v = linear(self.v_proj, x)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:
-            if T > 1 and cache.length > 0:  # would need the causal mask shifted right by cache.length
-                raise ValueError(f"{T} new tokens after {cache.length} cached ones: decode one token at a time")
             k, v = cache.append(k, v)  # (B, nh, cache.length, hs): the earlier tokens' keys and values too
         # y = softmax(q k^T + mask) v. Over a prompt the mask is causal (-inf above the diagonal); one new
         # token may see every earlier token and itself, so it needs no mask.
@@ -221,6 +175,18 @@ class OPTForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
         self.lm_head.weight = self.decoder.embed_tokens.weight  # tied, as in every OPT checkpoint
 
+    blocks_key = "decoder.layers"  # the blocks' name in the checkpoint
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.decoder.layers
+
+    def outer_modules(self) -> list[nn.Module]:
+        """Everything but the decoder blocks: embeddings, projections, final LayerNorm, lm_head (tied to embed_tokens)."""
+        dec = self.decoder
+        names = ("embed_tokens", "embed_positions", "project_in", "project_out", "final_layer_norm")
+        return [getattr(dec, n) for n in names if hasattr(dec, n)] + [self.lm_head]
+
     def embed(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Token ids (B, T) at positions start ... start + T - 1 -> hidden states (B, T, hidden) entering the
         first block. `start` is the number of tokens before these: the cache's length when decoding."""
@@ -246,8 +212,8 @@ class OPTForCausalLM(nn.Module):
         """An empty KV cache for up to `capacity` tokens per sequence: one KVCache per block."""
         if capacity > self.config.max_position_embeddings:
             raise UsageError(f"{capacity} tokens exceed max_position_embeddings={self.config.max_position_embeddings}")
-        W = self.lm_head.weight
-        return [KVCache(self.config, batch, capacity, W.device, W.dtype) for _ in self.decoder.layers]
+        c, W = self.config, self.lm_head.weight
+        return [KVCache(batch, c.num_attention_heads, capacity, c.head_dim, W.device, W.dtype) for _ in self.blocks]
 
     def forward(self, input_ids: torch.Tensor, linear: LinearFn = dense_linear,
                 cache: list[KVCache] | None = None) -> torch.Tensor:
@@ -255,213 +221,49 @@ class OPTForCausalLM(nn.Module):
         follow the cached ones (all of the prompt first, then one token per call) and join the cache."""
         start = cache[0].length if cache else 0
         x = self.embed(input_ids, start)
-        for i, block in enumerate(self.decoder.layers):
+        for i, block in enumerate(self.blocks):
             x = block(x, linear, cache[i] if cache else None)
         return self.head(x)
 
 
 # -----------------------------------------------------------------------------
-# Finding a checkpoint: a local directory, or a Hugging Face hub repo downloaded into the standard cache
+# Loading
 
-OPT_SIZES = ("125m", "350m", "1.3b", "2.7b", "6.7b", "13b", "30b", "66b")
-CHECKPOINT_FILES = ["config.json", "vocab.json", "merges.txt", "tokenizer.json",
-                    "*.safetensors", "model.safetensors.index.json"]
-PYTORCH_BIN_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
-
-
-def hub_repo_id(name: str) -> str | None:
-    """'opt-125m' -> 'facebook/opt-125m'; 'owner/name' stays; anything else is not a hub id."""
-    if name.removeprefix("facebook/") in {f"opt-{size}" for size in OPT_SIZES}:
-        return "facebook/" + name.removeprefix("facebook/")
-    parts = name.split("/")
-    if len(parts) == 2 and all(p and not p.startswith(".") for p in parts):
-        return name
-    return None
-
-
-def resolve_checkpoint(name_or_path: str) -> Path:
-    """A directory holding config.json and safetensors weights: the local one given, or a hub download."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UsageError(f"{path} is not a model directory: it has no config.json")
-        return path
-    repo_id = hub_repo_id(str(name_or_path))
-    if repo_id is None:
-        raise UsageError(f"unknown model {name_or_path!r}: give opt-125m ... opt-66b "
-                         f"({', '.join(OPT_SIZES)}), a hub id such as facebook/opt-125m, "
-                         "or a local directory with config.json and model.safetensors")
-    return download_checkpoint(repo_id)
-
-
-def download_checkpoint(repo_id: str) -> Path:
-    """Download (or find in the Hugging Face cache) config, tokenizer files and safetensors weights.
-
-    The facebook/opt-* repos hold only pytorch_model*.bin: those are converted once to safetensors
-    beside the hub cache, so a second run reads the converted copy and downloads nothing.
-    """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        snapshot = Path(snapshot_download(repo_id, allow_patterns=CHECKPOINT_FILES))
-        if any(snapshot.glob("*.safetensors")):
-            return snapshot
-        converted = converted_dir(snapshot)
-        if not (converted / "config.json").is_file():
-            snapshot = Path(snapshot_download(repo_id, allow_patterns=CHECKPOINT_FILES + PYTORCH_BIN_FILES))
-            convert_to_safetensors(snapshot, converted)
-        return converted
-    except RepositoryNotFoundError:
-        raise UsageError(f"model {repo_id!r} not found on the Hugging Face hub") from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        raise UsageError(f"could not download {repo_id!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                         "offline, pass a local directory with config.json and model.safetensors") from None
-
-
-def converted_dir(snapshot: Path) -> Path:
-    """hub/models--facebook--opt-125m/snapshots/<commit> -> mumoe-safetensors/models--facebook--opt-125m/<commit>"""
-    repo_folder, commit = snapshot.parent.parent.name, snapshot.name
-    return snapshot.parent.parent.parent.parent / "mumoe-safetensors" / repo_folder / commit
-
-
-def convert_to_safetensors(src: Path, dst: Path) -> None:
-    """Rewrite each pytorch_model*.bin in `src` as a .safetensors shard in `dst` (tied copies dropped)."""
-    from safetensors.torch import save_file
-
-    bins = sorted(src.glob("pytorch_model*.bin"))
-    if not bins:
-        raise UsageError(f"{src} holds neither *.safetensors nor pytorch_model*.bin weights")
-    dst.mkdir(parents=True, exist_ok=True)
-    weight_map = {}
-    for i, bin_path in enumerate(bins):
-        state = torch.load(bin_path, map_location="cpu", weights_only=True)
-        seen, shard = set(), {}
-        for key, tensor in state.items():
-            if tensor.data_ptr() in seen:  # a tied tensor (lm_head = embed_tokens): safetensors stores it once
-                continue
-            seen.add(tensor.data_ptr())
-            shard[key] = tensor.contiguous()
-        name = "model.safetensors" if len(bins) == 1 else f"model-{i + 1:05d}-of-{len(bins):05d}.safetensors"
-        save_file(shard, dst / (name + ".partial"), metadata={"format": "pt"})
-        (dst / (name + ".partial")).rename(dst / name)
-        weight_map.update({key: name for key in shard})
-    if len(bins) > 1:
-        (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=2))
-    for extra in ("vocab.json", "merges.txt", "tokenizer.json", "config.json"):  # config last: marks completion
-        if (src / extra).is_file():
-            (dst / extra).write_bytes((src / extra).read_bytes())
-
-
-# -----------------------------------------------------------------------------
-# Loading weights
-
-
-def checkpoint_shards(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [directory / name for name in sorted(set(weight_map.values()))]
-    single = directory / "model.safetensors"
-    if not single.is_file():
-        raise UsageError(f"{directory} has no model.safetensors (nor model.safetensors.index.json)")
-    return [single]
-
-
-def read_checkpoint(directory: Path):
-    """Yield (key, tensor) for every tensor of every shard, one at a time."""
-    from safetensors import SafetensorError, safe_open
-
-    for shard in checkpoint_shards(directory):
-        if not shard.is_file():
-            raise UsageError(f"checkpoint shard {shard} is missing")
-        try:
-            with safe_open(shard, framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
-        except SafetensorError as e:
-            raise UsageError(f"{shard} is not a readable safetensors file ({e})") from None
-
-
-# the dtypes the command lines offer, by name
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def check_device(device) -> torch.device:
-    try:
-        device = torch.device(device)
-    except RuntimeError as e:  # torch.device("gpu") and the like
-        raise UsageError(f"unknown device {device!r} ({e})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device} was asked for, but CUDA is not available here")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"device {device} was asked for, but MPS is not available here")
-    return device
+FAMILY, CONFIG_CLASS, MODEL_CLASS = "opt", OPTConfig, OPTForCausalLM  # what models.py builds for model_type "opt"
+read_config = OPTConfig.from_json
 
 
 def load_model(name_or_path, device="cpu", dtype=torch.float32) -> OPTForCausalLM:
     """Build OPT from a checkpoint, strictly: every key is used, none is missing, every shape matches.
 
     The model is built on the meta device (no memory, no random init) and the checkpoint's tensors
-    are assigned straight into it, so loading needs the model's memory once, not twice.
+    are assigned straight into it. lm_head is tied to embed_tokens unless the checkpoint stores its own.
     """
     device = check_device(device)
-    if not dtype.is_floating_point:
-        raise UsageError(f"dtype {dtype} is not a floating-point type")
+    check_dtype(dtype)
     directory = resolve_checkpoint(str(name_or_path))
     config = OPTConfig.from_json(directory / "config.json")
     with torch.device("meta"):
         model = OPTForCausalLM(config)
-    expected = {key: p.shape for key, p in model.state_dict().items()}
-    state = {}
-    for key, tensor in read_checkpoint(directory):
-        name = key.removeprefix("model.")  # transformers saves OPTForCausalLM as model.decoder.*, metaseq as decoder.*
-        if name not in expected:
-            raise UsageError(f"unexpected key {key!r} in checkpoint {directory}")
-        if tensor.shape != expected[name]:
-            raise UsageError(f"{key!r} has shape {tuple(tensor.shape)} in the checkpoint, "
-                             f"config.json implies {tuple(expected[name])}")
-        state[name] = tensor.to(device=device, dtype=dtype)
-    missing = sorted(expected.keys() - state.keys() - {"lm_head.weight"})
-    if missing:
-        raise UsageError(f"checkpoint {directory} lacks {missing[0]!r}" +
-                         (f" and {len(missing) - 1} more keys" if len(missing) > 1 else ""))
-    tied = "lm_head.weight" not in state
-    if tied:
-        state["lm_head.weight"] = state["decoder.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if tied:
-        model.lm_head.weight = model.decoder.embed_tokens.weight
-    return model.requires_grad_(False).eval()
+    # transformers saves OPTForCausalLM as model.decoder.*, metaseq as decoder.*
+    rename = lambda key: key.removeprefix("model.")
+    return load_weights(model, directory, rename, device, dtype, tied={"lm_head.weight": "decoder.embed_tokens.weight"})
 
 
 # -----------------------------------------------------------------------------
 # Tokenizer: GPT-2 byte-level BPE with OPT's BOS
 
 
-class OPTTokenizer:
-    """Byte-level BPE that prepends BOS `</s>` (id 2) once, as Hugging Face's OPT tokenizer does."""
-
-    def __init__(self, tokenizer, bos_id: int):
-        self.tokenizer = tokenizer
-        self.bos_id = bos_id
-
-    def encode(self, text: str) -> list[int]:
-        return [self.bos_id] + self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-
-def load_tokenizer(name_or_path) -> OPTTokenizer:
-    """From a directory (or hub model) with tokenizer.json, or with vocab.json + merges.txt."""
-    from tokenizers import Tokenizer
+def load_tokenizer(name_or_path) -> Tokenizer:
+    """Byte-level BPE that prepends BOS `</s>` (id 2) once, as Hugging Face's OPT tokenizer does; from a
+    directory (or hub model) with tokenizer.json, or with vocab.json + merges.txt."""
+    from tokenizers import Tokenizer as BPE
     from tokenizers.implementations import ByteLevelBPETokenizer
 
     path = Path(name_or_path).expanduser()
     directory = path if path.is_dir() else resolve_checkpoint(str(name_or_path))
     if (directory / "tokenizer.json").is_file():
-        tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        tokenizer = BPE.from_file(str(directory / "tokenizer.json"))
         tokenizer.post_processor = None  # we add BOS ourselves, exactly once
     elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
         tokenizer = ByteLevelBPETokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"))
@@ -469,4 +271,4 @@ def load_tokenizer(name_or_path) -> OPTTokenizer:
         raise UsageError(f"{directory} has no tokenizer: expected tokenizer.json or vocab.json + merges.txt")
     # HF's OPT tokenizer never splits its special tokens (bos = eos = unk = </s>, pad = <pad>)
     tokenizer.add_special_tokens(["</s>", "<pad>"])
-    return OPTTokenizer(tokenizer, bos_id=tokenizer.token_to_id("</s>"))
+    return Tokenizer(tokenizer, bos_id=tokenizer.token_to_id("</s>"))

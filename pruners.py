@@ -1,8 +1,8 @@
 """Offline pruning baselines: magnitude, Wanda and SparseGPT, and the sequential driver that runs them.
 
 This file owns the three one-shot pruners of the paper's tables, each a pure function of tensors
-(W, its calibration statistics, rho) to a mask, and `prune_model`, which walks an OPT model block by
-block as the references do. Throughout, `rho` is the *active-weight ratio*: rho = 0.4 keeps 40% of
+(W, its calibration statistics, rho) to a mask, and `prune_model`, which walks a model (OPT, LLaMA: any
+model with checkpoint.py's interface) block by block as the references do. Throughout, `rho` is the *active-weight ratio*: rho = 0.4 keeps 40% of
 each decoder Linear and prunes 60%. W is [d_out, d_in], as nn.Linear stores it; masks are bool, True = kept.
 
     magnitude   S_ij = |W_ij|                       (Han et al. 2015; one threshold per matrix)
@@ -11,7 +11,7 @@ each decoder Linear and prunes 60%. W is [d_out, d_in], as nn.Linear stores it; 
                 (Frantar & Alistarh 2023)
 
 References: locuslab/wanda `lib/prune.py` and IST-DASLab/sparsegpt `sparsegpt.py`; every deliberate
-difference from them is written next to the line it concerns. Imports: torch, numpy, tqdm, opt_model.
+difference from them is written next to the line it concerns. Imports: torch, numpy, tqdm, checkpoint.
 """
 
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 import distributed
-from opt_model import UsageError
+from checkpoint import UsageError
 
 SELECTS = ("sort", "topk", "kthvalue", "partition")
 # CPU (2 cores, benchmarks/bench_pruners.py, OPT-125M's shapes, rho = 0.5): every exact select takes
@@ -351,19 +351,21 @@ def gather_statistics(block, hidden: list[torch.Tensor], method: str) -> dict[st
 
 
 @torch.no_grad()
-def prune_model(model, calib_ids: torch.Tensor | None, method: str, rho: float, nm=None,
+def prune_model(model, calib_ids, method: str, rho: float, nm=None,
                 select: str | None = None, group: str = "matrix", blocksize: int = 128, percdamp: float = 0.01,
                 device=None, progress: bool = True) -> dict[str, float]:
     """Prune every decoder Linear of `model` in place; return each one's kept fraction, by name.
 
     As the references run it: the calibration windows calib_ids (N, seqlen) are embedded; then, block by
     block, one dense pass over all windows gathers each Linear's statistics from the inputs it really
-    sees, the six Linears are pruned, and the *pruned* block is re-run to make the next block's inputs.
+    sees, the block's Linears are pruned, and the *pruned* block is re-run to make the next block's inputs.
     Embeddings and lm_head stay dense. Windows go through one at a time to bound memory; statistics are
-    float32 whatever the model's dtype. magnitude needs no calibration (calib_ids may be None) and uses
-    `group`; wanda uses `select`. If `device` is given, each block is moved there for its turn and back
-    (offload of a model kept on the CPU); the hidden states of the N windows live on `device`.
-    Under torchrun each rank calibrates on its share of the windows and every rank prunes identically.
+    float32 whatever the model's dtype. calib_ids may also be a list of prompts already embedded, each
+    (1, T_i, hidden) (a vision-language model's prompts, image features spliced in). magnitude needs no
+    calibration (calib_ids may be None) and uses `group`; wanda uses `select`. If `device` is given, each
+    block is moved there for its turn and back (offload of a model kept on the CPU); the hidden states of
+    the N windows live on `device`.
+    Under torchrun each rank calibrates on its share of the samples and every rank prunes identically.
     """
     if method not in METHODS:
         raise UsageError(f"method must be one of {METHODS}, got {method!r}")
@@ -372,14 +374,10 @@ def prune_model(model, calib_ids: torch.Tensor | None, method: str, rho: float, 
     device = torch.device(device) if device is not None else home
     calibrated = method != "magnitude"
     if calibrated:
-        if calib_ids is None or calib_ids.ndim != 2 or calib_ids.dtype != torch.long:
-            raise UsageError("calib_ids must be a (N, seqlen) LongTensor of token ids, got "
-                             + ("None" if calib_ids is None else f"{calib_ids.dtype} {tuple(calib_ids.shape)}"))
-        mine = calib_ids[distributed.shard(len(calib_ids))]  # under torchrun, this rank's share
-        hidden = [model.embed(ids[None].to(home)).to(device) for ids in mine]  # N x (1, T, hidden)
+        hidden = calibration_hidden(model, calib_ids, home, device)  # N x (1, T, hidden)
 
     report = {}
-    for b, block in enumerate(tqdm(model.decoder.layers, desc=f"{method} rho={rho}", disable=not progress)):
+    for b, block in enumerate(tqdm(model.blocks, desc=f"{method} rho={rho}", disable=not progress)):
         block.to(device)
         if calibrated:
             stats = gather_statistics(block, hidden, method)
@@ -394,8 +392,22 @@ def prune_model(model, calib_ids: torch.Tensor | None, method: str, rho: float, 
             else:
                 W_pruned, keep = sparsegpt_prune(W, stats[name], rho, blocksize, percdamp, nm)
                 W.copy_(W_pruned)
-            report[f"decoder.layers.{b}.{name}"] = keep.sum().item() / keep.numel()
+            report[f"{model.blocks_key}.{b}.{name}"] = keep.sum().item() / keep.numel()
         if calibrated:
             hidden = [block(h) for h in hidden]  # the pruned block makes the next block's inputs
         block.to(home)
     return report
+
+
+def calibration_hidden(model, calib, home, device) -> list[torch.Tensor]:
+    """The calibration samples as the first block's inputs on `device`: token windows (N, seqlen) embedded, or
+    prompts embedded already (a list of (1, T_i, hidden) tensors), checked."""
+    if isinstance(calib, (list, tuple)) and calib and all(torch.is_tensor(h) and h.is_floating_point() and
+                                                          h.ndim == 3 and h.shape[0] == 1 for h in calib):
+        return [h.to(device) for h in calib[distributed.shard(len(calib))]]  # under torchrun, this rank's share
+    if not torch.is_tensor(calib) or calib.ndim != 2 or calib.dtype != torch.long:
+        got = "None" if calib is None else (f"{calib.dtype} {tuple(calib.shape)}" if torch.is_tensor(calib)
+                                            else type(calib).__name__)
+        raise UsageError("calib_ids must be a (N, seqlen) LongTensor of token ids or a list of embedded "
+                         f"(1, T, hidden) prompts, got {got}")
+    return [model.embed(ids[None].to(home)).to(device) for ids in calib[distributed.shard(len(calib))]]

@@ -25,6 +25,8 @@ import torch.distributed as dist
 
 import distributed
 import eval_ppl
+import pruners
+from models import load_model
 from test_mumoe import (cli_args, cli_data, one_thread, run_main, save_tiny_opt,  # noqa: F401 (fixtures)
                         tiny_with_tokenizer)
 
@@ -36,6 +38,7 @@ RANK_TIMEOUT = 180  # seconds a rank may take here before the test calls it a ha
 RANK_SCRIPT = """
 import os, sys
 import eval_ppl
+from models import load_model
 write_results, perplexity = eval_ppl.write_results, eval_ppl.perplexity
 def noting(*args):
     with open(os.environ["WRITES_LOG"], "a") as f:
@@ -187,7 +190,7 @@ def test_ranks_give_the_one_process_file(ranks, windows, tiny_with_tokenizer, cl
 PRUNE_SCRIPT = """
 import sys, torch
 import distributed, pruners
-from opt_model import load_model
+from models import load_model
 model_dir, windows, out = sys.argv[1:]
 distributed.start("cpu")
 calib_ids = torch.load(windows)
@@ -214,8 +217,8 @@ def test_ranks_prune_as_one_process(tmp_path):
     assert all(code == 0 for code, _, _ in ranks_out), [err[-2000:] for _, _, err in ranks_out]
     for method in ("wanda", "sparsegpt"):
         for n in (3, 1):
-            model = eval_ppl.load_model(directory)
-            eval_ppl.pruners.prune_model(model, calib_ids[:n], method, 0.5, progress=False)
+            model = load_model(directory)
+            pruners.prune_model(model, calib_ids[:n], method, 0.5, progress=False)
             alone = model.state_dict()
             rank0, rank1 = (torch.load(tmp_path / f"{method}-{n}-rank{r}.pt") for r in (0, 1))
             for key, W in alone.items():
@@ -319,11 +322,11 @@ def mapped_file(tensor: torch.Tensor) -> str | None:
 def test_loaded_weights_are_the_files_pages(tiny_with_tokenizer):
     """In the checkpoint's dtype on the CPU (--offload), every weight is a view of the memory-mapped file: the
     page cache holds one copy for all the ranks of a node. Another dtype converts: a copy per process."""
-    model = eval_ppl.load_model(tiny_with_tokenizer)
+    model = load_model(tiny_with_tokenizer)
     shared = {name: mapped_file(p) for name, p in model.named_parameters()}
     file = str(tiny_with_tokenizer / "model.safetensors")
     assert set(shared.values()) == {file}, f"weights not mapped from {file}: {shared}"
-    converted = eval_ppl.load_model(tiny_with_tokenizer, dtype=torch.bfloat16)
+    converted = load_model(tiny_with_tokenizer, dtype=torch.bfloat16)
     assert mapped_file(converted.lm_head.weight) != file
 
 

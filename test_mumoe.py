@@ -30,10 +30,13 @@ import torch.nn.functional as F
 
 import eval_ppl
 import mumoe
+import checkpoint
+import models
 import opt_model
 import pruners
 from mumoe import ROUTINGS, count_macs, generate, linear_names, micro_experts, mumoe_logits
-from opt_model import OPTConfig, OPTForCausalLM, UsageError, dense_block, load_model, load_tokenizer
+from checkpoint import UsageError, dense_block
+from opt_model import OPTConfig, OPTForCausalLM, load_model, load_tokenizer
 from pruners import SELECTS, magnitude_mask, prune_lowest, prune_model, sparsegpt_prune, wanda_mask, wanda_score
 
 REPO = Path(__file__).resolve().parent
@@ -356,7 +359,7 @@ def test_multi_shard_pytorch_bin_is_converted(tmp_path):
     keys = sorted(state)
     for i in range(2):
         torch.save({k: state[k] for k in keys[i::2]}, src / f"pytorch_model-{i + 1:05d}-of-00002.bin")
-    opt_model.convert_to_safetensors(src, tmp_path / "converted")
+    checkpoint.convert_to_safetensors(src, tmp_path / "converted")
     assert sorted(p.name for p in (tmp_path / "converted").iterdir()) == [
         "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
         "model.safetensors.index.json"]
@@ -366,7 +369,7 @@ def test_multi_shard_pytorch_bin_is_converted(tmp_path):
                      "logits from a converted 2-shard .bin")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="holds neither .*safetensors nor pytorch_model.*bin weights"):
-        opt_model.convert_to_safetensors(tmp_path / "empty", tmp_path / "converted-empty")
+        checkpoint.convert_to_safetensors(tmp_path / "empty", tmp_path / "converted-empty")
 
 
 def test_missing_shard_is_named(tiny_checkpoint, tmp_path):
@@ -395,7 +398,7 @@ def test_config_from_real_opt_125m_json():
                                         ("facebook/opt-350m", "facebook/opt-350m"), ("me/my-opt", "me/my-opt"),
                                         ("opt-7b", None), ("gpt2", None), ("./a/b/c", None)])
 def test_model_names(name, repo):
-    assert opt_model.hub_repo_id(name) == repo
+    assert checkpoint.hub_repo_id(name) == repo
 
 
 def test_bad_model_inputs(tiny_checkpoint, tmp_path):
@@ -976,6 +979,20 @@ def test_prune_model_bad_input(tiny_opt):
         prune_model(model, calib_ids, "wanda", 0.0, progress=False)
 
 
+@pytest.mark.parametrize("method", ("wanda", "sparsegpt"))
+def test_prune_model_on_embedded_prompts_equals_token_windows(tiny_opt, method):
+    """A vision-language model calibrates on prompts it embeds itself: the same windows handed over embedded
+    (and of unequal lengths: a shorter copy of one more) must prune exactly as from their token ids."""
+    _, directory, calib_ids = tiny_opt
+    from_ids, from_embeds = load_model(directory), load_model(directory)
+    prune_model(from_ids, calib_ids, method, 0.5, progress=False)
+    prune_model(from_embeds, [from_embeds.embed(ids[None]) for ids in calib_ids], method, 0.5, progress=False)
+    for (name, a), b in zip(from_ids.state_dict().items(), from_embeds.state_dict().values()):
+        assert torch.equal(a, b), f"{method}: {name} differs between token windows and embedded prompts"
+    with pytest.raises(UsageError, match="calib_ids"):
+        prune_model(from_embeds, [calib_ids[0]], method, 0.5, progress=False)  # token ids in a list: not embedded
+
+
 def record_pruner_calls(monkeypatch) -> list[dict]:
     """What prune_model hands each pruner and gets back, call by call: W before, the statistic, the mask."""
     calls = []
@@ -1353,7 +1370,7 @@ def test_active_weights_and_counter_match_count_macs(tiny_model, rho, routing):
     B, T = 2, 20
     counter = Counter()
     mumoe_logits(tiny_model, random_ids(B, T), rho, counter=counter, routing=routing)
-    analytic = count_macs(TINY, T, rho)
+    analytic = count_macs(models.empty_model(TINY), T, rho)
     for layer, name in linear_names(tiny_model).items():
         d_out, d_in = layer.weight.shape
         kept = d_in - math.floor(d_in * (1 - rho) + 1e-9)  # the promise: int(d_in * (1 - rho)) pruned per row
@@ -1364,7 +1381,7 @@ def test_active_weights_and_counter_match_count_macs(tiny_model, rho, routing):
 
 def test_count_macs_ours():
     T, rho = 100, 0.5
-    dense, routed = count_macs(TINY, T, 1.0), count_macs(TINY, T, rho, routing="linear")
+    dense, routed = count_macs(models.empty_model(TINY), T, 1.0), count_macs(models.empty_model(TINY), T, rho, routing="linear")
     d, f, V = 32, 64, 128
     per_block_dense = (4 * d * d + 2 * d * f) * T
     assert dense.routing == {} and dense.total == 2 * per_block_dense + V * d * T
@@ -1373,16 +1390,16 @@ def test_count_macs_ours():
     assert routed.total == 2 * (per_block_dense // 2 + per_block_routing) + V * d * T
     # block routing adds the dense statistics pass: every Linear's product but fc2's
     statistics_pass = (4 * d * d + d * f) * T
-    assert count_macs(TINY, T, rho).total == routed.total + 2 * statistics_pass
-    assert count_macs(TINY, T, 1.0, routing="block") == dense, "the dense model gathers no statistics"
+    assert count_macs(models.empty_model(TINY), T, rho).total == routed.total + 2 * statistics_pass
+    assert count_macs(models.empty_model(TINY), T, 1.0, routing="block") == dense, "the dense model gathers no statistics"
     assert routed.attention == dense.attention == 2 * 2 * d * T * (T + 1) // 2  # causal q k^T and AV
-    assert count_macs(TINY, T, rho, prefix=10, routing="linear").routing["decoder.layers.0.fc2"] == f * 10 + d * f
-    assert count_macs(TINY, T, rho, prefix=10).routing["decoder.layers.0.fc1"] == d * 10 + f * d + f * d * 10
+    assert count_macs(models.empty_model(TINY), T, rho, prefix=10, routing="linear").routing["decoder.layers.0.fc2"] == f * 10 + d * f
+    assert count_macs(models.empty_model(TINY), T, rho, prefix=10).routing["decoder.layers.0.fc1"] == d * 10 + f * d + f * d * 10
     opt350m = OPTConfig(hidden_size=1024, ffn_dim=4096, num_hidden_layers=24, num_attention_heads=16,
                         word_embed_proj_dim=512, do_layer_norm_before=False)
-    assert count_macs(opt350m, 1, 1.0).linear["decoder.project_in"] == 512 * 1024
+    assert count_macs(models.empty_model(opt350m), 1, 1.0).linear["decoder.project_in"] == 512 * 1024
     with pytest.raises(UsageError):
-        count_macs(TINY, T, 0.5, convention="flops")
+        count_macs(models.empty_model(TINY), T, 0.5, convention="flops")
 
 
 OPT_13B = OPTConfig(hidden_size=5120, ffn_dim=20480, num_hidden_layers=40, num_attention_heads=40,
@@ -1395,7 +1412,7 @@ PAPER_RTOL = 0.003
 
 @pytest.mark.parametrize("rho", sorted(PAPER_TABLE))
 def test_paper_table_for_opt_13b(rho):
-    total = count_macs(OPT_13B, 128, rho, convention="paper").total
+    total = count_macs(models.empty_model(OPT_13B), 128, rho, convention="paper").total
     assert abs(total / PAPER_TABLE[rho] - 1) <= PAPER_RTOL, \
         f"rho={rho}: {total:.4g} MACs vs the paper's {PAPER_TABLE[rho]:.4g}: off by {total / PAPER_TABLE[rho] - 1:+.2%}"
 
@@ -1405,7 +1422,7 @@ def test_paper_table_reading():
     shapes, misses that row by more than PAPER_RTOL."""
     T, d, f, V, layers = 128, 5120, 20480, 50272, 40
     scores = layers * (4 * d * d + 2 * d * f)  # d_out * d_in of every decoder Linear
-    paper = {rho: count_macs(OPT_13B, T, rho, convention="paper") for rho in PAPER_TABLE}
+    paper = {rho: count_macs(models.empty_model(OPT_13B), T, rho, convention="paper") for rho in PAPER_TABLE}
     for rho, count in paper.items():
         routing = sum(count.routing.values())
         assert routing == (0 if rho == 1.0 else scores), f"rho={rho}: routing {routing}, the scores are {scores}"
@@ -1810,7 +1827,7 @@ def test_perplexity_offload_visits_the_device_block_by_block(tiny_ppl, monkeypat
         elif what == "dense":  # (μ-MoE on CUDA may route a near tie the other way: not compared)
             assert_rel_close(offloaded, kept, PPL_RTOL, f"{what} offloaded to {device}")
         modules = {f"block {b}": block for b, block in enumerate(model.decoder.layers)}
-        modules.update({type(m).__name__ + f" {i}": m for i, m in enumerate(eval_ppl.outer_modules(model))})
+        modules.update({type(m).__name__ + f" {i}": m for i, m in enumerate(model.outer_modules())})
         assert_each_visits(modules, moves, device, f"{what} perplexity offloaded to {device}")
 
 
@@ -2096,9 +2113,9 @@ def test_calibration_split_missing_offline(tiny_with_tokenizer, cli_data, tmp_pa
 
 def test_nm_that_straddles_sparsegpt_blocks_is_refused():
     config = OPTConfig(hidden_size=96, ffn_dim=192, num_attention_heads=4)  # 3 divides d_in, not the block of 128
-    eval_ppl.check_nm_fits((1, 3), config, sparsegpt=False)
+    eval_ppl.check_nm_fits((1, 3), models.empty_model(config), sparsegpt=False)
     with pytest.raises(UsageError, match="blocks of 128 columns"):
-        eval_ppl.check_nm_fits((1, 3), config, sparsegpt=True)
+        eval_ppl.check_nm_fits((1, 3), models.empty_model(config), sparsegpt=True)
 
 
 def zeros_per_group(W: torch.Tensor, M: int) -> torch.Tensor:

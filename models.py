@@ -1,0 +1,50 @@
+"""Which model family a checkpoint is: `load_model` and `load_tokenizer` for any supported `model_type`.
+
+This file sits above the model files and below everything that loads a model by name (the commands,
+mumoe's generation CLI). It reads `config.json`'s `model_type` and hands the checkpoint to its family:
+
+    opt                       opt_model.py
+    llama, mistral, qwen2     llama_model.py
+
+Nothing is guessed from a model's name. Imports: checkpoint, opt_model, llama_model.
+"""
+
+import torch
+import torch.nn as nn
+
+import llama_model
+import opt_model
+from checkpoint import UsageError, read_config_json, resolve_checkpoint
+
+FAMILIES = {"opt": opt_model, **{model_type: llama_model for model_type in llama_model.MODEL_TYPES}}
+
+
+def family(name_or_path):
+    """The model file that builds this checkpoint's `model_type`; a clear error naming the supported ones."""
+    directory = resolve_checkpoint(str(name_or_path))
+    model_type = read_config_json(directory / "config.json").get("model_type")
+    if model_type not in FAMILIES:
+        raise UsageError(f"{directory}: model_type {model_type!r} is not supported (supported: "
+                         f"{', '.join(FAMILIES)})")
+    return FAMILIES[model_type]
+
+
+def read_config(name_or_path):
+    """The frozen config of a checkpoint, of its family's class."""
+    directory = resolve_checkpoint(str(name_or_path))
+    return family(directory).read_config(directory / "config.json")
+
+
+def empty_model(config) -> nn.Module:
+    """The model a config describes, on the meta device: its shapes, with no memory and no weights."""
+    module = next(f for f in FAMILIES.values() if isinstance(config, f.CONFIG_CLASS))
+    with torch.device("meta"):
+        return module.MODEL_CLASS(config)
+
+
+def load_model(name_or_path, device="cpu", dtype=torch.float32) -> nn.Module:
+    return family(name_or_path).load_model(name_or_path, device, dtype)
+
+
+def load_tokenizer(name_or_path):
+    return family(name_or_path).load_tokenizer(name_or_path)
