@@ -683,7 +683,8 @@ def interrupted(args, argv: list[str]) -> str:
         saved = len(json.loads(args.out.read_text(encoding="utf-8"))["results"])
     except (OSError, ValueError, KeyError, TypeError):
         saved = 0
-    launcher = f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', '?')}" if distributed.launched() else "python"
+    ranks = os.environ.get("LOCAL_WORLD_SIZE", "?")
+    launcher = f"torchrun --nproc-per-node {ranks}" if distributed.launched() else "python"
     again = argv + ([] if args.resume else ["--resume"])
     return f"interrupted: {saved} rows saved in {args.out}; to go on: {launcher} eval_ppl.py {shlex.join(again)}"
 
