@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent
 RANK_TIMEOUT = 180  # seconds a rank may take here before the test calls it a hang (a run takes ~5 s)
 
 # A rank: eval_ppl.main, noting in WRITES_LOG each write of the results file by rank, and failing on purpose
-# with a UsageError on rank FAIL_RANK when the perplexity is first evaluated
+# with a UsageError on rank FAIL_RANK ("every": on every rank, all alike) when the perplexity is first evaluated
 RANK_SCRIPT = """
 import os, sys
 import eval_ppl
@@ -47,6 +47,8 @@ def noting(*args):
 def failing(*args, **kw):
     if os.environ.get("FAIL_RANK") == os.environ["RANK"]:
         raise eval_ppl.UsageError("rank " + os.environ["RANK"] + " planted this error")
+    if os.environ.get("FAIL_RANK") == "every":
+        raise eval_ppl.UsageError("every rank planted this error")
     return perplexity(*args, **kw)
 eval_ppl.write_results, eval_ppl.perplexity = noting, failing
 sys.exit(eval_ppl.main())
@@ -235,19 +237,22 @@ def test_ranks_prune_as_one_process(tmp_path):
 # A rank that fails ends the run: its one line, its exit code on every rank, no hang
 
 
-@pytest.mark.parametrize("case", ["rank 1 fails alone", "every rank refuses the input"])
+@pytest.mark.parametrize("case", ["rank 1 fails alone", "every rank fails alike", "rank 0 refuses the input"])
 def test_a_failing_rank_ends_the_run_in_one_line(case, tiny_with_tokenizer, cli_data, tmp_path):
     argv = cli_args(tiny_with_tokenizer, cli_data, "--datasets", "ptb", "--methods", "dense", "mumoe",
                     "--out", str(tmp_path / "r.json"))
     if case == "rank 1 fails alone":  # while rank 0 waits for it in the perplexity's all-reduce
         ranks_out, line = run_ranks(argv, 2, tmp_path, FAIL_RANK="1"), "eval_ppl.py: error: rank 1 planted this error"
-    else:  # seen by rank 0 while the others wait for it at the barrier; then the same on argparse's side
+    elif case == "every rank fails alike":  # said once
+        ranks_out = run_ranks(argv, 2, tmp_path, FAIL_RANK="every")
+        line = "eval_ppl.py: error: every rank planted this error"
+    else:  # seen by rank 0 while the others wait for it at the barrier
         ranks_out = run_ranks(argv + ["--mumoe-prefix", "16"], 2, tmp_path)
         line = "eval_ppl.py: error: --mumoe-prefix 16 leaves no token to score in a window of --seqlen 16"
     assert [code for code, _, _ in ranks_out] == [2, 2], [err[-2000:] for _, _, err in ranks_out]
     said = [said_lines(err) for _, _, err in ranks_out]
     assert sorted(map(len, said)) == [0, 1] and line in sum(said, [])[0], said
-    assert not (tmp_path / "r.json").exists() or case == "rank 1 fails alone"
+    assert not (tmp_path / "r.json").exists() or case != "rank 0 refuses the input"
 
 
 # -----------------------------------------------------------------------------
