@@ -30,7 +30,7 @@ Hugging Face tokenizer does (OPT's `</s>`, Llama's `<s>`; Qwen2 has none). Data 
 from the URLs of the old `ptb_text_only` loader, or offline from `--data-dir`.
 
 Imports: checkpoint (UsageError, devices), models (the model and tokenizer of any family), pruners
-(prune_model), mumoe (routed_block); huggingface_hub,
+(prune_model), mumoe (routed_block), results_file (the JSON file); huggingface_hub,
 pyarrow and matplotlib only when they are needed.
 """
 
@@ -57,6 +57,7 @@ from tqdm import tqdm
 import distributed
 import mumoe
 import pruners
+from results_file import check_writable, write_json
 import models
 from checkpoint import DTYPES, BlockFn, UsageError, dense_block, resolve_checkpoint
 
@@ -524,43 +525,9 @@ def plot(results: list[dict], path: Path):
 # Guarding a run of hours: bad input refused before any work, every row saved as it finishes, --resume
 
 
-def check_writable(path: Path, option: str) -> None:
-    """Fail now, not after hours of work, when `path` cannot be written; an existing file is left as it is."""
-    existed = path.exists()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a"):
-            pass
-    except OSError as e:
-        raise UsageError(f"{option} {path} cannot be written ({e.strerror}: {e.filename})") from None
-    if not existed:
-        path.unlink()
-
-
-def strict_json(value):
-    """value with every float that is not finite replaced by None: JSON has no NaN or Infinity, and Python's
-    bare `NaN` makes other readers (jq, JavaScript, strict parsers) reject the whole file."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    return value
-
-
 def write_results(path: Path, settings: dict, results: list[dict]) -> None:
-    """Every number with its settings; a perplexity that is not finite (a model broken by pruning) is null.
-
-    Atomically: the report goes to a temporary file beside `path`, onto the disk (fsync), and then takes
-    its name (os.replace), so that a run killed at any moment leaves the previous complete file for --resume."""
-    report = strict_json({"settings": settings, "results": results})
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    """Every number with its settings; a perplexity that is not finite (a model broken by pruning) is null."""
+    write_json(path, {"settings": settings, "results": results})
 
 
 # pruners.prune_model keeps every calibration window's input to a block, as the references do, and, while the

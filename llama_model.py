@@ -90,7 +90,11 @@ class LlamaConfig:
     @classmethod
     def from_json(cls, path) -> "LlamaConfig":
         """Read a Hugging Face `config.json` of either layout; keys we do not model (dropout, init) are ignored."""
-        raw = read_config_json(path)
+        return cls.from_dict(read_config_json(path), path)
+
+    @classmethod
+    def from_dict(cls, raw: dict, path) -> "LlamaConfig":
+        """The config of a `config.json`'s dict (`path` names it in errors); LLaVA's text_config is one."""
         model_type = raw.get("model_type")
         if model_type not in MODEL_TYPES:
             raise UsageError(f"{path} describes a {model_type!r} model, not one of {', '.join(MODEL_TYPES)}")

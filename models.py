@@ -5,24 +5,31 @@ mumoe's generation CLI). It reads `config.json`'s `model_type` and hands the che
 
     opt                       opt_model.py
     llama, mistral, qwen2     llama_model.py
+    llava                     llava_model.py (LLaVA-1.5; the other LLaVA variants are refused by name)
 
-Nothing is guessed from a model's name. Imports: checkpoint, opt_model, llama_model.
+Nothing is guessed from a model's name. Imports: checkpoint, opt_model, llama_model, llava_model.
 """
 
 import torch
 import torch.nn as nn
 
 import llama_model
+import llava_model
 import opt_model
 from checkpoint import UsageError, read_config_json, resolve_checkpoint
 
-FAMILIES = {"opt": opt_model, **{model_type: llama_model for model_type in llama_model.MODEL_TYPES}}
+FAMILIES = {"opt": opt_model, **{model_type: llama_model for model_type in llama_model.MODEL_TYPES},
+            "llava": llava_model}
 
 
 def family(name_or_path):
     """The model file that builds this checkpoint's `model_type`; a clear error naming the supported ones."""
+    if str(name_or_path).startswith("liuhaotian/"):  # refused by name, before anything is downloaded
+        raise UsageError(llava_model.ORIGINAL_LLAVA)
     directory = resolve_checkpoint(str(name_or_path))
     model_type = read_config_json(directory / "config.json").get("model_type")
+    if model_type in llava_model.OTHER_VARIANTS:  # named, so that a user knows which LLaVA this is
+        raise UsageError(f"{directory}: {llava_model.unsupported_variant(model_type)}")
     if model_type not in FAMILIES:
         raise UsageError(f"{directory}: model_type {model_type!r} is not supported (supported: "
                          f"{', '.join(FAMILIES)})")

@@ -28,10 +28,12 @@ first N tokens only, a strictly causal variant.
 
     routed_block(rho, routing)       (block, x) -> the block's output, each prompt routed on itself
     micro_experts(rho, ...)          the μ-MoE Linear, a drop-in for checkpoint.dense_linear
-    mumoe_logits(model, ids, rho)    (B, T) ids -> (B, T, vocab) logits, each prompt routed on itself
+    mumoe_logits(model, ids, rho)    (B, T) ids (or embedded prompts) -> (B, T, vocab) logits, each routed on itself
     count_macs(config, T, rho)       the analytical MAC count, ours or the paper's convention
-    generate(model, ids, n, rho)     greedy decoding with a KV cache, routed once on the prompt
+    generate(model, ids, n, rho)     greedy decoding with a KV cache, routed once on the prompt (ids, or the
+                                     prompt embedded: a LLaVA's, its image features spliced in)
     python mumoe.py --model opt-125m --rho 0.5 --prompt "..."    generation, dense beside μ-MoE
+    python mumoe.py --model llava-1.5-7b --image cat.jpg --prompt "..." --rho 0.5    the same, with an image
 
 Complexity (the paper's argument). A dense Linear with d inputs and d' outputs costs d·d'·T MACs for
 T tokens. μ-MoE costs rho·d·d'·T for the active experts, plus routing: d·T for the norms ||X_j||²,
@@ -43,7 +45,8 @@ Everything here works on any model with checkpoint.py's interface (OPT, LLaMA, a
 language model): it sees blocks, their `linears()` and hidden states, never a model family.
 
 Imports: torch, checkpoint (the block interface, UsageError), pruners (Wanda's mask and gated weight); the
-command line alone loads a model by name, through models.
+command line alone loads a model by name, through models, and prepares a LLaVA's images and prompt with
+llava_model.
 """
 
 import argparse
@@ -194,12 +197,13 @@ def chosen_experts(chosen: dict) -> LinearFn:
 
 
 @torch.no_grad()
-def mumoe_logits(model, input_ids: torch.Tensor, rho: float, select: str | None = None, prefix: int | None = None,
+def mumoe_logits(model, prompts: torch.Tensor, rho: float, select: str | None = None, prefix: int | None = None,
                  routing: str = "block", nm=None, chosen: dict | None = None,
                  counter: Counter | None = None) -> torch.Tensor:
-    """Token ids (B, T) -> logits (B, T, vocab), each of the B prompts routed on itself, block by block."""
+    """Token ids (B, T) -> logits (B, T, vocab), each of the B prompts routed on itself, block by block.
+    `prompts` may also be embedded already (B, T, hidden): a LLaVA prompt with its image features."""
     run = routed_block(rho, routing, select, prefix, nm, chosen, counter)
-    x = model.embed(input_ids)
+    x = prompts if prompts.is_floating_point() else model.embed(prompts)
     for block in model.blocks:
         x = run(block, x)
     return model.head(x)
@@ -289,7 +293,7 @@ def count_macs(model, tokens: int, rho: float, convention: str = "ours",
 
 
 @torch.no_grad()
-def generate(model, prompt_ids: list[int], max_new_tokens: int, rho: float = 1.0, routing: str = "block",
+def generate(model, prompt, max_new_tokens: int, rho: float = 1.0, routing: str = "block",
              select: str | None = None, prefix: int | None = None, eos_id=None,
              timings: dict | None = None) -> list[int]:
     """Greedy decoding with a KV cache: the new token ids, at most `max_new_tokens`, the last one an end of
@@ -302,9 +306,13 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, rho: float = 1.0
     and neither the masks nor W ⊙ M are ever rebuilt. The new tokens do not change the routing, as if the
     decode were routed on the prompt alone at every step (`prefix`: on its first `prefix` tokens only).
     `timings`: a dict that receives the seconds spent up to the first new token ("prompt": routing, the prompt
-    pass, the first token) and on the other tokens ("decode").
+    pass, the first token) and on the other tokens ("decode"). `prompt`: token ids (a list), or a prompt
+    embedded already (1, T, hidden): a LLaVA prompt with its image features, routed like any other.
     """
-    T, T_max = len(prompt_ids), model.config.max_position_embeddings
+    embedded = torch.is_tensor(prompt) and prompt.is_floating_point()
+    if embedded and (prompt.ndim != 3 or prompt.shape[0] != 1):
+        raise ValueError(f"an embedded prompt is one sequence (1, T, hidden), got {tuple(prompt.shape)}")
+    T, T_max = (prompt.shape[1] if embedded else len(prompt)), model.config.max_position_embeddings
     if T < 1:
         raise UsageError("the prompt is empty")
     if max_new_tokens < 1:
@@ -313,10 +321,9 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, rho: float = 1.0
         raise UsageError(f"{T} prompt tokens + {max_new_tokens} new tokens exceed max_position_embeddings={T_max}")
     start = time.perf_counter()
     cache = model.new_cache(T + max_new_tokens - 1)  # the last new token is never fed back
-    ids = torch.tensor([prompt_ids], device=next(model.parameters()).device)  # (1, T)
     chosen = {}
     run = routed_block(rho, routing, select, prefix, chosen=chosen)
-    x = model.embed(ids)
+    x = prompt if embedded else model.embed(torch.tensor([prompt], device=next(model.parameters()).device))
     for block, block_cache in zip(model.blocks, cache):
         x = run(block, x, block_cache)
     logits = model.head(x[:, -1:])  # (1, 1, vocab): only the last position picks the next token
@@ -344,10 +351,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def main(argv=None) -> None:
     parser = ArgumentParser(prog="mumoe.py", description="Generate greedily with the dense model and with μ-MoE.")
-    parser.add_argument("--model", required=True, help="opt-125m ... opt-66b, a hub id (OPT, LLaMA, Mistral, "
-                        "Qwen2), or a local directory")
+    parser.add_argument("--model", required=True, help="opt-125m ... opt-66b, llava-1.5-7b, a hub id (OPT, LLaMA, "
+                        "Mistral, Qwen2, LLaVA-1.5), or a local directory")
     parser.add_argument("--rho", type=float, required=True, help="active-weight ratio in (0, 1]")
-    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--prompt", required=True, help="the text; for LLaVA, the user's message (put in LLaVA-1.5's "
+                        "conversation template, <image> in front unless it places its own)")
+    parser.add_argument("--image", action="append", default=[], help="an image file (LLaVA; repeat for several, "
+                        "each placed by an <image> in --prompt)")
+    parser.add_argument("--route-vision", action="store_true",
+                        help="LLaVA: route the vision tower's Linears on each image too (default: dense)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--select", choices=SELECTS, help="selection kernel (default: fastest on the device)")
     parser.add_argument("--prefix", type=int, help="route on the first N prompt tokens only")
@@ -357,7 +369,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 otherwise")
     args = parser.parse_args(argv)
-    from models import load_model, load_tokenizer  # the command line alone loads a model by name
+    import llava_model  # the command line alone knows model families
+    from models import load_model, load_tokenizer, read_config
 
     try:
         check_rho(args.rho)
@@ -367,42 +380,73 @@ def main(argv=None) -> None:
             raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
         device = check_device(args.device)
         dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
+        vision = isinstance(read_config(args.model), llava_model.LlavaConfig)
+        if (args.image or args.route_vision) and not vision:
+            raise UsageError(f"--image and --route-vision need a vision-language model (LLaVA); {args.model} is not")
+        if args.route_vision and not args.image:
+            raise UsageError("--route-vision routes the vision tower on the --image it encodes: give an image")
+        images = [llava_model.load_image(path) for path in args.image]  # a bad file stops us before the model loads
+        text = llava_model.conversation_prompt(args.prompt, bool(images)) if vision else args.prompt
+        if vision:
+            llava_model.check_placeholders(text, len(images))
         model = load_model(args.model, device, dtype)
         tokenizer = load_tokenizer(args.model)
-        prompt_ids = tokenizer.encode(args.prompt)
-        if args.prefix is not None and not 1 <= args.prefix <= len(prompt_ids):
-            raise UsageError(f"--prefix {args.prefix} must lie in [1, {len(prompt_ids)}], "
-                             f"the prompt's token count (BOS included)")
+        if vision:  # each prompt's image features go into the embedded prompt; the language model runs on it
+            llava, model = model, model.language_model
+            ids = llava_model.prompt_ids(tokenizer, text, llava.config.image_token_index)
+            pixels = (torch.stack([llava_model.preprocess(image, llava.config.vision_config.image_size)
+                                   for image in images]) if images else None)
+            dense_prompt = llava.embed_prompt(ids, pixels)
+            vision_block = routed_block(args.rho, args.routing, args.select) if args.route_vision else None
+            routed_prompt = llava.embed_prompt(ids, pixels, vision_block) if args.route_vision else dense_prompt
+            T = dense_prompt.shape[1]
+        else:
+            ids = dense_prompt = routed_prompt = tokenizer.encode(args.prompt)
+            T = len(ids)
+        if args.prefix is not None and not 1 <= args.prefix <= T:
+            raise UsageError(f"--prefix {args.prefix} must lie in [1, {T}], the prompt's token count (BOS included"
+                             + (", each image's features too)" if vision else ")"))
         eos_id = model.config.eos_token_id
-        generate(model, prompt_ids[:1], 1)  # warm-up: one-off costs (allocator, threads) would count against dense
+        generate(model, ids[:1], 1)  # warm-up: one-off costs (allocator, threads) would count against dense
         dense_s, mumoe_s = {}, {}  # seconds spent on the prompt and on decoding
-        dense_new = generate(model, prompt_ids, args.max_new_tokens, eos_id=eos_id, timings=dense_s)
-        mumoe_new = generate(model, prompt_ids, args.max_new_tokens, args.rho, args.routing, args.select,
+        dense_new = generate(model, dense_prompt, args.max_new_tokens, eos_id=eos_id, timings=dense_s)
+        mumoe_new = generate(model, routed_prompt, args.max_new_tokens, args.rho, args.routing, args.select,
                              args.prefix, eos_id, timings=mumoe_s)
     except UsageError as e:
         print(f"mumoe.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 
     select = args.select or default_select(args.device)
-    print(f"prompt ({len(prompt_ids)} tokens): {args.prompt!r}")
-    print(f"\n--- dense:\n{args.prompt}{tokenizer.decode(dense_new)}\n{speed(len(dense_new), dense_s)}")
+    shown = text if vision else args.prompt
+    print(f"prompt ({T} tokens" + (f", {llava.config.image_tokens} per image" if images else "") + f"): {shown!r}")
+    print(f"\n--- dense:\n{shown}{tokenizer.decode(dense_new)}\n{speed(len(dense_new), dense_s)}")
     print(f"\n--- μ-MoE, rho = {args.rho} ({args.routing} routing, select={select}, routed on "
-          f"{args.prefix or len(prompt_ids)} prompt tokens):\n{args.prompt}{tokenizer.decode(mumoe_new)}\n"
+          f"{args.prefix or T} prompt tokens):\n{shown}{tokenizer.decode(mumoe_new)}\n"
           f"{speed(len(mumoe_new), mumoe_s)}\n")
     print(f"routing on the prompt, once: {mumoe_s['prompt'] - dense_s['prompt']:.3f} s "
-          f"(the μ-MoE prompt pass minus the dense one)")
+          f"(the μ-MoE prompt pass minus the dense one" + (", the images' encoding excluded)" if images else ")"))
     decoder_linears = [layer for block in model.blocks for layer in block.linears().values()]
     total = sum(layer.weight.numel() for layer in decoder_linears)
     active = sum(layer.weight.shape[0] * (layer.weight.shape[1] - prune_count(layer.weight.shape[1], args.rho))
                  for layer in decoder_linears)  # exactly int(d_in * (1 - rho)) pruned in every row
     print(f"active weights: {active:,} of {total:,} in the decoder Linears ({active / total:.2%}); "
           f"embeddings and lm_head dense")
-    T = len(prompt_ids) + len(mumoe_new)
-    dense_macs = count_macs(model, T, 1.0).total
-    mumoe_macs = count_macs(model, T, args.rho, prefix=args.prefix or len(prompt_ids), routing=args.routing)
+    T_all = T + len(mumoe_new)
+    dense_macs = count_macs(model, T_all, 1.0).total
+    mumoe_macs = count_macs(model, T_all, args.rho, prefix=args.prefix or T, routing=args.routing)
     print(f"MACs with active weights for the prompt and {len(mumoe_new)} new tokens, each token computed once, "
           f"attention products excluded:\n  dense {si(dense_macs)}, μ-MoE {si(mumoe_macs.total)} "
           f"(routing {si(sum(mumoe_macs.routing.values()))}): {1 - mumoe_macs.total / dense_macs:.1%} saved")
+    if images:
+        encoder, n = llava.vision_encoder(), len(images)
+        tokens = llava.config.vision_config.num_patches + 1  # the CLS token runs through the tower too
+        projector = llava.config.image_tokens * sum(layer.weight.numel() for layer in
+                                                    (llava.multi_modal_projector.linear_1, llava.multi_modal_projector.linear_2))
+        vision_dense = count_macs(encoder, tokens, 1.0).total + projector
+        vision_routed = count_macs(encoder, tokens, args.rho, routing=args.routing).total + projector
+        print(f"  vision tower ({len(encoder.blocks)} layers, {tokens} tokens) and projector, {n} image(s): "
+              + (f"dense {si(n * vision_dense)}, μ-MoE {si(n * vision_routed)} (--route-vision)" if args.route_vision
+                 else f"{si(n * vision_dense)}, dense in both (--route-vision routes it)"))
 
 
 def speed(n_new: int, timings: dict) -> str:

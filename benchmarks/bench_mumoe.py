@@ -114,7 +114,7 @@ def paired_blocks(model, ids, rho: float, select: str, repeats: int) -> dict[str
 
     The machine's speed drifts over the seconds a whole forward takes, so here each block runs in every
     mode back to back on the same input (the dense pass's hidden states), in a rotating order, and a
-    repeat's forward is the embedding and head (dense in every mode) plus its 12 block times.
+    repeat's forward is the embedding and head (dense in every mode) plus its block times.
     """
     modes = {"dense": lambda block, x: block(x)}
     for routing in ("linear", "block"):
@@ -123,7 +123,7 @@ def paired_blocks(model, ids, rho: float, select: str, repeats: int) -> dict[str
     x = model.embed(ids)
     outside = timed(lambda: model.head(x), repeats) + timed(lambda: model.embed(ids), repeats)
     totals = {name: [outside] * repeats for name in modes}
-    for block in model.decoder.layers:
+    for block in model.blocks:
         for fn in modes.values():  # warm-up
             fn(block, x)
         for r in range(repeats):
@@ -138,7 +138,7 @@ def paired_blocks(model, ids, rho: float, select: str, repeats: int) -> dict[str
 @torch.no_grad()
 def profile_block(model, tokens: int, rho: float, repeats: int) -> list[dict]:
     """ms per Linear of block 0 at `tokens` tokens: matmul, input norms, W -> W ⊙ M unfused and fused."""
-    block = model.decoder.layers[0]
+    block = model.blocks[0]
     x = torch.randn(1, tokens, model.config.hidden_size)
     inputs = {"self_attn.q_proj": x, "self_attn.k_proj": x, "self_attn.v_proj": x, "self_attn.out_proj": x,
               "fc1": x, "fc2": torch.relu(torch.randn(1, tokens, model.config.ffn_dim))}
