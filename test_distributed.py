@@ -349,7 +349,8 @@ def test_loaded_weights_are_the_files_pages(tiny_with_tokenizer):
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "gpu_check.json"
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=RANK_TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          capture_output=True, text=True, timeout=RANK_TIMEOUT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     report = json.loads(out.read_text())
     failed = {name: step["traceback"] for name, step in report["steps"].items() if step["status"] == "failed"}
     assert proc.returncode == 0 and not failed, f"exit {proc.returncode}: {failed or proc.stderr[-2000:]}"

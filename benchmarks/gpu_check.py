@@ -8,7 +8,8 @@ The machine this code is written on has no GPU; a session lent one runs
 and reads gpu_check.json (`--out`). The steps, each with its own time limit so that one that hangs or fails
 does not stop the others (a failed step is recorded with its error, and the exit code is then 1):
 
-    tests       the whole test suite on the GPU machine: the CUDA tests (offload, selects, dtypes) run there
+    tests       the CUDA tests: those that take a device or a half-precision dtype (offload to CUDA, the selects
+                on CUDA against the CPU, float16 / bfloat16 runs), selected by name (CUDA_TESTS)
     selection   benchmarks/bench_selection.py on CUDA: the paper's Figure 3, kthvalue against sort / topk
     forward     μ-MoE forward / dense forward on an OPT-125M-shaped model at T = 512 and 2048, float16, both
                 routings (lm_head included; median and spread of REPEATS, CUDA-synchronized)
@@ -48,6 +49,8 @@ from pruners import default_select  # noqa: E402
 REPEATS = 5
 # per step, seconds: 460 in all, under the 8 minutes a lent GPU is asked for
 TIME_LIMITS = {"tests": 200, "selection": 100, "forward": 60, "generate": 60, "eval": 40}
+# the tests whose name or parameters say CUDA, offload or half precision: where a GPU changes what runs
+CUDA_TESTS = "cuda or offload or float16 or bfloat16 or half"
 TINY = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4)  # --dry-run's model
 
 
@@ -84,7 +87,7 @@ def subprocess_step(command: list[str], limit: int) -> dict:
 
 
 def tests(args, device, work: Path) -> dict:
-    result = subprocess_step([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs"],
+    result = subprocess_step([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-k", CUDA_TESTS],
                              TIME_LIMITS["tests"])
     summary = result["tail"][-1]  # "256 passed, 1 skipped in 44.88s"
     return dict(result, summary=summary)
