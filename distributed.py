@@ -10,7 +10,8 @@ environment. The paper's work splits exactly across them:
                  zeros: exact), so the perplexity is the single process's to the last bit
     calibration  Wanda's sum ||X_j||^2 and SparseGPT's sum X^T X are sums over the windows: each rank sums its
                  share and the sums are all-reduced before any mask or update is computed, so every rank
-                 prunes identically (the all-reduce returns the same bits on every rank)
+                 prunes identically (the all-reduce returns the same bits on every rank); the sums add in
+                 another order than one process's, which can move a near-tie (pruners.gather_statistics)
 
 What this file owns: starting from the environment (each rank's device: cuda:LOCAL_RANK, or the CPU with
 gloo), the shares, the collectives (each a no-op in a single process), rank 0 alone speaking, and ending a
