@@ -10,7 +10,6 @@ Tiny random OPT models and tokenizers come from test_mumoe's helpers; nothing is
 """
 
 import json
-import math
 import os
 import re
 import signal
@@ -38,7 +37,6 @@ RANK_TIMEOUT = 180  # seconds a rank may take here before the test calls it a ha
 RANK_SCRIPT = """
 import os, sys
 import eval_ppl
-from models import load_model
 write_results, perplexity = eval_ppl.write_results, eval_ppl.perplexity
 def noting(*args):
     with open(os.environ["WRITES_LOG"], "a") as f:
@@ -55,7 +53,7 @@ sys.exit(eval_ppl.main())
 """
 
 
-def launch(script: str, argv: list[str], ranks: int, log: Path, **env) -> list[subprocess.Popen]:
+def launch(script: str, argv: list[str], ranks: int, log: Path, **env) -> tuple[dist.TCPStore, list]:
     """Start `ranks` processes of `python -c script argv` as torchrun would; the store is returned with them
     and must be kept alive until they end (it is their rendezvous)."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
