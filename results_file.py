@@ -45,6 +45,8 @@ def write_json(path: Path, report: dict, indent: int = 2) -> None:
     """`report` as strict JSON, into a file beside `path` first, then renamed over it (os.replace is atomic):
     a reader, or a run killed while writing, sees the previous file whole or the new one."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(strict_json(report), indent=indent, ensure_ascii=False, allow_nan=False),
-                       encoding="utf-8")
+    with open(partial, "w", encoding="utf-8") as f:
+        f.write(json.dumps(strict_json(report), indent=indent, ensure_ascii=False, allow_nan=False))
+        f.flush()
+        os.fsync(f.fileno())  # on the disk before the rename: after a crash the name never holds an empty file
     os.replace(partial, path)
