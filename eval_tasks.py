@@ -26,6 +26,7 @@ data and its command-line and run-guarding helpers (the one copy of the protocol
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -206,6 +207,9 @@ def finished_rows(path: Path, settings: dict) -> dict[tuple, dict]:
 # The run
 
 
+INTERRUPTED = 130  # the shell's exit status for a command ended by Ctrl-C (128 + SIGINT)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -213,6 +217,11 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"eval_tasks.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the rows finished so far are in --out, written whole
+        again = (sys.argv[1:] if argv is None else argv) + ([] if args.resume else ["--resume"])
+        print(f"\ninterrupted: the finished rows are in {args.out}; to go on: python eval_tasks.py {shlex.join(again)}",
+              file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 

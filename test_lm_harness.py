@@ -395,6 +395,16 @@ def test_command_resumes(command_setup, tmp_path, capsys):
     assert "limit 3 there, 4 here" in capsys.readouterr().err
 
 
+def test_command_interrupted_says_how_to_go_on(command_setup, tmp_path, capsys, monkeypatch):
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(eval_tasks.HarnessLM, "loglikelihood", ctrl_c)
+    argv = command(command_setup, tmp_path / "tasks.json", "--methods", "dense")
+    assert eval_tasks.main(argv) == eval_tasks.INTERRUPTED
+    err = capsys.readouterr().err
+    assert "interrupted: the finished rows are in" in err and err.strip().endswith("--methods dense --resume"), err
+
+
 def test_command_nm(command_setup, tmp_path, capsys):
     out = tmp_path / "tasks.json"
     assert eval_tasks.main(command(command_setup, out, "--nm", "2:4", "--methods", "magnitude", "mumoe",
