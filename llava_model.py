@@ -241,14 +241,19 @@ class CLIPVisionModel(nn.Module):
 class CLIPFeatureEncoder(nn.Module):
     """The first `layers` encoder layers of a tower (those LLaVA's features need), offering what the method files
     read of a model: `blocks`, `blocks_key`, `config` (mumoe.count_macs, pruners.prune_model on embedded images).
-    It shares the tower's modules: pruning it prunes the tower."""
+    It shares the tower's modules: pruning it prunes the tower. Its `layers.0.mlp.fc1` is the checkpoint's
+    `vision_tower.vision_model.encoder.layers.0.mlp.fc1`."""
 
-    blocks_key = "vision_tower.vision_model.encoder.layers"  # the blocks' name in LLaVA's checkpoint
+    blocks_key = "layers"
 
     def __init__(self, tower: CLIPVisionModel, layers: int):
         super().__init__()
         self.config = tower.config
-        self.blocks = nn.ModuleList(tower.blocks[:layers])
+        self.layers = nn.ModuleList(tower.blocks[:layers])
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.layers
 
 
 class LlavaMultiModalProjector(nn.Module):
