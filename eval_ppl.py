@@ -30,7 +30,7 @@ Hugging Face tokenizer does (OPT's `</s>`, Llama's `<s>`; Qwen2 has none). Data 
 from the URLs of the old `ptb_text_only` loader, or offline from `--data-dir`.
 
 Imports: checkpoint (UsageError, devices), models (the model and tokenizer of any family), pruners
-(prune_model), mumoe (routed_block); huggingface_hub,
+(prune_model), mumoe (routed_block), results_file (the JSON file); huggingface_hub,
 pyarrow and matplotlib only when they are needed.
 """
 
@@ -39,9 +39,13 @@ import gzip
 import hashlib
 import json
 import math
+import os
 import random
+import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -50,10 +54,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import distributed
 import mumoe
 import pruners
+from results_file import check_writable, write_json
 import models
-from checkpoint import DTYPES, BlockFn, UsageError, check_device, dense_block, resolve_checkpoint
+from checkpoint import DTYPES, BlockFn, UsageError, dense_block, resolve_checkpoint
 
 # -----------------------------------------------------------------------------
 # Data: the rows of each split, exactly as the Hugging Face loaders of the references give them
@@ -181,7 +187,7 @@ def ptb_file(split: str) -> Path:
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # its own, when ranks download at once
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as f:
             shutil.copyfileobj(response, f)
@@ -285,35 +291,40 @@ def perplexity(model, ids: torch.Tensor, device=None, run_block: BlockFn = dense
     `offload` the model stays in CPU memory, each block visits `device` for its turn, and the hidden
     states wait in CPU memory too (one window is on the device at a time).
     `run_block` is how a block runs: dense, or with each window routed on itself (`mumoe.routed_block`).
-    `device` defaults to where the model is.
+    `device` defaults to where the model is. Under torchrun each rank runs its share of the windows
+    (`distributed.shard`) and the per-window NLLs are all-reduced: every rank returns the same perplexity.
     """
     N, T = ids.shape
     if not 1 <= first_target < T:
         raise ValueError(f"first_target {first_target} leaves no target in a window of {T} tokens")
+    mine = distributed.shard(N)  # under torchrun, this rank's windows; alone, all of them
+    window_nll = torch.zeros(N, dtype=torch.float64)
+    ids = ids[mine]
     weight = next(model.parameters())
     device = torch.device(device) if device is not None else weight.device
     store = torch.device("cpu") if offload else device  # where the hidden states of all windows wait
     for module in model.outer_modules():
         module.to(device)
-    x = torch.empty(N, T, model.config.hidden_size, dtype=weight.dtype, device=store)
-    for i in range(N):
+    x = torch.empty(len(ids), T, model.config.hidden_size, dtype=weight.dtype, device=store)
+    for i in range(len(ids)):
         x[i] = model.embed(ids[i : i + 1].to(device))[0]
     for block in tqdm(model.blocks, desc=desc, leave=False):
         block.to(device)
-        for i in range(N):
+        for i in range(len(ids)):
             x[i] = run_block(block, x[i : i + 1].to(device))[0]
         if offload:
             block.to("cpu")
-    nll = 0.0
-    for i in range(N):
+    for i in range(len(ids)):
         logits = model.head(x[i : i + 1].to(device))[0].float()  # (T, vocab), the loss in float32 whatever the dtype
         # The reference computes loss * seqlen per window, sums, and divides by N * seqlen: the mean of the
         # windows' mean NLL, written here plainly. Each window predicts its own T - first_target next tokens.
-        nll += F.cross_entropy(logits[first_target - 1 : -1], ids[i, first_target:].to(device)).item()
+        nll = F.cross_entropy(logits[first_target - 1 : -1], ids[i, first_target:].to(device))
+        window_nll[mine.start + i] = nll.item()
     if offload:
         for module in model.outer_modules():
             module.to("cpu")
-    mean_nll = nll / N
+    distributed.all_reduce_sum(window_nll)  # every entry from the one rank that has the window: exact
+    mean_nll = math.fsum(window_nll.tolist()) / N
     return math.exp(mean_nll) if mean_nll < MAX_EXP else math.inf  # a broken model's perplexity, not an OverflowError
 
 
@@ -514,35 +525,9 @@ def plot(results: list[dict], path: Path):
 # Guarding a run of hours: bad input refused before any work, every row saved as it finishes, --resume
 
 
-def check_writable(path: Path, option: str) -> None:
-    """Fail now, not after hours of work, when `path` cannot be written; an existing file is left as it is."""
-    existed = path.exists()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a"):
-            pass
-    except OSError as e:
-        raise UsageError(f"{option} {path} cannot be written ({e.strerror}: {e.filename})") from None
-    if not existed:
-        path.unlink()
-
-
-def strict_json(value):
-    """value with every float that is not finite replaced by None: JSON has no NaN or Infinity, and Python's
-    bare `NaN` makes other readers (jq, JavaScript, strict parsers) reject the whole file."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    return value
-
-
 def write_results(path: Path, settings: dict, results: list[dict]) -> None:
     """Every number with its settings; a perplexity that is not finite (a model broken by pruning) is null."""
-    report = strict_json({"settings": settings, "results": results})
-    path.write_text(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8")
+    write_json(path, {"settings": settings, "results": results})
 
 
 # pruners.prune_model keeps every calibration window's input to a block, as the references do, and, while the
@@ -628,20 +613,57 @@ def check_nm_fits(nm: tuple[int, int], model, sparsegpt: bool) -> None:
 
 
 def main(argv=None) -> int:
+    distributed.silence_other_ranks()
     args = parse_args(argv)
+    CTRL_C.clear()
+    previous = signal.signal(signal.SIGINT, note_ctrl_c)
     try:
         run(args)
     except UsageError as e:
-        print(f"eval_ppl.py: error: {e}", file=sys.stderr)
-        return 2
+        return distributed.fail(f"eval_ppl.py: error: {e}", 2)
+    except distributed.RanksLost as e:  # another rank failed or was interrupted, and said so
+        return distributed.failed_elsewhere(e, "eval_ppl.py")
+    except BaseException as e:  # Ctrl-C: a KeyboardInterrupt, or the error a native call made of it
+        if not (isinstance(e, KeyboardInterrupt) or CTRL_C.is_set()):
+            raise
+        return distributed.fail(interrupted(args, sys.argv[1:] if argv is None else argv), INTERRUPTED)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        distributed.stop()
     return 0
 
 
+INTERRUPTED = 130  # the shell's exit status for a command ended by Ctrl-C (128 + SIGINT)
+# Ctrl-C raises KeyboardInterrupt wherever Python is; inside a native call (safetensors reading a tensor) the
+# call may turn it into an error of its own, so that the press itself is noted, and any error after it is it
+CTRL_C = threading.Event()
+
+
+def note_ctrl_c(signum, frame):
+    CTRL_C.set()
+    signal.default_int_handler(signum, frame)
+
+
+def interrupted(args, argv: list[str]) -> str:
+    """Ctrl-C's one line: how many rows the --out file holds, and the command that goes on from them."""
+    try:
+        saved = len(json.loads(args.out.read_text(encoding="utf-8"))["results"])
+    except (OSError, ValueError, KeyError, TypeError):
+        saved = 0
+    ranks = os.environ.get("LOCAL_WORLD_SIZE", "?")
+    launcher = f"torchrun --nproc-per-node {ranks}" if distributed.launched() else "python"
+    again = argv + ([] if args.resume else ["--resume"])
+    return f"interrupted: {saved} rows saved in {args.out}; to go on: {launcher} eval_ppl.py {shlex.join(again)}"
+
+
 def run(args) -> list[dict]:
-    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = distributed.start(args.device)
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 checks the input and downloads the model and data first; then the others
     dtype = DTYPES[args.dtype] if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
-    check_writable(args.out, "--out")
-    if args.plot:
+    if distributed.is_main():  # the one rank that writes
+        check_writable(args.out, "--out")
+    if args.plot and distributed.is_main():
         check_writable(args.plot, "--plot")
     directory = resolve_checkpoint(args.model)
     family = models.family(directory)
@@ -655,17 +677,18 @@ def run(args) -> list[dict]:
                          f"{args.seqlen}: the rows are scored on the tokens after the prefix")
     needed = [(d, EVAL_SPLIT[d]) for d in args.datasets]
     needed += [(d, "train") for d in DATASETS if any(d in datasets for datasets in args.calib.values())]
-    if args.save_data:
+    if args.save_data and distributed.is_main():
         for dataset, split in needed:
             save_rows(load_rows(dataset, split, args.data_dir), args.save_data, dataset, split)
+    if args.save_data:
         args.data_dir = args.save_data
     for dataset, split in needed if args.data_dir else []:
         load_rows(dataset, split, args.data_dir)  # a missing file or a malformed line: now, not after an hour of pruning
     if args.nm:
         check_nm_fits(args.nm, models.empty_model(config), "sparsegpt" in args.methods)
     if args.calib:  # a calibrated method will run
-        check_calibration_memory(args.nsamples, args.seqlen, config.hidden_size, dtype, available_memory(device),
-                                 str(device))
+        check_calibration_memory(distributed.share_size(args.nsamples), args.seqlen, config.hidden_size, dtype,
+                                 available_memory(device), str(device))
 
     tokenizer = family.load_tokenizer(directory)
     test = {d: windows(evaluation_ids(d, tokenizer, args.seqlen, args.data_dir), args.seqlen)[: args.max_windows]
@@ -684,6 +707,8 @@ def run(args) -> list[dict]:
 
     done = finished_rows(args.out, settings) if args.resume else {}
     rows = dict(done)  # row_key -> row: the file's finished rows, then this run's
+    if distributed.is_main():
+        distributed.barrier()  # the input is good and everything is downloaded: the other ranks may start
 
     # Each pruned model starts from a fresh load of the checkpoint: a read of the (page-cached) safetensors,
     # seconds next to minutes of pruning, and no second copy of the weights in memory.
@@ -713,13 +738,14 @@ def run(args) -> list[dict]:
                          avg=sum(ppl.values()) / len(ppl), prefix=args.mumoe_prefix if method == "mumoe" else None,
                          seconds=time.time() - start, **({"routing": routing} if method == "mumoe" else {}))
         print(f"{progress(rows[key])} ({rows[key]['seconds']:.0f} s)", flush=True)
-        write_results(args.out, settings, in_plan_order(rows, plan))
+        if distributed.is_main():
+            write_results(args.out, settings, in_plan_order(rows, plan))
 
     results = in_plan_order(rows, plan)
     for rho in args.rho:
         print("\n" + table(results, rho, args.model, nm, settings["scored_on"] if args.mumoe_prefix else None))
     print(f"\nresults: {args.out}")
-    if args.plot:
+    if args.plot and distributed.is_main():
         plot(results, args.plot)
         print(f"plot: {args.plot}")
     return results

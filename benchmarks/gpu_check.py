@@ -1,0 +1,211 @@
+"""Everything worth checking on a GPU, in one command and under 8 minutes, every figure into one JSON.
+
+The machine this code is written on has no GPU; a session lent one runs
+
+    python benchmarks/gpu_check.py                  # on CUDA: about 5 minutes on one GPU
+    python benchmarks/gpu_check.py --dry-run        # on the CPU, tiny sizes, seconds: checks that it runs
+
+and reads gpu_check.json (`--out`). The steps, each with its own time limit so that one that hangs or fails
+does not stop the others (a failed step is recorded with its error, and the exit code is then 1):
+
+    tests       the CUDA tests: those that take a device or a half-precision dtype (offload to CUDA, the selects
+                on CUDA against the CPU, float16 / bfloat16 runs), selected by name (CUDA_TESTS)
+    selection   benchmarks/bench_selection.py on CUDA: the paper's Figure 3, kthvalue against sort / topk
+    forward     μ-MoE forward / dense forward on an OPT-125M-shaped model at T = 512 and 2048, float16, both
+                routings (lm_head included; median and spread of REPEATS, CUDA-synchronized)
+    generate    greedy generation with the KV cache, dense and μ-MoE, 256-token prompt, 64 new tokens: tokens/s
+    eval        eval_ppl.py on a tiny random OPT in float16 with --offload, every method, a --data-dir of
+                random sentences: the perplexities (finite) and the run's time (the step's seconds)
+
+`--dry-run` runs the same steps on the CPU at tiny sizes in float32 and skips what needs CUDA (the tests:
+CI runs them anyway), so that CI can check that the script has not rotted (test_distributed.py).
+
+Imports: torch, safetensors, opt_model, pruners, mumoe, bench_mumoe's random model; test_mumoe's tiny tokenizer
+builder (tokenizers, in requirements.txt) for the eval step.
+"""
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+import mumoe  # noqa: E402
+from bench_mumoe import forward_modes, random_ids, random_opt  # noqa: E402
+from opt_model import OPTConfig  # noqa: E402
+from pruners import default_select  # noqa: E402
+
+REPEATS = 5
+# per step, seconds: 460 in all, under the 8 minutes a lent GPU is asked for
+TIME_LIMITS = {"tests": 200, "selection": 100, "forward": 60, "generate": 60, "eval": 40}
+# the tests whose name or parameters say CUDA, offload or half precision: where a GPU changes what runs
+CUDA_TESTS = "cuda or offload or float16 or bfloat16 or half"
+TINY = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4)  # --dry-run's model
+
+
+def median_and_spread(seconds: list[float]) -> dict:
+    return dict(median_s=statistics.median(seconds), min_s=min(seconds), max_s=max(seconds))
+
+
+def timed(fn, device: torch.device, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of fn after a warm-up call; CUDA's queue is drained around each."""
+    fn()
+    seconds = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def subprocess_step(command: list[str], limit: int) -> dict:
+    """Run a command of the repository; its last lines of output are kept."""
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=limit)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+    if proc.returncode:
+        raise RuntimeError(f"exit {proc.returncode}: " + " | ".join(tail))
+    return dict(command=" ".join(command[1:]), tail=tail)
+
+
+# -----------------------------------------------------------------------------
+# The steps: each returns its figures as a dict
+
+
+def tests(args, device, work: Path) -> dict:
+    result = subprocess_step([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-k", CUDA_TESTS],
+                             TIME_LIMITS["tests"])
+    summary = result["tail"][-1]  # "256 passed, 1 skipped in 44.88s"
+    return dict(result, summary=summary)
+
+
+def selection(args, device, work: Path) -> dict:
+    sizes = ["--square", "64", "--opt-hidden"] if args.dry_run else []
+    out = work / "selection.json"
+    result = subprocess_step([sys.executable, "benchmarks/bench_selection.py", "--devices", device.type, *sizes,
+                              "--out", str(out), "--plot", str(work / "selection.png")], TIME_LIMITS["selection"])
+    rows = json.loads(out.read_text())["results"]
+    return dict(command=result["command"], ms={f"{r['label']} rho={r['rho']} {r['select']}": 1e3 * r["seconds"]
+                                               for r in rows})
+
+
+@torch.no_grad()
+def forward(args, device, work: Path) -> dict:
+    config, tokens = (TINY, [16, 32]) if args.dry_run else (OPTConfig(), [512, 2048])
+    model = random_opt(config).to(device, args.dtype)
+    figures = {}
+    for T in tokens:
+        ids = random_ids(T).to(device)
+        modes = forward_modes(model, ids, 0.5, [default_select(device)])
+        seconds = {name: timed(fn, device, args.repeats) for name, fn in modes.items()}
+        dense = statistics.median(seconds["dense"])
+        figures[f"T={T}"] = {name: dict(median_and_spread(s), ratio_to_dense=statistics.median(s) / dense)
+                             for name, s in seconds.items()}
+    return dict(dtype=str(args.dtype), figures=figures)
+
+
+@torch.no_grad()
+def generate(args, device, work: Path) -> dict:
+    config, prompt, new = (TINY, 8, 4) if args.dry_run else (OPTConfig(), 256, 64)
+    model = random_opt(config).to(device, args.dtype)
+    prompt_ids = random_ids(prompt)[0].tolist()
+    figures = {}
+    for name, rho, routing in [("dense", 1.0, "block"), ("mumoe block", 0.5, "block"),
+                               ("mumoe linear", 0.5, "linear")]:
+        seconds = timed(lambda: mumoe.generate(model, prompt_ids, new, rho, routing), device, args.repeats)
+        figures[name] = dict(median_and_spread(seconds), tokens_per_s=new / statistics.median(seconds))
+    return dict(prompt=prompt, new=new, dtype=str(args.dtype), figures=figures)
+
+
+def save_random_opt(directory: Path, config: OPTConfig) -> None:
+    """bench_mumoe's random model as a checkpoint in the Hugging Face layout (lm_head tied, so not stored)."""
+    from safetensors.torch import save_file
+
+    directory.mkdir()
+    state = random_opt(config).state_dict()
+    save_file({f"model.{k}": v for k, v in state.items() if k != "lm_head.weight"}, directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps(dict(asdict(config), model_type="opt")))
+
+
+def evaluate(args, device, work: Path) -> dict:
+    from test_mumoe import save_tiny_tokenizer, sentence  # a tiny BPE tokenizer, no download
+
+    model, data = work / "tiny-opt", work / "data"
+    save_random_opt(model, TINY)
+    save_tiny_tokenizer(model)
+    rng = random.Random(0)
+    data.mkdir()
+    for dataset, split in [("wikitext2", "train"), ("wikitext2", "test"), ("ptb", "train"), ("ptb", "test"),
+                           ("c4", "train"), ("c4", "validation")]:
+        rows = [sentence(rng, rng.randint(3, 40)) for _ in range(100)]
+        (data / f"{dataset}.{split}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    out = work / "eval.json"
+    quick = ["--datasets", "ptb", "--calib", "ptb"] if args.dry_run else []  # every method still runs
+    subprocess_step([sys.executable, "eval_ppl.py", "--model", str(model), "--data-dir", str(data), "--seqlen",
+                     "16", "--nsamples", "4", "--max-windows", "4", "--device", device.type, "--dtype",
+                     str(args.dtype).removeprefix("torch."), "--offload", "--out", str(out), *quick],
+                    TIME_LIMITS["eval"])
+    report = json.loads(out.read_text())
+    ppl = {eval_label(r): r["ppl"] for r in report["results"]}
+    if any(p is None for row in ppl.values() for p in row.values()):
+        raise RuntimeError(f"a perplexity is not finite: {ppl}")
+    return dict(dtype=report["settings"]["dtype"], ppl=ppl)
+
+
+def eval_label(row: dict) -> str:
+    return " ".join(str(row[k]) for k in ("method", "rho", "calib") if row.get(k) is not None)
+
+
+STEPS = {"tests": tests, "selection": selection, "forward": forward, "generate": generate, "eval": evaluate}
+NEEDS_CUDA = {"tests"}  # skipped by --dry-run; the others run there on the CPU at tiny sizes
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="on the CPU, tiny sizes, skipping what needs CUDA")
+    parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    args = parser.parse_args(argv)
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu_check.py: error: no CUDA device here; --dry-run checks the script on the CPU", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    args.dtype = torch.float32 if args.dry_run else torch.float16
+    args.repeats = 1 if args.dry_run else REPEATS
+    report = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", dry_run=args.dry_run,
+                  torch=torch.__version__, steps={})
+    with tempfile.TemporaryDirectory() as work:
+        for name in args.steps:
+            start = time.perf_counter()
+            if args.dry_run and name in NEEDS_CUDA:
+                report["steps"][name] = dict(status="skipped", reason="needs CUDA")
+                continue
+            (Path(work) / name).mkdir()
+            try:
+                figures = STEPS[name](args, device, Path(work) / name)
+                report["steps"][name] = dict(status="ok", seconds=time.perf_counter() - start, **figures)
+            except Exception as e:  # recorded, and the next step runs
+                report["steps"][name] = dict(status="failed", seconds=time.perf_counter() - start,
+                                             error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+            print(f"{name}: {report['steps'][name]['status']} ({time.perf_counter() - start:.0f} s)", flush=True)
+    args.out.write_text(json.dumps(report, indent=1, default=str))
+    print(f"figures: {args.out}")
+    return 1 if any(step["status"] == "failed" for step in report["steps"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
