@@ -241,14 +241,19 @@ class CLIPVisionModel(nn.Module):
 class CLIPFeatureEncoder(nn.Module):
     """The first `layers` encoder layers of a tower (those LLaVA's features need), offering what the method files
     read of a model: `blocks`, `blocks_key`, `config` (mumoe.count_macs, pruners.prune_model on embedded images).
-    It shares the tower's modules: pruning it prunes the tower."""
+    It shares the tower's modules: pruning it prunes the tower. Its `layers.0.mlp.fc1` is the checkpoint's
+    `vision_tower.vision_model.encoder.layers.0.mlp.fc1`."""
 
-    blocks_key = "vision_tower.vision_model.encoder.layers"  # the blocks' name in LLaVA's checkpoint
+    blocks_key = "layers"
 
     def __init__(self, tower: CLIPVisionModel, layers: int):
         super().__init__()
         self.config = tower.config
-        self.blocks = nn.ModuleList(tower.blocks[:layers])
+        self.layers = nn.ModuleList(tower.blocks[:layers])
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.layers
 
 
 class LlavaMultiModalProjector(nn.Module):
@@ -401,6 +406,8 @@ OTHER_VARIANTS = {
 }
 ORIGINAL_LLAVA = ("the original liuhaotian/* LLaVA checkpoints are not supported (another layout): use their "
                   "llava-hf/* conversions, e.g. llava-hf/llava-1.5-7b-hf (short name llava-1.5-7b)")
+
+
 def unsupported_variant(model_type: str) -> str:
     return (f"{OTHER_VARIANTS[model_type]} (model_type {model_type!r}) is not supported: only LLaVA-1.5 "
             "(model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf)")
@@ -418,7 +425,7 @@ LLAMA_CONFIG_DEFAULTS = dict(model_type="llama", vocab_size=32000, hidden_size=4
 @dataclass(frozen=True)
 class LlavaConfig:
     vision_config: CLIPVisionConfig
-    text_config: "llama_model.LlamaConfig"
+    text_config: llama_model.LlamaConfig
     image_token_index: int = IMAGE_TOKEN_INDEX
     projector_hidden_act: str = "gelu"
     vision_feature_layer: int = -2  # the hidden states after the second-to-last layer (transformers' index)
@@ -475,9 +482,8 @@ class LlavaConfig:
         kw = {k: v for k, v in raw.items() if k in known}
         if "image_token_id" in raw:  # transformers' other spelling of image_token_index
             kw.setdefault("image_token_index", raw["image_token_id"])
-        config = cls(vision_config=CLIPVisionConfig.from_dict(raw["vision_config"]),
-                     text_config=llama_model.LlamaConfig.from_dict({**LLAMA_CONFIG_DEFAULTS, **raw["text_config"]}, path),
-                     **kw)
+        text_config = llama_model.LlamaConfig.from_dict({**LLAMA_CONFIG_DEFAULTS, **raw["text_config"]}, path)
+        config = cls(vision_config=CLIPVisionConfig.from_dict(raw["vision_config"]), text_config=text_config, **kw)
         if raw.get("image_seq_length", config.image_tokens) != config.image_tokens:
             raise UsageError(f"{path}: image_seq_length {raw['image_seq_length']} but the vision tower gives "
                              f"{config.image_tokens} features per image")
@@ -517,7 +523,8 @@ class LlavaForConditionalGeneration(nn.Module):
         n_images = 0 if pixel_values is None else (1 if pixel_values.ndim == 3 else pixel_values.shape[0])
         if is_image.sum().item() != n_images:
             raise UsageError(f"the prompt has {is_image.sum().item()} image tokens for {n_images} images")
-        text = self.language_model.embed(ids.masked_fill(is_image, 0)[None])  # (1, T, hidden); image rows replaced
+        # (1, T, hidden): the image tokens are looked up as id 0, and their rows replaced below
+        text = self.language_model.embed(ids.masked_fill(is_image, 0)[None])
         if n_images == 0:
             return text
         features = self.image_features(pixel_values.reshape(n_images, *pixel_values.shape[-3:]).to(device),

@@ -457,8 +457,8 @@ def main(argv=None) -> None:
     if images:
         encoder, n = llava.vision_encoder(), len(images)
         tokens = llava.config.vision_config.num_patches + 1  # the CLS token runs through the tower too
-        projector = llava.config.image_tokens * sum(layer.weight.numel() for layer in
-                                                    (llava.multi_modal_projector.linear_1, llava.multi_modal_projector.linear_2))
+        mmp = llava.multi_modal_projector  # dense: two Linears over each image's features
+        projector = llava.config.image_tokens * (mmp.linear_1.weight.numel() + mmp.linear_2.weight.numel())
         vision_dense = count_macs(encoder, tokens, 1.0).total + projector
         vision_routed = count_macs(encoder, tokens, args.rho, routing=args.routing).total + projector
         print(f"  vision tower ({len(encoder.blocks)} layers, {tokens} tokens) and projector, {n} image(s): "

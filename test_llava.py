@@ -544,9 +544,9 @@ def embedded_prompts(model, n, seed=5):
     return prompts
 
 
-@pytest.mark.parametrize("rho", [0.5, 0.3])
-def test_block_routing_of_a_prompt_is_wanda_calibrated_on_it(tiny_llava, rho):
-    """The identity that holds for OPT and LLaMA, on a prompt with its image features."""
+@pytest.mark.parametrize("rho, nm", [(0.5, None), (0.3, None), (1.0, (2, 4))])
+def test_block_routing_of_a_prompt_is_wanda_calibrated_on_it(tiny_llava, rho, nm):
+    """The identity that holds for OPT and LLaMA, on a prompt with its image features (N:M too)."""
     import copy
 
     from mumoe import mumoe_logits
@@ -555,10 +555,10 @@ def test_block_routing_of_a_prompt_is_wanda_calibrated_on_it(tiny_llava, rho):
     _, _, model = tiny_llava
     x = embedded_prompts(model, 1)[0]
     pruned = copy.deepcopy(model.language_model)
-    prune_model(pruned, [x], "wanda", rho, progress=False)
+    prune_model(pruned, [x], "wanda", rho, nm=nm, progress=False)
     expected = mumoe_logits(pruned, x, 1.0)  # the pruned model, dense, on the same prompt
-    routed = mumoe_logits(model.language_model, x, rho, routing="block")
-    assert_close(routed, expected, ROUTING_ATOL, f"block routing vs prune_model on the prompt, rho={rho}")
+    routed = mumoe_logits(model.language_model, x, rho, routing="block", nm=nm)
+    assert_close(routed, expected, ROUTING_ATOL, f"block routing vs prune_model on the prompt, rho={rho}, nm={nm}")
     assert (routed - model.language_model.head(x)).abs().max() > 1e-3, "the routing changed nothing"
 
 
@@ -614,10 +614,27 @@ def test_vision_routing_of_an_image_is_wanda_calibrated_on_it(tiny_llava, rho):
     pruned = copy.deepcopy(model)
     report = prune_model(pruned.vision_encoder(), [model.vision_tower.hidden_states(pixels, 0)], "wanda", rho,
                          progress=False)
-    assert len(report) == 6 * model.config.feature_layers and all(k.startswith("vision_tower.") for k in report)
+    assert len(report) == 6 * model.config.feature_layers and all(k.startswith("layers.") for k in report)
     routed = model.image_features(pixels, vision_block=routed_block(rho, "block"))
     assert_close(routed, pruned.image_features(pixels), ROUTING_ATOL, "vision routing vs prune_model on the image")
     assert (routed - model.image_features(pixels)).abs().max() > 1e-3, "the routing changed nothing"
+
+
+def test_vision_mac_count_is_what_the_routed_pass_does(tiny_llava):
+    """count_macs on vision_encoder() counts the layers the features need, each Linear at 17 tokens (16 patches
+    and CLS), as many MACs with nonzero weights as the routed pass does."""
+    from collections import Counter
+
+    from mumoe import count_macs, routed_block
+
+    _, _, model = tiny_llava
+    encoder, counter = model.vision_encoder(), Counter()
+    model.image_features(random_pixels(), vision_block=routed_block(0.5, "block", counter=counter))
+    names = {layer: f"{encoder.blocks_key}.{i}.{name}"
+             for i, block in enumerate(encoder.blocks) for name, layer in block.linears().items()}
+    macs = count_macs(encoder, N_FEATURES + 1, 0.5)
+    assert len(encoder.blocks) == TINY_VISION["num_hidden_layers"] - 1, "layer -2: all but the last"
+    assert {names[layer]: n for layer, n in counter.items()} == macs.linear
 
 
 def test_embed_prompt_refuses_a_mismatch(tiny_llava):
@@ -723,3 +740,14 @@ def test_image_given_to_a_text_model_is_refused(cat_jpg, tmp_path, capsys):
     code, _, err = run_mumoe(["--model", str(tmp_path), "--image", str(cat_jpg), "--prompt", "Hi", "--rho", "0.5"],
                              capsys)
     assert code == 2 and "--image and --route-vision need a vision-language model (LLaVA)" in err, err
+
+
+def test_loads_in_bfloat16_and_runs(tiny_llava):
+    directory, _, model = tiny_llava
+    half = llava_model.load_llava(directory, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+    pixels = random_pixels()  # float32 pixels: the tower casts them to its own dtype
+    logits = half(PROMPT_WITH_IMAGE, pixels)
+    assert logits.dtype == torch.bfloat16
+    # bfloat16 keeps 8 bits of mantissa: measured max |diff| 0.006 on logits of size ~0.5
+    assert_close(logits, model(PROMPT_WITH_IMAGE, pixels), 0.1, "bfloat16 vs float32 logits")

@@ -10,7 +10,8 @@
 
 Both sides share the very same weight tensors (ours are assigned from transformers' state dict), run in the
 same process, alternating, after a warm-up, so machine noise hits both. Prints medians, the spread (min-max)
-and the ratios (target: ours / transformers <= 1.0).
+and the ratios (target: ours / transformers <= 1.0), for whole forwards and, less exposed to a shared
+machine's drift, piece by piece (each layer of ours raced against the same layer of transformers').
 
     python benchmarks/bench_llava.py [--repeats 3] [--text-layers 2] [--threads N]
 """
@@ -41,6 +42,17 @@ def race(runs: dict, repeats: int) -> dict:
         for name, fn in runs.items():
             times[name].append(timed(fn))
     return times
+
+
+def paired(pieces: list, repeats: int) -> tuple[float, float]:
+    """Each piece of a forward (ours, transformers'), raced on its own: the sums of the medians. Each race lasts
+    a fraction of a second to a few, so the machine's drift (other jobs) moves both sides of a pair alike."""
+    ours = theirs = 0.0
+    for mine, other in pieces:
+        times = race({"ours": mine, "transformers": other}, repeats)
+        ours += statistics.median(times["ours"])
+        theirs += statistics.median(times["transformers"])
+    return ours, theirs
 
 
 def summary(times: list[float]) -> str:
@@ -104,6 +116,26 @@ def main():
                             "transformers": lambda: reference(input_ids=expanded, pixel_values=pixels).logits},
                            args.repeats)
 
+        # the same forwards piece by piece: the vision tower layer by layer, then LLaVA's vision features,
+        # each language layer and the head, on inputs of the right shape
+        x = ours.vision_tower.hidden_states(pixels, 0)  # (1, 577, 1024)
+        vision_pieces = [(lambda: ours.vision_tower.hidden_states(pixels, 0),
+                          lambda: tower.pre_layrnorm(tower.embeddings(pixels)))]
+        vision_pieces += [(lambda mine=mine: mine(x), lambda other=other: other(x, None))
+                          for mine, other in zip(ours.vision_tower.blocks, tower.encoder.layers)]
+        vision_paired = paired(vision_pieces, args.repeats)
+        h = ours.embed_prompt(ids, pixels)  # (1, 640, 4096)
+        text = reference.model.language_model
+        positions = torch.arange(h.shape[1])[None]
+        rotary = text.rotary_emb(h, positions)
+        llava_pieces = [(lambda: ours.image_features(pixels),
+                         lambda: reference.model.get_image_features(pixel_values=pixels))]
+        llava_pieces += [(lambda mine=mine: mine(h),
+                          lambda other=other: other(h, None, position_ids=positions, position_embeddings=rotary))
+                         for mine, other in zip(ours.language_model.blocks, text.layers)]
+        llava_pieces.append((lambda: ours.language_model.head(h), lambda: reference.lm_head(text.norm(h))))
+        llava_paired = paired(llava_pieces, args.repeats)
+
     median = lambda times: statistics.median(times)
     results["vision"] = {name: times for name, times in vision_times.items()}
     results["vision_ratio"] = median(vision_times["ours_24_layers"]) / median(vision_times["transformers"])
@@ -111,18 +143,25 @@ def main():
     results["llava"] = {name: times for name, times in llava_times.items()}
     results["llava_ratio"] = median(llava_times["ours"]) / median(llava_times["transformers"])
     results["llava_logits_max_abs_diff"] = logits_diff
+    results["vision_paired_s"], results["llava_paired_s"] = vision_paired, llava_paired
+    results["vision_paired_ratio"] = vision_paired[0] / vision_paired[1]
+    results["llava_paired_ratio"] = llava_paired[0] / llava_paired[1]
     print(f"{args.threads} threads, float32, median of {args.repeats} after a warm-up")
     print("CLIP ViT-L/14 at 336 px, one image (577 tokens):")
     print(f"  ours, 24 layers          {summary(vision_times['ours_24_layers'])}")
     print(f"  transformers, 24 layers  {summary(vision_times['transformers'])}")
     print(f"  ratio                    {results['vision_ratio']:.3f}  (target <= 1.0; max |diff| {diff:.1e})")
     print(f"  ours, the 23 LLaVA needs {summary(vision_times['ours_23_layers_llava'])}")
+    print(f"  piece by piece (embeddings, each layer): ours {vision_paired[0]:.3f} s, transformers "
+          f"{vision_paired[1]:.3f} s, ratio {results['vision_paired_ratio']:.3f}")
     print(f"LLaVA forward, 576 image + {TEXT_TOKENS} text tokens, ViT-L/14-336 + projector + {args.text_layers} "
           f"Llama-7B layers + lm_head (vocab 32064):")
     print(f"  ours                     {summary(llava_times['ours'])}")
     print(f"  transformers             {summary(llava_times['transformers'])}")
     print(f"  ratio                    {results['llava_ratio']:.3f}  (target <= 1.0; logits max |diff| "
           f"{logits_diff:.1e})")
+    print(f"  piece by piece (vision features, each layer, head): ours {llava_paired[0]:.3f} s, transformers "
+          f"{llava_paired[1]:.3f} s, ratio {results['llava_paired_ratio']:.3f}")
     print(json.dumps(results))
 
 
