@@ -6,7 +6,8 @@ here knows a model family:
 
     errors      UsageError: a mistake the user can fix; the commands print it in one line and exit 2
     interface   LinearFn / dense_linear: how a block calls each of its Linears (the pruners and μ-MoE
-                replace it); BlockFn / dense_block: how a loop over blocks runs one block; KVCache
+                replace it); BlockFn / dense_block: how a loop over blocks runs one block; KVCache and the
+                causal mask of tokens that follow cached ones (shifted_causal_mask)
     finding     a local directory, or a Hugging Face hub repo downloaded into the standard cache
                 (pytorch_model*.bin converted once to safetensors beside it)
     loading     `load_weights`: a checkpoint's tensors assigned into a model built on the meta device,
@@ -94,12 +95,24 @@ class KVCache:
         start, end = self.length, self.length + k.shape[2]
         if end > self.k.shape[2]:
             raise ValueError(f"{end} tokens overflow a KV cache allocated for {self.k.shape[2]}")
-        if start > 0 and k.shape[2] > 1:  # the causal mask would need shifting right by `start`
-            raise ValueError(f"{k.shape[2]} new tokens after {start} cached ones: decode one token at a time")
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]  # (B, nh, end, hs)
+
+
+def shifted_causal_mask(T: int, start: int, device=None) -> torch.Tensor | None:
+    """The attention mask of T new tokens after `start` cached ones, for F.scaled_dot_product_attention: True
+    where new token i, at position start + i, may attend, keys 0 ... start + i. None where SDPA needs none:
+    one new token sees every key, and a prompt (start = 0) takes SDPA's own is_causal, which aligns the mask
+    top-left and so would be wrong after cached tokens:
+
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=shifted_causal_mask(T, start, q.device),
+                                           is_causal=T > 1 and not start)
+    """
+    if T == 1 or start == 0:
+        return None
+    return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)  # (T, start + T)
 
 
 # -----------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import (KVCache, LinearFn, Tokenizer, UsageError, check_device, check_dtype, dense_linear,
-                        load_weights, read_config_json, resolve_checkpoint)
+                        load_weights, read_config_json, resolve_checkpoint, shifted_causal_mask)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -199,13 +199,15 @@ class LlamaAttention(nn.Module):
         q = linear(self.q_proj, x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = linear(self.k_proj, x).view(B, T, self.n_kv, hs).transpose(1, 2)  # (B, n_kv, T, hs)
         v = linear(self.v_proj, x).view(B, T, self.n_kv, hs).transpose(1, 2)
-        cos, sin = self.rotary(cache.length if cache is not None else 0, T, x.dtype)
+        start = cache.length if cache is not None else 0  # tokens before these, whose keys and values are cached
+        cos, sin = self.rotary(start, T, x.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.append(k, v)  # (B, n_kv, cache.length, hs): the earlier tokens' keys and values too
-        # y = softmax(q k^T / sqrt(hs) + mask) v, each k/v head shared by n_head / n_kv query heads. Over a prompt
-        # the mask is causal; one new token may see every earlier token and itself, so it needs no mask.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_head)
+            k, v = cache.append(k, v)  # (B, n_kv, start + T, hs): the earlier tokens' keys and values too
+        # y = softmax(q k^T / sqrt(hs) + mask) v, each k/v head shared by n_head / n_kv query heads; the mask -inf
+        # where a key comes after its query (checkpoint.shifted_causal_mask)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=shifted_causal_mask(T, start, q.device),
+                                           is_causal=T > 1 and not start, enable_gqa=self.n_kv != self.n_head)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * hs)  # (B, T, nh * hs)
         return linear(self.o_proj, y)
 

@@ -30,6 +30,7 @@ first N tokens only, a strictly causal variant.
     micro_experts(rho, ...)          the μ-MoE Linear, a drop-in for checkpoint.dense_linear
     mumoe_logits(model, ids, rho)    (B, T) ids (or embedded prompts) -> (B, T, vocab) logits, each routed on itself
     count_macs(config, T, rho)       the analytical MAC count, ours or the paper's convention
+    route_prompt(model, ids, cache)  route prompts once, filling the KV cache: their experts for later tokens
     generate(model, ids, n, rho)     greedy decoding with a KV cache, routed once on the prompt (ids, or the
                                      prompt embedded: a LLaVA's, its image features spliced in)
     python mumoe.py --model opt-125m --rho 0.5 --prompt "..."    generation, dense beside μ-MoE
@@ -293,9 +294,26 @@ def count_macs(model, tokens: int, rho: float, convention: str = "ours",
 
 
 @torch.no_grad()
+def route_prompt(model, prompts: torch.Tensor, cache: list[KVCache], rho: float = 1.0, routing: str = "block",
+                 select: str | None = None, prefix: int | None = None, nm=None) -> tuple[torch.Tensor, dict]:
+    """Run prompts, token ids (B, T) or embedded already (B, T, hidden), once, block by block, each routed on
+    itself, filling the empty `cache`.
+
+    Returns the hidden states leaving the last block (B, T, hidden) and `chosen`: per nn.Linear, each prompt's
+    gated weights W ⊙ M_b, with which later tokens run through the cache (`chosen_experts(chosen)`).
+    """
+    chosen = {}
+    run = routed_block(rho, routing, select, prefix, nm, chosen=chosen)
+    x = prompts if prompts.is_floating_point() else model.embed(prompts)
+    for block, block_cache in zip(model.blocks, cache):
+        x = run(block, x, block_cache)
+    return x, chosen
+
+
+@torch.no_grad()
 def generate(model, prompt, max_new_tokens: int, rho: float = 1.0, routing: str = "block",
              select: str | None = None, prefix: int | None = None, eos_id=None,
-             timings: dict | None = None) -> list[int]:
+             timings: dict | None = None, nm=None, stop=None) -> list[int]:
     """Greedy decoding with a KV cache: the new token ids, at most `max_new_tokens`, the last one an end of
     sequence if emitted (`eos_id`: one id, or several, as Llama 3's config.json lists them).
 
@@ -307,7 +325,9 @@ def generate(model, prompt, max_new_tokens: int, rho: float = 1.0, routing: str 
     decode were routed on the prompt alone at every step (`prefix`: on its first `prefix` tokens only).
     `timings`: a dict that receives the seconds spent up to the first new token ("prompt": routing, the prompt
     pass, the first token) and on the other tokens ("decode"). `prompt`: token ids (a list), or a prompt
-    embedded already (1, T, hidden): a LLaVA prompt with its image features, routed like any other.
+    embedded already (1, T, hidden): a LLaVA prompt with its image features, routed like any other. `nm` = (N, M):
+    routed to N:M patterns instead of rho. `stop`: a function of the new ids so far that returns True to end
+    decoding there (e.g. at a stop string).
     """
     embedded = torch.is_tensor(prompt) and prompt.is_floating_point()
     if embedded and (prompt.ndim != 3 or prompt.shape[0] != 1):
@@ -321,19 +341,16 @@ def generate(model, prompt, max_new_tokens: int, rho: float = 1.0, routing: str 
         raise UsageError(f"{T} prompt tokens + {max_new_tokens} new tokens exceed max_position_embeddings={T_max}")
     start = time.perf_counter()
     cache = model.new_cache(T + max_new_tokens - 1)  # the last new token is never fed back
-    chosen = {}
-    run = routed_block(rho, routing, select, prefix, chosen=chosen)
-    x = prompt if embedded else model.embed(torch.tensor([prompt], device=next(model.parameters()).device))
-    for block, block_cache in zip(model.blocks, cache):
-        x = run(block, x, block_cache)
+    prompts = prompt if embedded else torch.tensor([prompt], device=next(model.parameters()).device)  # (1, T[, hidden])
+    x, chosen = route_prompt(model, prompts, cache, rho, routing, select, prefix, nm)
     logits = model.head(x[:, -1:])  # (1, 1, vocab): only the last position picks the next token
     experts = chosen_experts(chosen)  # the prompt's W ⊙ M, built once by the pass above
 
     next_id = logits[:, -1].argmax(dim=-1, keepdim=True)  # (1, 1)
     new = [next_id.item()]
     prompt_done = time.perf_counter()
-    stop = set(eos_id) if isinstance(eos_id, (list, tuple, set)) else {eos_id}
-    while new[-1] not in stop and len(new) < max_new_tokens:
+    eos = set(eos_id) if isinstance(eos_id, (list, tuple, set)) else {eos_id}
+    while new[-1] not in eos and len(new) < max_new_tokens and not (stop and stop(new)):
         logits = model(next_id, experts, cache)  # (1, 1, vocab): one token, at position cache length
         next_id = logits[:, -1].argmax(dim=-1, keepdim=True)
         new.append(next_id.item())

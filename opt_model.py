@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import (KVCache, LinearFn, Tokenizer, UsageError, check_device, check_dtype, dense_linear,
-                        load_weights, read_config_json, resolve_checkpoint)
+                        load_weights, read_config_json, resolve_checkpoint, shifted_causal_mask)
 
 
 # -----------------------------------------------------------------------------
@@ -115,11 +115,13 @@ class OPTAttention(nn.Module):
         k = linear(self.k_proj, x)
         v = linear(self.v_proj, x)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        start = 0  # tokens before these, whose keys and values wait in the cache
         if cache is not None:
-            k, v = cache.append(k, v)  # (B, nh, cache.length, hs): the earlier tokens' keys and values too
-        # y = softmax(q k^T + mask) v. Over a prompt the mask is causal (-inf above the diagonal); one new
-        # token may see every earlier token and itself, so it needs no mask.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=1.0)
+            start = cache.length
+            k, v = cache.append(k, v)  # (B, nh, start + T, hs): the earlier tokens' keys and values too
+        # y = softmax(q k^T + mask) v, the mask -inf where a key comes after its query (checkpoint.shifted_causal_mask)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=shifted_causal_mask(T, start, q.device),
+                                           is_causal=T > 1 and not start, scale=1.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return linear(self.out_proj, y)
 
@@ -218,7 +220,7 @@ class OPTForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, linear: LinearFn = dense_linear,
                 cache: list[KVCache] | None = None) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab). With a cache (`new_cache`), input_ids are the tokens that
-        follow the cached ones (all of the prompt first, then one token per call) and join the cache."""
+        follow the cached ones (the prompt first, then one or more tokens per call) and join the cache."""
         start = cache[0].length if cache else 0
         x = self.embed(input_ids, start)
         for i, block in enumerate(self.blocks):
