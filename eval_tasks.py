@@ -20,8 +20,8 @@ keeps every setting and, per row, lm-eval's own `results[task]` dict for every t
 choices of a question share one routing); `--routing-scope full` routes on context + continuation instead, as a
 perplexity window is routed on its own tokens. `--mumoe-routing block linear` and `--nm N:M` as in eval_ppl.py.
 
-Imports: lm_eval, lm_harness (HarnessLM), models, pruners, mumoe, results_file, and eval_ppl for its calibration
-data and its command-line and run-guarding helpers (the one copy of the protocol and of the options' checks).
+Imports: lm_eval, lm_harness (HarnessLM), models, pruners, mumoe, corpora (the calibration data), command_line
+(options, methods, checks), results_file (the JSON file).
 """
 
 import argparse
@@ -33,13 +33,15 @@ from pathlib import Path
 
 import torch
 
-import eval_ppl
+import corpora
 import models
 import mumoe
 import pruners
 from checkpoint import DTYPES, UsageError, check_device, resolve_checkpoint
-from eval_ppl import (CALIBRATED, DATASETS, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE, active_ratio,
-                      nm_active_ratio, nm_name, nm_pattern, positive_int, window_length)
+from command_line import (CALIBRATED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE, active_ratio,
+                          available_memory, check_calibration_memory, check_nm_fits, in_plan_order, nm_active_ratio,
+                          nm_name, nm_pattern, positive_int, window_length)
+from corpora import DATASETS
 from lm_harness import SCOPES, HarnessLM
 from results_file import check_writable, write_json
 
@@ -47,7 +49,7 @@ from results_file import check_writable, write_json
 TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 METRICS = ("acc_norm,none", "acc,none")  # the table's metric for a task: the first of these lm-eval reports
 DEFAULT_CALIB = "c4"  # Wanda calibrates its zero-shot models on C4
-DEFAULT_MAX_SEQLEN = eval_ppl.MAX_DEFAULT_SEQLEN
+DEFAULT_MAX_SEQLEN = corpora.MAX_DEFAULT_SEQLEN
 
 
 def non_negative_int(text: str) -> int:
@@ -143,7 +145,7 @@ def row_key(row: dict) -> tuple:
 
 
 def label(row: dict) -> str:
-    name = NAMES[row["method"]] + (f" ({eval_ppl.LABELS[row['calib']]})" if row["calib"] else "")
+    name = NAMES[row["method"]] + (f" ({corpora.LABELS[row['calib']]})" if row["calib"] else "")
     name += " (one pass)" if row["routing"] == "linear" else ""
     return name + (" (routed on all)" if row["scope"] == "full" else "")
 
@@ -241,12 +243,12 @@ def run(args) -> list[dict]:
                          f"{config.max_position_embeddings}")
     calibrated = any(m in CALIBRATED for m in args.methods)
     if calibrated and args.data_dir:
-        eval_ppl.load_rows(args.calib, "train", args.data_dir)  # a missing file: now, not after the first rows
+        corpora.load_rows(args.calib, "train", args.data_dir)  # a missing file: now, not after the first rows
     if calibrated:
-        eval_ppl.check_calibration_memory(args.nsamples, args.seqlen, config.hidden_size, dtype,
-                                          eval_ppl.available_memory(device), str(device))
+        check_calibration_memory(args.nsamples, args.seqlen, config.hidden_size, dtype,
+                                          available_memory(device), str(device))
     if args.nm:
-        eval_ppl.check_nm_fits(args.nm, models.empty_model(config), "sparsegpt" in args.methods)
+        check_nm_fits(args.nm, models.empty_model(config), "sparsegpt" in args.methods)
 
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     nm = settings["nm"] = nm_name(args.nm) if args.nm else None
@@ -276,7 +278,7 @@ def run(args) -> list[dict]:
         print(f"{label(row)}, rho {rho}: {' '.join(args.tasks)}", flush=True)
         if method in ("magnitude", "wanda", "sparsegpt"):
             if method in CALIBRATED and calib is None:  # one draw, shared by every method and rho
-                calib = eval_ppl.calibration_windows(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed,
+                calib = corpora.calibration_windows(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed,
                                                      args.data_dir)
             pruners.prune_model(model, calib if method in CALIBRATED else None, method, rho, nm=args.nm,
                                 select=args.select, group=MAGNITUDE_GROUP, blocksize=SPARSEGPT_BLOCKSIZE)
@@ -290,9 +292,9 @@ def run(args) -> list[dict]:
                          routed=lm.routed if method == "mumoe" else None)
         print(f"{label(row)}, rho {rho}: mean {fraction(rows[key]['mean'])} ({rows[key]['seconds']:.0f} s)", flush=True)
         # strict JSON (a NaN, such as lm-eval's stderr of a single document, is null), written whole or not at all
-        write_json(args.out, {"settings": settings, "results": eval_ppl.in_plan_order(rows, plan)})
+        write_json(args.out, {"settings": settings, "results": in_plan_order(rows, plan)})
 
-    results = eval_ppl.in_plan_order(rows, plan)
+    results = in_plan_order(rows, plan)
     for rho in args.rho:
         print("\n" + table(results, args.tasks, rho, args.model, nm, args.num_fewshot))
     print(f"\nresults: {args.out}")

@@ -28,8 +28,8 @@ question's prediction and score go into strict JSON (--out), written atomically 
 reader can re-score the predictions and `--resume` continues where a run stopped.
 
 Imports: checkpoint (errors, devices, model directories), models (which family), llava_model (the model, its
-images and prompt), pruners (prune_model), mumoe (generate), vqa_tasks (questions, metrics, data), results_file
-(the JSON file); tqdm.
+images and prompt), pruners (prune_model), mumoe (generate), vqa_tasks (questions, metrics, data), command_line
+(option types, the pruners' settings), results_file (the JSON file); tqdm.
 """
 
 import argparse
@@ -49,6 +49,7 @@ import mumoe
 import pruners
 import vqa_tasks
 from checkpoint import DTYPES, UsageError, check_device, hub_repo_id, read_config_json, resolve_checkpoint
+from command_line import MAGNITUDE_GROUP, SPARSEGPT_BLOCKSIZE, positive_int
 from results_file import check_writable, write_json
 from vqa_tasks import TASKS, Question
 
@@ -58,8 +59,6 @@ NAMES = {"dense": "Dense", "magnitude": "Magnitude", "sparsegpt": "SparseGPT", "
 TASK_NAMES = {"scienceqa": "ScienceQA", "textvqa": "TextVQA"}
 OTHER_TASK = {"scienceqa": "textvqa", "textvqa": "scienceqa"}
 MAX_NEW_TOKENS = {"scienceqa": 16, "textvqa": 128}  # see the docstring
-MAGNITUDE_GROUP = "matrix"  # one threshold per weight matrix, as SparseGPT's and Wanda's magnitude baselines
-SPARSEGPT_BLOCKSIZE = 128  # the reference's column block
 SAVE_EVERY_SECONDS = 60  # how often a row in progress is written to --out (and always when it ends)
 
 # The paper's LLaVA-7B table (accuracy in percent); the dense row is rho = 1. Which LLaVA and which ScienceQA
@@ -265,12 +264,6 @@ def active_ratio(text: str) -> float:
     if not 0 < rho < 1:
         raise argparse.ArgumentTypeError(f"rho is the active-weight ratio of a pruned row, in (0, 1); got {text}")
     return rho
-
-
-def positive_int(text: str) -> int:
-    if int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return int(text)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

