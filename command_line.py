@@ -21,6 +21,7 @@ CALIBRATED = ("wanda", "sparsegpt")
 NAMES = {"dense": "Dense", "magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "mumoe": "μ-MoE"}
 MAGNITUDE_GROUP = "matrix"  # one threshold per weight matrix, as SparseGPT's and Wanda's magnitude baselines
 SPARSEGPT_BLOCKSIZE = 128  # the reference's column block; an N:M group must not straddle two blocks
+INTERRUPTED = 130  # the shell's exit status for a command ended by Ctrl-C (128 + SIGINT)
 
 
 # -----------------------------------------------------------------------------

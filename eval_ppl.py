@@ -45,9 +45,9 @@ import models
 import mumoe
 import pruners
 from checkpoint import DTYPES, BlockFn, UsageError, dense_block, resolve_checkpoint
-from command_line import (CALIBRATED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE, active_ratio,
-                          available_memory, check_calibration_memory, check_nm_fits, in_plan_order, nm_active_ratio,
-                          nm_name, nm_pattern, positive_int, window_length)
+from command_line import (CALIBRATED, INTERRUPTED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE,
+                          active_ratio, available_memory, check_calibration_memory, check_nm_fits, in_plan_order,
+                          nm_active_ratio, nm_name, nm_pattern, positive_int, window_length)
 from corpora import (DATASETS, DEFAULT_CALIB, DEFAULT_DATASETS, EVAL_SPLIT, LABELS, MAX_DEFAULT_SEQLEN,
                      calibration_windows, evaluation_ids, load_rows, save_rows, windows)
 from results_file import check_writable, write_json
@@ -312,7 +312,6 @@ def main(argv=None) -> int:
     return 0
 
 
-INTERRUPTED = 130  # the shell's exit status for a command ended by Ctrl-C (128 + SIGINT)
 # Ctrl-C raises KeyboardInterrupt wherever Python is; inside a native call (safetensors reading a tensor) the
 # call may turn it into an error of its own, so that the press itself is noted, and any error after it is it
 CTRL_C = threading.Event()

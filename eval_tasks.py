@@ -38,9 +38,9 @@ import models
 import mumoe
 import pruners
 from checkpoint import DTYPES, UsageError, check_device, resolve_checkpoint
-from command_line import (CALIBRATED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE, active_ratio,
-                          available_memory, check_calibration_memory, check_nm_fits, in_plan_order, nm_active_ratio,
-                          nm_name, nm_pattern, positive_int, window_length)
+from command_line import (CALIBRATED, INTERRUPTED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE,
+                          active_ratio, available_memory, check_calibration_memory, check_nm_fits, in_plan_order,
+                          nm_active_ratio, nm_name, nm_pattern, positive_int, window_length)
 from corpora import DATASETS
 from lm_harness import SCOPES, HarnessLM
 from results_file import check_writable, write_json
@@ -209,7 +209,6 @@ def finished_rows(path: Path, settings: dict) -> dict[tuple, dict]:
 # The run
 
 
-INTERRUPTED = 130  # the shell's exit status for a command ended by Ctrl-C (128 + SIGINT)
 
 
 def main(argv=None) -> int:

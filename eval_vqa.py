@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -49,7 +50,7 @@ import mumoe
 import pruners
 import vqa_tasks
 from checkpoint import DTYPES, UsageError, check_device, hub_repo_id, read_config_json, resolve_checkpoint
-from command_line import MAGNITUDE_GROUP, SPARSEGPT_BLOCKSIZE, positive_int
+from command_line import INTERRUPTED, MAGNITUDE_GROUP, SPARSEGPT_BLOCKSIZE, positive_int
 from results_file import check_writable, write_json
 from vqa_tasks import TASKS, Question
 
@@ -315,7 +316,19 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"eval_vqa.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: every answer so far is in --out (run saves the row it was in)
+        again = (sys.argv[1:] if argv is None else argv) + ([] if args.resume else ["--resume"])
+        print(f"\ninterrupted: {saved_answers(args.out)} answers saved in {args.out}; to go on: "
+              f"python eval_vqa.py {shlex.join(again)}", file=sys.stderr)
+        return INTERRUPTED
     return 0
+
+
+def saved_answers(path: Path) -> int:
+    try:
+        return sum(len(row["predictions"]) for row in json.loads(path.read_text(encoding="utf-8"))["results"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def load_task(task: str, args) -> tuple[list[Question], list[dict]]:
@@ -410,15 +423,19 @@ def run(args) -> list[dict]:
             pruned = True
         routed_rho = rho if method == "mumoe" else 1.0  # the others run their (pruned) weights densely
         progress, total = tqdm(todo, desc=f"{label(row)} rho={rho}", leave=False), sum(p["score"] for p in predictions)
-        for q in progress:
-            prediction = answer(model, tokenizer, q, ids[q.task, q.id], args.max_new_tokens, routed_rho,
-                                routing or "block", args.select, device, dtype)
-            predictions.append({"id": q.id, "prediction": prediction, "score": vqa_tasks.score(q, prediction)})
-            total += predictions[-1]["score"]
-            progress.set_postfix_str(f"{100 * total / len(predictions):.2f}%")
-            row["seconds"] += time.time() - start
-            start = time.time()
-            save(row)
+        try:
+            for q in progress:
+                prediction = answer(model, tokenizer, q, ids[q.task, q.id], args.max_new_tokens, routed_rho,
+                                    routing or "block", args.select, device, dtype)
+                predictions.append({"id": q.id, "prediction": prediction, "score": vqa_tasks.score(q, prediction)})
+                total += predictions[-1]["score"]
+                progress.set_postfix_str(f"{100 * total / len(predictions):.2f}%")
+                row["seconds"] += time.time() - start
+                start = time.time()
+                save(row)
+        except KeyboardInterrupt:  # Ctrl-C: the row's answers so far are saved, and --resume goes on from them
+            save(row, force=True)
+            raise
         order = {q.id: i for i, q in enumerate(questions)}
         predictions.sort(key=lambda p: order[p["id"]])  # the kept ones of a resumed row came first
         row["complete"] = True

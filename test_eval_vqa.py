@@ -527,6 +527,32 @@ def test_resume_answers_only_what_is_missing(tiny_llava, data_dir, tmp_path, mon
     assert calls == [] and json.loads(out.read_text())["results"] == third["results"]
 
 
+def test_ctrl_c_saves_the_rows_answers_and_says_how_to_go_on(tiny_llava, data_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the middle of a row: exit 130, one line with the count saved and the --resume command, and the
+    row's answers so far in the file (not only those of the last once-a-minute save), which --resume keeps."""
+    out = tmp_path / "out.json"
+    argv = command(tiny_llava, data_dir, out, "--task", "textvqa", "--methods", "dense", "--limit", "4")
+    calls, real = [], eval_vqa.answer
+
+    def answer_then_ctrl_c(*args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(args[2].id)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(eval_vqa, "answer", answer_then_ctrl_c)
+    assert eval_vqa.main(argv) == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar's
+    assert line.startswith(f"interrupted: 3 answers saved in {out}; to go on: python eval_vqa.py ") \
+        and line.endswith(" --resume"), line
+    row = json.loads(out.read_text())["results"][0]
+    assert [p["id"] for p in row["predictions"]] == calls and not row["complete"]
+    monkeypatch.undo()
+    calls = counting_answers(monkeypatch)
+    assert eval_vqa.main(argv + ["--resume"]) == 0
+    assert calls == ["103"], "--resume answers only the question the interrupted run had not"
+
+
 def test_resume_refuses_other_settings(tiny_llava, data_dir, tmp_path, capsys):
     out = tmp_path / "out.json"
     argv = command(tiny_llava, data_dir, out, "--task", "textvqa", "--methods", "dense", "--limit", "2")
