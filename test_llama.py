@@ -2,7 +2,8 @@
 
 References: transformers' LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (test-only oracles) for the
 forward pass and greedy generation, its fast tokenizer for the ids, and Wanda's and SparseGPT's algorithms run on
-statistics gathered with plain hooks on the transformers model. Tiny random models are built and saved in the
+statistics gathered with plain hooks on the transformers model: Wanda's stable sort written out, SparseGPT's
+`fasterprune` transcribed (test_mumoe). Tiny random models are built and saved in the
 Hugging Face layout in the tests, so nothing is downloaded and nothing needs ../shared.
 """
 
@@ -24,9 +25,9 @@ import llama_model
 import models
 import mumoe
 from checkpoint import UsageError
-from pruners import prune_model, sparsegpt_prune, wanda_mask
+from pruners import prune_model
 from test_mumoe import (REPO, assert_close, assert_each_visits, cli_data, n_diff, one_thread,  # noqa: F401 (fixtures)
-                        record_moves, report_of, run_main, sentence)
+                        record_moves, reference_fasterprune, report_of, run_main, sentence)
 
 # fp32, measured on these configs: logits equal transformers' exactly (max |diff| 0); cached decoding vs the full
 # forward 2.4e-7 to 4.8e-7. The bound leaves room for other CPUs' kernels, far below what a bug moves (>1e-2).
@@ -314,10 +315,13 @@ def test_prune_model_equals_the_algorithms_on_hooked_statistics(gqa_llama, metho
     for b in range(3):
         for name, (x_sqnorm, H) in hooked_statistics(reference, b, calib_ids).items():
             key = f"model.layers.{b}.{name}.weight"
-            if method == "wanda":
-                expected = original[key] * wanda_mask(original[key], x_sqnorm, 0.5)
-            else:
-                expected = sparsegpt_prune(original[key], H, 0.5)[0]
+            W = original[key]
+            if method == "wanda":  # Wanda's lib/prune.py: |W| * sqrt(scaler_row), a stable sort per row
+                S = W.abs() * x_sqnorm.sqrt()
+                pruned_idx = torch.sort(S, dim=-1, stable=True)[1][:, : int(W.shape[1] * 0.5)]
+                expected = W.clone().scatter_(1, pruned_idx, 0)
+            else:  # SparseGPT's fasterprune, transcribed in test_mumoe
+                expected = reference_fasterprune(W, H, 0.5)
             zeros_diff, maxdiff = n_diff(pruned[key] == 0, expected == 0), (pruned[key] - expected).abs().max().item()
             assert zeros_diff == 0 and maxdiff <= 1e-4, (f"{method} block {b} {name}: {zeros_diff} zeros differ, "
                                                          f"max |Δ| {maxdiff:.3g} from the algorithm on hooked statistics")
