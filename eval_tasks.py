@@ -25,7 +25,6 @@ Imports: lm_eval, lm_harness (HarnessLM), models, pruners, mumoe, corpora (the c
 """
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -43,6 +42,7 @@ from command_line import (CALIBRATED, INTERRUPTED, MAGNITUDE_GROUP, METHODS, NAM
                           nm_active_ratio, nm_name, nm_pattern, positive_int, window_length)
 from corpora import DATASETS
 from lm_harness import SCOPES, HarnessLM
+import results_file
 from results_file import check_writable, write_json
 
 # Wanda's zero-shot tasks (its paper's Table 2 and lib/eval.py), in its order
@@ -189,20 +189,7 @@ RESUME_SETTINGS = ("model", "tasks", "limit", "num_fewshot", "calib", "nsamples"
 
 def finished_rows(path: Path, settings: dict) -> dict[tuple, dict]:
     """The rows of the results file `path` by row_key, for --resume; a UsageError naming the settings that differ."""
-    if not path.is_file():
-        print(f"--resume: no {path} yet, every row is run")
-        return {}
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-        old, rows = report["settings"], {row_key(r): r for r in report["results"]}
-    except (ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"--resume: {path} is not a results file of eval_tasks.py ({type(e).__name__}: {e}); "
-                         "give another --out") from None
-    differ = [f"{k} {old.get(k)} there, {settings[k]} here" for k in RESUME_SETTINGS if old.get(k) != settings[k]]
-    if differ:
-        raise UsageError(f"--resume: {path} holds rows with other settings ({'; '.join(differ)}); run with its "
-                         "settings, or give another --out")
-    return rows
+    return results_file.finished_rows(path, settings, RESUME_SETTINGS, row_key, "eval_tasks.py")
 
 
 # -----------------------------------------------------------------------------
