@@ -140,10 +140,15 @@ def offloaded(model, device):
     the KV cache (every new token visits every block), lm-eval's batches. The hidden states, the KV cache and the
     logits live on `device`. On leaving, the whole model is back in CPU memory and the hooks are gone."""
     device = torch.device(device)
-    hooks = []
-    for block in model.blocks:
-        hooks.append(block.register_forward_pre_hook(lambda block, args: visit(block, device)))
-        hooks.append(block.register_forward_hook(lambda block, args, output: leave(block)))
+
+    def before(block, args) -> None:  # (a hook that returned something would replace the block's inputs)
+        visit(block, device)
+
+    def after(block, args, output) -> None:  # (...or its output)
+        leave(block)
+
+    hooks = [hook for block in model.blocks
+             for hook in (block.register_forward_pre_hook(before), block.register_forward_hook(after))]
     for module in model.outer_modules():
         module.to(device)
     try:

@@ -433,7 +433,9 @@ def run(args) -> list[dict]:
     plan += [(m, rho, args.calib if m in CALIBRATED else None, r) for rho in args.rho for m in ROW_ORDER[1:]
              if m in args.methods for r in (args.mumoe_routing if m == "mumoe" else [None])]
     done = finished_rows(args.out, settings) if args.resume else {}
-    distributed.barrier()  # rank 0: the input is good, the data here; every rank: the file read before rank 0 writes
+    if distributed.is_main():
+        distributed.barrier()  # the input is good and the data is here: the other ranks may start
+    distributed.barrier()  # every rank has read --out before rank 0 writes it
     by_id = {q.id: q for q in questions}
     report = {"settings": settings, "questions": [question_record(q) for q in questions], "results": []}
     rows = {}  # row key -> the row's record in report["results"]
