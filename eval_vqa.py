@@ -59,7 +59,8 @@ import pruners
 import results_file
 import vqa_tasks
 from checkpoint import DTYPES, UsageError, hub_repo_id, offloaded, read_config_json, resolve_checkpoint
-from command_line import CALIBRATED, INTERRUPTED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE, positive_int
+from command_line import (CALIBRATED, INTERRUPTED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE, check_offload,
+                          positive_int)
 from results_file import check_writable, write_json
 from vqa_tasks import TASKS, Question
 
@@ -350,13 +351,6 @@ def show(progress: tqdm, answered: int, predictions: list[dict]) -> None:
     progress.update(answered)
     if predictions:
         progress.set_postfix_str(f"{100 * sum(p['score'] for p in predictions) / len(predictions):.2f}%")
-
-
-def check_offload(device: torch.device) -> None:
-    if device.type == "cpu":
-        raise UsageError("--offload keeps the model in CPU memory and brings each block to the device for its turn; "
-                         "the device here is the cpu, so there is nothing to offload to: give --device cuda, or "
-                         "leave out --offload")
 
 
 def load_model(directory: Path, device, dtype, offload: bool):
