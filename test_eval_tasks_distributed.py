@@ -144,19 +144,27 @@ def assert_same_scores(got: dict, expected: dict, rtol: float, what: str) -> Non
     assert worst <= rtol, f"{what}: log-likelihoods differ by up to {worst:.2e} relative (tolerance {rtol:.0e})"
 
 
-def test_two_ranks_give_lm_evals_results_of_one_process(setup, tmp_path):
-    one, many = tmp_path / "one.json", tmp_path / "many.json"
-    argv = command(setup, one)
-    assert one_process(argv, tmp_path / "one.log") == 0
-    store, procs = launch(RANK_SCRIPT, command(setup, many), 2, tmp_path / "writes.log", LOG=str(tmp_path / "many.log"))
+@pytest.fixture(scope="module")
+def runs(setup, tmp_path_factory) -> Path:
+    """The command in one process (one.json, one.log) and on 2 ranks (many.json, many.log), once for the tests below:
+    every method, and μ-MoE with both routings."""
+    tmp = tmp_path_factory.mktemp("runs")
+    rows = ["--mumoe-routing", "block", "linear"]
+    assert one_process(command(setup, tmp / "one.json", *rows), tmp / "one.log") == 0
+    store, procs = launch(RANK_SCRIPT, command(setup, tmp / "many.json", *rows), 2, tmp / "writes.log",
+                          LOG=str(tmp / "many.log"))
     for r, (code, out, err) in enumerate(finish(procs)):
         assert code == 0, f"rank {r} exit {code}: {err[-3000:]}"
         assert r == 0 or out == err == "", f"rank {r} is not quiet: {out[-500:]} {err[-500:]}"
+    return tmp
 
-    expected, got = without_timings(json.loads(one.read_text())), without_timings(json.loads(many.read_text()))
+
+def test_two_ranks_give_lm_evals_results_of_one_process(runs):
+    expected = without_timings(json.loads((runs / "one.json").read_text()))
+    got = without_timings(json.loads((runs / "many.json").read_text()))
     assert_same_results(got, expected, "2 ranks")
-    assert [r["method"] for r in got["results"]] == ["dense", "magnitude", "wanda", "sparsegpt", "mumoe"]
-    alone, ranks = read_log(tmp_path / "one.log"), read_log(tmp_path / "many.log")
+    assert [r["method"] for r in got["results"]] == ["dense", "magnitude", "wanda", "sparsegpt", "mumoe", "mumoe"]
+    alone, ranks = read_log(runs / "one.log"), read_log(runs / "many.log")
     sparsegpt = 3  # the row whose weights move with the order of the sums
     exact = lambda log: {k: v for k, v in scores(log).items() if k[0] != sparsegpt}
     assert_same_scores(exact(ranks), exact(alone), 0.0, "2 ranks, every row but SparseGPT's")
@@ -166,16 +174,11 @@ def test_two_ranks_give_lm_evals_results_of_one_process(setup, tmp_path):
         "every rank scores its own documents' contexts"
 
 
-def test_mumoe_routes_each_context_once_across_the_ranks(setup, tmp_path):
-    many = tmp_path / "many.json"
-    rows = ["--methods", "mumoe", "--mumoe-routing", "block", "linear"]
-    assert one_process(command(setup, tmp_path / "one.json", *rows), tmp_path / "one.log") == 0
-    store, procs = launch(RANK_SCRIPT, command(setup, many, *rows), 2, tmp_path / "writes.log", LOG=str(tmp_path / "many.log"))
-    assert [code for code, _, _ in finish(procs)] == [0, 0]
-    alone, ranks = routings(read_log(tmp_path / "one.log")), routings(read_log(tmp_path / "many.log"))
+def test_mumoe_routes_each_context_once_across_the_ranks(runs):
+    alone, ranks = routings(read_log(runs / "one.log")), routings(read_log(runs / "many.log"))
     assert len(alone) == 2 * DOCS and len(set(alone)) == len(alone), "one process: a routing per document and row"
     assert ranks == alone, f"{len(ranks)} routings on 2 ranks, {len(alone)} in one process"
-    assert [row["routed"] for row in json.loads(many.read_text())["results"]] == [DOCS, DOCS]
+    assert [row["routed"] for row in json.loads((runs / "many.json").read_text())["results"][-2:]] == [DOCS, DOCS]
 
 
 def test_offload_gives_the_results_of_the_model_on_the_device(setup, tmp_path, monkeypatch, capsys):
