@@ -118,34 +118,43 @@ def shifted_causal_mask(T: int, start: int, device=None) -> torch.Tensor | None:
     return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)  # (T, start + T)
 
 
-
+# -----------------------------------------------------------------------------
 # Offload: a model kept in CPU memory runs with one block at a time on the device
 
 
-def visit(block: nn.Module, device: torch.device) -> None:
-    """A block's turn begins: its weights go to the device."""
-    block.to(device)
+def visit(block: nn.Module, device: torch.device) -> dict:
+    """A block's turn begins: its weights and buffers copied to the device. Returns their CPU tensors, kept as they
+    are (memory-mapped pages of the checkpoint stay shared, nothing is allocated in CPU memory)."""
+    kept = {}
+    for tensor in (*block.parameters(), *block.buffers()):
+        kept[tensor] = tensor.data
+        tensor.data = tensor.data.to(device)
+    return kept
 
 
-def leave(block: nn.Module) -> None:
-    """A block's turn ends: its weights go back to CPU memory."""
-    block.to("cpu")
+def leave(block: nn.Module, kept: dict) -> None:
+    """A block's turn ends: its tensors are the CPU ones again and the device copies are dropped; nothing is copied
+    back, as nothing changes a weight while the model runs offloaded."""
+    for tensor, data in kept.items():
+        tensor.data = data
 
 
 @contextmanager
 def offloaded(model, device):
     """Within the block, `model` (its weights in CPU memory) runs on `device` with one decoder block there at a time:
-    model.outer_modules() move to `device` for the whole block, and each decoder block moves there just before each
-    of its forwards and back right after (forward hooks), whoever calls it: a perplexity loop, a generation through
-    the KV cache (every new token visits every block), lm-eval's batches. The hidden states, the KV cache and the
-    logits live on `device`. On leaving, the whole model is back in CPU memory and the hooks are gone."""
+    model.outer_modules() move to `device` for the whole block, and each decoder block is copied there just before
+    each of its forwards and dropped right after (forward hooks), whoever calls it: a perplexity loop, a generation
+    through the KV cache (every new token visits every block), lm-eval's batches. The hidden states, the KV cache and
+    the logits live on `device`. For runs that read the weights only (a pruned model is pruned before): a weight
+    changed during a block's turn would be lost. On leaving, the whole model is in CPU memory, the hooks gone."""
     device = torch.device(device)
+    turns = {}  # block -> its CPU tensors, while it is on the device
 
     def before(block, args) -> None:  # (a hook that returned something would replace the block's inputs)
-        visit(block, device)
+        turns[block] = visit(block, device)
 
     def after(block, args, output) -> None:  # (...or its output)
-        leave(block)
+        leave(block, turns.pop(block))
 
     hooks = [hook for block in model.blocks
              for hook in (block.register_forward_pre_hook(before), block.register_forward_hook(after))]

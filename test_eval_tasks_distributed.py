@@ -192,8 +192,8 @@ def test_offload_gives_the_results_of_the_model_on_the_device(setup, tmp_path, m
 
     events, visit, leave = [], checkpoint.visit, checkpoint.leave
     monkeypatch.setattr(eval_tasks, "check_offload", lambda device: None)  # the CPU stands in for a GPU
-    monkeypatch.setattr(checkpoint, "visit", lambda block, device: (events.append(("visit", block)), visit(block, device)))
-    monkeypatch.setattr(checkpoint, "leave", lambda block: (events.append(("leave", block)), leave(block)))
+    monkeypatch.setattr(checkpoint, "visit", lambda block, device: events.append(("visit", block)) or visit(block, device))
+    monkeypatch.setattr(checkpoint, "leave", lambda block, kept: events.append(("leave", block)) or leave(block, kept))
     assert one_process(command(setup, offload, *argv, "--offload"), tmp_path / "offload.log") == 0
     assert_same_results(without_timings(json.loads(offload.read_text())), without_timings(json.loads(plain.read_text())),
                         "--offload")

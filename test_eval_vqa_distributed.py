@@ -147,8 +147,8 @@ def test_offload_answers_as_the_model_on_the_device(tiny_llava, data_dir, tmp_pa
 
     events, visit, leave = [], checkpoint.visit, checkpoint.leave
     monkeypatch.setattr(eval_vqa, "check_offload", lambda device: None)  # the CPU stands in for a GPU
-    monkeypatch.setattr(checkpoint, "visit", lambda block, device: (events.append(("visit", block)), visit(block, device)))
-    monkeypatch.setattr(checkpoint, "leave", lambda block: (events.append(("leave", block)), leave(block)))
+    monkeypatch.setattr(checkpoint, "visit", lambda block, device: events.append(("visit", block)) or visit(block, device))
+    monkeypatch.setattr(checkpoint, "leave", lambda block, kept: events.append(("leave", block)) or leave(block, kept))
     assert eval_vqa.main(command(tiny_llava, data_dir, offload, *argv, "--offload")) == 0
     assert_same_rows(json.loads(offload.read_text()), json.loads(plain.read_text()), "--offload")
     kinds = [kind for kind, _ in events]
