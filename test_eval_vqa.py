@@ -16,7 +16,7 @@ import pytest
 
 import eval_vqa
 import vqa_tasks
-from test_mumoe import one_thread  # noqa: F401 (a fixture: tiny models run faster on one thread)
+from testkit import assert_one_line_error
 from vqa_tasks import normalize_answer, scienceqa_letter, scienceqa_message, textvqa_message, vqa_accuracy
 
 # -----------------------------------------------------------------------------
@@ -274,13 +274,6 @@ def run_command(capsys, *argv) -> tuple[int, str]:
     except SystemExit as e:
         code = e.code
     return code, capsys.readouterr().err
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code == 2, err
-    assert len(err.strip().splitlines()) == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 @pytest.mark.parametrize("argv, fragment", [

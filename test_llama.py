@@ -26,8 +26,8 @@ import models
 import mumoe
 from checkpoint import UsageError
 from pruners import prune_model
-from test_mumoe import (REPO, assert_close, assert_each_visits, cli_data, n_diff, one_thread,  # noqa: F401 (fixtures)
-                        record_moves, reference_fasterprune, report_of, run_main, sentence)
+from testkit import (REPO, assert_close, assert_each_visits, assert_one_line_error, n_diff, record_moves,
+                     reference_fasterprune, report_of, run_main, sentence)
 
 # fp32, measured on these configs: logits equal transformers' exactly (max |diff| 0); cached decoding vs the full
 # forward 2.4e-7 to 4.8e-7. The bound leaves room for other CPUs' kernels, far below what a bug moves (>1e-2).
@@ -122,6 +122,7 @@ def test_hub_config_layout_loads_the_same_model(tiny_llama, tmp_path):
     assert torch.equal(ours(ids), theirs(ids)), f"{kind}: the hub layout gives other logits"
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @torch.no_grad()
 def test_half_precision_matches_transformers(tiny_llama, dtype):
@@ -378,6 +379,7 @@ def test_count_macs_matches_the_counter_with_gqa_shapes(gqa_llama, routing, rho)
     assert analytic.attention == 3 * 2 * 4 * 16 * T * (T + 1) // 2
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("method", ("wanda", "sparsegpt"))
 @torch.no_grad()
 def test_offload_gives_the_same_pruned_model_and_perplexity(gqa_llama, monkeypatch, method):
@@ -451,7 +453,7 @@ def test_family_defaults_follow_wandas_llama_protocol(llama_with_tokenizer, tmp_
 def test_eval_ppl_bad_input_on_a_llama(llama_with_tokenizer, cli_data, capsys, args, message):
     code, _, err = run_main(["--model", str(llama_with_tokenizer), "--data-dir", str(cli_data), "--device", "cpu",
                              "--calib", "ptb", *args], capsys)
-    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert_one_line_error(code, err, message)
 
 
 def test_eval_ppl_refuses_an_unknown_model_type(llama_with_tokenizer, tmp_path, capsys):
@@ -459,7 +461,7 @@ def test_eval_ppl_refuses_an_unknown_model_type(llama_with_tokenizer, tmp_path, 
     directory.mkdir()
     (directory / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
     code, _, err = run_main(["--model", str(directory)], capsys)
-    assert code == 2 and err.count("\n") == 1 and "model_type 'gpt_neox' is not supported" in err, err
+    assert_one_line_error(code, err, "model_type 'gpt_neox' is not supported")
 
 
 def test_generation_command_on_a_llama(llama_with_tokenizer):

@@ -15,7 +15,7 @@ import llava_model
 from checkpoint import UsageError
 from llava_model import (CLIP_MEAN, CLIP_STD, PAD_COLOR, CLIPVisionConfig, CLIPVisionModel, conversation_prompt,
                          expand_to_square, preprocess)
-from test_mumoe import assert_close, one_thread  # noqa: F401 (a fixture)
+from testkit import assert_close, save_tiny_opt
 
 
 # -----------------------------------------------------------------------------
@@ -734,14 +734,13 @@ def test_models_dispatches_llava_and_names_other_variants(tiny_llava, tmp_path):
 
 
 def test_image_given_to_a_text_model_is_refused(cat_jpg, tmp_path, capsys):
-    from test_mumoe import save_tiny_opt
-
     save_tiny_opt(tmp_path)
     code, _, err = run_mumoe(["--model", str(tmp_path), "--image", str(cat_jpg), "--prompt", "Hi", "--rho", "0.5"],
                              capsys)
     assert code == 2 and "--image and --route-vision need a vision-language model (LLaVA)" in err, err
 
 
+@pytest.mark.cuda
 def test_loads_in_bfloat16_and_runs(tiny_llava):
     directory, _, model = tiny_llava
     half = llava_model.load_llava(directory, dtype=torch.bfloat16)
