@@ -26,7 +26,7 @@ import models
 import mumoe
 from checkpoint import UsageError
 from pruners import prune_model
-from testkit import (REPO, assert_close, assert_each_visits, assert_one_line_error, n_diff, record_moves,
+from testkit import (REPO, assert_close, assert_each_visits, assert_one_line_error, n_diff, random_ids, record_moves,
                      reference_fasterprune, report_of, run_main, sentence)
 
 # fp32, measured on these configs: logits equal transformers' exactly (max |diff| 0); cached decoding vs the full
@@ -77,10 +77,6 @@ def tiny_llama(request, tmp_path_factory):
     return request.param, directory, save_tiny_llama(directory, request.param)
 
 
-def random_ids(B, T, seed=1):
-    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
 # -----------------------------------------------------------------------------
 # The forward pass, the two config layouts, half precision, the KV cache and generation
 
@@ -90,7 +86,7 @@ def test_logits_match_transformers(tiny_llama):
     kind, directory, reference = tiny_llama
     model = models.load_model(directory)
     assert isinstance(model, llama_model.LlamaForCausalLM)
-    ids = random_ids(2, 40)
+    ids = random_ids(2, 40, VOCAB)
     assert_close(model(ids), reference(ids).logits, FP32_ATOL, f"{kind} logits")
 
 
@@ -118,7 +114,7 @@ def test_hub_config_layout_loads_the_same_model(tiny_llama, tmp_path):
     assert "rope_parameters" not in (hub / "config.json").read_text()
     ours, theirs = models.load_model(directory), models.load_model(hub)
     assert ours.config == theirs.config, f"{kind}: {ours.config} != {theirs.config}"
-    ids = random_ids(1, 30)
+    ids = random_ids(1, 30, VOCAB)
     assert torch.equal(ours(ids), theirs(ids)), f"{kind}: the hub layout gives other logits"
 
 
@@ -130,7 +126,7 @@ def test_half_precision_matches_transformers(tiny_llama, dtype):
     model = models.load_model(directory, dtype=dtype)
     assert all(p.dtype == dtype for p in model.parameters())
     assert model.blocks[0].self_attn.inv_freq.dtype == torch.float32, "the rotary frequencies must stay float32"
-    ids = random_ids(2, 40)
+    ids = random_ids(2, 40, VOCAB)
     ref = copy.deepcopy(reference).to(dtype)(ids).logits
     assert_close(model(ids), ref, HALF_ATOL[dtype], f"{kind} {dtype} logits")
 
@@ -139,7 +135,7 @@ def test_half_precision_matches_transformers(tiny_llama, dtype):
 def test_cached_logits_equal_the_full_forward(tiny_llama):
     kind, directory, _ = tiny_llama
     model = models.load_model(directory)
-    ids = random_ids(2, 24)
+    ids = random_ids(2, 24, VOCAB)
     full = model(ids)
     cache = model.new_cache(24, batch=2)
     stepped = [model(ids[:, :16], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(16, 22)]
@@ -153,7 +149,7 @@ def test_cached_logits_equal_the_full_forward(tiny_llama):
 def test_greedy_generation_matches_transformers(tiny_llama):
     kind, directory, reference = tiny_llama
     model = models.load_model(directory)
-    prompt = random_ids(1, 12, seed=3)
+    prompt = random_ids(1, 12, VOCAB, seed=3)
     ours = mumoe.generate(model, prompt[0].tolist(), 20, eos_id=model.config.eos_token_id)
     theirs = reference.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=True,
                                 eos_token_id=model.config.eos_token_id, pad_token_id=0)[0, 12:].tolist()
@@ -163,9 +159,9 @@ def test_greedy_generation_matches_transformers(tiny_llama):
 def test_sliding_window_is_refused_beyond_its_length(tmp_path):
     save_tiny_llama(tmp_path, "mistral", sliding_window=16)
     model = models.load_model(tmp_path)
-    model(random_ids(1, 16))  # within the window: full attention is the window's attention
+    model(random_ids(1, 16, VOCAB))  # within the window: full attention is the window's attention
     with pytest.raises(UsageError, match="sliding attention window of 16"):
-        model(random_ids(1, 17))
+        model(random_ids(1, 17, VOCAB))
 
 
 # -----------------------------------------------------------------------------
@@ -284,7 +280,7 @@ def gqa_llama(tmp_path_factory):
     """A three-block GQA LLaMA, its transformers twin and 4 calibration windows."""
     directory = tmp_path_factory.mktemp("gqa-llama")
     reference = save_tiny_llama(directory, "llama_gqa", num_hidden_layers=3)
-    return reference, directory, random_ids(4, 24, seed=12)
+    return reference, directory, random_ids(4, 24, VOCAB, seed=12)
 
 
 def hooked_statistics(reference, block_index, calib_ids):
@@ -336,7 +332,7 @@ def test_prune_model_equals_the_algorithms_on_hooked_statistics(gqa_llama, metho
 @torch.no_grad()
 def test_block_routing_is_wanda_calibrated_on_the_window(gqa_llama, rho):
     _, directory, _ = gqa_llama
-    model, ids = models.load_model(directory), random_ids(1, 32, seed=5)
+    model, ids = models.load_model(directory), random_ids(1, 32, VOCAB, seed=5)
     routed = mumoe.mumoe_logits(model, ids, rho)
     pruned = copy.deepcopy(model)
     prune_model(pruned, ids, "wanda", rho, progress=False)
@@ -347,14 +343,14 @@ def test_block_routing_is_wanda_calibrated_on_the_window(gqa_llama, rho):
 @torch.no_grad()
 def test_mumoe_batch_rho_one_and_prefix(gqa_llama, routing):
     _, directory, _ = gqa_llama
-    model, ids = models.load_model(directory), random_ids(3, 20, seed=6)
+    model, ids = models.load_model(directory), random_ids(3, 20, VOCAB, seed=6)
     batch = mumoe.mumoe_logits(model, ids, 0.5, routing=routing)
     for b in range(3):
         assert_close(batch[b : b + 1], mumoe.mumoe_logits(model, ids[b : b + 1], 0.5, routing=routing), 1e-5,
                      f"{routing}: prompt {b} of a batch vs alone")
     assert torch.equal(mumoe.mumoe_logits(model, ids, 1.0, routing=routing), model(ids)), "rho = 1 is dense"
     changed = ids.clone()
-    changed[:, 12:] = random_ids(3, 8, seed=7)
+    changed[:, 12:] = random_ids(3, 8, VOCAB, seed=7)
     a = mumoe.mumoe_logits(model, ids, 0.5, prefix=12, routing=routing)
     b = mumoe.mumoe_logits(model, changed, 0.5, prefix=12, routing=routing)
     assert torch.equal(a[:, :12], b[:, :12]), f"{routing}: tokens after the prefix changed the routing"
@@ -366,7 +362,7 @@ def test_count_macs_matches_the_counter_with_gqa_shapes(gqa_llama, routing, rho)
     _, directory, _ = gqa_llama
     model, T = models.load_model(directory), 20
     counter = Counter()
-    mumoe.mumoe_logits(model, random_ids(1, T), rho, routing=routing, counter=counter)
+    mumoe.mumoe_logits(model, random_ids(1, T, VOCAB), rho, routing=routing, counter=counter)
     names = mumoe.linear_names(model)
     counted = {names[layer]: macs for layer, macs in counter.items()}
     analytic = mumoe.count_macs(model, T, rho, routing=routing)

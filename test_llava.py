@@ -15,7 +15,7 @@ import llava_model
 from checkpoint import UsageError
 from llava_model import (CLIP_MEAN, CLIP_STD, PAD_COLOR, CLIPVisionConfig, CLIPVisionModel, conversation_prompt,
                          expand_to_square, preprocess)
-from testkit import assert_close, save_tiny_opt
+from testkit import assert_close, rewrite_checkpoint, save_tiny_opt
 
 
 # -----------------------------------------------------------------------------
@@ -311,23 +311,15 @@ LAYOUTS = {
 }
 
 
-def rewrite_checkpoint(src, dst, rename=lambda key: key, drop=(), add=None):
-    """A copy of the checkpoint in src with its keys renamed, some dropped, some added."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    dst.mkdir(exist_ok=True)
-    state = {rename(k): v for k, v in load_file(src / "model.safetensors").items() if k not in drop}
-    save_file({**state, **(add or {})}, dst / "model.safetensors", metadata={"format": "pt"})
-    shutil.copy(src / "config.json", dst / "config.json")
-    return dst
+def renamed(rename):
+    """A checkpoint edit (testkit.rewrite_checkpoint) that renames every key."""
+    return lambda state: {rename(k): v for k, v in state.items()}
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_checkpoint_layouts_load_to_the_same_model(tiny_llava, tmp_path, layout):
     directory, _, model = tiny_llava
-    other = llava_model.load_llava(rewrite_checkpoint(directory, tmp_path / layout, LAYOUTS[layout]))
+    other = llava_model.load_llava(rewrite_checkpoint(directory, tmp_path / layout, renamed(LAYOUTS[layout])))
     theirs, ours = other.state_dict(), model.state_dict()
     assert theirs.keys() == ours.keys()
     assert all(torch.equal(theirs[k], ours[k]) for k in ours), f"{layout} loads other tensors"
@@ -338,7 +330,7 @@ def test_hub_legacy_layout_is_what_transformers_reads(tiny_llava, tmp_path):
     import transformers
 
     directory, reference, _ = tiny_llava
-    legacy = rewrite_checkpoint(directory, tmp_path / "legacy", hub_legacy_key)
+    legacy = rewrite_checkpoint(directory, tmp_path / "legacy", renamed(hub_legacy_key))
     again = transformers.LlavaForConditionalGeneration.from_pretrained(legacy).eval()
     theirs = again.state_dict()
     assert all(torch.equal(theirs[k], v) for k, v in reference.state_dict().items())
@@ -347,7 +339,8 @@ def test_hub_legacy_layout_is_what_transformers_reads(tiny_llava, tmp_path):
 def test_stored_clip_position_ids_are_accepted(tiny_llava, tmp_path):
     directory, _, model = tiny_llava
     arange = torch.arange(N_FEATURES + 1)[None]
-    stored = rewrite_checkpoint(directory, tmp_path / "ids", add={"vision_tower.embeddings.position_ids": arange})
+    stored = rewrite_checkpoint(directory, tmp_path / "ids",
+                                lambda state: {**state, "vision_tower.embeddings.position_ids": arange})
     assert torch.equal(llava_model.load_llava(stored).state_dict()["multi_modal_projector.linear_1.weight"],
                        model.state_dict()["multi_modal_projector.linear_1.weight"])
 
@@ -360,12 +353,13 @@ def test_stored_clip_position_ids_are_accepted(tiny_llava, tmp_path):
 def test_missing_key_is_refused(tiny_llava, tmp_path, drop, message):
     directory, _, _ = tiny_llava
     with pytest.raises(UsageError, match=message):
-        llava_model.load_llava(rewrite_checkpoint(directory, tmp_path / "missing", drop=[drop]))
+        llava_model.load_llava(rewrite_checkpoint(directory, tmp_path / "missing",
+                                                        lambda state: {k: v for k, v in state.items() if k != drop}))
 
 
 def test_unexpected_key_is_refused(tiny_llava, tmp_path):
     directory, _, _ = tiny_llava
-    extra = rewrite_checkpoint(directory, tmp_path / "extra", add={"image_newline": torch.zeros(32)})
+    extra = rewrite_checkpoint(directory, tmp_path / "extra", lambda state: {**state, "image_newline": torch.zeros(32)})
     with pytest.raises(UsageError, match="unexpected key 'image_newline'"):
         llava_model.load_llava(extra)
 

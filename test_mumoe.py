@@ -18,7 +18,7 @@ from mumoe import ROUTINGS, count_macs, generate, linear_names, micro_experts, m
 from checkpoint import UsageError
 from opt_model import OPTConfig, OPTForCausalLM, load_model
 from pruners import SELECTS, prune_model, wanda_mask
-from testkit import REPO, TINY_LAYOUTS, assert_close, n_diff, save_tiny_opt
+from testkit import REPO, TINY_LAYOUTS, assert_close, n_diff, random_ids, save_tiny_opt
 
 
 TINY = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
@@ -36,10 +36,6 @@ def tiny_model():
     for layer in linear_names(model):
         layer.weight.normal_(0, LINEAR_GAIN / layer.in_features ** 0.5)
     return model
-
-
-def random_ids(B, T, seed=1):
-    return torch.randint(3, TINY.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def prompt_masks(model, ids, rho, **kw):
@@ -83,7 +79,7 @@ ROUTING_ATOL = 1e-5  # block routing vs. a model pruned by prune_model: the same
 def test_block_routing_is_wanda_calibrated_on_the_window(tiny_model, rho, select):
     """The reference's definition, written with our own parts: Wanda's driver with the window as its only
     calibration sample, then the pruned model's dense logits of that window."""
-    window = random_ids(1, 40, seed=3)
+    window = random_ids(1, 40, TINY.vocab_size, low=3, seed=3)
     pruned = copy.deepcopy(tiny_model)
     prune_model(pruned, window, "wanda", rho, select=select, progress=False)
     routed = mumoe_logits(tiny_model, window, rho, select=select, routing="block")
@@ -95,7 +91,7 @@ def test_block_routing_is_wanda_calibrated_on_the_window(tiny_model, rho, select
 def test_routings_share_only_the_first_inputs(tiny_model):
     """In block 0 q, k and v read the same LayerNorm output in both routings; out_proj, fc1 and fc2 read
     outputs of gated Linears in the one-pass routing and of dense ones in the block routing."""
-    ids = random_ids(2, 24)
+    ids = random_ids(2, 24, TINY.vocab_size, low=3)
     block, linear = prompt_masks(tiny_model, ids, 0.5, routing="block"), prompt_masks(tiny_model, ids, 0.5, routing="linear")
     for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
         key = f"decoder.layers.0.{name}"
@@ -107,7 +103,7 @@ def test_routings_share_only_the_first_inputs(tiny_model):
 
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_prompts_in_a_batch_are_routed_independently(tiny_model, routing):
-    ids = random_ids(3, 24)
+    ids = random_ids(3, 24, TINY.vocab_size, low=3)
     batched = mumoe_logits(tiny_model, ids, 0.5, routing=routing)
     for b in range(3):
         alone = mumoe_logits(tiny_model, ids[b:b + 1], 0.5, routing=routing)[0]
@@ -118,7 +114,7 @@ def test_prompts_in_a_batch_are_routed_independently(tiny_model, routing):
 
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_rho_one_is_exactly_dense(tiny_model, routing):
-    ids = random_ids(2, 20)
+    ids = random_ids(2, 20, TINY.vocab_size, low=3)
     assert torch.equal(mumoe_logits(tiny_model, ids, 1.0, routing=routing), tiny_model(ids))
     assert not torch.allclose(mumoe_logits(tiny_model, ids, 0.9, routing=routing), tiny_model(ids)), \
         "rho < 1 must change the logits"
@@ -127,7 +123,7 @@ def test_rho_one_is_exactly_dense(tiny_model, routing):
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_weights_are_left_untouched(tiny_model, routing):
     before = {name: p.clone() for name, p in tiny_model.state_dict().items()}
-    mumoe_logits(tiny_model, random_ids(2, 20), 0.4, routing=routing)
+    mumoe_logits(tiny_model, random_ids(2, 20, TINY.vocab_size, low=3), 0.4, routing=routing)
     for name, p in tiny_model.state_dict().items():
         assert torch.equal(p, before[name]), f"{name} was modified by a μ-MoE forward ({routing})"
 
@@ -135,7 +131,7 @@ def test_weights_are_left_untouched(tiny_model, routing):
 @pytest.mark.parametrize("rho", [0.3, 0.75])
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_every_select_gives_identical_logits(tiny_model, rho, routing):
-    ids = random_ids(2, 32)
+    ids = random_ids(2, 32, TINY.vocab_size, low=3)
     reference = mumoe_logits(tiny_model, ids, rho, select="sort", routing=routing)
     for select in SELECTS:
         assert torch.equal(mumoe_logits(tiny_model, ids, rho, select=select, routing=routing), reference), \
@@ -145,14 +141,14 @@ def test_every_select_gives_identical_logits(tiny_model, rho, routing):
 def test_chosen_experts_refuse_another_batch_size(tiny_model):
     """Experts chosen for one prompt cannot silently serve a batch of two (zip would drop the second)."""
     chosen = {}
-    mumoe_logits(tiny_model, random_ids(1, 8), 0.5, chosen=chosen)
+    mumoe_logits(tiny_model, random_ids(1, 8, TINY.vocab_size, low=3), 0.5, chosen=chosen)
     with pytest.raises(ValueError, match="1 prompts' experts for a batch of 2 prompts"):
-        tiny_model(random_ids(2, 8), mumoe.chosen_experts(chosen))
+        tiny_model(random_ids(2, 8, TINY.vocab_size, low=3), mumoe.chosen_experts(chosen))
 
 
 def test_unknown_routing_is_refused(tiny_model):
     with pytest.raises(UsageError, match="routing must be one of"):
-        mumoe_logits(tiny_model, random_ids(1, 8), 0.5, routing="dense")
+        mumoe_logits(tiny_model, random_ids(1, 8, TINY.vocab_size, low=3), 0.5, routing="dense")
 
 
 # One routed Linear in half precision vs float32 arithmetic on the same inputs and masks, as a fraction of the
@@ -170,7 +166,7 @@ def test_mumoe_in_half_precision(tiny_model, dtype, routing):
     which summed in half precision would flip 2-24 of them here; its outputs agree within rounding. End to end
     the logits are not compared with the float32 model's: one rounding flips a near tie early and this tiny
     model amplifies it, to 5-50% of the largest logit."""
-    model, ids = copy.deepcopy(tiny_model).to(dtype), random_ids(2, 24)
+    model, ids = copy.deepcopy(tiny_model).to(dtype), random_ids(2, 24, TINY.vocab_size, low=3)
     for rho in (0.3, 0.5):
         # mumoe_logits written out, so that each Linear can be watched: routed_block's steps, block by block
         stats, chosen, seen, dense_inputs = {}, {}, [], {}
@@ -216,7 +212,7 @@ def test_mumoe_in_half_precision(tiny_model, dtype, routing):
 def test_active_weights_and_counter_match_count_macs(tiny_model, rho, routing):
     B, T = 2, 20
     counter = Counter()
-    mumoe_logits(tiny_model, random_ids(B, T), rho, counter=counter, routing=routing)
+    mumoe_logits(tiny_model, random_ids(B, T, TINY.vocab_size, low=3), rho, counter=counter, routing=routing)
     analytic = count_macs(models.empty_model(TINY), T, rho)
     for layer, name in linear_names(tiny_model).items():
         d_out, d_in = layer.weight.shape
@@ -294,9 +290,9 @@ def test_paper_table_reading():
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_prefix_routing_ignores_later_tokens(tiny_model, routing):
     N, rho = 12, 0.5
-    ids = random_ids(1, 30)
+    ids = random_ids(1, 30, TINY.vocab_size, low=3)
     changed = ids.clone()
-    changed[:, N:] = random_ids(1, 30 - N, seed=7)
+    changed[:, N:] = random_ids(1, 30 - N, TINY.vocab_size, low=3, seed=7)
     prefix_a = prompt_masks(tiny_model, ids, rho, prefix=N, routing=routing)
     prefix_b = prompt_masks(tiny_model, changed, rho, prefix=N, routing=routing)
     assert all(torch.equal(prefix_a[name][0], prefix_b[name][0]) for name in prefix_a)
@@ -309,7 +305,7 @@ def test_prefix_routing_ignores_later_tokens(tiny_model, routing):
 
 def test_prefix_longer_than_prompt_is_refused(tiny_model):
     with pytest.raises(UsageError, match="prefix 11 is longer than the 10 tokens"):
-        mumoe_logits(tiny_model, random_ids(1, 10), 0.5, prefix=11)
+        mumoe_logits(tiny_model, random_ids(1, 10, TINY.vocab_size, low=3), 0.5, prefix=11)
     with pytest.raises(UsageError, match="rho"):
         micro_experts(1.5)
 
@@ -349,7 +345,7 @@ def test_cached_greedy_generation_matches_transformers_and_recomputation(generat
 def test_generation_keeps_the_prompts_experts(tiny_model, routing):
     """Decoding through the cache with the prompt's experts = recomputing the whole sequence at every step, each
     time routed on the prompt's tokens only (prefix): the same masks, applied to every new token."""
-    prompt, rho, steps = random_ids(1, 9, seed=5)[0].tolist(), 0.5, 10
+    prompt, rho, steps = random_ids(1, 9, TINY.vocab_size, low=3, seed=5)[0].tolist(), 0.5, 10
     new = generate(tiny_model, prompt, steps, rho, routing)
     ids = torch.tensor([prompt])
     for _ in range(steps):
@@ -363,14 +359,14 @@ def test_generation_keeps_the_prompts_experts(tiny_model, routing):
 @pytest.mark.parametrize("rho", [1.0, 0.5])
 def test_generation_stops_at_eos(tiny_model, rho):
     """With eos_id set to the token greedily emitted at step k (its first occurrence), decoding ends right there."""
-    prompt = random_ids(1, 9, seed=5)[0].tolist()
+    prompt = random_ids(1, 9, TINY.vocab_size, low=3, seed=5)[0].tolist()
     free = generate(tiny_model, prompt, 10, rho)
     k = next(k for k in range(2, 10) if free[k] not in free[:k])
     assert generate(tiny_model, prompt, 10, rho, eos_id=free[k]) == free[:k + 1]
 
 
 def test_generation_bad_input(tiny_model):
-    prompt = random_ids(1, 60)[0].tolist()
+    prompt = random_ids(1, 60, TINY.vocab_size, low=3)[0].tolist()
     with pytest.raises(UsageError, match="max_new_tokens must be at least 1, got 0"):
         generate(tiny_model, prompt, 0)
     with pytest.raises(UsageError, match="60 prompt tokens \\+ 5 new tokens exceed max_position_embeddings=64"):

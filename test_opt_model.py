@@ -5,7 +5,6 @@ transformers' and the reference token counts of ../shared/data/README.md (those 
 import json
 import random
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +12,8 @@ import torch
 import checkpoint
 from checkpoint import UsageError
 from opt_model import OPTConfig, load_model, load_tokenizer
-from testkit import (SHARED_DATA, TINY_LAYOUTS, TOKENIZER_DIR, assert_close, needs_shared_data, save_tiny_opt,
-                     save_tiny_tokenizer, sentence)
+from testkit import (SHARED_DATA, TINY_LAYOUTS, TOKENIZER_DIR, assert_close, needs_shared_data, rewrite_checkpoint,
+                     save_tiny_opt, save_tiny_tokenizer, sentence)
 
 PARITY_ATOL = 1e-4  # fp32 logits of two implementations of the same arithmetic
 
@@ -170,27 +169,6 @@ def test_cache_refuses_what_it_cannot_do(tiny_checkpoint):
 
 # -----------------------------------------------------------------------------
 # opt_model: checkpoint layouts and strict loading
-
-
-def rewrite_checkpoint(src: Path, dst: Path, edit=lambda state: state, shards=1):
-    """Copy a saved tiny checkpoint, editing its tensors and/or splitting it into shards."""
-    from safetensors.torch import load_file, save_file
-
-    dst.mkdir()
-    shutil.copy(src / "config.json", dst / "config.json")
-    state = edit(load_file(src / "model.safetensors"))
-    keys = sorted(state)
-    if shards == 1:
-        save_file(state, dst / "model.safetensors")
-        return dst
-    weight_map = {}
-    for i in range(shards):
-        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: state[k] for k in keys[i::shards]}
-        save_file(part, dst / name)
-        weight_map.update(dict.fromkeys(part, name))
-    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return dst
 
 
 def test_loads_metaseq_keys_without_model_prefix(tiny_checkpoint, tmp_path):

@@ -7,6 +7,7 @@ Nothing here downloads anything: the models are random, the tokenizer is a byte-
 
 import json
 import random
+import shutil
 import statistics
 import time
 from dataclasses import asdict
@@ -130,6 +131,28 @@ def timed(fns, repeats: int, device=None, warmup: bool = True):
 def median_and_spread(seconds: list[float]) -> dict:
     """The median of some timings and their spread (min, max), as the benchmarks report them."""
     return {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds)}
+
+
+def rewrite_checkpoint(src: Path, dst: Path, edit=lambda state: state, shards=1):
+    """Copy a saved tiny checkpoint, editing its tensors (`edit`: state dict -> state dict: rename, drop, add)
+    and/or splitting it into shards. Returns `dst`."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(exist_ok=True)
+    shutil.copy(src / "config.json", dst / "config.json")
+    state = edit(load_file(src / "model.safetensors"))
+    keys = sorted(state)
+    if shards == 1:
+        save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+        return dst
+    weight_map = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k] for k in keys[i::shards]}
+        save_file(part, dst / name)
+        weight_map.update(dict.fromkeys(part, name))
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
 
 
 def assert_close(ours, ref, atol, what):
