@@ -5,6 +5,7 @@ explain themselves, and one timer.
 Nothing here downloads anything: the models are random, the tokenizer is a byte-level BPE trained in milliseconds.
 """
 
+import io
 import json
 import random
 import shutil
@@ -424,6 +425,84 @@ def save_llama2_like_tokenizer(directory) -> int:
     tokenizer.add_special_tokens(["<image>"])
     tokenizer.save(str(path))
     return tokenizer.token_to_id("<image>")
+
+
+# -----------------------------------------------------------------------------
+# ScienceQA and TextVQA as tiny parquet files with random images, in the hub's layout, and a LLaVA to answer them
+
+def png(seed: int, size=(24, 16), mode="RGB") -> bytes:
+    from PIL import Image
+
+    rng = random.Random(seed)
+    image = Image.new(mode, size)
+    image.putdata([tuple(rng.randrange(256) for _ in mode) for _ in range(size[0] * size[1])])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+VQA_WORDS = "red blue cat dog stop sign yes no two three the shop open".split()
+
+
+def scienceqa_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        choices = [rng.choice(VQA_WORDS) for _ in range(rng.randint(2, 5))]
+        rows.append(dict(image={"bytes": png(seed * 1000 + i), "path": None} if i % 3 else None,
+                         question=f"Which one is {rng.choice(VQA_WORDS)}?", choices=choices,
+                         answer=rng.randrange(len(choices)), hint=rng.choice(["", "Look closely."]),
+                         lecture="", solution=""))
+    return rows
+
+
+def textvqa_rows(n: int, seed: int = 0, first_id: int = 100) -> list[dict]:
+    rng = random.Random(seed)
+    return [dict(image={"bytes": png(seed * 1000 + i, size=(20 + i, 30)), "path": None}, image_id=f"img{i}",
+                 question_id=first_id + i, question=f"what does the {rng.choice(VQA_WORDS)} say?",
+                 answers=[rng.choice(VQA_WORDS[:4]) for _ in range(10)],
+                 ocr_tokens=[rng.choice(VQA_WORDS) for _ in range(rng.randint(0, 3))]) for i in range(n)]
+
+
+def write_parquet(path: Path, rows: list[dict], drop=()) -> Path:
+    import pyarrow
+    import pyarrow.parquet
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{k: v for k, v in row.items() if k not in drop} for row in rows]
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+    return path
+
+
+def write_vqa_data(directory: Path) -> Path:
+    """Both tasks in the --data-dir layout: ScienceQA in one file, TextVQA in two, as the hub shards them."""
+    write_parquet(directory / "scienceqa" / "test-00000-of-00001.parquet", scienceqa_rows(9))
+    rows = textvqa_rows(8)
+    write_parquet(directory / "textvqa" / "validation-00000-of-00002.parquet", rows[:5])
+    write_parquet(directory / "textvqa" / "validation-00001-of-00002.parquet", rows[5:])
+    return directory
+
+
+VQA_IMAGE_ID = 500  # the tiny model's image_token_index: above the tokenizer's 400 ids, below the vocabulary
+VQA_LLAVA_TEXT = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
+                      initializer_range=0.3)  # larger than the default 0.02: answers that depend on the prompt
+VQA_LLAVA_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        image_size=28, patch_size=14)  # 2x2 patches: 4 features per image
+
+
+def save_vqa_llava(directory: Path) -> Path:
+    """A random transformers LlavaForConditionalGeneration saved with save_pretrained, with a byte-level BPE
+    tokenizer trained here (LLaMA's <unk> <s> </s> at 0 1 2, <s> put in front): what eval_vqa's tests answer with."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**VQA_LLAVA_VISION),
+                                      text_config=transformers.LlamaConfig(**VQA_LLAVA_TEXT),
+                                      image_token_index=VQA_IMAGE_ID, image_seq_length=4)
+    transformers.LlavaForConditionalGeneration(config).save_pretrained(directory)
+    save_llama_tokenizer(directory, "<s>")
+    return directory
 
 
 # -----------------------------------------------------------------------------
