@@ -15,13 +15,13 @@ import torch
 
 import pruners
 from checkpoint import UsageError
+from ctrl_c import INTERRUPTED  # noqa: F401 (the commands' exit status after Ctrl-C, 128 + SIGINT)
 
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "mumoe")
 CALIBRATED = ("wanda", "sparsegpt")
 NAMES = {"dense": "Dense", "magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "mumoe": "μ-MoE"}
 MAGNITUDE_GROUP = "matrix"  # one threshold per weight matrix, as SparseGPT's and Wanda's magnitude baselines
 SPARSEGPT_BLOCKSIZE = 128  # the reference's column block; an N:M group must not straddle two blocks
-INTERRUPTED = 130  # the shell's exit status for a command ended by Ctrl-C (128 + SIGINT)
 
 
 # -----------------------------------------------------------------------------

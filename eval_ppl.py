@@ -25,6 +25,11 @@ Imports: checkpoint (UsageError), models (the model and tokenizer of any family)
 distributed (torchrun); matplotlib only for --plot.
 """
 
+import ctrl_c
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load torch (seconds): one line and exit 130, no traceback
+    ctrl_c.exit_at_once("eval_ppl.py")
+
 import argparse
 import json
 import math
@@ -430,4 +435,4 @@ def run(args) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    ctrl_c.end("eval_ppl.py", main())

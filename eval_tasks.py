@@ -24,6 +24,11 @@ Imports: lm_eval, lm_harness (HarnessLM), models, pruners, mumoe, corpora (the c
 (options, methods, checks), results_file (the JSON file).
 """
 
+import ctrl_c
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load torch (seconds): one line and exit 130, no traceback
+    ctrl_c.exit_at_once("eval_tasks.py")
+
 import argparse
 import json
 import shlex
@@ -214,7 +219,8 @@ def finished_rows(path: Path, settings: dict) -> dict[tuple, dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        run(args)
+        with ctrl_c.raises():
+            run(args)
     except UsageError as e:
         print(f"eval_tasks.py: error: {e}", file=sys.stderr)
         return 2
@@ -301,4 +307,4 @@ def run(args) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    ctrl_c.end("eval_tasks.py", main())

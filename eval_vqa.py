@@ -32,6 +32,11 @@ images and prompt), pruners (prune_model), mumoe (generate), vqa_tasks (question
 (option types, the pruners' settings), results_file (the JSON file); tqdm.
 """
 
+import ctrl_c
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load torch (seconds): one line and exit 130, no traceback
+    ctrl_c.exit_at_once("eval_vqa.py")
+
 import argparse
 import json
 import math
@@ -312,7 +317,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        run(args)
+        with ctrl_c.raises():
+            run(args)
     except UsageError as e:
         print(f"eval_vqa.py: error: {e}", file=sys.stderr)
         return 2
@@ -450,4 +456,4 @@ def run(args) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    ctrl_c.end("eval_vqa.py", main())
