@@ -26,7 +26,8 @@ def exit_at_once(prog: str, code: int = INTERRUPTED, message: str = "interrupted
 
     def handler(signum, frame):
         flush()
-        os.write(2, f"\n{prog}: {message}\n".encode())
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the press: rank 0 says it
+            os.write(2, f"\n{prog}: {message}\n".encode())
         os._exit(code)
 
     signal.signal(signal.SIGINT, handler)
