@@ -9,7 +9,6 @@ whatever the machine's load; SIGINT goes to the run's whole process group, as a 
 import json
 import os
 import random
-import re
 import signal
 import statistics
 import subprocess
@@ -19,19 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from testkit import REPO, cli_args, save_vqa_llava, sentence, write_multiple_choice_task, write_vqa_data
+from testkit import REPO, cli_args, said_lines, save_vqa_llava, sentence, write_multiple_choice_task, write_vqa_data
 
 EXIT_TIMEOUT = 60  # seconds from the press to the process's end before the test calls it a hang (it takes < 1 s)
 FIRST_SECOND = (0.3, 0.6, 0.9)  # during `import torch`: the moments a traceback used to come from
 SPREAD = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 0.97, 1.02, 1.1)  # fractions of a measured run, the exit included
 SAVING = (0.1, 0.3, 0.5, 0.7)  # fractions of the time from a run's first saved row to its end
 AT_ONCE = 4  # runs side by side (each mostly waits on its imports)
-
-
-def said_lines(stderr: str) -> list[str]:
-    """The lines of a stderr that are not a progress bar (tqdm's bars end their lines with \\r, then go)."""
-    return [line for line in stderr.replace("\r", "\n").splitlines()
-            if line.strip() and not re.search(r"\d+/\d+ \[|\d+it \[", line)]
 
 
 def start(argv: list[str]) -> subprocess.Popen:

@@ -8,6 +8,7 @@ Nothing here downloads anything: the models are random, the tokenizer is a byte-
 import io
 import json
 import random
+import re
 import shutil
 import statistics
 import time
@@ -194,6 +195,12 @@ def assert_one_line_error(code, err: str, *fragments: str) -> None:
     assert err.count("\n") == 1 and err.endswith("\n"), f"not one line on stderr: {err[-2000:]!r}"
     for fragment in fragments:
         assert fragment in err, f"{fragment!r} not in {err!r}"
+
+
+def said_lines(stderr: str) -> list[str]:
+    """The lines of a stderr that are not a progress bar (tqdm's bars end their lines with \\r, then go)."""
+    return [line for line in stderr.replace("\r", "\n").splitlines()
+            if line.strip() and not re.search(r"\d+/\d+ \[|\d+it \[", line)]
 
 
 def n_diff(a, b):
