@@ -4,8 +4,6 @@ eval_ppl.py, eval_tasks.py and eval_vqa.py each run a plan of rows (a method at 
 N:M pattern, pruned offline or routed per prompt) for hours; these are the pieces they have in common, so
 that a method is named, an option is read and a run is refused the same way everywhere. The results file
 itself (strict JSON, atomic writes) is results_file.py's.
-
-Imports: torch, checkpoint (UsageError), pruners (the N:M rule).
 """
 
 import argparse

@@ -19,10 +19,6 @@ strictly causally instead: on the targets after the prefix only, tokens P..seqle
 With `--nm N:M` every method prunes N of every M consecutive weights of each row instead of a ratio (μ-MoE:
 each window its own N of every M). Under torchrun the windows and the calibration are shared among the ranks
 (distributed.py).
-
-Imports: checkpoint (UsageError), models (the model and tokenizer of any family), pruners (prune_model), mumoe
-(routed_block), corpora (the data), command_line (options, methods, checks), results_file (the JSON file),
-distributed (torchrun); matplotlib only for --plot.
 """
 
 import ctrl_c

@@ -19,9 +19,6 @@ keeps every setting and, per row, lm-eval's own `results[task]` dict for every t
 (lm_harness.HarnessLM: `--routing-scope context`, strictly causal, once per distinct context, so the four
 choices of a question share one routing); `--routing-scope full` routes on context + continuation instead, as a
 perplexity window is routed on its own tokens. `--mumoe-routing block linear` and `--nm N:M` as in eval_ppl.py.
-
-Imports: lm_eval, lm_harness (HarnessLM), models, pruners, mumoe, corpora (the calibration data), command_line
-(options, methods, checks), results_file (the JSON file).
 """
 
 import ctrl_c

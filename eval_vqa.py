@@ -26,10 +26,6 @@ row per method and a column per rho, with the paper's figures beside ours for LL
 The vision tower, the projector, the embeddings and lm_head stay dense in every row. Every setting and every
 question's prediction and score go into strict JSON (--out), written atomically as the run goes on, so a
 reader can re-score the predictions and `--resume` continues where a run stopped.
-
-Imports: checkpoint (errors, devices, model directories), models (which family), llava_model (the model, its
-images and prompt), pruners (prune_model), mumoe (generate), vqa_tasks (questions, metrics, data), command_line
-(option types, the pruners' settings), results_file (the JSON file); tqdm.
 """
 
 import ctrl_c
