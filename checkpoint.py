@@ -26,8 +26,6 @@ Every language model offers the same interface, which is all that the method fil
     model.outer_modules()   every module but the blocks (embeddings, final norm, lm_head): what offload moves
 
 and `offloaded(model, device)` runs any of it with the model in CPU memory and one block at a time on the device.
-
-Imports: torch, safetensors, tokenizers, and huggingface_hub (only to download a named model).
 """
 
 import json

@@ -24,10 +24,12 @@ Under torchrun (`torchrun --nproc-per-node 8 eval_tasks.py ...`) lm-eval splits 
 ranks (HarnessLM's rank and world_size) and gathers their metrics on rank 0, which writes the file; the calibration
 statistics are summed over the ranks' shares of the windows (pruners.prune_model). `--offload` keeps the model in
 CPU memory, one block at a time on the GPU (checkpoint.offloaded).
-
-Imports: lm_eval, lm_harness (HarnessLM), models, pruners, mumoe, corpora (the calibration data), command_line
-(options, methods, checks), results_file (the JSON file, --resume), checkpoint (offload), distributed (torchrun).
 """
+
+import ctrl_c
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load torch (seconds): one line and exit 130, no traceback
+    ctrl_c.exit_at_once("eval_tasks.py")
 
 import argparse
 import shlex
@@ -212,7 +214,8 @@ def main(argv=None) -> int:
     distributed.silence_other_ranks()
     args = parse_args(argv)
     try:
-        run(args)
+        with ctrl_c.raises():
+            run(args)
     except UsageError as e:
         return distributed.fail(f"eval_tasks.py: error: {e}", 2)
     except distributed.RanksLost as e:  # another rank failed or was interrupted, and said so
@@ -240,7 +243,7 @@ def run(args) -> list[dict]:
         check_writable(args.out, "--out")
     manager = task_manager(args.tasks, args.include_path)  # an unknown task: now, before any model is found
     directory = resolve_checkpoint(args.model)
-    family = models.family(directory)
+    family = models.text_family(directory)  # a LLaVA: its language model
     config = family.read_config(directory / "config.json")
     args.seqlen = args.seqlen or min(config.max_position_embeddings, DEFAULT_MAX_SEQLEN)
     if args.seqlen > config.max_position_embeddings:
@@ -319,4 +322,4 @@ def run(args) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    ctrl_c.end("eval_tasks.py", main())

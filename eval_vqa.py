@@ -31,12 +31,12 @@ Under torchrun (`torchrun --nproc-per-node 8 eval_vqa.py ...`) each rank answers
 (each question is routed on itself, so the split is exact), the calibration statistics are summed over the ranks'
 shares of the prompts before any mask (pruners.prune_model), and rank 0 gathers the answers, shows the progress and
 writes the file (distributed.py). `--offload` keeps the language model in CPU memory, one block at a time on the GPU.
-
-Imports: checkpoint (errors, model directories, offload), models (which family), llava_model (the model, its
-images and prompt), pruners (prune_model), mumoe (generate), vqa_tasks (questions, metrics, data), command_line
-(methods, option types, the pruners' settings), results_file (the JSON file, --resume), distributed (torchrun);
-tqdm.
 """
+
+import ctrl_c
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load torch (seconds): one line and exit 130, no traceback
+    ctrl_c.exit_at_once("eval_vqa.py")
 
 import argparse
 import json
@@ -319,7 +319,8 @@ def main(argv=None) -> int:
     distributed.silence_other_ranks()
     args = parse_args(argv)
     try:
-        run(args)
+        with ctrl_c.raises():
+            run(args)
     except UsageError as e:
         return distributed.fail(f"eval_vqa.py: error: {e}", 2)
     except distributed.RanksLost as e:  # another rank failed or was interrupted, and said so
@@ -511,4 +512,4 @@ def run(args) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    ctrl_c.end("eval_vqa.py", main())

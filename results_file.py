@@ -2,15 +2,14 @@
 JSON, atomically, as the rows finish.
 
 The commands (eval_ppl.py, eval_tasks.py, eval_vqa.py) write every number with its settings into one JSON file,
-which `--resume` reads back (`finished_rows`, the one reader of the three). Two things keep that file usable: JSON has no NaN or Infinity (Python writes a bare
-`NaN` that jq, JavaScript and strict parsers reject, so a number that is not finite is written null), and a
-run killed while writing must not leave half a file (it is written beside, then renamed over the old one).
+which `--resume` reads back (`finished_rows`, the one reader of the three). Two things keep that file usable: JSON
+has no NaN or Infinity (Python writes a bare `NaN` that jq, JavaScript and strict parsers reject, so a number that
+is not finite is written null), and a run killed while writing must not leave half a file (it is written beside,
+then renamed over the old one).
 
 Under torchrun only rank 0 writes the file; --resume reads it on every rank. Nothing in the file depends on the
 number of ranks that wrote it (rows are whole, and eval_vqa's predictions are matched to questions by id), so a
 run on 8 GPUs goes on from a file of a run on 1 and the other way round.
-
-Imports: checkpoint (UsageError).
 """
 
 import json

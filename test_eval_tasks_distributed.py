@@ -18,7 +18,8 @@ import checkpoint
 import eval_tasks
 import lm_harness
 from test_distributed import finish, launch
-from test_lm_harness import one_thread, sentence, tiny, write_multiple_choice_task  # noqa: F401 (fixtures)
+from test_lm_harness import tiny  # noqa: F401 (a fixture)
+from testkit import sentence, write_multiple_choice_task
 
 # What each request scored and each routing routed, noted as JSON lines in LOG (one process: the test's own):
 # {"row": the simple_evaluate call it belongs to, "rank", "request": [context ids, continuation ids], "ll": its

@@ -16,9 +16,9 @@ import pytest
 
 import checkpoint
 import eval_vqa
-from test_distributed import finish, launch, said_lines
+from test_distributed import finish, launch
 from test_eval_vqa import command, data_dir, tiny_llava  # noqa: F401 (fixtures)
-from test_mumoe import one_thread  # noqa: F401 (a fixture)
+from testkit import said_lines
 
 # A rank: eval_vqa.main, GATHER_EVERY from the environment (small, so that a row takes several rounds and the last
 # round leaves rank 0 without a question), noting each answer ("rank id") in ANSWERS_LOG and each write of the

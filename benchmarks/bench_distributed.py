@@ -56,10 +56,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import distributed  # noqa: E402
 import eval_ppl  # noqa: E402
 import pruners  # noqa: E402
-from bench_mumoe import random_ids  # noqa: E402
-from gpu_check import save_random_opt  # noqa: E402
 from models import load_model  # noqa: E402
 from opt_model import OPTConfig  # noqa: E402
+from testkit import random_ids, save_random_opt  # noqa: E402
 
 TARGET = 1.05
 COMMANDS_TARGET, COLLECTIVES_TARGET = 0.6, 0.05  # --commands: the time of 2 ranks over 1 process, and collectives' share
@@ -79,7 +78,7 @@ def worker(args) -> None:
         return result
 
     distributed.collective = timed_collective
-    ids = random_ids(args.windows * args.seqlen).view(args.windows, args.seqlen)
+    ids = random_ids(1, args.windows * args.seqlen, OPTConfig().vocab_size).view(args.windows, args.seqlen)
     model = load_model(args.checkpoint)
     seconds = {}
     for task in ("perplexity", "calibration"):
@@ -146,11 +145,8 @@ def save_commands_inputs(tmp: Path, questions: int, docs: int) -> dict[str, list
     """The models and data of both commands, saved under tmp; each command's argv."""
     import transformers
 
-    sys.path.insert(0, str(REPO))
-    from test_eval_vqa import IMAGE_ID, scienceqa_rows, write_parquet  # the tests' data makers
-    from test_llama import save_llama_tokenizer
-    from test_lm_harness import write_multiple_choice_task
-    from test_mumoe import save_tiny_opt, save_tiny_tokenizer
+    from testkit import (VQA_IMAGE_ID, save_llama_tokenizer, save_tiny_opt, save_tiny_tokenizer, scienceqa_rows,
+                         write_multiple_choice_task, write_parquet)  # the tests' makers of models and data
 
     torch.manual_seed(0)
     llava = tmp / "llava"
@@ -159,7 +155,7 @@ def save_commands_inputs(tmp: Path, questions: int, docs: int) -> dict[str, list
                                     bos_token_id=1, eos_token_id=2, initializer_range=0.3)
     vision = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                            num_attention_heads=4, image_size=56, patch_size=14)
-    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID,
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=VQA_IMAGE_ID,
                                       image_seq_length=16)
     transformers.LlavaForConditionalGeneration(config).save_pretrained(llava)
     save_llama_tokenizer(llava, "<s>")
