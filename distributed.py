@@ -96,6 +96,11 @@ def start(device: str | None) -> torch.device:
     return device
 
 
+def launcher() -> str:
+    """How this run was started, for the line that says how to go on: `torchrun --nproc-per-node N`, or `python`."""
+    return f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', '?')}" if launched() else "python"
+
+
 def stop() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -29,7 +29,6 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load torch (seconds
 import argparse
 import json
 import math
-import os
 import shlex
 import signal
 import sys
@@ -321,10 +320,9 @@ def interrupted(args, argv: list[str]) -> str:
         saved = len(json.loads(args.out.read_text(encoding="utf-8"))["results"])
     except (OSError, ValueError, KeyError, TypeError):
         saved = 0
-    ranks = os.environ.get("LOCAL_WORLD_SIZE", "?")
-    launcher = f"torchrun --nproc-per-node {ranks}" if distributed.launched() else "python"
     again = argv + ([] if args.resume else ["--resume"])
-    return f"interrupted: {saved} rows saved in {args.out}; to go on: {launcher} eval_ppl.py {shlex.join(again)}"
+    return (f"interrupted: {saved} rows saved in {args.out}; to go on: {distributed.launcher()} eval_ppl.py "
+            f"{shlex.join(again)}")
 
 
 def run(args) -> list[dict]:

@@ -222,9 +222,8 @@ def main(argv=None) -> int:
         return distributed.failed_elsewhere(e, "eval_tasks.py")
     except KeyboardInterrupt:  # Ctrl-C: the rows finished so far are in --out, written whole
         again = (sys.argv[1:] if argv is None else argv) + ([] if args.resume else ["--resume"])
-        launcher = f"torchrun --nproc-per-node {distributed.world_size()}" if distributed.launched() else "python"
-        return distributed.fail(f"\ninterrupted: the finished rows are in {args.out}; to go on: {launcher} "
-                                f"eval_tasks.py {shlex.join(again)}", INTERRUPTED)
+        return distributed.fail(f"\ninterrupted: the finished rows are in {args.out}; to go on: "
+                                f"{distributed.launcher()} eval_tasks.py {shlex.join(again)}", INTERRUPTED)
     finally:
         distributed.stop()
     return 0

@@ -334,10 +334,9 @@ def main(argv=None) -> int:
 
 def interrupted(args, argv: list[str]) -> str:
     """Ctrl-C's one line: how many answers the --out file holds, and the command that goes on from them."""
-    launcher = f"torchrun --nproc-per-node {distributed.world_size()}" if distributed.launched() else "python"
     again = argv + ([] if args.resume else ["--resume"])
-    return (f"\ninterrupted: {saved_answers(args.out)} answers saved in {args.out}; to go on: {launcher} eval_vqa.py "
-            f"{shlex.join(again)}")
+    return (f"\ninterrupted: {saved_answers(args.out)} answers saved in {args.out}; to go on: "
+            f"{distributed.launcher()} eval_vqa.py {shlex.join(again)}")
 
 
 def saved_answers(path: Path) -> int:

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 
-import checkpoint
 import eval_tasks
 import lm_harness
 from test_distributed import finish, launch
 from test_lm_harness import tiny  # noqa: F401 (a fixture)
-from testkit import sentence, write_multiple_choice_task
+from testkit import assert_one_block_at_a_time, sentence, watch_offload, write_multiple_choice_task
 
 # What each request scored and each routing routed, noted as JSON lines in LOG (one process: the test's own):
 # {"row": the simple_evaluate call it belongs to, "rank", "request": [context ids, continuation ids], "ll": its
@@ -135,8 +134,8 @@ def assert_same_results(got: dict, expected: dict, what: str) -> None:
                 if "_stderr," in metric:
                     assert mine["results"][task][metric] == pytest.approx(value, rel=STDERR_RTOL), (what, metric)
                 else:
-                    assert mine["results"][task][metric] == value, \
-                        f"{what}, {eval_tasks.label(theirs)}, {task} {metric}: {mine['results'][task][metric]} != {value}"
+                    got = mine["results"][task][metric]
+                    assert got == value, f"{what}, {eval_tasks.label(theirs)}, {task} {metric}: {got} != {value}"
 
 
 def assert_same_scores(got: dict, expected: dict, rtol: float, what: str) -> None:
@@ -191,16 +190,11 @@ def test_offload_gives_the_results_of_the_model_on_the_device(setup, tmp_path, m
     code, err = eval_tasks.main(command(setup, offload, *argv, "--offload")), capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "nothing to offload to" in err, err
 
-    events, visit, leave = [], checkpoint.visit, checkpoint.leave
     monkeypatch.setattr(eval_tasks, "check_offload", lambda device: None)  # the CPU stands in for a GPU
-    monkeypatch.setattr(checkpoint, "visit", lambda block, device: events.append(("visit", block)) or visit(block, device))
-    monkeypatch.setattr(checkpoint, "leave", lambda block, kept: events.append(("leave", block)) or leave(block, kept))
+    events = watch_offload(monkeypatch)
     assert one_process(command(setup, offload, *argv, "--offload"), tmp_path / "offload.log") == 0
-    assert_same_results(without_timings(json.loads(offload.read_text())), without_timings(json.loads(plain.read_text())),
-                        "--offload")
+    got, expected = (without_timings(json.loads(path.read_text())) for path in (offload, plain))
+    assert_same_results(got, expected, "--offload")
     assert_same_scores(scores(read_log(tmp_path / "offload.log")), scores(read_log(tmp_path / "plain.log")), 0.0,
                        "--offload")
-    kinds = [kind for kind, _ in events]
-    assert kinds == ["visit", "leave"] * (len(kinds) // 2) and all(
-        events[i][1] is events[i + 1][1] for i in range(0, len(events), 2)), "a block was not brought back at once"
-    assert kinds.count("visit") >= 2 * 4, f"{kinds.count('visit')} block turns for 4 rows"
+    assert_one_block_at_a_time(events, 2 * 4, "--offload, 4 rows")

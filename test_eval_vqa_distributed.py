@@ -12,13 +12,11 @@ differing prediction, named).
 import json
 from pathlib import Path
 
-import pytest
 
-import checkpoint
 import eval_vqa
 from test_distributed import finish, launch
 from test_eval_vqa import command, data_dir, tiny_llava  # noqa: F401 (fixtures)
-from testkit import said_lines
+from testkit import assert_one_block_at_a_time, said_lines, watch_offload
 
 # A rank: eval_vqa.main, GATHER_EVERY from the environment (small, so that a row takes several rounds and the last
 # round leaves rank 0 without a question), noting each answer ("rank id") in ANSWERS_LOG and each write of the
@@ -61,7 +59,7 @@ def answers_by_rank(tmp_path: Path) -> dict[str, list[str]]:
 
 
 def without_timings(report: dict) -> dict:
-    """The report less what differs between two runs of the same rows: the rows' times, --out, --resume and --offload."""
+    """The report less what differs between two runs of the same rows: the rows' times, --out, --resume, --offload."""
     settings = {k: v for k, v in report["settings"].items() if k not in ("out", "resume", "offload")}
     return dict(settings=settings, questions=report["questions"],
                 results=[{k: v for k, v in row.items() if k != "seconds"} for row in report["results"]])
@@ -72,8 +70,8 @@ def assert_same_rows(got: dict, expected: dict, what: str) -> None:
     assert got["settings"] == expected["settings"] and got["questions"] == expected["questions"], what
     assert [eval_vqa.row_key(r) for r in got["results"]] == [eval_vqa.row_key(r) for r in expected["results"]], what
     for mine, theirs in zip(got["results"], expected["results"]):
-        differ = [(p["id"], p["prediction"], q["prediction"]) for p, q in zip(mine["predictions"], theirs["predictions"])
-                  if p != q]
+        differ = [(p["id"], p["prediction"], q["prediction"])
+                  for p, q in zip(mine["predictions"], theirs["predictions"]) if p != q]
         assert not differ and len(mine["predictions"]) == len(theirs["predictions"]), \
             f"{what}, {eval_vqa.label(theirs)} rho {theirs['rho']}: (id, {what}, one process) differ: {differ}"
         assert mine == theirs, f"{what}, {eval_vqa.label(theirs)}: {mine} != {theirs}"
@@ -137,7 +135,7 @@ def test_a_run_interrupted_on_two_ranks_is_finished_by_one(tiny_llava, data_dir,
 
 def test_offload_answers_as_the_model_on_the_device(tiny_llava, data_dir, tmp_path, monkeypatch, capsys):
     """On the CPU the moves are no-ops, so the hooks are watched: every block's turn is a visit then a leave, one
-    block away from CPU memory at a time, for the calibration prompts and every answer."""
+    block away from CPU memory at a time, for every answer."""
     argv = ARGV + ["--mumoe-routing", "block", "linear", "--limit", "4"]
     plain, offload = tmp_path / "plain.json", tmp_path / "offload.json"
     assert eval_vqa.main(command(tiny_llava, data_dir, plain, *argv)) == 0
@@ -145,15 +143,10 @@ def test_offload_answers_as_the_model_on_the_device(tiny_llava, data_dir, tmp_pa
     code, err = eval_vqa.main(command(tiny_llava, data_dir, offload, *argv, "--offload")), capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--offload" in err and "nothing to offload to" in err, err
 
-    events, visit, leave = [], checkpoint.visit, checkpoint.leave
     monkeypatch.setattr(eval_vqa, "check_offload", lambda device: None)  # the CPU stands in for a GPU
-    monkeypatch.setattr(checkpoint, "visit", lambda block, device: events.append(("visit", block)) or visit(block, device))
-    monkeypatch.setattr(checkpoint, "leave", lambda block, kept: events.append(("leave", block)) or leave(block, kept))
+    events = watch_offload(monkeypatch)
     assert eval_vqa.main(command(tiny_llava, data_dir, offload, *argv, "--offload")) == 0
     assert_same_rows(json.loads(offload.read_text()), json.loads(plain.read_text()), "--offload")
-    kinds = [kind for kind, _ in events]
-    assert kinds == ["visit", "leave"] * (len(kinds) // 2) and all(
-        events[i][1] is events[i + 1][1] for i in range(0, len(events), 2)), "a block was not brought back at once"
-    # each answer runs both blocks at least once (the prompt; μ-MoE block routing: twice), and the calibration
-    # prompts are embedded with the language model on the device (its blocks do not run then)
-    assert kinds.count("visit") >= 2 * 4 * 5, f"{kinds.count('visit')} block turns for 5 rows of 4 answers"
+    # each answer runs both blocks at least once (the prompt; μ-MoE block routing: twice); the calibration prompts
+    # are embedded with the language model's outer modules on the device (its blocks do not run then)
+    assert_one_block_at_a_time(events, 2 * 4 * 5, "--offload, 5 rows of 4 answers")
