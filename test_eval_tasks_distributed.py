@@ -18,11 +18,12 @@ import eval_tasks
 import lm_harness
 from test_distributed import finish, launch
 from test_lm_harness import tiny  # noqa: F401 (a fixture)
-from testkit import assert_one_block_at_a_time, sentence, watch_offload, write_multiple_choice_task
+from testkit import assert_one_block_at_a_time, said_lines, sentence, watch_offload, write_multiple_choice_task
 
 # What each request scored and each routing routed, noted as JSON lines in LOG (one process: the test's own):
 # {"row": the simple_evaluate call it belongs to, "rank", "request": [context ids, continuation ids], "ll": its
-# log-likelihood} and {"row", "rank", "routed": the context's ids}
+# log-likelihood} and {"row", "rank", "routed": the context's ids}; and on rank FAIL_RANK, a UsageError instead of
+# the first scores
 NOTING = """
 import json, os
 import eval_tasks, lm_eval, lm_harness
@@ -35,6 +36,8 @@ def next_row(*args, **kwargs):
     row[0] += 1
     return evaluate(*args, **kwargs)
 def noting_score(self, requests, *args, **kwargs):
+    if os.environ.get("FAIL_RANK") == os.environ.get("RANK"):
+        raise eval_tasks.UsageError("rank " + os.environ["RANK"] + " planted this error")
     results = score(self, requests, *args, **kwargs)
     for (_, context, continuation), (ll, _) in zip(requests, results):
         note(request=[context, continuation], ll=ll)
@@ -179,6 +182,18 @@ def test_mumoe_routes_each_context_once_across_the_ranks(runs):
     assert len(alone) == 2 * DOCS and len(set(alone)) == len(alone), "one process: a routing per document and row"
     assert ranks == alone, f"{len(ranks)} routings on 2 ranks, {len(alone)} in one process"
     assert [row["routed"] for row in json.loads((runs / "many.json").read_text())["results"][-2:]] == [DOCS, DOCS]
+
+
+def test_a_failing_rank_ends_the_run_in_one_line(setup, tmp_path):
+    """Rank 1 fails while rank 0 waits for it in lm-eval's gathers: its one line, exit 2 on both ranks, no file."""
+    out = tmp_path / "r.json"
+    store, procs = launch(RANK_SCRIPT, command(setup, out, "--methods", "dense"), 2, tmp_path / "writes.log",
+                          LOG=str(tmp_path / "many.log"), FAIL_RANK="1")
+    ranks_out = finish(procs)
+    assert [code for code, _, _ in ranks_out] == [2, 2], [err[-2000:] for _, _, err in ranks_out]
+    said = [line for _, _, err in ranks_out for line in said_lines(err) if "error" in line or "Traceback" in line]
+    assert said == ["eval_tasks.py: error: rank 1 planted this error"], said  # (rank 0 also logs lm-eval's notes)
+    assert said_lines(ranks_out[1][2]) == said and not out.exists()
 
 
 def test_offload_gives_the_results_of_the_model_on_the_device(setup, tmp_path, monkeypatch, capsys):
