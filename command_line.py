@@ -98,6 +98,14 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
+def check_offload(device: torch.device) -> None:
+    """--offload needs a device other than the CPU memory where it keeps the model."""
+    if device.type == "cpu":
+        raise UsageError("--offload keeps the model in CPU memory and brings each block to the device for its turn; "
+                         "the device here is the cpu, so there is nothing to offload to: give --device cuda, or "
+                         "leave out --offload")
+
+
 def in_plan_order(rows: dict, plan: list[tuple]) -> list[dict]:
     """The rows of the plan in its order (the table's), then the other rows of a resumed file: a finished row
     is never dropped."""

@@ -29,7 +29,6 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load torch (seconds
 import argparse
 import json
 import math
-import os
 import shlex
 import signal
 import sys
@@ -51,6 +50,7 @@ from command_line import (CALIBRATED, INTERRUPTED, MAGNITUDE_GROUP, METHODS, NAM
                           nm_active_ratio, nm_name, nm_pattern, positive_int, window_length)
 from corpora import (DATASETS, DEFAULT_CALIB, DEFAULT_DATASETS, EVAL_SPLIT, LABELS, MAX_DEFAULT_SEQLEN,
                      calibration_windows, evaluation_ids, load_rows, save_rows, windows)
+import results_file
 from results_file import check_writable, write_json
 
 # -----------------------------------------------------------------------------
@@ -269,23 +269,14 @@ def finished_rows(path: Path, settings: dict) -> dict[tuple, dict]:
     routing. The settings every row depends on must match the file's, or the table would mix numbers
     that do not compare: model, seqlen, windows (per dataset), nsamples and seed (the calibration
     windows), dtype, and the μ-MoE prefix (which also sets the tokens scored)."""
-    if not path.is_file():
-        print(f"--resume: no {path} yet, every row is run")
-        return {}
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-        old, rows = report["settings"], {row_key(r): r for r in report["results"]}
-        differ = [f"{k} {old.get(k)} there, {settings[k]} here" for k in RESUME_SETTINGS if old.get(k) != settings[k]]
-        for r in rows.values():
-            r["ppl"] = {d: math.nan if p is None else p for d, p in r["ppl"].items()}  # null: not finite
-            r["avg"] = math.nan if r["avg"] is None else r["avg"]
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UsageError(f"--resume: {path} is not a results file of eval_ppl.py "
-                         f"({type(e).__name__}: {e}); give another --out") from None
-    if differ:
-        raise UsageError(f"--resume: {path} holds rows with other settings ({'; '.join(differ)}); run with its "
-                         "settings, or give another --out")
-    return rows
+    return results_file.finished_rows(path, settings, RESUME_SETTINGS, row_key, "eval_ppl.py", read_row=not_finite)
+
+
+def not_finite(row: dict) -> dict:
+    """A stored row with its null perplexities (not finite: a model broken by pruning) back as NaN."""
+    row["ppl"] = {d: math.nan if p is None else p for d, p in row["ppl"].items()}
+    row["avg"] = math.nan if row["avg"] is None else row["avg"]
+    return row
 
 
 # -----------------------------------------------------------------------------
@@ -329,10 +320,9 @@ def interrupted(args, argv: list[str]) -> str:
         saved = len(json.loads(args.out.read_text(encoding="utf-8"))["results"])
     except (OSError, ValueError, KeyError, TypeError):
         saved = 0
-    ranks = os.environ.get("LOCAL_WORLD_SIZE", "?")
-    launcher = f"torchrun --nproc-per-node {ranks}" if distributed.launched() else "python"
     again = argv + ([] if args.resume else ["--resume"])
-    return f"interrupted: {saved} rows saved in {args.out}; to go on: {launcher} eval_ppl.py {shlex.join(again)}"
+    return (f"interrupted: {saved} rows saved in {args.out}; to go on: {distributed.launcher()} eval_ppl.py "
+            f"{shlex.join(again)}")
 
 
 def run(args) -> list[dict]:

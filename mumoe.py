@@ -188,7 +188,7 @@ def chosen_experts(chosen: dict) -> LinearFn:
     def gate_with_chosen(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if len(chosen[layer]) != x.shape[0]:
             raise ValueError(f"{len(chosen[layer])} prompts' experts for a batch of {x.shape[0]} prompts")
-        return gate(layer, x, chosen[layer])
+        return gate(layer, x, [W.to(x.device) for W in chosen[layer]])  # (an offloaded block's come along)
 
     return gate_with_chosen
 
@@ -303,6 +303,9 @@ def route_prompt(model, prompts: torch.Tensor, cache: list[KVCache], rho: float 
     x = prompts if prompts.is_floating_point() else model.embed(prompts)
     for block, block_cache in zip(model.blocks, cache):
         x = run(block, x, block_cache)
+        home = next(block.parameters()).device  # the CPU, after its turn, for a model offloaded block by block
+        for layer in block.linears().values():  # the experts wait where their block waits
+            chosen[layer] = [W.to(home) for W in chosen[layer]]
     return x, chosen
 
 

@@ -577,3 +577,30 @@ def paired_blocks(model, ids, rho: float, select: str, repeats: int) -> dict[str
 def tied_rows(S: torch.Tensor, k: int) -> int:
     """Rows with more than k scores <= their k-th smallest: the rows the exact-k tie step redoes."""
     return int(((S <= torch.kthvalue(S, k, dim=1).values[:, None]).sum(dim=1) > k).sum())
+
+
+def watch_offload(monkeypatch) -> list[tuple[str, nn.Module]]:
+    """Every block turn of checkpoint.offloaded from here on, ("visit" | "leave", block) in order: on the CPU, where a
+    visit moves nothing, the only trace it leaves."""
+    import checkpoint
+
+    events, visit, leave = [], checkpoint.visit, checkpoint.leave
+    def visiting(block, device):
+        events.append(("visit", block))
+        return visit(block, device)
+
+    def leaving(block, kept):
+        events.append(("leave", block))
+        leave(block, kept)
+
+    monkeypatch.setattr(checkpoint, "visit", visiting)
+    monkeypatch.setattr(checkpoint, "leave", leaving)
+    return events
+
+
+def assert_one_block_at_a_time(events: list[tuple[str, nn.Module]], least: int, what: str) -> None:
+    """Each visit of a block is followed by its leave, before any other block visits; `least` visits at least."""
+    kinds = [kind for kind, _ in events]
+    paired = all(events[i][1] is events[i + 1][1] for i in range(0, len(events), 2))
+    assert kinds == ["visit", "leave"] * (len(kinds) // 2) and paired, f"{what}: a block was not brought back at once"
+    assert kinds.count("visit") >= least, f"{what}: {kinds.count('visit')} block turns, expected {least} at least"
