@@ -35,7 +35,7 @@ def next_row(*args, **kwargs):
     row[0] += 1
     return evaluate(*args, **kwargs)
 def noting_score(self, requests, *args, **kwargs):
-    if os.environ.get("FAIL_RANK") == os.environ.get("RANK"):
+    if os.environ.get("FAIL_RANK", "none") == os.environ.get("RANK", "0"):
         raise eval_tasks.UsageError("rank " + os.environ["RANK"] + " planted this error")
     results = score(self, requests, *args, **kwargs)
     for (_, context, continuation), (ll, _) in zip(requests, results):
