@@ -94,8 +94,10 @@ def running_mean_hook(stats, name, method, accumulate):
     return add_batch
 
 
-def reference_fasterprune(W, H, sparsity):
-    """IST-DASLab/sparsegpt `fasterprune` as published (unstructured, no quantization), line for line."""
+def reference_fasterprune(W, H, sparsity, exact=False):
+    """IST-DASLab/sparsegpt `fasterprune` as published (unstructured, no quantization), line for line. Its block
+    threshold `sort(tmp)[int(numel * sparsity)]` with `tmp <= thresh` prunes k + 1 weights of a block (more with
+    ties); `exact` takes `[k - 1]`, which prunes exactly k as ours does (without ties)."""
     W, H = W.clone().float(), H.clone()
     columns = W.shape[1]
     dead = torch.diag(H) == 0
@@ -113,7 +115,7 @@ def reference_fasterprune(W, H, sparsity):
         Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         tmp = W1 ** 2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
-        thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
+        thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity) - exact]
         mask1 = tmp <= thresh
         for i in range(i2 - i1):
             w, d = W1[:, i], Hinv1[i, i]
@@ -129,7 +131,7 @@ def reference_fasterprune(W, H, sparsity):
 
 
 @torch.no_grad()
-def reference_prune(hf, calib_ids, method, rho, accumulate=torch.float32, keep_inputs=False):
+def reference_prune(hf, calib_ids, method, rho, accumulate=torch.float32, keep_inputs=False, exact=False):
     """Prune transformers' model in place as Wanda's repository does; returns the pruned masks by layer and name, and,
     with keep_inputs, each layer's calibration inputs (N, T, hidden), as the reference saw them."""
     inps, kwargs = first_layer_inputs(hf, calib_ids)
@@ -154,7 +156,7 @@ def reference_prune(hf, calib_ids, method, rho, accumulate=torch.float32, keep_i
                 W_mask = torch.zeros_like(W, dtype=torch.bool).scatter_(1, indices, True)
                 W[W_mask] = 0
             else:
-                W.copy_(reference_fasterprune(W, stat, 1 - rho))
+                W.copy_(reference_fasterprune(W, stat, 1 - rho, exact))
             masks[-1][name] = W == 0
         inps = torch.cat([layer(inps[j].unsqueeze(0), **kwargs) for j in range(len(inps))])  # the pruned layer's outputs
     return masks, inputs
@@ -198,6 +200,8 @@ def main(argv=None):
     p.add_argument("--nsamples", type=int, default=4, help="PTB train calibration windows (default 4)")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--eval-windows", type=int, default=2, help="first WikiText-2 windows for the perplexities")
+    p.add_argument("--exact-k", action="store_true", help="sparsegpt: the reference prunes exactly k weights per "
+                   "block, as ours, instead of its published k + 1 (the one deliberate difference of the rule)")
     p.add_argument("--out", type=Path, help="JSON file for every figure")
     args = p.parse_args(argv)
     if not 0 < args.rho < 1 or args.nsamples < 1 or args.eval_windows < 0:
@@ -212,11 +216,13 @@ def main(argv=None):
     runs, weights, seconds = {}, {}, {}
 
     start = time.time()
-    runs["reference"], ref_inputs = reference_prune(hf, calib, args.method, args.rho, keep_inputs=True)
+    runs["reference"], ref_inputs = reference_prune(hf, calib, args.method, args.rho, keep_inputs=True,
+                                                    exact=args.exact_k)
     weights["reference"], seconds["reference"] = copy.deepcopy(hf.state_dict()), time.time() - start
     hf.load_state_dict(dense_state)
     start = time.time()
-    runs["reference, statistics in float64"], _ = reference_prune(hf, calib, args.method, args.rho, torch.float64)
+    runs["reference, statistics in float64"], _ = reference_prune(hf, calib, args.method, args.rho, torch.float64,
+                                                                  exact=args.exact_k)
     weights["reference, statistics in float64"] = copy.deepcopy(hf.state_dict())
     seconds["reference, statistics in float64"] = time.time() - start
     del hf
