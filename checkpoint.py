@@ -24,8 +24,6 @@ Every language model offers the same interface, which is all that the method fil
     model.head(x)           hidden states leaving the last block -> logits (B, T, vocab)
     model.new_cache(n, B)   an empty KV cache (one KVCache per block) for n tokens of B sequences
     model.outer_modules()   every module but the blocks (embeddings, final norm, lm_head): what offload moves
-
-Imports: torch, safetensors, tokenizers, and huggingface_hub (only to download a named model).
 """
 
 import json

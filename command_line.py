@@ -4,8 +4,6 @@ eval_ppl.py, eval_tasks.py and eval_vqa.py each run a plan of rows (a method at 
 N:M pattern, pruned offline or routed per prompt) for hours; these are the pieces they have in common, so
 that a method is named, an option is read and a run is refused the same way everywhere. The results file
 itself (strict JSON, atomic writes) is results_file.py's.
-
-Imports: torch, checkpoint (UsageError), pruners (the N:M rule).
 """
 
 import argparse
@@ -15,13 +13,13 @@ import torch
 
 import pruners
 from checkpoint import UsageError
+from ctrl_c import INTERRUPTED  # noqa: F401 (the commands' exit status after Ctrl-C, 128 + SIGINT)
 
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "mumoe")
 CALIBRATED = ("wanda", "sparsegpt")
 NAMES = {"dense": "Dense", "magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "mumoe": "μ-MoE"}
 MAGNITUDE_GROUP = "matrix"  # one threshold per weight matrix, as SparseGPT's and Wanda's magnitude baselines
 SPARSEGPT_BLOCKSIZE = 128  # the reference's column block; an N:M group must not straddle two blocks
-INTERRUPTED = 130  # the shell's exit status for a command ended by Ctrl-C (128 + SIGINT)
 
 
 # -----------------------------------------------------------------------------

@@ -17,8 +17,6 @@ What this file owns: starting from the environment (each rank's device: cuda:LOC
 gloo), the shares, the collectives (each a no-op in a single process), rank 0 alone speaking, and ending a
 run one rank of which failed with that rank's one line and its exit code on every rank, not a hang.
 Without WORLD_SIZE > 1 in the environment every function here returns at once: one process, as before.
-
-Imports: torch.distributed; checkpoint for UsageError and check_device.
 """
 
 import os

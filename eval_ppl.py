@@ -19,11 +19,12 @@ strictly causally instead: on the targets after the prefix only, tokens P..seqle
 With `--nm N:M` every method prunes N of every M consecutive weights of each row instead of a ratio (μ-MoE:
 each window its own N of every M). Under torchrun the windows and the calibration are shared among the ranks
 (distributed.py).
-
-Imports: checkpoint (UsageError), models (the model and tokenizer of any family), pruners (prune_model), mumoe
-(routed_block), corpora (the data), command_line (options, methods, checks), results_file (the JSON file),
-distributed (torchrun); matplotlib only for --plot.
 """
+
+import ctrl_c
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load torch (seconds): one line and exit 130, no traceback
+    ctrl_c.exit_at_once("eval_ppl.py")
 
 import argparse
 import json
@@ -344,7 +345,7 @@ def run(args) -> list[dict]:
     if args.plot and distributed.is_main():
         check_writable(args.plot, "--plot")
     directory = resolve_checkpoint(args.model)
-    family = models.family(directory)
+    family = models.text_family(directory)  # a LLaVA: its language model
     config = family.read_config(directory / "config.json")
     resolve_defaults(args, family.FAMILY, config.max_position_embeddings)
     if args.seqlen > config.max_position_embeddings:
@@ -430,4 +431,4 @@ def run(args) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    ctrl_c.end("eval_ppl.py", main())

@@ -19,10 +19,12 @@ keeps every setting and, per row, lm-eval's own `results[task]` dict for every t
 (lm_harness.HarnessLM: `--routing-scope context`, strictly causal, once per distinct context, so the four
 choices of a question share one routing); `--routing-scope full` routes on context + continuation instead, as a
 perplexity window is routed on its own tokens. `--mumoe-routing block linear` and `--nm N:M` as in eval_ppl.py.
-
-Imports: lm_eval, lm_harness (HarnessLM), models, pruners, mumoe, corpora (the calibration data), command_line
-(options, methods, checks), results_file (the JSON file).
 """
+
+import ctrl_c
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load torch (seconds): one line and exit 130, no traceback
+    ctrl_c.exit_at_once("eval_tasks.py")
 
 import argparse
 import json
@@ -214,7 +216,8 @@ def finished_rows(path: Path, settings: dict) -> dict[tuple, dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        run(args)
+        with ctrl_c.raises():
+            run(args)
     except UsageError as e:
         print(f"eval_tasks.py: error: {e}", file=sys.stderr)
         return 2
@@ -234,7 +237,7 @@ def run(args) -> list[dict]:
     check_writable(args.out, "--out")
     manager = task_manager(args.tasks, args.include_path)  # an unknown task: now, before any model is found
     directory = resolve_checkpoint(args.model)
-    family = models.family(directory)
+    family = models.text_family(directory)  # a LLaVA: its language model
     config = family.read_config(directory / "config.json")
     args.seqlen = args.seqlen or min(config.max_position_embeddings, DEFAULT_MAX_SEQLEN)
     if args.seqlen > config.max_position_embeddings:
@@ -301,4 +304,4 @@ def run(args) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    ctrl_c.end("eval_tasks.py", main())

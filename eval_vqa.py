@@ -26,11 +26,12 @@ row per method and a column per rho, with the paper's figures beside ours for LL
 The vision tower, the projector, the embeddings and lm_head stay dense in every row. Every setting and every
 question's prediction and score go into strict JSON (--out), written atomically as the run goes on, so a
 reader can re-score the predictions and `--resume` continues where a run stopped.
-
-Imports: checkpoint (errors, devices, model directories), models (which family), llava_model (the model, its
-images and prompt), pruners (prune_model), mumoe (generate), vqa_tasks (questions, metrics, data), command_line
-(option types, the pruners' settings), results_file (the JSON file); tqdm.
 """
+
+import ctrl_c
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load torch (seconds): one line and exit 130, no traceback
+    ctrl_c.exit_at_once("eval_vqa.py")
 
 import argparse
 import json
@@ -312,7 +313,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        run(args)
+        with ctrl_c.raises():
+            run(args)
     except UsageError as e:
         print(f"eval_vqa.py: error: {e}", file=sys.stderr)
         return 2
@@ -450,4 +452,4 @@ def run(args) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    ctrl_c.end("eval_vqa.py", main())

@@ -26,9 +26,6 @@ costs more than the blocks).
     "full"     the router reads context + continuation, as a perplexity window is routed on its own tokens: each
                request is one routed forward over its tokens (mumoe.mumoe_logits), at most max_length of them. It
                leaks the answer into the experts, so it measures how much the continuation helps its own routing.
-
-Imports: torch, lm_eval (TemplateLM, its rolling-window helpers), mumoe (route_prompt, chosen_experts,
-mumoe_logits, generate). Only this file and the command eval_tasks.py import lm_eval.
 """
 
 from collections import defaultdict

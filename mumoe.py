@@ -44,10 +44,6 @@ rho. In wall time the selection is what costs: pruners.wanda_gated_weight fuses 
 
 Everything here works on any model with checkpoint.py's interface (OPT, LLaMA, a vision-language model's
 language model): it sees blocks, their `linears()` and hidden states, never a model family.
-
-Imports: torch, checkpoint (the block interface, UsageError), pruners (Wanda's mask and gated weight); the
-command line alone loads a model by name, through models, and prepares a LLaVA's images and prompt with
-llava_model.
 """
 
 import argparse

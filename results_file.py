@@ -5,8 +5,6 @@ The commands (eval_ppl.py, eval_vqa.py) write every number with its settings int
 `--resume` reads back. Two things keep that file usable: JSON has no NaN or Infinity (Python writes a bare
 `NaN` that jq, JavaScript and strict parsers reject, so a number that is not finite is written null), and a
 run killed while writing must not leave half a file (it is written beside, then renamed over the old one).
-
-Imports: checkpoint (UsageError).
 """
 
 import json
