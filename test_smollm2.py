@@ -4,7 +4,7 @@ The weights come from ../shared/models/smollm2-135m: the 4-bit Q4_1 GGUF of the 
 written once per test run as an ordinary float32 Hugging Face directory by the `make.py` beside it (transformers
 and llama.cpp's `gguf` reader dequantize it). References: transformers' LlamaForCausalLM and its tokenizer on
 that directory. The text is the real WikiText-2 and PTB of ../shared/data. Without ../shared, or without the
-`gguf` package, every test here skips and says why. About two minutes on a busy 2-core CPU.
+`gguf` package, every test here skips and says why.
 """
 
 import importlib.util

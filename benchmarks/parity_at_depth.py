@@ -25,8 +25,7 @@ model on the first WikiText-2 windows (evaluated alike: our forward, which equal
     python ../shared/models/smollm2-135m/make.py /tmp/smollm2-135m
     python benchmarks/parity_at_depth.py --model /tmp/smollm2-135m --data-dir ../shared/data/rows --method wanda
 
-Not a timing: run under `nice`. A Wanda run of 4 calibration windows of 2048 tokens on the 30 blocks takes ~10 minutes
-on 2 CPU cores.
+Not a timing: run it under `nice` (with OMP_NUM_THREADS=1 on a busy machine). Figures and wall times: docs/smollm2.md.
 """
 
 import argparse
