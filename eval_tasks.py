@@ -94,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="read the calibration rows {dataset}.train.jsonl "
                    "from here (offline), as eval_ppl.py")
     p.add_argument("--select", choices=pruners.SELECTS, help="top-k selection kernel (identical masks)")
+    p.add_argument("--decode", choices=mumoe.DECODES, default="auto", help="μ-MoE: a continuation's tokens after "
+                   "the routed context read the packed experts (packed) or the dense W ⊙ M (masked); auto: packed "
+                   "where its kernel runs (the same numbers either way)")
     p.add_argument("--device", help="default: cuda when present, else cpu")
     p.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--out", type=Path, default=Path("tasks.json"), metavar="JSON",
@@ -232,6 +235,7 @@ def run(args) -> list[dict]:
     device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
     check_writable(args.out, "--out")
+    decode_path = mumoe.decode_path(args.decode, device, dtype)  # --decode packed where it cannot run: now
     manager = task_manager(args.tasks, args.include_path)  # an unknown task: now, before any model is found
     directory = resolve_checkpoint(args.model)
     family = models.family(directory)
@@ -253,7 +257,7 @@ def run(args) -> list[dict]:
     nm = settings["nm"] = nm_name(args.nm) if args.nm else None
     settings.update(calib=args.calib if calibrated else None, device=str(device),
                     dtype=str(dtype).removeprefix("torch."), torch=torch.__version__,
-                    lm_eval=lm_eval.__version__, magnitude_group=MAGNITUDE_GROUP)
+                    lm_eval=lm_eval.__version__, magnitude_group=MAGNITUDE_GROUP, decode_path=decode_path)
     plan = [("dense", 1.0, None, None, None)] if "dense" in args.methods else []  # each row's row_key
     plan += [(m, rho, nm, r, s) for rho in args.rho for m in METHODS[1:] if m in args.methods
              for r in (args.mumoe_routing if m == "mumoe" else [None])
@@ -283,7 +287,8 @@ def run(args) -> list[dict]:
                                 select=args.select, group=MAGNITUDE_GROUP, blocksize=SPARSEGPT_BLOCKSIZE)
             pruned = True
         lm = HarnessLM(model, tokenizer, args.batch_size, rho if method == "mumoe" else 1.0,
-                       args.nm if method == "mumoe" else None, routing or "block", scope or "context", args.select)
+                       args.nm if method == "mumoe" else None, routing or "block", scope or "context", args.select,
+                       decode=args.decode)
         output = lm_eval.simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                                          task_manager=manager, log_samples=False)
         results = output["results"]  # by task: each task asked for, or each task of a group or tag asked for

@@ -61,6 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import DTYPES, KVCache, LinearFn, UsageError, check_device, dense_linear
+from packed_experts import PackedLinear, kernel_problem, pack, packed_linear
 from pruners import SELECTS, check_rho, default_select, prune_count, wanda_gated_weight
 
 # -----------------------------------------------------------------------------
@@ -197,6 +198,60 @@ def chosen_experts(chosen: dict) -> LinearFn:
     return gate_with_chosen
 
 
+# -----------------------------------------------------------------------------
+# Decoding with a prompt's experts: masked (W ⊙ M, dense) or packed (only the kept weights)
+
+DECODES = ("auto", "packed", "masked")
+
+
+def decode_path(decode: str, device, dtype: torch.dtype) -> str:
+    """Which product later tokens run through: "packed" (packed_experts' kernel, which reads only the kept
+    weights) or "masked" (the dense W ⊙ M, zeros included). "auto" takes the packed kernel where it runs and
+    the masked product, the same numbers, elsewhere; "packed" where it cannot run is a UsageError saying why."""
+    if decode not in DECODES:
+        raise UsageError(f"decode must be one of {DECODES}, got {decode!r}")
+    if decode == "masked":
+        return "masked"
+    problem = kernel_problem(device, dtype)
+    if problem is not None and decode == "packed":
+        raise UsageError(f"--decode packed cannot run here: {problem}")
+    return "masked" if problem is not None else "packed"
+
+
+def pack_experts(chosen: dict) -> dict[nn.Linear, list[PackedLinear]]:
+    """`chosen` (per nn.Linear, each prompt's W ⊙ M_b) -> per nn.Linear, each prompt's experts packed."""
+    return {layer: [pack(W_b, layer.bias) for W_b in experts] for layer, experts in chosen.items()}
+
+
+def packed_experts(packed: dict) -> LinearFn:
+    """The Linear that gates with packed experts (`pack_experts`): y_b = x_b (W ⊙ M_b)^T + bias, reading only the
+    kept weights. One prompt's experts serve every sequence of the batch (continuations of one context)."""
+
+    def gate_packed(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        experts = packed[layer]
+        if len(experts) == 1:
+            return packed_linear(x, experts[0])  # (B, T, d_out), every sequence with these experts
+        if len(experts) != x.shape[0]:
+            raise ValueError(f"{len(experts)} prompts' experts for a batch of {x.shape[0]} prompts")
+        return torch.stack([packed_linear(x_b, P_b) for x_b, P_b in zip(x, experts)])
+
+    return gate_packed
+
+
+def decode_experts(chosen: dict, path: str) -> LinearFn:
+    """The Linear that later tokens run through with the experts the prompt chose: `path` "packed" packs them
+    (then `chosen`'s W ⊙ M may go), "masked" multiplies W ⊙ M itself. One prompt's experts serve every sequence
+    of the batch in both."""
+    if path == "packed":
+        return packed_experts(pack_experts(chosen))
+
+    def gate_masked(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        experts = chosen[layer]
+        return gate(layer, x, experts * x.shape[0] if len(experts) == 1 else experts)
+
+    return gate_masked
+
+
 @torch.no_grad()
 def mumoe_logits(model, prompts: torch.Tensor, rho: float, select: str | None = None, prefix: int | None = None,
                  routing: str = "block", nm=None, chosen: dict | None = None,
@@ -313,18 +368,19 @@ def route_prompt(model, prompts: torch.Tensor, cache: list[KVCache], rho: float 
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens: int, rho: float = 1.0, routing: str = "block",
              select: str | None = None, prefix: int | None = None, eos_id=None,
-             timings: dict | None = None, nm=None, stop=None) -> list[int]:
+             timings: dict | None = None, nm=None, stop=None, decode: str = "auto") -> list[int]:
     """Greedy decoding with a KV cache: the new token ids, at most `max_new_tokens`, the last one an end of
     sequence if emitted (`eos_id`: one id, or several, as Llama 3's config.json lists them).
 
     The prompt runs once, block by block, routed on itself (rho = 1: the dense model). With block
     routing each block's dense statistics pass runs first, then its gated pass, which fills the block's cache.
     The gated pass leaves every Linear's gated weights W ⊙ M in `chosen`, and each new token runs through the
-    cache with exactly those weights (`chosen_experts`): after the prompt a step costs what a dense step costs,
-    and neither the masks nor W ⊙ M are ever rebuilt. The new tokens do not change the routing, as if the
+    cache with exactly those weights, neither the masks nor W ⊙ M ever rebuilt: packed once (`decode` "packed",
+    or "auto" where packed_experts' kernel runs), a step reads only the kept weights; "masked" multiplies the
+    dense W ⊙ M, a step costing what a dense step costs. Both give the same tokens (rho = 1: the dense model). The new tokens do not change the routing, as if the
     decode were routed on the prompt alone at every step (`prefix`: on its first `prefix` tokens only).
     `timings`: a dict that receives the seconds spent up to the first new token ("prompt": routing, the prompt
-    pass, the first token) and on the other tokens ("decode"). `prompt`: token ids (a list), or a prompt
+    pass, the first token), packing the experts ("pack", 0 when masked) and on the other tokens ("decode"). `prompt`: token ids (a list), or a prompt
     embedded already (1, T, hidden): a LLaVA prompt with its image features, routed like any other. `nm` = (N, M):
     routed to N:M patterns instead of rho. `stop`: a function of the new ids so far that returns True to end
     decoding there (e.g. at a stop string).
@@ -339,23 +395,30 @@ def generate(model, prompt, max_new_tokens: int, rho: float = 1.0, routing: str 
         raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if T + max_new_tokens > T_max:
         raise UsageError(f"{T} prompt tokens + {max_new_tokens} new tokens exceed max_position_embeddings={T_max}")
+    device = next(model.parameters()).device
+    path = decode_path(decode, device, next(model.parameters()).dtype)  # checked for the dense model too
+    path = "dense" if rho == 1.0 and nm is None else path
     start = time.perf_counter()
     cache = model.new_cache(T + max_new_tokens - 1)  # the last new token is never fed back
-    prompts = prompt if embedded else torch.tensor([prompt], device=next(model.parameters()).device)  # (1, T[, hidden])
+    prompts = prompt if embedded else torch.tensor([prompt], device=device)  # (1, T[, hidden])
     x, chosen = route_prompt(model, prompts, cache, rho, routing, select, prefix, nm)
     logits = model.head(x[:, -1:])  # (1, 1, vocab): only the last position picks the next token
-    experts = chosen_experts(chosen)  # the prompt's W ⊙ M, built once by the pass above
-
     next_id = logits[:, -1].argmax(dim=-1, keepdim=True)  # (1, 1)
     new = [next_id.item()]
     prompt_done = time.perf_counter()
     eos = set(eos_id) if isinstance(eos_id, (list, tuple, set)) else {eos_id}
-    while new[-1] not in eos and len(new) < max_new_tokens and not (stop and stop(new)):
+    done = new[-1] in eos or len(new) >= max_new_tokens or (stop and stop(new))
+    # the prompt's W ⊙ M, built once by the pass above; packed only if a token will use them
+    experts = dense_linear if path == "dense" else decode_experts(chosen, path if not done else "masked")
+    del chosen
+    pack_done = time.perf_counter()
+    while not done:
         logits = model(next_id, experts, cache)  # (1, 1, vocab): one token, at position cache length
         next_id = logits[:, -1].argmax(dim=-1, keepdim=True)
         new.append(next_id.item())
+        done = new[-1] in eos or len(new) >= max_new_tokens or (stop and stop(new))
     if timings is not None:
-        timings.update(prompt=prompt_done - start, decode=time.perf_counter() - prompt_done)
+        timings.update(prompt=prompt_done - start, pack=pack_done - prompt_done, decode=time.perf_counter() - pack_done)
     return new
 
 
