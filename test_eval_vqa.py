@@ -378,7 +378,7 @@ def tiny_llava(tmp_path_factory) -> Path:
     import torch
     import transformers
 
-    from test_llama import save_llama_tokenizer
+    from testkit import save_llama_tokenizer
 
     directory = tmp_path_factory.mktemp("tiny_llava")
     torch.manual_seed(0)

@@ -26,8 +26,9 @@ import models
 import mumoe
 from checkpoint import UsageError
 from pruners import prune_model
-from testkit import (REPO, assert_close, assert_each_visits, assert_one_line_error, n_diff, random_ids, record_moves,
-                     reference_fasterprune, report_of, run_main, sentence)
+from testkit import (LLAMA_VOCAB, REPO, TINY_LLAMAS, assert_close, assert_each_visits, assert_one_line_error, n_diff,
+                     random_ids, record_moves, reference_fasterprune, report_of, run_main, save_llama_tokenizer, save_tiny_llama,
+                     sentence)
 
 # fp32, measured on these configs: logits equal transformers' exactly (max |diff| 0); cached decoding vs the full
 # forward 2.4e-7 to 4.8e-7. The bound leaves room for other CPUs' kernels, far below what a bug moves (>1e-2).
@@ -35,40 +36,6 @@ FP32_ATOL = 1e-5
 # bf16 / fp16 logits (|logit| up to ~3) of two implementations in the same dtype, measured max |diff| on these
 # configs: bf16 3.9e-3 to 7.8e-3 (one or two bf16 steps), fp16 4.9e-4 to 9.8e-4; the bounds are about 4x those
 HALF_ATOL = {torch.bfloat16: 0.03, torch.float16: 0.004}
-
-VOCAB = 512
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16}
-# name -> (transformers config class, overrides): GQA, tied and untied heads, rope_scaling linear and llama3, an
-# explicit head_dim, q/k/v biases (Qwen2), Mistral's sliding window (longer than the model's positions)
-TINY_LLAMAS = {
-    "llama_gqa": ("LlamaConfig", dict(num_key_value_heads=2)),
-    "llama_tied_linear_rope": ("LlamaConfig", dict(tie_word_embeddings=True,
-                                                   rope_scaling={"rope_type": "linear", "factor": 2.0})),
-    "llama3_rope_head_dim": ("LlamaConfig", dict(num_key_value_heads=1, head_dim=24, rope_theta=500000.0,
-                                                 rope_scaling=LLAMA3_ROPE)),
-    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=4096)),
-    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=None)),
-}
-
-
-def save_tiny_llama(directory: Path, kind: str = "llama_gqa", seed: int = 0, random_norms: bool = True, **overrides):
-    """A random transformers model of the LLaMA family saved with save_pretrained (the transformers 5 config layout);
-    returns it. `random_norms`: random RMSNorm weights and biases too, so a swapped or skipped one shows."""
-    import transformers
-
-    config_class, kw = TINY_LLAMAS[kind]
-    kw = {**dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=64), **kw, **overrides}
-    torch.manual_seed(seed)
-    config = getattr(transformers, config_class)(**kw)
-    reference = getattr(transformers, config_class.replace("Config", "ForCausalLM"))(config).eval()
-    with torch.no_grad():
-        for name, p in reference.named_parameters():
-            if random_norms and ("norm" in name or name.endswith("bias")):
-                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in name else 0.0))
-    reference.save_pretrained(directory)
-    return reference
 
 
 @pytest.fixture(scope="module", params=sorted(TINY_LLAMAS))
@@ -86,7 +53,7 @@ def test_logits_match_transformers(tiny_llama):
     kind, directory, reference = tiny_llama
     model = models.load_model(directory)
     assert isinstance(model, llama_model.LlamaForCausalLM)
-    ids = random_ids(2, 40, VOCAB)
+    ids = random_ids(2, 40, LLAMA_VOCAB)
     assert_close(model(ids), reference(ids).logits, FP32_ATOL, f"{kind} logits")
 
 
@@ -114,7 +81,7 @@ def test_hub_config_layout_loads_the_same_model(tiny_llama, tmp_path):
     assert "rope_parameters" not in (hub / "config.json").read_text()
     ours, theirs = models.load_model(directory), models.load_model(hub)
     assert ours.config == theirs.config, f"{kind}: {ours.config} != {theirs.config}"
-    ids = random_ids(1, 30, VOCAB)
+    ids = random_ids(1, 30, LLAMA_VOCAB)
     assert torch.equal(ours(ids), theirs(ids)), f"{kind}: the hub layout gives other logits"
 
 
@@ -126,7 +93,7 @@ def test_half_precision_matches_transformers(tiny_llama, dtype):
     model = models.load_model(directory, dtype=dtype)
     assert all(p.dtype == dtype for p in model.parameters())
     assert model.blocks[0].self_attn.inv_freq.dtype == torch.float32, "the rotary frequencies must stay float32"
-    ids = random_ids(2, 40, VOCAB)
+    ids = random_ids(2, 40, LLAMA_VOCAB)
     ref = copy.deepcopy(reference).to(dtype)(ids).logits
     assert_close(model(ids), ref, HALF_ATOL[dtype], f"{kind} {dtype} logits")
 
@@ -135,7 +102,7 @@ def test_half_precision_matches_transformers(tiny_llama, dtype):
 def test_cached_logits_equal_the_full_forward(tiny_llama):
     kind, directory, _ = tiny_llama
     model = models.load_model(directory)
-    ids = random_ids(2, 24, VOCAB)
+    ids = random_ids(2, 24, LLAMA_VOCAB)
     full = model(ids)
     cache = model.new_cache(24, batch=2)
     stepped = [model(ids[:, :16], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(16, 22)]
@@ -149,7 +116,7 @@ def test_cached_logits_equal_the_full_forward(tiny_llama):
 def test_greedy_generation_matches_transformers(tiny_llama):
     kind, directory, reference = tiny_llama
     model = models.load_model(directory)
-    prompt = random_ids(1, 12, VOCAB, seed=3)
+    prompt = random_ids(1, 12, LLAMA_VOCAB, seed=3)
     ours = mumoe.generate(model, prompt[0].tolist(), 20, eos_id=model.config.eos_token_id)
     theirs = reference.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=True,
                                 eos_token_id=model.config.eos_token_id, pad_token_id=0)[0, 12:].tolist()
@@ -159,9 +126,9 @@ def test_greedy_generation_matches_transformers(tiny_llama):
 def test_sliding_window_is_refused_beyond_its_length(tmp_path):
     save_tiny_llama(tmp_path, "mistral", sliding_window=16)
     model = models.load_model(tmp_path)
-    model(random_ids(1, 16, VOCAB))  # within the window: full attention is the window's attention
+    model(random_ids(1, 16, LLAMA_VOCAB))  # within the window: full attention is the window's attention
     with pytest.raises(UsageError, match="sliding attention window of 16"):
-        model(random_ids(1, 17, VOCAB))
+        model(random_ids(1, 17, LLAMA_VOCAB))
 
 
 # -----------------------------------------------------------------------------
@@ -219,30 +186,6 @@ def test_tied_head_is_one_tensor(tmp_path):
 # -----------------------------------------------------------------------------
 # The tokenizer: BOS exactly as the checkpoint's fast tokenizer adds it
 
-WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
-
-
-def save_llama_tokenizer(directory: Path, bos: str | None) -> None:
-    """A byte-level BPE with LLaMA's special tokens at LLaMA's ids (<unk> 0, <s> 1, </s> 2), trained in the test;
-    its post-processor puts `bos` in front (Llama 2, Mistral, Llama 3's <|begin_of_text|>), or nothing (Qwen2)."""
-    from tokenizers import Tokenizer, decoders, models as bpe_models, pre_tokenizers, processors, trainers
-
-    rng = random.Random(0)
-    tokenizer = Tokenizer(bpe_models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    specials = ["<unk>", "<s>", "</s>", "<|begin_of_text|>"]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator([sentence(rng, 12) for _ in range(200)], trainer)
-    if bos:
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))])
-    else:
-        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(directory / "tokenizer.json"))
-
 
 @pytest.mark.parametrize("bos", ["<s>", "<|begin_of_text|>", None])
 def test_tokenizer_matches_hf_fast_tokenizer(tmp_path, bos):
@@ -280,7 +223,7 @@ def gqa_llama(tmp_path_factory):
     """A three-block GQA LLaMA, its transformers twin and 4 calibration windows."""
     directory = tmp_path_factory.mktemp("gqa-llama")
     reference = save_tiny_llama(directory, "llama_gqa", num_hidden_layers=3)
-    return reference, directory, random_ids(4, 24, VOCAB, seed=12)
+    return reference, directory, random_ids(4, 24, LLAMA_VOCAB, seed=12)
 
 
 def hooked_statistics(reference, block_index, calib_ids):
@@ -332,7 +275,7 @@ def test_prune_model_equals_the_algorithms_on_hooked_statistics(gqa_llama, metho
 @torch.no_grad()
 def test_block_routing_is_wanda_calibrated_on_the_window(gqa_llama, rho):
     _, directory, _ = gqa_llama
-    model, ids = models.load_model(directory), random_ids(1, 32, VOCAB, seed=5)
+    model, ids = models.load_model(directory), random_ids(1, 32, LLAMA_VOCAB, seed=5)
     routed = mumoe.mumoe_logits(model, ids, rho)
     pruned = copy.deepcopy(model)
     prune_model(pruned, ids, "wanda", rho, progress=False)
@@ -343,14 +286,14 @@ def test_block_routing_is_wanda_calibrated_on_the_window(gqa_llama, rho):
 @torch.no_grad()
 def test_mumoe_batch_rho_one_and_prefix(gqa_llama, routing):
     _, directory, _ = gqa_llama
-    model, ids = models.load_model(directory), random_ids(3, 20, VOCAB, seed=6)
+    model, ids = models.load_model(directory), random_ids(3, 20, LLAMA_VOCAB, seed=6)
     batch = mumoe.mumoe_logits(model, ids, 0.5, routing=routing)
     for b in range(3):
         assert_close(batch[b : b + 1], mumoe.mumoe_logits(model, ids[b : b + 1], 0.5, routing=routing), 1e-5,
                      f"{routing}: prompt {b} of a batch vs alone")
     assert torch.equal(mumoe.mumoe_logits(model, ids, 1.0, routing=routing), model(ids)), "rho = 1 is dense"
     changed = ids.clone()
-    changed[:, 12:] = random_ids(3, 8, VOCAB, seed=7)
+    changed[:, 12:] = random_ids(3, 8, LLAMA_VOCAB, seed=7)
     a = mumoe.mumoe_logits(model, ids, 0.5, prefix=12, routing=routing)
     b = mumoe.mumoe_logits(model, changed, 0.5, prefix=12, routing=routing)
     assert torch.equal(a[:, :12], b[:, :12]), f"{routing}: tokens after the prefix changed the routing"
@@ -362,7 +305,7 @@ def test_count_macs_matches_the_counter_with_gqa_shapes(gqa_llama, routing, rho)
     _, directory, _ = gqa_llama
     model, T = models.load_model(directory), 20
     counter = Counter()
-    mumoe.mumoe_logits(model, random_ids(1, T, VOCAB), rho, routing=routing, counter=counter)
+    mumoe.mumoe_logits(model, random_ids(1, T, LLAMA_VOCAB), rho, routing=routing, counter=counter)
     names = mumoe.linear_names(model)
     counted = {names[layer]: macs for layer, macs in counter.items()}
     analytic = mumoe.count_macs(model, T, rho, routing=routing)

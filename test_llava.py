@@ -15,25 +15,14 @@ import llava_model
 from checkpoint import UsageError
 from llava_model import (CLIP_MEAN, CLIP_STD, PAD_COLOR, CLIPVisionConfig, CLIPVisionModel, conversation_prompt,
                          expand_to_square, preprocess)
-from testkit import assert_close, rewrite_checkpoint, save_tiny_opt
+from testkit import (IMAGE_ID, N_FEATURES, TINY_VISION, assert_close, randomize_layer_norms, rewrite_checkpoint,
+                     save_llama2_like_tokenizer, save_tiny_llava, save_tiny_opt)
 
 
 # -----------------------------------------------------------------------------
 # The vision tower against transformers' CLIPVisionModel
 
 VISION_ATOL = 1e-5  # fp32; measured max |diff| 0 on these shapes (the same ops), the margin is for other BLAS orders
-
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                   image_size=56, patch_size=14)  # a 4x4 grid of patches
-
-
-def randomize_layer_norms(model, seed=0):
-    """Random LayerNorm affines, so that a swapped or skipped LayerNorm shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_norm" in name or "layrnorm" in name or "layernorm" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
 
 
 @pytest.fixture(scope="module")
@@ -202,28 +191,6 @@ def test_conversation_prompt_is_vicuna_v1():
 # The whole LLaVA against transformers' LlavaForConditionalGeneration
 
 LOGITS_ATOL = 1e-5  # fp32 logits of two implementations of the same arithmetic: measured max |diff| ~1e-6
-IMAGE_ID = 100  # the tiny model's image_token_index (llava-hf's is 32000)
-TINY_TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=256)
-N_FEATURES = 16  # 56 px / 14 = a 4x4 grid of patches, CLS dropped
-
-
-def save_tiny_llava(directory, seed=0, vocab_size=128, image_token_index=IMAGE_ID):
-    """A random transformers LlavaForConditionalGeneration saved with save_pretrained; returns the reference."""
-    import transformers
-
-    torch.manual_seed(seed)
-    text = transformers.LlamaConfig(**{**TINY_TEXT, "vocab_size": vocab_size})
-    config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**TINY_VISION), text_config=text,
-                                      image_token_index=image_token_index, image_seq_length=N_FEATURES)
-    reference = transformers.LlavaForConditionalGeneration(config).eval()
-    randomize_layer_norms(reference)
-    with torch.no_grad():  # RMSNorm weights too (named *layernorm / norm in LLaMA)
-        for name, p in reference.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(torch.randn_like(p) * 0.5 + 1.0)
-    reference.save_pretrained(directory)
-    return reference
 
 
 @pytest.fixture(scope="module")
@@ -437,36 +404,6 @@ def test_llava_15_7b_config_gives_the_7b_model(tmp_path):
 
 # -----------------------------------------------------------------------------
 # Tokenizing the prompt as LLaVA does
-
-def save_llama2_like_tokenizer(directory) -> int:
-    """A tokenizer.json built like Llama-2's: sentencepiece-style BPE on "▁"-joined words with a "▁" put in front
-    of every text, byte fallback (<0x0A> for a newline, unseen in training), BOS <s> added by the post-processor,
-    and "<image>" added as a special token, as llava-hf's tokenizer has it. Returns the image token's id."""
-    import json
-
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    corpus = [llava_model.VICUNA_V1_SYSTEM, "USER: What is in the picture? ASSISTANT: A cat on a mat.",
-              "USER: Describe the image in detail. ASSISTANT: It shows two dogs."] * 3
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")  # no merges across words in training
-    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=180, special_tokens=["<unk>", "<s>", "</s>"]))
-    tokenizer.pre_tokenizer = None  # as in Llama-2's tokenizer.json
-    path = directory / "tokenizer.json"
-    tokenizer.save(str(path))
-    data = json.loads(path.read_text())  # the byte tokens after the trained vocabulary, as fallback
-    vocab = data["model"]["vocab"]
-    vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
-    data["model"].update(byte_fallback=True, fuse_unk=True)
-    path.write_text(json.dumps(data))
-    tokenizer = Tokenizer.from_file(str(path))
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                           decoders.Strip(" ", 1, 0)])
-    tokenizer.add_special_tokens(["<image>"])
-    tokenizer.save(str(path))
-    return tokenizer.token_to_id("<image>")
 
 
 def llava_tokenizer_image_token(hf_tokenizer, prompt, image_id):

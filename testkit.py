@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import llava_model
 from mumoe import mumoe_logits, routed_block
 from opt_model import OPTConfig, OPTForCausalLM
 
@@ -265,6 +266,140 @@ def report_of(argv: list[str], capsys) -> dict:
     code, _, err = run_main(argv, capsys)
     assert code == 0, f"exit {code}: {err[-2000:]}"
     return json.loads(Path(argv[argv.index("--out") + 1]).read_text())
+
+
+# -----------------------------------------------------------------------------
+# Tiny LLaMA-family models and LLaVAs, with their tokenizers
+
+LLAMA_VOCAB = 512  # the tiny LLaMAs' vocabulary: room for every id of their tokenizer
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+
+
+# name -> (transformers config class, overrides): GQA, tied and untied heads, rope_scaling linear and llama3, an
+# explicit head_dim, q/k/v biases (Qwen2), Mistral's sliding window (longer than the model's positions)
+TINY_LLAMAS = {
+    "llama_gqa": ("LlamaConfig", dict(num_key_value_heads=2)),
+    "llama_tied_linear_rope": ("LlamaConfig", dict(tie_word_embeddings=True,
+                                                   rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "llama3_rope_head_dim": ("LlamaConfig", dict(num_key_value_heads=1, head_dim=24, rope_theta=500000.0,
+                                                 rope_scaling=LLAMA3_ROPE)),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=4096)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=None)),
+}
+
+
+def save_tiny_llama(directory: Path, kind: str = "llama_gqa", seed: int = 0, random_norms: bool = True, **overrides):
+    """A random transformers model of the LLaMA family saved with save_pretrained (the transformers 5 config layout);
+    returns it. `random_norms`: random RMSNorm weights and biases too, so a swapped or skipped one shows."""
+    import transformers
+
+    config_class, kw = TINY_LLAMAS[kind]
+    kw = {**dict(vocab_size=LLAMA_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=64), **kw, **overrides}
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_class)(**kw)
+    reference = getattr(transformers, config_class.replace("Config", "ForCausalLM"))(config).eval()
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if random_norms and ("norm" in name or name.endswith("bias")):
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in name else 0.0))
+    reference.save_pretrained(directory)
+    return reference
+
+
+def save_llama_tokenizer(directory: Path, bos: str | None) -> None:
+    """A byte-level BPE with LLaMA's special tokens at LLaMA's ids (<unk> 0, <s> 1, </s> 2), trained in the test;
+    its post-processor puts `bos` in front (Llama 2, Mistral, Llama 3's <|begin_of_text|>), or nothing (Qwen2)."""
+    from tokenizers import Tokenizer, decoders, models as bpe_models, pre_tokenizers, processors, trainers
+
+    rng = random.Random(0)
+    tokenizer = Tokenizer(bpe_models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<s>", "</s>", "<|begin_of_text|>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([sentence(rng, 12) for _ in range(200)], trainer)
+    if bos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))])
+    else:
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+
+
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                   image_size=56, patch_size=14)  # a 4x4 grid of patches
+
+
+def randomize_layer_norms(model, seed=0):
+    """Random LayerNorm affines, so that a swapped or skipped LayerNorm shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name or "layrnorm" in name or "layernorm" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+
+
+IMAGE_ID = 100  # the tiny model's image_token_index (llava-hf's is 32000)
+
+
+TINY_TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256)
+
+
+N_FEATURES = 16  # 56 px / 14 = a 4x4 grid of patches, CLS dropped
+
+
+def save_tiny_llava(directory, seed=0, vocab_size=128, image_token_index=IMAGE_ID):
+    """A random transformers LlavaForConditionalGeneration saved with save_pretrained; returns the reference."""
+    import transformers
+
+    torch.manual_seed(seed)
+    text = transformers.LlamaConfig(**{**TINY_TEXT, "vocab_size": vocab_size})
+    config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**TINY_VISION), text_config=text,
+                                      image_token_index=image_token_index, image_seq_length=N_FEATURES)
+    reference = transformers.LlavaForConditionalGeneration(config).eval()
+    randomize_layer_norms(reference)
+    with torch.no_grad():  # RMSNorm weights too (named *layernorm / norm in LLaMA)
+        for name, p in reference.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.randn_like(p) * 0.5 + 1.0)
+    reference.save_pretrained(directory)
+    return reference
+
+
+def save_llama2_like_tokenizer(directory) -> int:
+    """A tokenizer.json built like Llama-2's: sentencepiece-style BPE on "▁"-joined words with a "▁" put in front
+    of every text, byte fallback (<0x0A> for a newline, unseen in training), BOS <s> added by the post-processor,
+    and "<image>" added as a special token, as llava-hf's tokenizer has it. Returns the image token's id."""
+    from tokenizers import Tokenizer, decoders, models as bpe_models, normalizers, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(bpe_models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    corpus = [llava_model.VICUNA_V1_SYSTEM, "USER: What is in the picture? ASSISTANT: A cat on a mat.",
+              "USER: Describe the image in detail. ASSISTANT: It shows two dogs."] * 3
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")  # no merges across words in training
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=180, special_tokens=["<unk>", "<s>", "</s>"]))
+    tokenizer.pre_tokenizer = None  # as in Llama-2's tokenizer.json
+    path = directory / "tokenizer.json"
+    tokenizer.save(str(path))
+    data = json.loads(path.read_text())  # the byte tokens after the trained vocabulary, as fallback
+    vocab = data["model"]["vocab"]
+    vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
+    data["model"].update(byte_fallback=True, fuse_unk=True)
+    path.write_text(json.dumps(data))
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    tokenizer.add_special_tokens(["<image>"])
+    tokenizer.save(str(path))
+    return tokenizer.token_to_id("<image>")
 
 
 # -----------------------------------------------------------------------------
