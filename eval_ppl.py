@@ -344,7 +344,7 @@ def run(args) -> list[dict]:
     if args.plot and distributed.is_main():
         check_writable(args.plot, "--plot")
     directory = resolve_checkpoint(args.model)
-    family = models.family(directory)
+    family = models.text_family(directory)  # a LLaVA: its language model
     config = family.read_config(directory / "config.json")
     resolve_defaults(args, family.FAMILY, config.max_position_embeddings)
     if args.seqlen > config.max_position_embeddings:

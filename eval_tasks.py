@@ -238,7 +238,7 @@ def run(args) -> list[dict]:
     decode_path = mumoe.decode_path(args.decode, device, dtype)  # --decode packed where it cannot run: now
     manager = task_manager(args.tasks, args.include_path)  # an unknown task: now, before any model is found
     directory = resolve_checkpoint(args.model)
-    family = models.family(directory)
+    family = models.text_family(directory)  # a LLaVA: its language model
     config = family.read_config(directory / "config.json")
     args.seqlen = args.seqlen or min(config.max_position_embeddings, DEFAULT_MAX_SEQLEN)
     if args.seqlen > config.max_position_embeddings:

@@ -7,8 +7,12 @@ mumoe's generation CLI). It reads `config.json`'s `model_type` and hands the che
     llama, mistral, qwen2     llama_model.py
     llava                     llava_model.py (LLaVA-1.5; the other LLaVA variants are refused by name)
 
-Nothing is guessed from a model's name. Imports: checkpoint, opt_model, llama_model, llava_model.
+The text commands (eval_ppl.py, eval_tasks.py, generate.py) run a LLaVA's language model on text:
+`text_family` gives them a LLaVA's Vicuna as a LLaMA, so that what μ-MoE costs the language model itself can be
+measured with the same perplexity and task protocols. Nothing is guessed from a model's name.
 """
+
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -55,3 +59,19 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32) -> nn.Module:
 
 def load_tokenizer(name_or_path):
     return family(name_or_path).load_tokenizer(name_or_path)
+
+
+# A LLaVA's language model, for the text commands: read, loaded and tokenized as the LLaMA it is. The whole LLaVA
+# loads (strictly, every key checked) and its vision tower and projector are dropped.
+LLAVA_LANGUAGE_MODEL = SimpleNamespace(
+    FAMILY=llama_model.FAMILY,
+    read_config=lambda path: llava_model.read_config(path).text_config,
+    load_model=lambda name, device="cpu", dtype=torch.float32: llava_model.load_llava(name, device, dtype).language_model,
+    load_tokenizer=llava_model.load_tokenizer,
+)
+
+
+def text_family(name_or_path):
+    """What a text command runs of a checkpoint: its own family, or for a LLaVA its language model's."""
+    found = family(name_or_path)
+    return LLAVA_LANGUAGE_MODEL if found is llava_model else found

@@ -6,7 +6,7 @@ test, under torchrun by its agent), so that each rank's exit code and output can
 The references are the same commands in one process: perplexities to 1e-6 relative (the per-window NLLs
 are gathered exactly, so most are equal to the bit), pruned weights equal but for summation-order ties,
 counted. Also here: results files written atomically, Ctrl-C, and benchmarks/gpu_check.py --dry-run.
-Tiny random OPT models and tokenizers come from test_mumoe's helpers; nothing is downloaded.
+Tiny random OPT models and tokenizers come from testkit and conftest; nothing is downloaded.
 """
 
 import json
@@ -26,8 +26,7 @@ import distributed
 import eval_ppl
 import pruners
 from models import load_model
-from test_mumoe import (cli_args, cli_data, one_thread, run_main, save_tiny_opt,  # noqa: F401 (fixtures)
-                        tiny_with_tokenizer)
+from testkit import cli_args, run_main, save_tiny_opt
 
 REPO = Path(__file__).resolve().parent
 RANK_TIMEOUT = 180  # seconds a rank may take here before the test calls it a hang (a run takes ~5 s)

@@ -16,7 +16,7 @@ import pytest
 
 import eval_vqa
 import vqa_tasks
-from test_mumoe import one_thread  # noqa: F401 (a fixture: tiny models run faster on one thread)
+from testkit import assert_one_line_error
 from vqa_tasks import normalize_answer, scienceqa_letter, scienceqa_message, textvqa_message, vqa_accuracy
 
 # -----------------------------------------------------------------------------
@@ -276,13 +276,6 @@ def run_command(capsys, *argv) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def assert_one_line_error(code, err, *fragments):
-    assert code == 2, err
-    assert len(err.strip().splitlines()) == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
-
-
 @pytest.mark.parametrize("argv, fragment", [
     (["--task", "vqav2"], "--task: invalid choice: 'vqav2'"),
     (["--task", "textvqa", "--calib", "c4"], "--calib: invalid choice: 'c4'"),
@@ -385,7 +378,7 @@ def tiny_llava(tmp_path_factory) -> Path:
     import torch
     import transformers
 
-    from test_llama import save_llama_tokenizer
+    from testkit import save_llama_tokenizer
 
     directory = tmp_path_factory.mktemp("tiny_llava")
     torch.manual_seed(0)

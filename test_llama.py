@@ -26,8 +26,9 @@ import models
 import mumoe
 from checkpoint import UsageError
 from pruners import prune_model
-from test_mumoe import (REPO, assert_close, assert_each_visits, cli_data, n_diff, one_thread,  # noqa: F401 (fixtures)
-                        record_moves, reference_fasterprune, report_of, run_main, sentence)
+from testkit import (LLAMA_VOCAB, REPO, TINY_LLAMAS, assert_close, assert_each_visits, assert_one_line_error, n_diff,
+                     random_ids, record_moves, reference_fasterprune, report_of, run_main, save_llama_tokenizer, save_tiny_llama,
+                     sentence)
 
 # fp32, measured on these configs: logits equal transformers' exactly (max |diff| 0); cached decoding vs the full
 # forward 2.4e-7 to 4.8e-7. The bound leaves room for other CPUs' kernels, far below what a bug moves (>1e-2).
@@ -36,49 +37,11 @@ FP32_ATOL = 1e-5
 # configs: bf16 3.9e-3 to 7.8e-3 (one or two bf16 steps), fp16 4.9e-4 to 9.8e-4; the bounds are about 4x those
 HALF_ATOL = {torch.bfloat16: 0.03, torch.float16: 0.004}
 
-VOCAB = 512
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16}
-# name -> (transformers config class, overrides): GQA, tied and untied heads, rope_scaling linear and llama3, an
-# explicit head_dim, q/k/v biases (Qwen2), Mistral's sliding window (longer than the model's positions)
-TINY_LLAMAS = {
-    "llama_gqa": ("LlamaConfig", dict(num_key_value_heads=2)),
-    "llama_tied_linear_rope": ("LlamaConfig", dict(tie_word_embeddings=True,
-                                                   rope_scaling={"rope_type": "linear", "factor": 2.0})),
-    "llama3_rope_head_dim": ("LlamaConfig", dict(num_key_value_heads=1, head_dim=24, rope_theta=500000.0,
-                                                 rope_scaling=LLAMA3_ROPE)),
-    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=4096)),
-    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=None)),
-}
-
-
-def save_tiny_llama(directory: Path, kind: str = "llama_gqa", seed: int = 0, random_norms: bool = True, **overrides):
-    """A random transformers model of the LLaMA family saved with save_pretrained (the transformers 5 config layout);
-    returns it. `random_norms`: random RMSNorm weights and biases too, so a swapped or skipped one shows."""
-    import transformers
-
-    config_class, kw = TINY_LLAMAS[kind]
-    kw = {**dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=64), **kw, **overrides}
-    torch.manual_seed(seed)
-    config = getattr(transformers, config_class)(**kw)
-    reference = getattr(transformers, config_class.replace("Config", "ForCausalLM"))(config).eval()
-    with torch.no_grad():
-        for name, p in reference.named_parameters():
-            if random_norms and ("norm" in name or name.endswith("bias")):
-                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in name else 0.0))
-    reference.save_pretrained(directory)
-    return reference
-
 
 @pytest.fixture(scope="module", params=sorted(TINY_LLAMAS))
 def tiny_llama(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
     return request.param, directory, save_tiny_llama(directory, request.param)
-
-
-def random_ids(B, T, seed=1):
-    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 # -----------------------------------------------------------------------------
@@ -90,7 +53,7 @@ def test_logits_match_transformers(tiny_llama):
     kind, directory, reference = tiny_llama
     model = models.load_model(directory)
     assert isinstance(model, llama_model.LlamaForCausalLM)
-    ids = random_ids(2, 40)
+    ids = random_ids(2, 40, LLAMA_VOCAB)
     assert_close(model(ids), reference(ids).logits, FP32_ATOL, f"{kind} logits")
 
 
@@ -118,10 +81,11 @@ def test_hub_config_layout_loads_the_same_model(tiny_llama, tmp_path):
     assert "rope_parameters" not in (hub / "config.json").read_text()
     ours, theirs = models.load_model(directory), models.load_model(hub)
     assert ours.config == theirs.config, f"{kind}: {ours.config} != {theirs.config}"
-    ids = random_ids(1, 30)
+    ids = random_ids(1, 30, LLAMA_VOCAB)
     assert torch.equal(ours(ids), theirs(ids)), f"{kind}: the hub layout gives other logits"
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @torch.no_grad()
 def test_half_precision_matches_transformers(tiny_llama, dtype):
@@ -129,7 +93,7 @@ def test_half_precision_matches_transformers(tiny_llama, dtype):
     model = models.load_model(directory, dtype=dtype)
     assert all(p.dtype == dtype for p in model.parameters())
     assert model.blocks[0].self_attn.inv_freq.dtype == torch.float32, "the rotary frequencies must stay float32"
-    ids = random_ids(2, 40)
+    ids = random_ids(2, 40, LLAMA_VOCAB)
     ref = copy.deepcopy(reference).to(dtype)(ids).logits
     assert_close(model(ids), ref, HALF_ATOL[dtype], f"{kind} {dtype} logits")
 
@@ -138,7 +102,7 @@ def test_half_precision_matches_transformers(tiny_llama, dtype):
 def test_cached_logits_equal_the_full_forward(tiny_llama):
     kind, directory, _ = tiny_llama
     model = models.load_model(directory)
-    ids = random_ids(2, 24)
+    ids = random_ids(2, 24, LLAMA_VOCAB)
     full = model(ids)
     cache = model.new_cache(24, batch=2)
     stepped = [model(ids[:, :16], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(16, 22)]
@@ -152,7 +116,7 @@ def test_cached_logits_equal_the_full_forward(tiny_llama):
 def test_greedy_generation_matches_transformers(tiny_llama):
     kind, directory, reference = tiny_llama
     model = models.load_model(directory)
-    prompt = random_ids(1, 12, seed=3)
+    prompt = random_ids(1, 12, LLAMA_VOCAB, seed=3)
     ours = mumoe.generate(model, prompt[0].tolist(), 20, eos_id=model.config.eos_token_id)
     theirs = reference.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=True,
                                 eos_token_id=model.config.eos_token_id, pad_token_id=0)[0, 12:].tolist()
@@ -162,9 +126,9 @@ def test_greedy_generation_matches_transformers(tiny_llama):
 def test_sliding_window_is_refused_beyond_its_length(tmp_path):
     save_tiny_llama(tmp_path, "mistral", sliding_window=16)
     model = models.load_model(tmp_path)
-    model(random_ids(1, 16))  # within the window: full attention is the window's attention
+    model(random_ids(1, 16, LLAMA_VOCAB))  # within the window: full attention is the window's attention
     with pytest.raises(UsageError, match="sliding attention window of 16"):
-        model(random_ids(1, 17))
+        model(random_ids(1, 17, LLAMA_VOCAB))
 
 
 # -----------------------------------------------------------------------------
@@ -222,30 +186,6 @@ def test_tied_head_is_one_tensor(tmp_path):
 # -----------------------------------------------------------------------------
 # The tokenizer: BOS exactly as the checkpoint's fast tokenizer adds it
 
-WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
-
-
-def save_llama_tokenizer(directory: Path, bos: str | None) -> None:
-    """A byte-level BPE with LLaMA's special tokens at LLaMA's ids (<unk> 0, <s> 1, </s> 2), trained in the test;
-    its post-processor puts `bos` in front (Llama 2, Mistral, Llama 3's <|begin_of_text|>), or nothing (Qwen2)."""
-    from tokenizers import Tokenizer, decoders, models as bpe_models, pre_tokenizers, processors, trainers
-
-    rng = random.Random(0)
-    tokenizer = Tokenizer(bpe_models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    specials = ["<unk>", "<s>", "</s>", "<|begin_of_text|>"]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator([sentence(rng, 12) for _ in range(200)], trainer)
-    if bos:
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))])
-    else:
-        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(directory / "tokenizer.json"))
-
 
 @pytest.mark.parametrize("bos", ["<s>", "<|begin_of_text|>", None])
 def test_tokenizer_matches_hf_fast_tokenizer(tmp_path, bos):
@@ -283,7 +223,7 @@ def gqa_llama(tmp_path_factory):
     """A three-block GQA LLaMA, its transformers twin and 4 calibration windows."""
     directory = tmp_path_factory.mktemp("gqa-llama")
     reference = save_tiny_llama(directory, "llama_gqa", num_hidden_layers=3)
-    return reference, directory, random_ids(4, 24, seed=12)
+    return reference, directory, random_ids(4, 24, LLAMA_VOCAB, seed=12)
 
 
 def hooked_statistics(reference, block_index, calib_ids):
@@ -335,7 +275,7 @@ def test_prune_model_equals_the_algorithms_on_hooked_statistics(gqa_llama, metho
 @torch.no_grad()
 def test_block_routing_is_wanda_calibrated_on_the_window(gqa_llama, rho):
     _, directory, _ = gqa_llama
-    model, ids = models.load_model(directory), random_ids(1, 32, seed=5)
+    model, ids = models.load_model(directory), random_ids(1, 32, LLAMA_VOCAB, seed=5)
     routed = mumoe.mumoe_logits(model, ids, rho)
     pruned = copy.deepcopy(model)
     prune_model(pruned, ids, "wanda", rho, progress=False)
@@ -346,14 +286,14 @@ def test_block_routing_is_wanda_calibrated_on_the_window(gqa_llama, rho):
 @torch.no_grad()
 def test_mumoe_batch_rho_one_and_prefix(gqa_llama, routing):
     _, directory, _ = gqa_llama
-    model, ids = models.load_model(directory), random_ids(3, 20, seed=6)
+    model, ids = models.load_model(directory), random_ids(3, 20, LLAMA_VOCAB, seed=6)
     batch = mumoe.mumoe_logits(model, ids, 0.5, routing=routing)
     for b in range(3):
         assert_close(batch[b : b + 1], mumoe.mumoe_logits(model, ids[b : b + 1], 0.5, routing=routing), 1e-5,
                      f"{routing}: prompt {b} of a batch vs alone")
     assert torch.equal(mumoe.mumoe_logits(model, ids, 1.0, routing=routing), model(ids)), "rho = 1 is dense"
     changed = ids.clone()
-    changed[:, 12:] = random_ids(3, 8, seed=7)
+    changed[:, 12:] = random_ids(3, 8, LLAMA_VOCAB, seed=7)
     a = mumoe.mumoe_logits(model, ids, 0.5, prefix=12, routing=routing)
     b = mumoe.mumoe_logits(model, changed, 0.5, prefix=12, routing=routing)
     assert torch.equal(a[:, :12], b[:, :12]), f"{routing}: tokens after the prefix changed the routing"
@@ -365,7 +305,7 @@ def test_count_macs_matches_the_counter_with_gqa_shapes(gqa_llama, routing, rho)
     _, directory, _ = gqa_llama
     model, T = models.load_model(directory), 20
     counter = Counter()
-    mumoe.mumoe_logits(model, random_ids(1, T), rho, routing=routing, counter=counter)
+    mumoe.mumoe_logits(model, random_ids(1, T, LLAMA_VOCAB), rho, routing=routing, counter=counter)
     names = mumoe.linear_names(model)
     counted = {names[layer]: macs for layer, macs in counter.items()}
     analytic = mumoe.count_macs(model, T, rho, routing=routing)
@@ -378,6 +318,7 @@ def test_count_macs_matches_the_counter_with_gqa_shapes(gqa_llama, routing, rho)
     assert analytic.attention == 3 * 2 * 4 * 16 * T * (T + 1) // 2
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("method", ("wanda", "sparsegpt"))
 @torch.no_grad()
 def test_offload_gives_the_same_pruned_model_and_perplexity(gqa_llama, monkeypatch, method):
@@ -451,7 +392,7 @@ def test_family_defaults_follow_wandas_llama_protocol(llama_with_tokenizer, tmp_
 def test_eval_ppl_bad_input_on_a_llama(llama_with_tokenizer, cli_data, capsys, args, message):
     code, _, err = run_main(["--model", str(llama_with_tokenizer), "--data-dir", str(cli_data), "--device", "cpu",
                              "--calib", "ptb", *args], capsys)
-    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert_one_line_error(code, err, message)
 
 
 def test_eval_ppl_refuses_an_unknown_model_type(llama_with_tokenizer, tmp_path, capsys):
@@ -459,7 +400,7 @@ def test_eval_ppl_refuses_an_unknown_model_type(llama_with_tokenizer, tmp_path, 
     directory.mkdir()
     (directory / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
     code, _, err = run_main(["--model", str(directory)], capsys)
-    assert code == 2 and err.count("\n") == 1 and "model_type 'gpt_neox' is not supported" in err, err
+    assert_one_line_error(code, err, "model_type 'gpt_neox' is not supported")
 
 
 def test_generation_command_on_a_llama(llama_with_tokenizer):

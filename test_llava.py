@@ -15,25 +15,14 @@ import llava_model
 from checkpoint import UsageError
 from llava_model import (CLIP_MEAN, CLIP_STD, PAD_COLOR, CLIPVisionConfig, CLIPVisionModel, conversation_prompt,
                          expand_to_square, preprocess)
-from test_mumoe import assert_close, one_thread  # noqa: F401 (a fixture)
+from testkit import (IMAGE_ID, N_FEATURES, TINY_VISION, assert_close, randomize_layer_norms, rewrite_checkpoint,
+                     save_llama2_like_tokenizer, save_tiny_llava, save_tiny_opt)
 
 
 # -----------------------------------------------------------------------------
 # The vision tower against transformers' CLIPVisionModel
 
 VISION_ATOL = 1e-5  # fp32; measured max |diff| 0 on these shapes (the same ops), the margin is for other BLAS orders
-
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                   image_size=56, patch_size=14)  # a 4x4 grid of patches
-
-
-def randomize_layer_norms(model, seed=0):
-    """Random LayerNorm affines, so that a swapped or skipped LayerNorm shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_norm" in name or "layrnorm" in name or "layernorm" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
 
 
 @pytest.fixture(scope="module")
@@ -202,28 +191,6 @@ def test_conversation_prompt_is_vicuna_v1():
 # The whole LLaVA against transformers' LlavaForConditionalGeneration
 
 LOGITS_ATOL = 1e-5  # fp32 logits of two implementations of the same arithmetic: measured max |diff| ~1e-6
-IMAGE_ID = 100  # the tiny model's image_token_index (llava-hf's is 32000)
-TINY_TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=256)
-N_FEATURES = 16  # 56 px / 14 = a 4x4 grid of patches, CLS dropped
-
-
-def save_tiny_llava(directory, seed=0, vocab_size=128, image_token_index=IMAGE_ID):
-    """A random transformers LlavaForConditionalGeneration saved with save_pretrained; returns the reference."""
-    import transformers
-
-    torch.manual_seed(seed)
-    text = transformers.LlamaConfig(**{**TINY_TEXT, "vocab_size": vocab_size})
-    config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**TINY_VISION), text_config=text,
-                                      image_token_index=image_token_index, image_seq_length=N_FEATURES)
-    reference = transformers.LlavaForConditionalGeneration(config).eval()
-    randomize_layer_norms(reference)
-    with torch.no_grad():  # RMSNorm weights too (named *layernorm / norm in LLaMA)
-        for name, p in reference.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(torch.randn_like(p) * 0.5 + 1.0)
-    reference.save_pretrained(directory)
-    return reference
 
 
 @pytest.fixture(scope="module")
@@ -311,23 +278,15 @@ LAYOUTS = {
 }
 
 
-def rewrite_checkpoint(src, dst, rename=lambda key: key, drop=(), add=None):
-    """A copy of the checkpoint in src with its keys renamed, some dropped, some added."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    dst.mkdir(exist_ok=True)
-    state = {rename(k): v for k, v in load_file(src / "model.safetensors").items() if k not in drop}
-    save_file({**state, **(add or {})}, dst / "model.safetensors", metadata={"format": "pt"})
-    shutil.copy(src / "config.json", dst / "config.json")
-    return dst
+def renamed(rename):
+    """A checkpoint edit (testkit.rewrite_checkpoint) that renames every key."""
+    return lambda state: {rename(k): v for k, v in state.items()}
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_checkpoint_layouts_load_to_the_same_model(tiny_llava, tmp_path, layout):
     directory, _, model = tiny_llava
-    other = llava_model.load_llava(rewrite_checkpoint(directory, tmp_path / layout, LAYOUTS[layout]))
+    other = llava_model.load_llava(rewrite_checkpoint(directory, tmp_path / layout, renamed(LAYOUTS[layout])))
     theirs, ours = other.state_dict(), model.state_dict()
     assert theirs.keys() == ours.keys()
     assert all(torch.equal(theirs[k], ours[k]) for k in ours), f"{layout} loads other tensors"
@@ -338,7 +297,7 @@ def test_hub_legacy_layout_is_what_transformers_reads(tiny_llava, tmp_path):
     import transformers
 
     directory, reference, _ = tiny_llava
-    legacy = rewrite_checkpoint(directory, tmp_path / "legacy", hub_legacy_key)
+    legacy = rewrite_checkpoint(directory, tmp_path / "legacy", renamed(hub_legacy_key))
     again = transformers.LlavaForConditionalGeneration.from_pretrained(legacy).eval()
     theirs = again.state_dict()
     assert all(torch.equal(theirs[k], v) for k, v in reference.state_dict().items())
@@ -347,7 +306,8 @@ def test_hub_legacy_layout_is_what_transformers_reads(tiny_llava, tmp_path):
 def test_stored_clip_position_ids_are_accepted(tiny_llava, tmp_path):
     directory, _, model = tiny_llava
     arange = torch.arange(N_FEATURES + 1)[None]
-    stored = rewrite_checkpoint(directory, tmp_path / "ids", add={"vision_tower.embeddings.position_ids": arange})
+    stored = rewrite_checkpoint(directory, tmp_path / "ids",
+                                lambda state: {**state, "vision_tower.embeddings.position_ids": arange})
     assert torch.equal(llava_model.load_llava(stored).state_dict()["multi_modal_projector.linear_1.weight"],
                        model.state_dict()["multi_modal_projector.linear_1.weight"])
 
@@ -360,12 +320,13 @@ def test_stored_clip_position_ids_are_accepted(tiny_llava, tmp_path):
 def test_missing_key_is_refused(tiny_llava, tmp_path, drop, message):
     directory, _, _ = tiny_llava
     with pytest.raises(UsageError, match=message):
-        llava_model.load_llava(rewrite_checkpoint(directory, tmp_path / "missing", drop=[drop]))
+        llava_model.load_llava(rewrite_checkpoint(directory, tmp_path / "missing",
+                                                        lambda state: {k: v for k, v in state.items() if k != drop}))
 
 
 def test_unexpected_key_is_refused(tiny_llava, tmp_path):
     directory, _, _ = tiny_llava
-    extra = rewrite_checkpoint(directory, tmp_path / "extra", add={"image_newline": torch.zeros(32)})
+    extra = rewrite_checkpoint(directory, tmp_path / "extra", lambda state: {**state, "image_newline": torch.zeros(32)})
     with pytest.raises(UsageError, match="unexpected key 'image_newline'"):
         llava_model.load_llava(extra)
 
@@ -443,36 +404,6 @@ def test_llava_15_7b_config_gives_the_7b_model(tmp_path):
 
 # -----------------------------------------------------------------------------
 # Tokenizing the prompt as LLaVA does
-
-def save_llama2_like_tokenizer(directory) -> int:
-    """A tokenizer.json built like Llama-2's: sentencepiece-style BPE on "▁"-joined words with a "▁" put in front
-    of every text, byte fallback (<0x0A> for a newline, unseen in training), BOS <s> added by the post-processor,
-    and "<image>" added as a special token, as llava-hf's tokenizer has it. Returns the image token's id."""
-    import json
-
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    corpus = [llava_model.VICUNA_V1_SYSTEM, "USER: What is in the picture? ASSISTANT: A cat on a mat.",
-              "USER: Describe the image in detail. ASSISTANT: It shows two dogs."] * 3
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")  # no merges across words in training
-    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=180, special_tokens=["<unk>", "<s>", "</s>"]))
-    tokenizer.pre_tokenizer = None  # as in Llama-2's tokenizer.json
-    path = directory / "tokenizer.json"
-    tokenizer.save(str(path))
-    data = json.loads(path.read_text())  # the byte tokens after the trained vocabulary, as fallback
-    vocab = data["model"]["vocab"]
-    vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
-    data["model"].update(byte_fallback=True, fuse_unk=True)
-    path.write_text(json.dumps(data))
-    tokenizer = Tokenizer.from_file(str(path))
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                           decoders.Strip(" ", 1, 0)])
-    tokenizer.add_special_tokens(["<image>"])
-    tokenizer.save(str(path))
-    return tokenizer.token_to_id("<image>")
 
 
 def llava_tokenizer_image_token(hf_tokenizer, prompt, image_id):
@@ -734,14 +665,13 @@ def test_models_dispatches_llava_and_names_other_variants(tiny_llava, tmp_path):
 
 
 def test_image_given_to_a_text_model_is_refused(cat_jpg, tmp_path, capsys):
-    from test_mumoe import save_tiny_opt
-
     save_tiny_opt(tmp_path)
     code, _, err = run_mumoe(["--model", str(tmp_path), "--image", str(cat_jpg), "--prompt", "Hi", "--rho", "0.5"],
                              capsys)
     assert code == 2 and "--image and --route-vision need a vision-language model (LLaVA)" in err, err
 
 
+@pytest.mark.cuda
 def test_loads_in_bfloat16_and_runs(tiny_llava):
     directory, _, model = tiny_llava
     half = llava_model.load_llava(directory, dtype=torch.bfloat16)

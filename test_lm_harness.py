@@ -21,7 +21,7 @@ import models
 from checkpoint import UsageError
 from lm_harness import HarnessLM
 from mumoe import ROUTINGS, mumoe_logits
-from test_mumoe import WORDS, save_tiny_opt, save_tiny_tokenizer, sentence
+from testkit import WORDS, assert_one_line_error, save_tiny_opt, save_tiny_tokenizer, sentence
 
 pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402 (after the skip: lm_eval is what these tests test)
@@ -31,15 +31,6 @@ VOCAB = 512  # the tiny model's vocabulary: room for every id of the tiny tokeni
 MAX_POSITIONS = 64  # short enough that a few sentences overflow it: truncation and rolling windows get tested
 LL_ATOL = 1e-4  # fp32 sums of a few dozen log-probabilities, two implementations of the same arithmetic
 ROUTED_ATOL = 1e-4  # the same masks, a continuation through the cache vs. one forward over everything
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: on a busy 2-core machine a second thread costs more than it brings."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -431,7 +422,7 @@ def test_command_bad_input(command_setup, tmp_path, capsys, monkeypatch, args, m
     except SystemExit as e:  # argparse
         code = e.code
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert_one_line_error(code, err, message)
 
 
 def test_command_unknown_task(command_setup, tmp_path, capsys, monkeypatch):

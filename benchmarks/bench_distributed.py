@@ -38,10 +38,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import distributed  # noqa: E402
 import eval_ppl  # noqa: E402
 import pruners  # noqa: E402
-from bench_mumoe import random_ids  # noqa: E402
-from gpu_check import save_random_opt  # noqa: E402
 from models import load_model  # noqa: E402
 from opt_model import OPTConfig  # noqa: E402
+from testkit import random_ids, save_random_opt  # noqa: E402
 
 TARGET = 1.05
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -59,7 +58,7 @@ def worker(args) -> None:
         inside[0] += time.perf_counter() - start
 
     distributed.collective = timed_collective
-    ids = random_ids(args.windows * args.seqlen).view(args.windows, args.seqlen)
+    ids = random_ids(1, args.windows * args.seqlen, OPTConfig().vocab_size).view(args.windows, args.seqlen)
     model = load_model(args.checkpoint)
     seconds = {}
     for task in ("perplexity", "calibration"):

@@ -14,13 +14,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from opt_model import load_model  # noqa: E402
+from testkit import timed  # noqa: E402
 
 # The peak is read from VmHWM (this process's own peak resident size), not ru_maxrss: Linux carries
 # ru_maxrss over from the parent through fork and exec, so it would start at this big process's peak.
@@ -36,12 +36,6 @@ sum(float(p.float().sum()) for p in model.parameters())  # fault in every page: 
 after = peak_kb()
 print(before, after, sum(p.numel() * p.element_size() for p in model.parameters()))
 """
-
-
-def timed(fn, *args):
-    start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
 
 
 def main():
@@ -66,12 +60,9 @@ def main():
     before_kb, after_kb, param_bytes = map(int, load)
 
     ids = torch.randint(0, config.vocab_size, (1, args.tokens))
-    times = {"ours": [], "transformers": []}
     with torch.inference_mode():
-        assert (ours(ids) - reference(ids).logits).abs().max() < 1e-3  # same weights, same answer; also a warm-up
-        for _ in range(args.repeats):
-            times["ours"].append(timed(ours, ids))
-            times["transformers"].append(timed(lambda x: reference(x).logits, ids))
+        assert (ours(ids) - reference(ids).logits).abs().max() < 1e-3  # same weights, same answer
+        times = timed({"ours": lambda: ours(ids), "transformers": lambda: reference(ids).logits}, args.repeats)
     median = {k: statistics.median(v) for k, v in times.items()}
     result = {
         "tokens": args.tokens, "dtype": args.dtype, "threads": torch.get_num_threads(),

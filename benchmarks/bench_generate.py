@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_mumoe import random_ids, random_opt  # noqa: E402  (same directory)
+from testkit import random_ids, random_opt  # noqa: E402
 from mumoe import generate  # noqa: E402
 from opt_model import OPTConfig  # noqa: E402
 
@@ -75,7 +75,7 @@ def main():
 
     model = random_opt(OPTConfig())
     twin = transformers_twin(model)
-    prompt = random_ids(args.prompt)  # (1, T)
+    prompt = random_ids(1, args.prompt, OPTConfig().vocab_size)  # (1, T)
     prompt_ids = prompt[0].tolist()
 
     def ours(rho=1.0, routing="block"):

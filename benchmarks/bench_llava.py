@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llava_model  # noqa: E402
-from bench_forward import timed  # noqa: E402  (same directory)
+from testkit import timed  # noqa: E402
 
 TEXT_TOKENS = 64  # the prompt's text around the image (LLaVA-1.5's vicuna_v1 prompt with a question is ~60)
 VICUNA_7B = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
@@ -35,13 +35,7 @@ VICUNA_7B = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, nu
 
 def race(runs: dict, repeats: int) -> dict:
     """Each function once as a warm-up, then `repeats` rounds alternating between them: name -> seconds."""
-    for fn in runs.values():
-        fn()
-    times = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            times[name].append(timed(fn))
-    return times
+    return timed(runs, repeats)
 
 
 def paired(pieces: list, repeats: int) -> tuple[float, float]:

@@ -40,11 +40,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mumoe import input_sqnorms, mumoe_logits, routed_block  # noqa: E402
-from opt_model import OPTConfig, OPTForCausalLM  # noqa: E402
+from mumoe import input_sqnorms  # noqa: E402
+from opt_model import OPTConfig  # noqa: E402
+from testkit import forward_modes, paired_blocks, random_ids, random_opt, timed  # noqa: E402
 from pruners import SELECTS, default_select, wanda_gated_weight, wanda_mask  # noqa: E402
 
-OPT_INIT_STD = 0.02  # OPT's init_std
 TARGETS = {("linear", 2048): 1.05, ("linear", 512): 1.4, ("block", 2048): 2.0}
 
 
@@ -64,7 +64,7 @@ def status_kb(field: str) -> int:
 
 def measure_memory(args) -> None:
     """Child process: print the peak RSS growth (MB) of one forward in mode args.memory_of."""
-    model, ids = random_opt(OPTConfig()), random_ids(args.tokens[0])
+    model, ids = random_opt(OPTConfig()), random_ids(1, args.tokens[0], OPTConfig().vocab_size)
     fn = forward_modes(model, ids, args.rho, [args.memory_of.split()[-1]])[args.memory_of]
     with torch.no_grad():
         ctypes.CDLL(None).malloc_trim(0)  # hand freed heap memory back to the OS (glibc)
@@ -72,67 +72,6 @@ def measure_memory(args) -> None:
         before = status_kb("VmRSS")
         fn()
     print((status_kb("VmHWM") - before) / 1024)
-
-
-def random_opt(config: OPTConfig) -> OPTForCausalLM:
-    torch.manual_seed(0)
-    model = OPTForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_norm" not in name:  # LayerNorms keep weight 1, bias 0
-                p.normal_(0, OPT_INIT_STD)
-    return model.requires_grad_(False).eval()
-
-
-def random_ids(tokens: int) -> torch.Tensor:
-    return torch.randint(0, OPTConfig().vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
-
-
-def forward_modes(model, ids, rho: float, selects) -> dict:
-    """name -> a function running one forward pass in that mode."""
-    modes = {"dense": lambda: model(ids)}
-    for routing in ("linear", "block"):
-        modes.update({f"mumoe {routing} {s}": (lambda r=routing, s=s: mumoe_logits(model, ids, rho, s, routing=r))
-                      for s in selects})
-    return modes
-
-
-def timed(fn, repeats: int = 1) -> float:
-    """Median seconds of `repeats` calls of fn, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-@torch.no_grad()
-def paired_blocks(model, ids, rho: float, select: str, repeats: int) -> dict[str, list[float]]:
-    """Each mode's forward time / dense, estimated block by block: per-repeat ratios, one per repeat.
-
-    The machine's speed drifts over the seconds a whole forward takes, so here each block runs in every
-    mode back to back on the same input (the dense pass's hidden states), in a rotating order, and a
-    repeat's forward is the embedding and head (dense in every mode) plus its block times.
-    """
-    modes = {"dense": lambda block, x: block(x)}
-    for routing in ("linear", "block"):
-        run = routed_block(rho, routing, select)
-        modes[f"mumoe {routing} {select}"] = lambda block, x, run=run: run(block, x)
-    x = model.embed(ids)
-    outside = timed(lambda: model.head(x), repeats) + timed(lambda: model.embed(ids), repeats)
-    totals = {name: [outside] * repeats for name in modes}
-    for block in model.blocks:
-        for fn in modes.values():  # warm-up
-            fn(block, x)
-        for r in range(repeats):
-            for name in list(modes)[r % len(modes):] + list(modes)[: r % len(modes)]:
-                start = time.perf_counter()
-                modes[name](block, x)
-                totals[name][r] += time.perf_counter() - start
-        x = block(x)
-    return {name: [t / d for t, d in zip(ts, totals["dense"])] for name, ts in totals.items()}
 
 
 @torch.no_grad()
@@ -147,10 +86,10 @@ def profile_block(model, tokens: int, rho: float, repeats: int) -> list[dict]:
         X, W = inputs[name], layer.weight
         s = input_sqnorms(X)[0]
         rows.append(dict(linear=name, shape=tuple(W.shape),
-                         matmul=timed(lambda: F.linear(X, W, layer.bias), repeats) * 1e3,
-                         norms=timed(lambda: input_sqnorms(X), repeats) * 1e3,
-                         unfused=timed(lambda: W * wanda_mask(W, s, rho), repeats) * 1e3,
-                         fused=timed(lambda: wanda_gated_weight(W, s, rho), repeats) * 1e3))
+                         matmul=statistics.median(timed(lambda: F.linear(X, W, layer.bias), repeats)) * 1e3,
+                         norms=statistics.median(timed(lambda: input_sqnorms(X), repeats)) * 1e3,
+                         unfused=statistics.median(timed(lambda: W * wanda_mask(W, s, rho), repeats)) * 1e3,
+                         fused=statistics.median(timed(lambda: wanda_gated_weight(W, s, rho), repeats)) * 1e3))
     return rows
 
 
@@ -174,7 +113,7 @@ def main():
     model, rows = random_opt(OPTConfig()), []
     default = default_select("cpu")
     for tokens in args.tokens:
-        ids = random_ids(tokens)
+        ids = random_ids(1, tokens, OPTConfig().vocab_size)
         modes = forward_modes(model, ids, args.rho, args.selects)
         times = {name: [] for name in modes}
         with torch.no_grad():

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from opt_model import OPTConfig, OPTForCausalLM  # noqa: E402
 from pruners import SELECTS, prune_lowest, prune_model, sparsegpt_prune, wanda_mask, wanda_score  # noqa: E402
 
-from bench_selection import tied_rows  # noqa: E402  (same directory)
+from testkit import tied_rows, timed  # noqa: E402
 
 RHO = 0.5  # the paper's headline active ratio
 REFERENCE_WINDOWS = 128  # calibration windows of 2048 tokens in SparseGPT and Wanda
@@ -41,26 +41,6 @@ SHAPES = {"q/k/v/out_proj 768x768": (768, 768), "fc1 3072x768": (3072, 768), "fc
 # fc2 inputs come out of a ReLU: an input that never fired scores 0 in every row. With more of them than the
 # 1 - RHO pruned, the k-th smallest score is 0 in every row and its ties decide: the exact-k tie step runs.
 DEAD_FRACTION = 0.6
-
-
-def timed(fns, device, repeats):
-    """Median wall time in seconds of each fn in the dict fns, after one warm-up call each.
-
-    The calls are interleaved round by round, so a burst of load from another process on a shared CPU
-    slows every candidate alike instead of skewing one ratio.
-    """
-    times = {name: [] for name in fns}
-    for round_ in range(repeats + 1):
-        for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if round_ > 0:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_protocol(model, calib_ids, device):
@@ -116,7 +96,8 @@ def bench_prune_only(block, device, repeats):
                 sparsegpt_prune(layer.weight, H, RHO)
 
     methods = ("wanda", "sparsegpt")
-    times = timed({method: lambda method=method: all_six(method) for method in methods}, device, repeats)
+    times = {name: statistics.median(t) for name, t in
+             timed({method: lambda method=method: all_six(method) for method in methods}, repeats, device).items()}
     for method, seconds in times.items():
         print(f"  {method:<10}{seconds:>12.3f} s")
 
@@ -136,7 +117,8 @@ def bench_selection(device, repeats):
         if dead and tied < d_out:
             raise SystemExit(f"FAILED: {label}: only {tied} of {d_out} rows tie at the threshold, "
                              "so the tie step is not what is timed")
-        times = timed({s: lambda s=s: prune_lowest(S, k, s) for s in SELECTS}, device, repeats)
+        times = {name: statistics.median(t) for name, t in
+                 timed({s: lambda s=s: prune_lowest(S, k, s) for s in SELECTS}, repeats, device).items()}
         print(f"  {label:<32}{1e3 * times['sort']:>9.2f}"
               + "".join(f"{times[s] / times['sort']:>16.3f}" for s in SELECTS[1:]) + f"{tied:>11}")
 

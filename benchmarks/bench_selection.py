@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pruners import SELECTS, prune_count, prune_lowest, wanda_score  # noqa: E402
+from testkit import tied_rows  # noqa: E402
 
 RHOS = (0.25, 0.5, 0.75)
 SQUARE_SIZES = (768, 1024, 2048, 4096, 8192)
@@ -72,11 +73,6 @@ def median_seconds(fns: dict, device) -> dict[str, float]:
         if min(sum(t) for t in times.values()) >= MIN_SECONDS:
             break
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def tied_rows(S: torch.Tensor, k: int) -> int:
-    """Rows with more than k scores <= their k-th smallest: the rows the exact-k tie step redoes."""
-    return int(((S <= torch.kthvalue(S, k, dim=1).values[:, None]).sum(dim=1) > k).sum())
 
 
 def kind_of(result) -> str:

@@ -9,7 +9,7 @@ and reads gpu_check.json (`--out`). The steps, each with its own time limit so t
 does not stop the others (a failed step is recorded with its error, and the exit code is then 1):
 
     tests       the CUDA tests: those that take a device or a half-precision dtype (offload to CUDA, the selects
-                on CUDA against the CPU, float16 / bfloat16 runs), selected by name (CUDA_TESTS)
+                on CUDA against the CPU, float16 / bfloat16 runs), selected by their mark (pytest -m cuda)
     selection   benchmarks/bench_selection.py on CUDA: the paper's Figure 3, kthvalue against sort / topk
     forward     μ-MoE forward / dense forward on an OPT-125M-shaped model at T = 512 and 2048, float16, both
                 routings (lm_head included; median and spread of REPEATS, CUDA-synchronized)
@@ -33,7 +33,6 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -42,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 import mumoe  # noqa: E402
-from bench_mumoe import forward_modes, random_ids, random_opt  # noqa: E402
+from testkit import forward_modes, median_and_spread, random_ids, random_opt, save_random_opt, timed  # noqa: E402
 from opt_model import OPTConfig  # noqa: E402
 from pruners import default_select  # noqa: E402
 
@@ -50,27 +49,7 @@ REPEATS = 5
 # per step, seconds: 460 in all, under the 8 minutes a lent GPU is asked for
 TIME_LIMITS = {"tests": 200, "selection": 100, "forward": 60, "generate": 60, "eval": 40}
 # the tests whose name or parameters say CUDA, offload or half precision: where a GPU changes what runs
-CUDA_TESTS = "cuda or offload or float16 or bfloat16 or half"
 TINY = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4)  # --dry-run's model
-
-
-def median_and_spread(seconds: list[float]) -> dict:
-    return dict(median_s=statistics.median(seconds), min_s=min(seconds), max_s=max(seconds))
-
-
-def timed(fn, device: torch.device, repeats: int) -> list[float]:
-    """Seconds of each of `repeats` calls of fn after a warm-up call; CUDA's queue is drained around each."""
-    fn()
-    seconds = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return seconds
 
 
 def subprocess_step(command: list[str], limit: int) -> dict:
@@ -87,7 +66,7 @@ def subprocess_step(command: list[str], limit: int) -> dict:
 
 
 def tests(args, device, work: Path) -> dict:
-    result = subprocess_step([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-k", CUDA_TESTS],
+    result = subprocess_step([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-m", "cuda"],
                              TIME_LIMITS["tests"])
     summary = result["tail"][-1]  # "256 passed, 1 skipped in 44.88s"
     return dict(result, summary=summary)
@@ -109,9 +88,9 @@ def forward(args, device, work: Path) -> dict:
     model = random_opt(config).to(device, args.dtype)
     figures = {}
     for T in tokens:
-        ids = random_ids(T).to(device)
+        ids = random_ids(1, T, OPTConfig().vocab_size).to(device)
         modes = forward_modes(model, ids, 0.5, [default_select(device)])
-        seconds = {name: timed(fn, device, args.repeats) for name, fn in modes.items()}
+        seconds = {name: timed(fn, args.repeats, device) for name, fn in modes.items()}
         dense = statistics.median(seconds["dense"])
         figures[f"T={T}"] = {name: dict(median_and_spread(s), ratio_to_dense=statistics.median(s) / dense)
                              for name, s in seconds.items()}
@@ -122,27 +101,17 @@ def forward(args, device, work: Path) -> dict:
 def generate(args, device, work: Path) -> dict:
     config, prompt, new = (TINY, 8, 4) if args.dry_run else (OPTConfig(), 256, 64)
     model = random_opt(config).to(device, args.dtype)
-    prompt_ids = random_ids(prompt)[0].tolist()
+    prompt_ids = random_ids(1, prompt, OPTConfig().vocab_size)[0].tolist()
     figures = {}
     for name, rho, routing in [("dense", 1.0, "block"), ("mumoe block", 0.5, "block"),
                                ("mumoe linear", 0.5, "linear")]:
-        seconds = timed(lambda: mumoe.generate(model, prompt_ids, new, rho, routing), device, args.repeats)
+        seconds = timed(lambda: mumoe.generate(model, prompt_ids, new, rho, routing), args.repeats, device)
         figures[name] = dict(median_and_spread(seconds), tokens_per_s=new / statistics.median(seconds))
     return dict(prompt=prompt, new=new, dtype=str(args.dtype), figures=figures)
 
 
-def save_random_opt(directory: Path, config: OPTConfig) -> None:
-    """bench_mumoe's random model as a checkpoint in the Hugging Face layout (lm_head tied, so not stored)."""
-    from safetensors.torch import save_file
-
-    directory.mkdir()
-    state = random_opt(config).state_dict()
-    save_file({f"model.{k}": v for k, v in state.items() if k != "lm_head.weight"}, directory / "model.safetensors")
-    (directory / "config.json").write_text(json.dumps(dict(asdict(config), model_type="opt")))
-
-
 def evaluate(args, device, work: Path) -> dict:
-    from test_mumoe import save_tiny_tokenizer, sentence  # a tiny BPE tokenizer, no download
+    from testkit import save_tiny_tokenizer, sentence  # a tiny BPE tokenizer, no download
 
     model, data = work / "tiny-opt", work / "data"
     save_random_opt(model, TINY)
