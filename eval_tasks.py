@@ -39,8 +39,8 @@ import mumoe
 import pruners
 from checkpoint import DTYPES, UsageError, check_device, resolve_checkpoint
 from command_line import (CALIBRATED, INTERRUPTED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE,
-                          active_ratio, available_memory, check_calibration_memory, check_nm_fits, in_plan_order,
-                          nm_active_ratio, nm_name, nm_pattern, positive_int, window_length)
+                          ArgumentParser, active_ratio, available_memory, check_calibration_memory, check_nm_fits,
+                          in_plan_order, nm_active_ratio, nm_name, nm_pattern, positive_int, window_length)
 from corpora import DATASETS
 from lm_harness import SCOPES, HarnessLM
 from results_file import check_writable, write_json
@@ -59,7 +59,7 @@ def non_negative_int(text: str) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = mumoe.ArgumentParser(prog="eval_tasks.py", description="Zero-shot accuracy of dense, pruned and μ-MoE "
+    p = ArgumentParser(prog="eval_tasks.py", description="Zero-shot accuracy of dense, pruned and μ-MoE "
                              "models on lm-evaluation-harness tasks, each request routed on its own context.")
     p.add_argument("--model", required=True, help="opt-125m ..., a hub id, or a local model directory")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), metavar="TASK",

@@ -50,7 +50,7 @@ import mumoe
 import pruners
 import vqa_tasks
 from checkpoint import DTYPES, UsageError, check_device, hub_repo_id, read_config_json, resolve_checkpoint
-from command_line import INTERRUPTED, MAGNITUDE_GROUP, SPARSEGPT_BLOCKSIZE, positive_int
+from command_line import INTERRUPTED, MAGNITUDE_GROUP, ArgumentParser, SPARSEGPT_BLOCKSIZE, positive_int
 from results_file import check_writable, write_json
 from vqa_tasks import TASKS, Question
 
@@ -269,7 +269,7 @@ def active_ratio(text: str) -> float:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = mumoe.ArgumentParser(prog="eval_vqa.py", description="ScienceQA / TextVQA accuracy of LLaVA-1.5: dense, "
+    p = ArgumentParser(prog="eval_vqa.py", description="ScienceQA / TextVQA accuracy of LLaVA-1.5: dense, "
                              "magnitude, SparseGPT, Wanda and μ-MoE, as the paper's LLaVA tables.")
     p.add_argument("--model", required=True, help="llava-1.5-7b, a hub id, or a local LLaVA model directory")
     p.add_argument("--task", required=True, choices=TASKS, help="the questions to answer")

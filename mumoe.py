@@ -31,27 +31,28 @@ first N tokens only, a strictly causal variant.
     mumoe_logits(model, ids, rho)    (B, T) ids (or embedded prompts) -> (B, T, vocab) logits, each routed on itself
     count_macs(config, T, rho)       the analytical MAC count, ours or the paper's convention
     route_prompt(model, ids, cache)  route prompts once, filling the KV cache: their experts for later tokens
+    decode_experts(chosen, path)     the Linear later tokens run through: the experts packed (packed_experts'
+                                     kernel reads only the kept weights) or the masked W ⊙ M; decode_path picks
     generate(model, ids, n, rho)     greedy decoding with a KV cache, routed once on the prompt (ids, or the
                                      prompt embedded: a LLaVA's, its image features spliced in)
-    python mumoe.py --model opt-125m --rho 0.5 --prompt "..."    generation, dense beside μ-MoE
-    python mumoe.py --model llava-1.5-7b --image cat.jpg --prompt "..." --rho 0.5    the same, with an image
+
+The generation command (dense beside μ-MoE, timed) is generate.py.
 
 Complexity (the paper's argument). A dense Linear with d inputs and d' outputs costs d·d'·T MACs for
 T tokens. μ-MoE costs rho·d·d'·T for the active experts, plus routing: d·T for the norms ||X_j||²,
 d·d' to score, about d·d' to select (introselect is linear on average) and d·d' to gate. Relative to
 the dense pass, routing is (3/T + 1/d') -- 0.3% at T = 2048, d' = 768 -- so the MACs fall almost as
-rho. In wall time the selection is what costs: pruners.wanda_gated_weight fuses it on the CPU.
+rho. In wall time the selection is what costs: pruners.wanda_gated_weight fuses it on the CPU. A decode step
+reads every weight once, so it costs bytes: the dense W ⊙ M reads what W does, the packed experts rho · 4 + 1/8
+bytes per weight instead of 4 (packed_experts).
 
 Everything here works on any model with checkpoint.py's interface (OPT, LLaMA, a vision-language model's
 language model): it sees blocks, their `linears()` and hidden states, never a model family.
 
-Imports: torch, checkpoint (the block interface, UsageError), pruners (Wanda's mask and gated weight); the
-command line alone loads a model by name, through models, and prepares a LLaVA's images and prompt with
-llava_model.
+Imports: torch, checkpoint (the block interface, UsageError), pruners (Wanda's mask and gated weight),
+packed_experts (the packed form and its kernel). No model family, no command.
 """
 
-import argparse
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -375,15 +376,16 @@ def generate(model, prompt, max_new_tokens: int, rho: float = 1.0, routing: str 
     The prompt runs once, block by block, routed on itself (rho = 1: the dense model). With block
     routing each block's dense statistics pass runs first, then its gated pass, which fills the block's cache.
     The gated pass leaves every Linear's gated weights W ⊙ M in `chosen`, and each new token runs through the
-    cache with exactly those weights, neither the masks nor W ⊙ M ever rebuilt: packed once (`decode` "packed",
-    or "auto" where packed_experts' kernel runs), a step reads only the kept weights; "masked" multiplies the
-    dense W ⊙ M, a step costing what a dense step costs. Both give the same tokens (rho = 1: the dense model). The new tokens do not change the routing, as if the
-    decode were routed on the prompt alone at every step (`prefix`: on its first `prefix` tokens only).
+    cache with exactly those weights, neither the masks nor W ⊙ M ever rebuilt. `decode` (see `decode_path`):
+    "packed" packs them once and a step reads only the kept weights; "masked" multiplies the dense W ⊙ M, a step
+    costing what a dense step costs; "auto" packs where packed_experts' kernel runs. Both give the same tokens.
+    The new tokens do not change the routing, as if the decode were routed on the prompt alone at every step
+    (`prefix`: on its first `prefix` tokens only).
     `timings`: a dict that receives the seconds spent up to the first new token ("prompt": routing, the prompt
-    pass, the first token), packing the experts ("pack", 0 when masked) and on the other tokens ("decode"). `prompt`: token ids (a list), or a prompt
-    embedded already (1, T, hidden): a LLaVA prompt with its image features, routed like any other. `nm` = (N, M):
-    routed to N:M patterns instead of rho. `stop`: a function of the new ids so far that returns True to end
-    decoding there (e.g. at a stop string).
+    pass, the first token), on packing the experts ("pack") and on the other tokens ("decode").
+    `prompt`: token ids (a list), or a prompt embedded already (1, T, hidden): a LLaVA prompt with its image
+    features, routed like any other. `nm` = (N, M): routed to N:M patterns instead of rho. `stop`: a function of
+    the new ids so far that returns True to end decoding there (e.g. at a stop string).
     """
     embedded = torch.is_tensor(prompt) and prompt.is_floating_point()
     if embedded and (prompt.ndim != 3 or prompt.shape[0] != 1):
@@ -418,132 +420,6 @@ def generate(model, prompt, max_new_tokens: int, rho: float = 1.0, routing: str 
         new.append(next_id.item())
         done = new[-1] in eos or len(new) >= max_new_tokens or (stop and stop(new))
     if timings is not None:
-        timings.update(prompt=prompt_done - start, pack=pack_done - prompt_done, decode=time.perf_counter() - pack_done)
+        packing = pack_done - prompt_done if path == "packed" and len(new) > 1 else 0.0
+        timings.update(prompt=prompt_done - start, pack=packing, decode=time.perf_counter() - pack_done)
     return new
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr and exit code 2, like every other user error here."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def main(argv=None) -> None:
-    parser = ArgumentParser(prog="mumoe.py", description="Generate greedily with the dense model and with μ-MoE.")
-    parser.add_argument("--model", required=True, help="opt-125m ... opt-66b, llava-1.5-7b, a hub id (OPT, LLaMA, "
-                        "Mistral, Qwen2, LLaVA-1.5), or a local directory")
-    parser.add_argument("--rho", type=float, required=True, help="active-weight ratio in (0, 1]")
-    parser.add_argument("--prompt", required=True, help="the text; for LLaVA, the user's message (put in LLaVA-1.5's "
-                        "conversation template, <image> in front unless it places its own)")
-    parser.add_argument("--image", action="append", default=[], help="an image file (LLaVA; repeat for several, "
-                        "each placed by an <image> in --prompt)")
-    parser.add_argument("--route-vision", action="store_true",
-                        help="LLaVA: route the vision tower's Linears on each image too (default: dense)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--select", choices=SELECTS, help="selection kernel (default: fastest on the device)")
-    parser.add_argument("--prefix", type=int, help="route on the first N prompt tokens only")
-    parser.add_argument("--routing", choices=ROUTINGS, default="block",
-                        help="block: each block routes on its dense pass over the prompt (Wanda's statistics, "
-                             "the default); linear: each Linear on its own input, in one pass")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 otherwise")
-    args = parser.parse_args(argv)
-    import llava_model  # the command line alone knows model families
-    from models import load_model, load_tokenizer, read_config
-
-    try:
-        check_rho(args.rho)
-        if not args.prompt.strip():
-            raise UsageError("the prompt is empty")
-        if args.max_new_tokens < 1:
-            raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-        device = check_device(args.device)
-        dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
-        vision = isinstance(read_config(args.model), llava_model.LlavaConfig)
-        if (args.image or args.route_vision) and not vision:
-            raise UsageError(f"--image and --route-vision need a vision-language model (LLaVA); {args.model} is not")
-        if args.route_vision and not args.image:
-            raise UsageError("--route-vision routes the vision tower on the --image it encodes: give an image")
-        images = [llava_model.load_image(path) for path in args.image]  # a bad file stops us before the model loads
-        text = llava_model.conversation_prompt(args.prompt, bool(images)) if vision else args.prompt
-        if vision:
-            llava_model.check_placeholders(text, len(images))
-        model = load_model(args.model, device, dtype)
-        tokenizer = load_tokenizer(args.model)
-        if vision:  # each prompt's image features go into the embedded prompt; the language model runs on it
-            llava, model = model, model.language_model
-            ids = llava_model.prompt_ids(tokenizer, text, llava.config.image_token_index)
-            pixels = (torch.stack([llava_model.preprocess(image, llava.config.vision_config.image_size)
-                                   for image in images]) if images else None)
-            dense_prompt = llava.embed_prompt(ids, pixels)
-            vision_block = routed_block(args.rho, args.routing, args.select) if args.route_vision else None
-            routed_prompt = llava.embed_prompt(ids, pixels, vision_block) if args.route_vision else dense_prompt
-            T = dense_prompt.shape[1]
-        else:
-            ids = dense_prompt = routed_prompt = tokenizer.encode(args.prompt)
-            T = len(ids)
-        if args.prefix is not None and not 1 <= args.prefix <= T:
-            raise UsageError(f"--prefix {args.prefix} must lie in [1, {T}], the prompt's token count (BOS included"
-                             + (", each image's features too)" if vision else ")"))
-        eos_id = model.config.eos_token_id
-        generate(model, ids[:1], 1)  # warm-up: one-off costs (allocator, threads) would count against dense
-        dense_s, mumoe_s = {}, {}  # seconds spent on the prompt and on decoding
-        dense_new = generate(model, dense_prompt, args.max_new_tokens, eos_id=eos_id, timings=dense_s)
-        mumoe_new = generate(model, routed_prompt, args.max_new_tokens, args.rho, args.routing, args.select,
-                             args.prefix, eos_id, timings=mumoe_s)
-    except UsageError as e:
-        print(f"mumoe.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-    select = args.select or default_select(args.device)
-    shown = text if vision else args.prompt
-    print(f"prompt ({T} tokens" + (f", {llava.config.image_tokens} per image" if images else "") + f"): {shown!r}")
-    print(f"\n--- dense:\n{shown}{tokenizer.decode(dense_new)}\n{speed(len(dense_new), dense_s)}")
-    print(f"\n--- μ-MoE, rho = {args.rho} ({args.routing} routing, select={select}, routed on "
-          f"{args.prefix or T} prompt tokens):\n{shown}{tokenizer.decode(mumoe_new)}\n"
-          f"{speed(len(mumoe_new), mumoe_s)}\n")
-    print(f"routing on the prompt, once: {mumoe_s['prompt'] - dense_s['prompt']:.3f} s "
-          f"(the μ-MoE prompt pass minus the dense one" + (", the images' encoding excluded)" if images else ")"))
-    decoder_linears = [layer for block in model.blocks for layer in block.linears().values()]
-    total = sum(layer.weight.numel() for layer in decoder_linears)
-    active = sum(layer.weight.shape[0] * (layer.weight.shape[1] - prune_count(layer.weight.shape[1], args.rho))
-                 for layer in decoder_linears)  # exactly int(d_in * (1 - rho)) pruned in every row
-    print(f"active weights: {active:,} of {total:,} in the decoder Linears ({active / total:.2%}); "
-          f"embeddings and lm_head dense")
-    T_all = T + len(mumoe_new)
-    dense_macs = count_macs(model, T_all, 1.0).total
-    mumoe_macs = count_macs(model, T_all, args.rho, prefix=args.prefix or T, routing=args.routing)
-    print(f"MACs with active weights for the prompt and {len(mumoe_new)} new tokens, each token computed once, "
-          f"attention products excluded:\n  dense {si(dense_macs)}, μ-MoE {si(mumoe_macs.total)} "
-          f"(routing {si(sum(mumoe_macs.routing.values()))}): {1 - mumoe_macs.total / dense_macs:.1%} saved")
-    if images:
-        encoder, n = llava.vision_encoder(), len(images)
-        tokens = llava.config.vision_config.num_patches + 1  # the CLS token runs through the tower too
-        mmp = llava.multi_modal_projector  # dense: two Linears over each image's features
-        projector = llava.config.image_tokens * (mmp.linear_1.weight.numel() + mmp.linear_2.weight.numel())
-        vision_dense = count_macs(encoder, tokens, 1.0).total + projector
-        vision_routed = count_macs(encoder, tokens, args.rho, routing=args.routing).total + projector
-        print(f"  vision tower ({len(encoder.blocks)} layers, {tokens} tokens) and projector, {n} image(s): "
-              + (f"dense {si(n * vision_dense)}, μ-MoE {si(n * vision_routed)} (--route-vision)" if args.route_vision
-                 else f"{si(n * vision_dense)}, dense in both (--route-vision routes it)"))
-
-
-def speed(n_new: int, timings: dict) -> str:
-    """One line on how fast `generate` went: tokens/s overall, and after the prompt."""
-    total = timings["prompt"] + timings["decode"]
-    line = f"[{n_new} new tokens in {total:.2f} s: {n_new / total:.1f} tokens/s; prompt {timings['prompt']:.3f} s"
-    if n_new > 1:  # the first token comes with the prompt pass
-        line += f", then {(n_new - 1) / timings['decode']:.1f} tokens/s"
-    return line + "]"
-
-
-def si(n: float) -> str:
-    """1.64e12 -> '1.64T'"""
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.3g}"
-
-if __name__ == "__main__":
-    main()

@@ -38,6 +38,7 @@ Where the kernel cannot run (no C compiler, a CPU without AVX2, CUDA tensors, a 
 `kernel_problem` says why in one line, and the masked dense product runs instead (mumoe.decode_path).
 
     pack(W_gated, bias)                   W ⊙ M (d_out, d_in) -> PackedLinear (compiled too)
+    packed_bytes(d_out, d_in, kept)       what that costs in memory, and what a decode step reads of it
     packed_linear(x, packed)              the kernel: x (..., d_in) -> (..., d_out)
     packed_linear_reference(x, packed)    the same product in plain PyTorch, from the packed form
     kernel_problem(device, dtype)         None where the kernel runs, else why not
@@ -85,7 +86,9 @@ typedef __mmask16 lane_mask;
 #define hsum(a) _mm512_reduce_add_ps(a)
 static inline lane_mask group_bits(const uint8_t *bits, int64_t g) { return ((const uint16_t *)bits)[g]; }
 static inline lane_mask first_lanes(int n) { return (lane_mask)((1u << n) - 1); }
-static inline vec load_x(const float *x, int n) { return n == LANES ? _mm512_loadu_ps(x) : _mm512_maskz_loadu_ps(first_lanes(n), x); }
+static inline vec load_x(const float *x, int n) {  /* x's next n <= LANES columns, zeros after them */
+    return n == LANES ? _mm512_loadu_ps(x) : _mm512_maskz_loadu_ps(first_lanes(n), x);
+}
 /* the next popcount(m) values of a row, each put into the lane of its column; zeros in the other lanes */
 static inline vec expand(const float *v, lane_mask m) { return _mm512_maskz_expandloadu_ps(m, v); }
 #else  /* AVX2: 8 lanes; the mask byte looks up where the next 8 values go, and which lanes are kept */
@@ -106,7 +109,8 @@ __attribute__((constructor)) static void build_tables(void) {
 }
 static inline lane_mask group_bits(const uint8_t *bits, int64_t g) { return bits[g]; }
 static inline vec load_x(const float *x, int n) {
-    return n == LANES ? _mm256_loadu_ps(x) : _mm256_maskload_ps(x, _mm256_loadu_si256((const __m256i *)lanes[(1 << n) - 1]));
+    if (n == LANES) return _mm256_loadu_ps(x);
+    return _mm256_maskload_ps(x, _mm256_loadu_si256((const __m256i *)lanes[(1 << n) - 1]));
 }
 static inline vec expand(const float *v, lane_mask m) {  /* reads 8 values: the buffer ends in PAD zeros */
     __m256 w = _mm256_permutevar8x32_ps(_mm256_loadu_ps(v), _mm256_loadu_si256((const __m256i *)permutation[m]));
@@ -231,6 +235,11 @@ class PackedLinear:
     def nbytes(self) -> int:
         """Bytes of the packed experts (what a decode step reads of them), the bias excluded."""
         return sum(t.numel() * t.element_size() for t in (self.bits, self.values, self.starts))
+
+
+def packed_bytes(d_out: int, d_in: int, kept: int) -> int:
+    """The bytes `pack` makes of a (d_out, d_in) W ⊙ M that keeps `kept` weights per row (PAD aside)."""
+    return d_out * (-(-d_in // GROUP) * GROUP // 8 + kept * 4 + 8) + 8  # bits, values, starts
 
 
 def pack(W_gated: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinear:

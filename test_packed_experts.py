@@ -2,7 +2,7 @@
 
 References: the masked dense product F.linear(x, W ⊙ M, b) that μ-MoE's gate computes, and packed_experts'
 plain-PyTorch reference of the packed product; greedy generation and lm_harness's log-likelihoods with the masked
-W ⊙ M (decode="masked"). Tiny random models in the Hugging Face layout (test_llama's, test_llava's builders) and a
+W ⊙ M (decode="masked"). Tiny random models in the Hugging Face layout (testkit's LLaMA and LLaVA) and a
 tiny OPT built here: nothing is downloaded. Where the kernel cannot be built (no C compiler, a CPU without AVX2),
 the tests of the kernel itself skip and say why; the fallback's tests run everywhere.
 """
@@ -23,6 +23,7 @@ from checkpoint import UsageError
 from mumoe import decode_path, generate, route_prompt
 from opt_model import OPTConfig, OPTForCausalLM
 from packed_experts import GROUP, pack, packed_linear, packed_linear_reference
+from testkit import IMAGE_ID, save_tiny_llama, save_tiny_llava
 
 REPO = Path(__file__).resolve().parent
 PROBLEM = packed_experts.kernel_problem()
@@ -148,8 +149,6 @@ def tiny_models(tmp_path_factory):
     """name -> (our language model, a prompt: ids or an embedded LLaVA prompt with its image features)."""
     import llama_model
     import llava_model
-    from test_llama import save_tiny_llama
-    from test_llava import IMAGE_ID, random_pixels, save_tiny_llava
 
     ids = torch.randint(3, 100, (12,), generator=torch.Generator().manual_seed(3)).tolist()
     llama_dir = tmp_path_factory.mktemp("llama_gqa")
@@ -159,7 +158,8 @@ def tiny_models(tmp_path_factory):
     save_tiny_llava(llava_dir)
     llava = llava_model.load_llava(llava_dir)
     with torch.no_grad():
-        embedded = llava.embed_prompt(torch.tensor([[1, IMAGE_ID, *ids[:6]]]), random_pixels())
+        pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(2))  # the tiny tower's size
+        embedded = llava.embed_prompt(torch.tensor([[1, IMAGE_ID, *ids[:6]]]), pixels)
     return {"opt": (tiny_opt(), ids), "llama (GQA)": (llama, ids), "llava": (llava.language_model, embedded)}
 
 
