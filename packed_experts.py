@@ -2,48 +2,53 @@
 
 After μ-MoE routes a prompt (mumoe.route_prompt), every later token of that prompt multiplies the same gated
 weights W ⊙ M. Decoding a token reads every weight once, so a step is bound by the bytes it reads: the dense
-W ⊙ M costs 4 bytes per weight (fp32), zeros included. Packed, a row keeps only its active experts:
+W ⊙ M costs 4 bytes per weight (fp32), zeros included. Packed, only the active experts are kept, in one
+stream that the kernel reads front to back. Rows go in blocks of ROWS = 4 (the last block padded with empty
+rows), columns in groups of GROUP = 16 (the last group padded with pruned columns):
 
-    bits    (d_out, row_bytes) uint8   bit j of a row is M_ij (little-endian: column 8·b + j is bit j of byte b);
-                                       row_bytes = GROUP/8 · ceil(d_in / GROUP), the last group zero-padded
-    values  (nnz + PAD,) float32       the kept W_ij of row 0 in column order, then row 1's, ...: one stream per
-                                       row; PAD zeros at the end, read (never used) by the last row's last load
-    starts  (d_out + 1,) int64         row i's values are values[starts[i] : starts[i + 1]]
+    bits    (blocks, groups · ROWS · 2) uint8   for each block, group by group, each of its ROWS rows' 16 mask
+                                                bits as a little-endian uint16: bit j is M_i,16g+j
+    values  (nnz + PAD,) float32                in the same order (block, group, row): the kept W_ij of that
+                                                row and group, columns ascending; PAD zeros at the end
+    starts  (blocks + 1,) int64                 block b's values are values[starts[b] : starts[b + 1]]
 
 so a weight costs 1/8 byte of mask and, if kept, 4 bytes of value: a step reads rho · 4 + 1/8 bytes per
-weight instead of 4 (0.53 of dense at rho = 0.5, 0.43 at 0.4), the per-row starts aside.
+weight instead of 4 (0.53 of dense at rho = 0.5, 0.43 at 0.4). Interleaving a block's rows group by group
+makes the block one sequential stream (four separate row streams of a few KB each defeated the prefetcher:
+3-4x slower on SmolLM2's 576-column rows once the weights left the caches).
 
-The kernel walks a row GROUP = 16 columns at a time: the group's 16 mask bits say which columns are kept,
-and AVX-512's expand-load puts the next popcount(bits) values of the row's stream into exactly those lanes
-(zeros elsewhere), so the product with x's 16 columns is one fused multiply-add:
+The kernel walks a block group by group. A group's 16 mask bits say which columns a row keeps, and AVX-512's
+expand puts the next popcount(bits) values of the stream into exactly those lanes (zeros elsewhere), so the
+product with x's 16 columns is one fused multiply-add:
 
-    w = expand(values[p:], bits_g)         p += popcount(bits_g)
-    acc_t += w * x[t, 16 g : 16 g + 16]    for each token t of the pass (x's columns read masked by bits_g)
-    y[t, i] = sum(acc_t) + b_i
+    w = expand(values[p:], bits_gr)          p += popcount(bits_gr)          for each row r of the block
+    acc_rt += w * x[t, 16 g : 16 g + 16]     for each token t of the pass
+    y[t, i] = sum(acc_rt) + b_i
 
-Each loaded weight serves every token of a pass (up to TOKENS_PER_PASS, a continuation's few tokens or the
-batch of continuations that share one context's experts), and rows are split over torch's own OpenMP threads.
-Without AVX-512 (AVX2 only), a group is 8 columns: the 8 values are loaded, then moved into their lanes by a
-permutation looked up from the mask byte (a 256-entry table built once). No gather instruction is used.
+Each load of x serves the block's ROWS rows and each expanded w every token of a pass (up to TOKENS_PER_PASS:
+a continuation's few tokens, or the continuations that share one context's experts); blocks are split over
+torch's own OpenMP threads. Without AVX-512 (AVX2 only), each group is taken as two halves of 8 columns: the
+8 values are loaded, then moved into their lanes by a permutation looked up from the mask byte (a 256-entry
+table built once). No gather instruction is used.
 
 Why C through the system compiler, not numba: a numba loop over the kept weights (fp32 values, uint8
 column offsets in 256-column tiles, fastmath so that LLVM vectorizes it with gathers) ran at 1.6-2.0× the
 dense product's time on LLaMA-7B's MLP shapes at rho = 0.5 and 0.4 (docs/packed_decode.md): its gathers and
 short per-tile loops are bound by instructions, and numba's own thread pool fights torch's for the cores. The
-bitmap layout needs expand-load (or a byte-indexed permutation), which numba cannot emit, and C compiled with
+bitmap layout needs expand (or a byte-indexed permutation), which numba cannot emit, and C compiled with
 -fopenmp joins the libgomp that torch has already loaded, so both share one pool of threads. The source
 below is compiled once per machine (-march=native) into a cache directory, and loaded with ctypes.
 
 Where the kernel cannot run (no C compiler, a CPU without AVX2, CUDA tensors, a dtype other than float32),
 `kernel_problem` says why in one line, and the masked dense product runs instead (mumoe.decode_path).
 
-    pack(W_gated, bias)                   W ⊙ M (d_out, d_in) -> PackedLinear (compiled too)
+    pack(W_gated, bias)                   W ⊙ M (d_out, d_in) -> PackedLinear (by the compiled kernel too)
     packed_bytes(d_out, d_in, kept)       what that costs in memory, and what a decode step reads of it
     packed_linear(x, packed)              the kernel: x (..., d_in) -> (..., d_out)
     packed_linear_reference(x, packed)    the same product in plain PyTorch, from the packed form
     kernel_problem(device, dtype)         None where the kernel runs, else why not
 
-Imports: torch, numpy (packbits), ctypes and the standard library (compiling and caching the kernel).
+Imports: torch, numpy (unpackbits, for the reference), ctypes and the standard library (compiling, caching).
 """
 
 import ctypes
@@ -60,9 +65,9 @@ import numpy as np
 import torch
 
 GROUP = 16  # columns per mask group: one AVX-512 register of float32 (AVX2 takes each half in turn)
-PAD = GROUP  # zeros after the last value: a full-width load at a row's last group stays inside the buffer
-ROWS_PER_PASS = 4  # rows walked side by side: independent chains of loads and sums, one load of x for all
+ROWS = 4  # rows per block: walked side by side, independent chains of loads and sums, one load of x for all
 TOKENS_PER_PASS = 4  # tokens that share each loaded weight: ROWS x TOKENS accumulators of 16 lanes in registers
+PAD = GROUP  # zeros after the last value: AVX2's full-width load at the last group stays inside the buffer
 COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")  # for this CPU; joins torch's OpenMP
 CACHE_DIR = Path(os.environ.get("MUMOE_CACHE", Path.home() / ".cache" / "mumoe"))
 
@@ -74,27 +79,25 @@ KERNEL_SOURCE = r"""
 #error "the packed decode kernel needs AVX2 and FMA"
 #endif
 
-#define ROWS_PER_PASS 4
+#define GROUP 16
+#define ROWS 4
 #define TOKENS_PER_PASS 4
 
 #ifdef __AVX512F__
-#define LANES 16
+#define LANES 16  /* a group is one vector */
 typedef __m512 vec;
-typedef __mmask16 lane_mask;
 #define zero() _mm512_setzero_ps()
 #define fma(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define hsum(a) _mm512_reduce_add_ps(a)
-static inline lane_mask group_bits(const uint8_t *bits, int64_t g) { return ((const uint16_t *)bits)[g]; }
-static inline lane_mask first_lanes(int n) { return (lane_mask)((1u << n) - 1); }
 static inline vec load_x(const float *x, int n) {  /* x's next n <= LANES columns, zeros after them */
-    return n == LANES ? _mm512_loadu_ps(x) : _mm512_maskz_loadu_ps(first_lanes(n), x);
+    if (n >= LANES) return _mm512_loadu_ps(x);
+    return _mm512_maskz_loadu_ps((__mmask16)((1u << (n > 0 ? n : 0)) - 1), x);
 }
-/* the next popcount(m) values of a row, each put into the lane of its column; zeros in the other lanes */
-static inline vec expand(const float *v, lane_mask m) { return _mm512_maskz_expandloadu_ps(m, v); }
-#else  /* AVX2: 8 lanes; the mask byte looks up where the next 8 values go, and which lanes are kept */
+/* the next popcount(m) values of the stream, each put into the lane of its column; zeros in the other lanes */
+static inline vec expand(const float *v, unsigned m) { return _mm512_maskz_expandloadu_ps((__mmask16)m, v); }
+#else  /* AVX2: a group is two vectors of 8; a mask byte looks up where the next 8 values go, which lanes are kept */
 #define LANES 8
 typedef __m256 vec;
-typedef int lane_mask;
 #define zero() _mm256_setzero_ps()
 #define fma(a, b, c) _mm256_fmadd_ps(a, b, c)
 static int32_t permutation[256][8];  /* mask byte -> for each lane, which of the next 8 values goes there */
@@ -107,12 +110,11 @@ __attribute__((constructor)) static void build_tables(void) {
             p += m >> j & 1;
         }
 }
-static inline lane_mask group_bits(const uint8_t *bits, int64_t g) { return bits[g]; }
 static inline vec load_x(const float *x, int n) {
-    if (n == LANES) return _mm256_loadu_ps(x);
-    return _mm256_maskload_ps(x, _mm256_loadu_si256((const __m256i *)lanes[(1 << n) - 1]));
+    if (n >= LANES) return _mm256_loadu_ps(x);
+    return _mm256_maskload_ps(x, _mm256_loadu_si256((const __m256i *)lanes[(1 << (n > 0 ? n : 0)) - 1]));
 }
-static inline vec expand(const float *v, lane_mask m) {  /* reads 8 values: the buffer ends in PAD zeros */
+static inline vec expand(const float *v, unsigned m) {  /* reads 8 values: the buffer ends in PAD zeros */
     __m256 w = _mm256_permutevar8x32_ps(_mm256_loadu_ps(v), _mm256_loadu_si256((const __m256i *)permutation[m]));
     return _mm256_and_ps(w, _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)lanes[m])));
 }
@@ -122,93 +124,88 @@ static inline float hsum(__m256 a) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 #endif
+#define HALVES (GROUP / LANES)
+#define LANE_BITS ((1u << LANES) - 1)
 
-/* R rows, NT tokens, one group of LANES columns at a time:  acc_rt += expand(values_r, bits_rg) * x[t, group g].
-   Each load of x serves the R rows, each expanded w the NT tokens; the R pointer chains (v_r += popcount)
-   and the R·NT sums are independent, so their latencies overlap. */
-#define PASS_KERNEL(R, NT)                                                                                    \
-static void pass_##R##_##NT(const float *x, int64_t d_in, const uint8_t *bits, int64_t row_bytes,           \
-                            const float *const *values, float *sums) {                                       \
-    vec acc[R][NT];                                                                                           \
-    const float *v[R];                                                                                        \
-    for (int r = 0; r < R; r++) {                                                                             \
-        v[r] = values[r];                                                                                     \
+/* One block of ROWS rows, NT tokens:  acc_rt += expand(values, bits_gr) * x[t, group g], the block's stream
+   read front to back. Each load of x serves the ROWS rows, each expanded w the NT tokens. */
+#define PASS_KERNEL(NT)                                                                                       \
+static void pass_##NT(const float *x, int64_t d_in, const uint16_t *bits, const float *v, float *sums) {      \
+    vec acc[ROWS][NT];                                                                                        \
+    for (int r = 0; r < ROWS; r++)                                                                            \
         for (int t = 0; t < NT; t++) acc[r][t] = zero();                                                      \
+    for (int64_t j = 0; j < d_in; j += GROUP, bits += ROWS) {                                                 \
+        vec xv[HALVES][NT];                                                                                   \
+        for (int h = 0; h < HALVES; h++)                                                                      \
+            for (int t = 0; t < NT; t++) xv[h][t] = load_x(x + t * d_in + j + h * LANES, (int)(d_in - j) - h * LANES); \
+        for (int r = 0; r < ROWS; r++)                                                                        \
+            for (int h = 0; h < HALVES; h++) {                                                                \
+                unsigned m = (bits[r] >> (h * LANES)) & LANE_BITS;                                            \
+                vec w = expand(v, m);                                                                         \
+                v += __builtin_popcount(m);                                                                   \
+                for (int t = 0; t < NT; t++) acc[r][t] = fma(w, xv[h][t], acc[r][t]);                         \
+            }                                                                                                 \
     }                                                                                                         \
-    for (int64_t g = 0, j = 0; j < d_in; g++, j += LANES) {                                                   \
-        int n = d_in - j < LANES ? (int)(d_in - j) : LANES;                                                   \
-        vec xv[NT];                                                                                           \
-        for (int t = 0; t < NT; t++) xv[t] = load_x(x + t * d_in + j, n);                                     \
-        for (int r = 0; r < R; r++) {                                                                         \
-            lane_mask m = group_bits(bits + r * row_bytes, g);                                                \
-            vec w = expand(v[r], m);                                                                          \
-            v[r] += __builtin_popcount(m);                                                                    \
-            for (int t = 0; t < NT; t++) acc[r][t] = fma(w, xv[t], acc[r][t]);                               \
-        }                                                                                                     \
-    }                                                                                                         \
-    for (int r = 0; r < R; r++)                                                                               \
+    for (int r = 0; r < ROWS; r++)                                                                            \
         for (int t = 0; t < NT; t++) sums[r * TOKENS_PER_PASS + t] = hsum(acc[r][t]);                         \
 }
 
-PASS_KERNEL(4, 1) PASS_KERNEL(4, 2) PASS_KERNEL(4, 3) PASS_KERNEL(4, 4)
-PASS_KERNEL(1, 1) PASS_KERNEL(1, 2) PASS_KERNEL(1, 3) PASS_KERNEL(1, 4)
-typedef void (*pass_kernel)(const float *, int64_t, const uint8_t *, int64_t, const float *const *, float *);
-static const pass_kernel FOUR_ROWS[TOKENS_PER_PASS + 1] = {0, pass_4_1, pass_4_2, pass_4_3, pass_4_4};
-static const pass_kernel ONE_ROW[TOKENS_PER_PASS + 1] = {0, pass_1_1, pass_1_2, pass_1_3, pass_1_4};
+PASS_KERNEL(1) PASS_KERNEL(2) PASS_KERNEL(3) PASS_KERNEL(4)
+typedef void (*pass_kernel)(const float *, int64_t, const uint16_t *, const float *, float *);
+static const pass_kernel PASSES[TOKENS_PER_PASS + 1] = {0, pass_1, pass_2, pass_3, pass_4};
 
 /* y (n, d_out) = x (n, d_in) (W ⊙ M)^T + bias, with W ⊙ M packed as bits, values and starts */
-void packed_linear(const float *x, int64_t n, int64_t d_in, const uint8_t *bits, int64_t row_bytes,
-                   const float *values, const int64_t *starts, const float *bias, float *y, int64_t d_out,
-                   int threads) {
-    int64_t blocks = (d_out + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
+void packed_linear(const float *x, int64_t n, int64_t d_in, const uint16_t *bits, const float *values,
+                   const int64_t *starts, const float *bias, float *y, int64_t d_out, int threads) {
+    int64_t groups = (d_in + GROUP - 1) / GROUP, blocks = (d_out + ROWS - 1) / ROWS;
     #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t block = 0; block < blocks; block++) {
-        int64_t i0 = block * ROWS_PER_PASS;
-        int rows = d_out - i0 < ROWS_PER_PASS ? (int)(d_out - i0) : ROWS_PER_PASS;
-        float sums[ROWS_PER_PASS * TOKENS_PER_PASS];
-        for (int64_t t0 = 0; t0 < n; t0 += TOKENS_PER_PASS) {  /* later passes find the rows' values in cache */
+    for (int64_t b = 0; b < blocks; b++) {
+        float sums[ROWS * TOKENS_PER_PASS];
+        int rows = d_out - b * ROWS < ROWS ? (int)(d_out - b * ROWS) : ROWS;  /* the last block's real rows */
+        for (int64_t t0 = 0; t0 < n; t0 += TOKENS_PER_PASS) {  /* later passes find the block in cache */
             int nt = n - t0 < TOKENS_PER_PASS ? (int)(n - t0) : TOKENS_PER_PASS;
-            const float *v[ROWS_PER_PASS];
-            for (int r = 0; r < rows; r++) v[r] = values + starts[i0 + r];
-            if (rows == ROWS_PER_PASS)
-                FOUR_ROWS[nt](x + t0 * d_in, d_in, bits + i0 * row_bytes, row_bytes, v, sums);
-            else
-                for (int r = 0; r < rows; r++)
-                    ONE_ROW[nt](x + t0 * d_in, d_in, bits + (i0 + r) * row_bytes, row_bytes, v + r,
-                                sums + r * TOKENS_PER_PASS);
+            PASSES[nt](x + t0 * d_in, d_in, bits + b * groups * ROWS, values + starts[b], sums);
             for (int r = 0; r < rows; r++)
                 for (int t = 0; t < nt; t++)
-                    y[(t0 + t) * d_out + i0 + r] = sums[r * TOKENS_PER_PASS + t] + (bias ? bias[i0 + r] : 0.0f);
+                    y[(t0 + t) * d_out + b * ROWS + r] = sums[r * TOKENS_PER_PASS + t] + (bias ? bias[b * ROWS + r] : 0.0f);
         }
     }
 }
 
-/* packing, in two passes over W ⊙ M (d_out, d_in): how many weights each row keeps (counts[i]), then, once the
-   caller has summed them into starts, each row's mask bits and its kept values in column order */
+/* Packing, two passes over W ⊙ M (d_out, d_in): how many weights each block keeps (counts[b]), then, once the
+   caller has summed them into starts, each block's mask bits and kept values in (group, row, column) order. */
+static inline unsigned kept_bits(const float *w, int64_t n) {  /* bit j: w[j] != 0, for the n <= GROUP columns */
+    unsigned m = 0;
+    for (int j = 0; j < GROUP && j < n; j++) m |= (unsigned)(w[j] != 0.0f) << j;
+    return m;
+}
+
 void count_kept(const float *W, int64_t d_out, int64_t d_in, int64_t *counts, int threads) {
+    int64_t blocks = (d_out + ROWS - 1) / ROWS;
     #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t i = 0; i < d_out; i++) {
+    for (int64_t b = 0; b < blocks; b++) {
         int64_t kept = 0;
-        for (int64_t j = 0; j < d_in; j++) kept += W[i * d_in + j] != 0.0f;
-        counts[i] = kept;
+        for (int64_t i = b * ROWS; i < d_out && i < (b + 1) * ROWS; i++)
+            for (int64_t j = 0; j < d_in; j++) kept += W[i * d_in + j] != 0.0f;
+        counts[b] = kept;
     }
 }
 
-void pack_rows(const float *W, int64_t d_out, int64_t d_in, uint8_t *bits, int64_t row_bytes, float *values,
-               const int64_t *starts, int threads) {
+void pack_blocks(const float *W, int64_t d_out, int64_t d_in, uint16_t *bits, float *values, const int64_t *starts,
+                 int threads) {
+    int64_t groups = (d_in + GROUP - 1) / GROUP, blocks = (d_out + ROWS - 1) / ROWS;
     #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t i = 0; i < d_out; i++) {
-        const float *w = W + i * d_in;
-        float *v = values + starts[i];
-        for (int64_t b = 0; b < row_bytes; b++) {
-            uint8_t byte = 0;
-            for (int j = 0; j < 8 && 8 * b + j < d_in; j++)
-                if (w[8 * b + j] != 0.0f) {
-                    byte |= 1u << j;
-                    *v++ = w[8 * b + j];
-                }
-            bits[i * row_bytes + b] = byte;
-        }
+    for (int64_t b = 0; b < blocks; b++) {
+        float *v = values + starts[b];
+        uint16_t *bits_b = bits + b * groups * ROWS;
+        for (int64_t g = 0; g < groups; g++)
+            for (int r = 0; r < ROWS; r++) {
+                int64_t i = b * ROWS + r, j0 = g * GROUP;
+                unsigned m = i < d_out ? kept_bits(W + i * d_in + j0, d_in - j0) : 0;  /* padding rows: empty */
+                bits_b[g * ROWS + r] = (uint16_t)m;
+                for (int j = 0; j < GROUP; j++)
+                    if (m >> j & 1) *v++ = W[i * d_in + j0 + j];
+            }
     }
 }
 """
@@ -221,15 +218,12 @@ void pack_rows(const float *W, int64_t d_out, int64_t d_in, uint8_t *bits, int64
 @dataclass(frozen=True)
 class PackedLinear:
     """One Linear's experts for one prompt, W ⊙ M packed (the layout in the module's docstring), and its bias."""
-    bits: torch.Tensor     # (d_out, row_bytes) uint8
+    bits: torch.Tensor     # (blocks, groups · ROWS · 2) uint8
     values: torch.Tensor   # (nnz + PAD,) float32
-    starts: torch.Tensor   # (d_out + 1,) int64
+    starts: torch.Tensor   # (blocks + 1,) int64
+    d_out: int
     d_in: int
     bias: torch.Tensor | None
-
-    @property
-    def d_out(self) -> int:
-        return self.bits.shape[0]
 
     @property
     def nbytes(self) -> int:
@@ -239,7 +233,8 @@ class PackedLinear:
 
 def packed_bytes(d_out: int, d_in: int, kept: int) -> int:
     """The bytes `pack` makes of a (d_out, d_in) W ⊙ M that keeps `kept` weights per row (PAD aside)."""
-    return d_out * (-(-d_in // GROUP) * GROUP // 8 + kept * 4 + 8) + 8  # bits, values, starts
+    blocks = -(-d_out // ROWS)
+    return blocks * ROWS * -(-d_in // GROUP) * GROUP // 8 + d_out * kept * 4 + (blocks + 1) * 8  # bits, values, starts
 
 
 def pack(W_gated: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinear:
@@ -250,24 +245,25 @@ def pack(W_gated: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinea
         raise RuntimeError(problem)
     W_gated = W_gated.detach().contiguous()
     d_out, d_in = W_gated.shape
-    row_bytes = -(-d_in // GROUP) * GROUP // 8  # whole groups: the kernel reads GROUP bits at a time
+    blocks, groups = -(-d_out // ROWS), -(-d_in // GROUP)
     threads = torch.get_num_threads()
-    starts = torch.zeros(d_out + 1, dtype=torch.int64)
+    starts = torch.zeros(blocks + 1, dtype=torch.int64)
     lib.count_kept(W_gated.data_ptr(), d_out, d_in, starts[1:].data_ptr(), threads)
-    starts = starts.cumsum(dim=0)  # (d_out + 1,): row i's values begin at starts[i]
-    bits = torch.zeros(d_out, row_bytes, dtype=torch.uint8)
+    starts = starts.cumsum(dim=0)  # (blocks + 1,): block b's values begin at starts[b]
+    bits = torch.empty(blocks, groups * ROWS * 2, dtype=torch.uint8)
     values = torch.zeros(int(starts[-1]) + PAD, dtype=torch.float32)
-    lib.pack_rows(W_gated.data_ptr(), d_out, d_in, bits.data_ptr(), row_bytes, values.data_ptr(), starts.data_ptr(),
-                  threads)
-    return PackedLinear(bits, values, starts, d_in, bias)
+    lib.pack_blocks(W_gated.data_ptr(), d_out, d_in, bits.data_ptr(), values.data_ptr(), starts.data_ptr(), threads)
+    return PackedLinear(bits, values, starts, d_out, d_in, bias)
 
 
 def packed_linear_reference(x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
     """x (..., d_in) -> x (W ⊙ M)^T + b, W ⊙ M rebuilt from the packed form in plain PyTorch (the tests' oracle)."""
-    keep = torch.from_numpy(np.unpackbits(packed.bits.numpy(), axis=1, bitorder="little")).bool()
-    keep = keep[:, : packed.d_in]
-    W_gated = torch.zeros(packed.d_out, packed.d_in, dtype=packed.values.dtype)
-    W_gated[keep] = packed.values[: packed.starts[-1]]  # row-major order: row by row, columns ascending
+    blocks, groups = packed.bits.shape[0], -(-packed.d_in // GROUP)
+    keep = np.unpackbits(packed.bits.numpy().reshape(blocks, groups, ROWS, 2), axis=-1, bitorder="little")
+    keep = torch.from_numpy(keep).bool().reshape(blocks, groups, ROWS, GROUP)  # the stream's order
+    W_stream = torch.zeros(keep.shape, dtype=packed.values.dtype)
+    W_stream[keep] = packed.values[: packed.starts[-1]]  # (block, group, row, column) order: the stream's
+    W_gated = W_stream.permute(0, 2, 1, 3).reshape(blocks * ROWS, groups * GROUP)[: packed.d_out, : packed.d_in]
     return torch.nn.functional.linear(x, W_gated, packed.bias)
 
 
@@ -298,10 +294,10 @@ def compiled_kernel(extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | No
             os.replace(built, library)  # atomic: a concurrent build never sees half a file
     lib = ctypes.CDLL(str(library))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.packed_linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
+    lib.packed_linear.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
     lib.packed_linear.restype = None
     lib.count_kept.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
-    lib.pack_rows.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
+    lib.pack_blocks.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
     return lib, None
 
 
@@ -331,7 +327,7 @@ def packed_linear(x: torch.Tensor, packed: PackedLinear, extra_flags: tuple[str,
     x = x.reshape(-1, packed.d_in).contiguous()  # (n, d_in): every token of the batch shares these experts
     y = torch.empty(x.shape[0], packed.d_out, dtype=x.dtype)
     bias = packed.bias.contiguous() if packed.bias is not None else None
-    lib.packed_linear(x.data_ptr(), x.shape[0], packed.d_in, packed.bits.data_ptr(), packed.bits.shape[1],
-                      packed.values.data_ptr(), packed.starts.data_ptr(), bias.data_ptr() if bias is not None else None,
-                      y.data_ptr(), packed.d_out, torch.get_num_threads())
+    lib.packed_linear(x.data_ptr(), x.shape[0], packed.d_in, packed.bits.data_ptr(), packed.values.data_ptr(),
+                      packed.starts.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
+                      packed.d_out, torch.get_num_threads())
     return y.reshape(*shape[:-1], packed.d_out)

@@ -22,7 +22,7 @@ import pruners
 from checkpoint import UsageError
 from mumoe import decode_path, generate, route_prompt
 from opt_model import OPTConfig, OPTForCausalLM
-from packed_experts import GROUP, pack, packed_linear, packed_linear_reference
+from packed_experts import GROUP, ROWS, pack, packed_linear, packed_linear_reference
 from testkit import IMAGE_ID, save_tiny_llama, save_tiny_llava
 
 REPO = Path(__file__).resolve().parent
@@ -73,17 +73,20 @@ def assert_product_close(y: torch.Tensor, x: torch.Tensor, W_gated: torch.Tensor
 
 @needs_kernel
 def test_packed_layout_is_the_documented_one():
-    """bits: bit j of byte b is M_i,8b+j, the groups zero-padded; values: each row's kept W_ij in column order;
-    starts: where each row begins. Bytes per weight: rho · 4 + 1/8 (the starts aside)."""
-    W = torch.randn(6, 37)
+    """Blocks of ROWS rows, groups of 16 columns, one stream: for each block, group by group, each row's 16 mask bits
+    (a little-endian uint16, the padding rows and columns pruned) and its kept W_ij, columns ascending; starts:
+    where each block begins. Bytes per weight: rho · 4 + 1/8, the starts aside."""
+    W = torch.randn(6, 37)  # 2 blocks (the second with 2 padding rows), 3 groups (the last with 11 padding columns)
     W_gated = routed(W, 0.5)
     packed = pack(W_gated)
-    kept = W_gated != 0
-    bits = torch.tensor([[(byte >> j) & 1 for byte in row.tolist() for j in range(8)] for row in packed.bits]).bool()
-    assert packed.bits.shape == (6, 3 * GROUP // 8), "37 columns take 3 groups of 16 columns: 6 bytes a row"
-    assert torch.equal(bits[:, :37], kept) and not bits[:, 37:].any(), "mask bits differ from W ⊙ M's kept weights"
-    assert packed.starts.tolist() == [0, *kept.sum(dim=1).cumsum(0).tolist()], "row starts are not the kept counts"
-    assert torch.equal(packed.values[: packed.starts[-1]], W_gated[kept]), "values are not the kept W, row by row"
+    padded = torch.zeros(2 * ROWS, 3 * GROUP)
+    padded[:6, :37] = W_gated
+    stream = padded.reshape(2, ROWS, 3, GROUP).transpose(1, 2)  # (block, group, row, column): the stream's order
+    bits = packed.bits.reshape(2, 3, ROWS, 2).long()
+    assert torch.equal(bits[..., 0] | bits[..., 1] << 8, (stream != 0).long().mul(2 ** torch.arange(GROUP)).sum(-1)), (
+        "mask bits differ from W ⊙ M's kept weights in (block, group, row) order")
+    assert torch.equal(packed.values[: packed.starts[-1]], stream[stream != 0]), "values are not the stream's kept W"
+    assert packed.starts.tolist() == [0, int((stream[0] != 0).sum()), int((stream != 0).sum())], "block starts"
     assert packed.values.numel() == packed.starts[-1] + packed_experts.PAD, "the values must end in PAD zeros"
     big = torch.randn(64, 4096)
     fractions = [pack(routed(big, rho)).nbytes / big.nbytes for rho in (0.6, 0.5, 0.4)]
@@ -94,7 +97,7 @@ def test_packed_layout_is_the_documented_one():
 @needs_kernel
 @pytest.mark.parametrize("build", BUILDS, ids=lambda flags: "avx2" if flags else "native")
 @pytest.mark.parametrize("d_out, d_in, rho, nm, tied", [
-    (5, 37, 0.5, None, False),     # d_in not a multiple of a group (16) nor of AVX2's 8; d_out not of 4 rows
+    (5, 37, 0.5, None, False),     # d_in not a multiple of a group (16) nor of AVX2's 8; d_out not of a block
     (33, 300, 0.4, None, False),
     (9, 64, 1 / 64, None, False),  # k = 1: one weight per row
     (8, 50, 1.0, None, False),     # k = d_in: every weight (rho = 1 packs the dense W)
