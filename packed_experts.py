@@ -175,9 +175,13 @@ void packed_linear(const float *x, int64_t n, int64_t d_in, const uint16_t *bits
 /* Packing, two passes over W ⊙ M (d_out, d_in): how many weights each block keeps (counts[b]), then, once the
    caller has summed them into starts, each block's mask bits and kept values in (group, row, column) order. */
 static inline unsigned kept_bits(const float *w, int64_t n) {  /* bit j: w[j] != 0, for the n <= GROUP columns */
+#ifdef __AVX512F__
+    return _mm512_cmp_ps_mask(load_x(w, (int)(n < GROUP ? n : GROUP)), _mm512_setzero_ps(), _CMP_NEQ_UQ);
+#else
     unsigned m = 0;
     for (int j = 0; j < GROUP && j < n; j++) m |= (unsigned)(w[j] != 0.0f) << j;
     return m;
+#endif
 }
 
 void count_kept(const float *W, int64_t d_out, int64_t d_in, int64_t *counts, int threads) {
@@ -186,7 +190,7 @@ void count_kept(const float *W, int64_t d_out, int64_t d_in, int64_t *counts, in
     for (int64_t b = 0; b < blocks; b++) {
         int64_t kept = 0;
         for (int64_t i = b * ROWS; i < d_out && i < (b + 1) * ROWS; i++)
-            for (int64_t j = 0; j < d_in; j++) kept += W[i * d_in + j] != 0.0f;
+            for (int64_t j = 0; j < d_in; j += GROUP) kept += __builtin_popcount(kept_bits(W + i * d_in + j, d_in - j));
         counts[b] = kept;
     }
 }
@@ -203,8 +207,13 @@ void pack_blocks(const float *W, int64_t d_out, int64_t d_in, uint16_t *bits, fl
                 int64_t i = b * ROWS + r, j0 = g * GROUP;
                 unsigned m = i < d_out ? kept_bits(W + i * d_in + j0, d_in - j0) : 0;  /* padding rows: empty */
                 bits_b[g * ROWS + r] = (uint16_t)m;
+#ifdef __AVX512F__
+                if (m) _mm512_mask_compressstoreu_ps(v, (__mmask16)m, _mm512_maskz_loadu_ps((__mmask16)m, W + i * d_in + j0));
+                v += __builtin_popcount(m);
+#else
                 for (int j = 0; j < GROUP; j++)
                     if (m >> j & 1) *v++ = W[i * d_in + j0 + j];
+#endif
             }
     }
 }
