@@ -14,8 +14,8 @@ rows), columns in groups of GROUP = 16 (the last group padded with pruned column
 
 so a weight costs 1/8 byte of mask and, if kept, 4 bytes of value: a step reads rho · 4 + 1/8 bytes per
 weight instead of 4 (0.53 of dense at rho = 0.5, 0.43 at 0.4). Interleaving a block's rows group by group
-makes the block one sequential stream (four separate row streams of a few KB each defeated the prefetcher:
-3-4x slower on SmolLM2's 576-column rows once the weights left the caches).
+makes the block one sequential stream: four separate row streams of a few KB each (short rows, such as
+SmolLM2's 576 columns) leave the hardware prefetcher behind once the weights are out of the caches.
 
 The kernel walks a block group by group. A group's 16 mask bits say which columns a row keeps, and AVX-512's
 expand puts the next popcount(bits) values of the stream into exactly those lanes (zeros elsewhere), so the
@@ -31,12 +31,12 @@ torch's own OpenMP threads. Without AVX-512 (AVX2 only), each group is taken as 
 8 values are loaded, then moved into their lanes by a permutation looked up from the mask byte (a 256-entry
 table built once). No gather instruction is used.
 
-Why C through the system compiler, not numba: a numba loop over the kept weights (fp32 values, uint8
-column offsets in 256-column tiles, fastmath so that LLVM vectorizes it with gathers) ran at 1.6-2.0× the
-dense product's time on LLaMA-7B's MLP shapes at rho = 0.5 and 0.4 (docs/packed_decode.md): its gathers and
-short per-tile loops are bound by instructions, and numba's own thread pool fights torch's for the cores. The
-bitmap layout needs expand (or a byte-indexed permutation), which numba cannot emit, and C compiled with
--fopenmp joins the libgomp that torch has already loaded, so both share one pool of threads. The source
+Why C through the system compiler, not numba (measured in docs/packed_decode.md): a numba loop over the kept
+weights (fp32 values, uint8 column offsets in 256-column tiles, fastmath so that LLVM vectorizes it with
+gathers) was slower than the dense product itself on LLaMA-7B's MLP shapes: its gathers and short per-tile loops
+are bound by instructions, and numba's own thread pool fights torch's for the cores. The bitmap layout needs
+expand (or a byte-indexed permutation), which numba cannot emit, and C compiled with -fopenmp joins the libgomp
+that torch has already loaded, so both share one pool of threads. The source
 below is compiled once per machine (-march=native) into a cache directory, and loaded with ctypes.
 
 Where the kernel cannot run (no C compiler, a CPU without AVX2, CUDA tensors, a dtype other than float32),
