@@ -7,7 +7,7 @@ here knows a model family:
     errors      UsageError: a mistake the user can fix; the commands print it in one line and exit 2
     interface   LinearFn / dense_linear: how a block calls each of its Linears (the pruners and μ-MoE
                 replace it); BlockFn / dense_block: how a loop over blocks runs one block; KVCache and the
-                causal mask of tokens that follow cached ones (shifted_causal_mask)
+                causal mask of tokens that follow cached ones (shifted_causal_mask); offload (`offloaded`)
     finding     a local directory, or a Hugging Face hub repo downloaded into the standard cache
                 (pytorch_model*.bin converted once to safetensors beside it)
     loading     `load_weights`: a checkpoint's tensors assigned into a model built on the meta device,
@@ -25,10 +25,11 @@ Every language model offers the same interface, which is all that the method fil
     model.new_cache(n, B)   an empty KV cache (one KVCache per block) for n tokens of B sequences
     model.outer_modules()   every module but the blocks (embeddings, final norm, lm_head): what offload moves
 
-Imports: torch, safetensors, tokenizers, and huggingface_hub (only to download a named model).
+and `offloaded(model, device)` runs any of it with the model in CPU memory and one block at a time on the device.
 """
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -114,6 +115,56 @@ def shifted_causal_mask(T: int, start: int, device=None) -> torch.Tensor | None:
         return None
     return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)  # (T, start + T)
 
+
+# -----------------------------------------------------------------------------
+# Offload: a model kept in CPU memory runs with one block at a time on the device
+
+
+def visit(block: nn.Module, device: torch.device) -> dict:
+    """A block's turn begins: its weights and buffers copied to the device. Returns their CPU tensors, kept as they
+    are (memory-mapped pages of the checkpoint stay shared, nothing is allocated in CPU memory)."""
+    kept = {}
+    for tensor in (*block.parameters(), *block.buffers()):
+        kept[tensor] = tensor.data
+        tensor.data = tensor.data.to(device)
+    return kept
+
+
+def leave(block: nn.Module, kept: dict) -> None:
+    """A block's turn ends: its tensors are the CPU ones again and the device copies are dropped; nothing is copied
+    back, as nothing changes a weight while the model runs offloaded."""
+    for tensor, data in kept.items():
+        tensor.data = data
+
+
+@contextmanager
+def offloaded(model, device):
+    """Within the block, `model` (its weights in CPU memory) runs on `device` with one decoder block there at a time:
+    model.outer_modules() move to `device` for the whole block, and each decoder block is copied there just before
+    each of its forwards and dropped right after (forward hooks), whoever calls it: a perplexity loop, a generation
+    through the KV cache (every new token visits every block), lm-eval's batches. The hidden states, the KV cache and
+    the logits live on `device`. For runs that read the weights only (a pruned model is pruned before): a weight
+    changed during a block's turn would be lost. On leaving, the whole model is in CPU memory, the hooks gone."""
+    device = torch.device(device)
+    turns = {}  # block -> its CPU tensors, while it is on the device
+
+    def before(block, args) -> None:  # (a hook that returned something would replace the block's inputs)
+        turns[block] = visit(block, device)
+
+    def after(block, args, output) -> None:  # (...or its output)
+        leave(block, turns.pop(block))
+
+    hooks = [hook for block in model.blocks
+             for hook in (block.register_forward_pre_hook(before), block.register_forward_hook(after))]
+    for module in model.outer_modules():
+        module.to(device)
+    try:
+        yield model
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module in model.outer_modules():
+            module.to("cpu")
 
 # -----------------------------------------------------------------------------
 # Finding a checkpoint: a local directory, or a Hugging Face hub repo downloaded into the standard cache

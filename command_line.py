@@ -4,8 +4,6 @@ eval_ppl.py, eval_tasks.py and eval_vqa.py each run a plan of rows (a method at 
 N:M pattern, pruned offline or routed per prompt) for hours; these are the pieces they have in common, so
 that a method is named, an option is read and a run is refused the same way everywhere. The results file
 itself (strict JSON, atomic writes) is results_file.py's.
-
-Imports: torch, checkpoint (UsageError), pruners (the N:M rule).
 """
 
 import argparse
@@ -15,13 +13,13 @@ import torch
 
 import pruners
 from checkpoint import UsageError
+from ctrl_c import INTERRUPTED  # noqa: F401 (the commands' exit status after Ctrl-C, 128 + SIGINT)
 
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "mumoe")
 CALIBRATED = ("wanda", "sparsegpt")
 NAMES = {"dense": "Dense", "magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "mumoe": "μ-MoE"}
 MAGNITUDE_GROUP = "matrix"  # one threshold per weight matrix, as SparseGPT's and Wanda's magnitude baselines
 SPARSEGPT_BLOCKSIZE = 128  # the reference's column block; an N:M group must not straddle two blocks
-INTERRUPTED = 130  # the shell's exit status for a command ended by Ctrl-C (128 + SIGINT)
 
 
 # -----------------------------------------------------------------------------
@@ -105,6 +103,14 @@ def available_memory(device: torch.device) -> int | None:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024  # the file counts in kB
     return None
+
+
+def check_offload(device: torch.device) -> None:
+    """--offload needs a device other than the CPU memory where it keeps the model."""
+    if device.type == "cpu":
+        raise UsageError("--offload keeps the model in CPU memory and brings each block to the device for its turn; "
+                         "the device here is the cpu, so there is nothing to offload to: give --device cuda, or "
+                         "leave out --offload")
 
 
 def in_plan_order(rows: dict, plan: list[tuple]) -> list[dict]:

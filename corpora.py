@@ -15,8 +15,6 @@ Every string is tokenized once with the model's tokenizer, which puts BOS in fro
 Face tokenizer does. Data comes from the Hugging Face hub (WikiText-2 parquet, C4 json.gz, at pinned commits,
 checked by sha256) and from the URLs of the old `ptb_text_only` loader, or offline from a `--data-dir` of
 `{dataset}.{split}.jsonl` files.
-
-Imports: torch, checkpoint (UsageError); huggingface_hub and pyarrow only when they download or read.
 """
 
 import gzip

@@ -17,8 +17,6 @@ What this file owns: starting from the environment (each rank's device: cuda:LOC
 gloo), the shares, the collectives (each a no-op in a single process), rank 0 alone speaking, and ending a
 run one rank of which failed with that rank's one line and its exit code on every rank, not a hang.
 Without WORLD_SIZE > 1 in the environment every function here returns at once: one process, as before.
-
-Imports: torch.distributed; checkpoint for UsageError and check_device.
 """
 
 import os
@@ -98,6 +96,11 @@ def start(device: str | None) -> torch.device:
     return device
 
 
+def launcher() -> str:
+    """How this run was started, for the line that says how to go on: `torchrun --nproc-per-node N`, or `python`."""
+    return f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', '?')}" if launched() else "python"
+
+
 def stop() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -111,9 +114,10 @@ class RanksLost(Exception):
     """A collective broke: another rank ended (it failed, or was interrupted) or cannot be reached."""
 
 
-def collective(op, tensor: torch.Tensor) -> None:
+def collective(op, *args):
+    """op(*args), a torch.distributed collective; a broken one is RanksLost."""
     try:
-        op(tensor)
+        return op(*args)
     except RuntimeError as e:  # torch's DistError is one; gloo raises a bare one ("Connection closed by peer")
         raise RanksLost(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
@@ -143,6 +147,27 @@ def total(n: int) -> int:
     count = torch.tensor([n], dtype=torch.int64)
     collective(dist.all_reduce, count)
     return int(count.item())
+
+
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's tensor, in rank order, concatenated along dim 0 (a 0-d tensor is one element): the same on
+    every rank. Alone: the tensor itself (as a 1-d tensor if it was 0-d). The tensors must have one shape."""
+    tensor = tensor.reshape(1) if tensor.ndim == 0 else tensor
+    if not dist.is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    collective(dist.all_gather, parts, tensor)
+    return torch.cat(parts)
+
+
+def gather_objects(value) -> list | None:
+    """Rank 0: [rank 0's value, rank 1's, ...], any picklable values (predictions, lm-eval's metrics); the other
+    ranks: None. Alone: [value]. Objects travel through the CPU (gloo) whatever the device."""
+    if not dist.is_initialized():
+        return [value]
+    gathered = [None] * world_size() if is_main() else None
+    collective(dist.gather_object, value, gathered, 0)
+    return gathered
 
 
 def barrier() -> None:

@@ -19,16 +19,16 @@ strictly causally instead: on the targets after the prefix only, tokens P..seqle
 With `--nm N:M` every method prunes N of every M consecutive weights of each row instead of a ratio (μ-MoE:
 each window its own N of every M). Under torchrun the windows and the calibration are shared among the ranks
 (distributed.py).
-
-Imports: checkpoint (UsageError), models (the model and tokenizer of any family), pruners (prune_model), mumoe
-(routed_block), corpora (the data), command_line (options, methods, checks), results_file (the JSON file),
-distributed (torchrun); matplotlib only for --plot.
 """
+
+import ctrl_c
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load torch (seconds): one line and exit 130, no traceback
+    ctrl_c.exit_at_once("eval_ppl.py")
 
 import argparse
 import json
 import math
-import os
 import shlex
 import signal
 import sys
@@ -50,6 +50,7 @@ from command_line import (CALIBRATED, INTERRUPTED, MAGNITUDE_GROUP, METHODS, NAM
                           in_plan_order, nm_active_ratio, nm_name, nm_pattern, positive_int, window_length)
 from corpora import (DATASETS, DEFAULT_CALIB, DEFAULT_DATASETS, EVAL_SPLIT, LABELS, MAX_DEFAULT_SEQLEN,
                      calibration_windows, evaluation_ids, load_rows, save_rows, windows)
+import results_file
 from results_file import check_writable, write_json
 
 # -----------------------------------------------------------------------------
@@ -268,23 +269,14 @@ def finished_rows(path: Path, settings: dict) -> dict[tuple, dict]:
     routing. The settings every row depends on must match the file's, or the table would mix numbers
     that do not compare: model, seqlen, windows (per dataset), nsamples and seed (the calibration
     windows), dtype, and the μ-MoE prefix (which also sets the tokens scored)."""
-    if not path.is_file():
-        print(f"--resume: no {path} yet, every row is run")
-        return {}
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-        old, rows = report["settings"], {row_key(r): r for r in report["results"]}
-        differ = [f"{k} {old.get(k)} there, {settings[k]} here" for k in RESUME_SETTINGS if old.get(k) != settings[k]]
-        for r in rows.values():
-            r["ppl"] = {d: math.nan if p is None else p for d, p in r["ppl"].items()}  # null: not finite
-            r["avg"] = math.nan if r["avg"] is None else r["avg"]
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UsageError(f"--resume: {path} is not a results file of eval_ppl.py "
-                         f"({type(e).__name__}: {e}); give another --out") from None
-    if differ:
-        raise UsageError(f"--resume: {path} holds rows with other settings ({'; '.join(differ)}); run with its "
-                         "settings, or give another --out")
-    return rows
+    return results_file.finished_rows(path, settings, RESUME_SETTINGS, row_key, "eval_ppl.py", read_row=not_finite)
+
+
+def not_finite(row: dict) -> dict:
+    """A stored row with its null perplexities (not finite: a model broken by pruning) back as NaN."""
+    row["ppl"] = {d: math.nan if p is None else p for d, p in row["ppl"].items()}
+    row["avg"] = math.nan if row["avg"] is None else row["avg"]
+    return row
 
 
 # -----------------------------------------------------------------------------
@@ -328,10 +320,9 @@ def interrupted(args, argv: list[str]) -> str:
         saved = len(json.loads(args.out.read_text(encoding="utf-8"))["results"])
     except (OSError, ValueError, KeyError, TypeError):
         saved = 0
-    ranks = os.environ.get("LOCAL_WORLD_SIZE", "?")
-    launcher = f"torchrun --nproc-per-node {ranks}" if distributed.launched() else "python"
     again = argv + ([] if args.resume else ["--resume"])
-    return f"interrupted: {saved} rows saved in {args.out}; to go on: {launcher} eval_ppl.py {shlex.join(again)}"
+    return (f"interrupted: {saved} rows saved in {args.out}; to go on: {distributed.launcher()} eval_ppl.py "
+            f"{shlex.join(again)}")
 
 
 def run(args) -> list[dict]:
@@ -430,4 +421,4 @@ def run(args) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    ctrl_c.end("eval_ppl.py", main())

@@ -20,29 +20,39 @@ keeps every setting and, per row, lm-eval's own `results[task]` dict for every t
 choices of a question share one routing); `--routing-scope full` routes on context + continuation instead, as a
 perplexity window is routed on its own tokens. `--mumoe-routing block linear` and `--nm N:M` as in eval_ppl.py.
 
-Imports: lm_eval, lm_harness (HarnessLM), models, pruners, mumoe, corpora (the calibration data), command_line
-(options, methods, checks), results_file (the JSON file).
+Under torchrun (`torchrun --nproc-per-node 8 eval_tasks.py ...`) lm-eval splits each task's documents among the
+ranks (HarnessLM's rank and world_size) and gathers their metrics on rank 0, which writes the file; the calibration
+statistics are summed over the ranks' shares of the windows (pruners.prune_model). `--offload` keeps the model in
+CPU memory, one block at a time on the GPU (checkpoint.offloaded).
 """
 
+import ctrl_c
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load torch (seconds): one line and exit 130, no traceback
+    ctrl_c.exit_at_once("eval_tasks.py")
+
 import argparse
-import json
 import shlex
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 import corpora
+import distributed
 import models
 import mumoe
 import pruners
-from checkpoint import DTYPES, UsageError, check_device, resolve_checkpoint
+from checkpoint import DTYPES, UsageError, offloaded, resolve_checkpoint
 from command_line import (CALIBRATED, INTERRUPTED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE,
                           ArgumentParser, active_ratio, available_memory, check_calibration_memory, check_nm_fits,
-                          in_plan_order, nm_active_ratio, nm_name, nm_pattern, positive_int, window_length)
+                          check_offload, in_plan_order, nm_active_ratio, nm_name, nm_pattern, positive_int,
+                          window_length)
 from corpora import DATASETS
 from lm_harness import SCOPES, HarnessLM
+import results_file
 from results_file import check_writable, write_json
 
 # Wanda's zero-shot tasks (its paper's Table 2 and lib/eval.py), in its order
@@ -99,6 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "where its kernel runs (the same numbers either way)")
     p.add_argument("--device", help="default: cuda when present, else cpu")
     p.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 on CPU")
+    p.add_argument("--offload", action="store_true", help="keep the model in CPU memory, one block at a time on the "
+                   "device (a 7B model in float16 on a GPU of less than 16 GB)")
     p.add_argument("--out", type=Path, default=Path("tasks.json"), metavar="JSON",
                    help="every result, with its settings (default: tasks.json)")
     p.add_argument("--resume", action="store_true", help="keep the finished rows of the --out file (its settings "
@@ -192,20 +204,7 @@ RESUME_SETTINGS = ("model", "tasks", "limit", "num_fewshot", "calib", "nsamples"
 
 def finished_rows(path: Path, settings: dict) -> dict[tuple, dict]:
     """The rows of the results file `path` by row_key, for --resume; a UsageError naming the settings that differ."""
-    if not path.is_file():
-        print(f"--resume: no {path} yet, every row is run")
-        return {}
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-        old, rows = report["settings"], {row_key(r): r for r in report["results"]}
-    except (ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"--resume: {path} is not a results file of eval_tasks.py ({type(e).__name__}: {e}); "
-                         "give another --out") from None
-    differ = [f"{k} {old.get(k)} there, {settings[k]} here" for k in RESUME_SETTINGS if old.get(k) != settings[k]]
-    if differ:
-        raise UsageError(f"--resume: {path} holds rows with other settings ({'; '.join(differ)}); run with its "
-                         "settings, or give another --out")
-    return rows
+    return results_file.finished_rows(path, settings, RESUME_SETTINGS, row_key, "eval_tasks.py")
 
 
 # -----------------------------------------------------------------------------
@@ -215,26 +214,35 @@ def finished_rows(path: Path, settings: dict) -> dict[tuple, dict]:
 
 
 def main(argv=None) -> int:
+    distributed.silence_other_ranks()
     args = parse_args(argv)
     try:
-        run(args)
+        with ctrl_c.raises():
+            run(args)
     except UsageError as e:
-        print(f"eval_tasks.py: error: {e}", file=sys.stderr)
-        return 2
+        return distributed.fail(f"eval_tasks.py: error: {e}", 2)
+    except distributed.RanksLost as e:  # another rank failed or was interrupted, and said so
+        return distributed.failed_elsewhere(e, "eval_tasks.py")
     except KeyboardInterrupt:  # Ctrl-C: the rows finished so far are in --out, written whole
         again = (sys.argv[1:] if argv is None else argv) + ([] if args.resume else ["--resume"])
-        print(f"\ninterrupted: the finished rows are in {args.out}; to go on: python eval_tasks.py {shlex.join(again)}",
-              file=sys.stderr)
-        return INTERRUPTED
+        return distributed.fail(f"\ninterrupted: the finished rows are in {args.out}; to go on: "
+                                f"{distributed.launcher()} eval_tasks.py {shlex.join(again)}", INTERRUPTED)
+    finally:
+        distributed.stop()
     return 0
 
 
 def run(args) -> list[dict]:
     import lm_eval
 
-    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = distributed.start(args.device)
+    if args.offload:
+        check_offload(device)
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 checks the input and downloads the model first; then the others
     dtype = DTYPES[args.dtype] if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
-    check_writable(args.out, "--out")
+    if distributed.is_main():  # the one rank that writes
+        check_writable(args.out, "--out")
     decode_path = mumoe.decode_path(args.decode, device, dtype)  # --decode packed where it cannot run: now
     manager = task_manager(args.tasks, args.include_path)  # an unknown task: now, before any model is found
     directory = resolve_checkpoint(args.model)
@@ -248,8 +256,8 @@ def run(args) -> list[dict]:
     if calibrated and args.data_dir:
         corpora.load_rows(args.calib, "train", args.data_dir)  # a missing file: now, not after the first rows
     if calibrated:
-        check_calibration_memory(args.nsamples, args.seqlen, config.hidden_size, dtype,
-                                          available_memory(device), str(device))
+        check_calibration_memory(distributed.share_size(args.nsamples), args.seqlen, config.hidden_size, dtype,
+                                 available_memory(device), str(device))
     if args.nm:
         check_nm_fits(args.nm, models.empty_model(config), "sparsegpt" in args.methods)
 
@@ -264,8 +272,9 @@ def run(args) -> list[dict]:
              for s in (args.routing_scope if m == "mumoe" else [None])]
     done = finished_rows(args.out, settings) if args.resume else {}
     rows = dict(done)
-
     tokenizer = family.load_tokenizer(directory)
+    if distributed.is_main():
+        distributed.barrier()  # the input is good and the model is here: the other ranks may start
     model, pruned, calib = None, False, None
     for key in plan:
         method, rho, _, routing, scope = key
@@ -274,7 +283,7 @@ def run(args) -> list[dict]:
             continue
         if model is None or pruned:  # each pruned model starts from a fresh load of the checkpoint
             del model
-            model, pruned = family.load_model(directory, device, dtype), False
+            model, pruned = family.load_model(directory, "cpu" if args.offload else device, dtype), False
         start, calib_set = time.time(), args.calib if method in CALIBRATED else None
         row = dict(method=method, rho=rho, nm=nm if method != "dense" else None, calib=calib_set, routing=routing,
                    scope=scope)
@@ -283,22 +292,33 @@ def run(args) -> list[dict]:
             if method in CALIBRATED and calib is None:  # one draw, shared by every method and rho
                 calib = corpora.calibration_windows(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed,
                                                      args.data_dir)
+            # under torchrun each rank gathers the statistics of its share of the windows, then all are summed
             pruners.prune_model(model, calib if method in CALIBRATED else None, method, rho, nm=args.nm,
-                                select=args.select, group=MAGNITUDE_GROUP, blocksize=SPARSEGPT_BLOCKSIZE)
+                                select=args.select, group=MAGNITUDE_GROUP, blocksize=SPARSEGPT_BLOCKSIZE,
+                                device=device if args.offload else None)
             pruned = True
-        lm = HarnessLM(model, tokenizer, args.batch_size, rho if method == "mumoe" else 1.0,
-                       args.nm if method == "mumoe" else None, routing or "block", scope or "context", args.select,
-                       decode=args.decode)
-        output = lm_eval.simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                                         task_manager=manager, log_samples=False)
+        # Under torchrun lm-eval gives each rank every world_size-th document of each task (all the requests of a
+        # document, so a context is routed on one rank, once), through HarnessLM's rank and world_size, and gathers
+        # the per-document metrics on rank 0, which alone gets the results (the others: None)
+        with offloaded(model, device) if args.offload else nullcontext():
+            lm = HarnessLM(model, tokenizer, args.batch_size, rho if method == "mumoe" else 1.0,
+                           args.nm if method == "mumoe" else None, routing or "block", scope or "context", args.select,
+                           decode=args.decode)
+            output = lm_eval.simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot,
+                                             limit=args.limit, task_manager=manager, log_samples=False)
+        routed = distributed.total(lm.routed) if method == "mumoe" else None  # every rank's routings
+        if not distributed.is_main():
+            continue
         results = output["results"]  # by task: each task asked for, or each task of a group or tag asked for
         rows[key] = dict(row, results=results, mean=mean_accuracy(results, args.tasks), seconds=time.time() - start,
-                         routed=lm.routed if method == "mumoe" else None)
+                         routed=routed)
         print(f"{label(row)}, rho {rho}: mean {fraction(rows[key]['mean'])} ({rows[key]['seconds']:.0f} s)", flush=True)
         # strict JSON (a NaN, such as lm-eval's stderr of a single document, is null), written whole or not at all
         write_json(args.out, {"settings": settings, "results": in_plan_order(rows, plan)})
 
     results = in_plan_order(rows, plan)
+    if not distributed.is_main():
+        return results
     for rho in args.rho:
         print("\n" + table(results, args.tasks, rho, args.model, nm, args.num_fewshot))
     print(f"\nresults: {args.out}")
@@ -306,4 +326,4 @@ def run(args) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    ctrl_c.end("eval_tasks.py", main())

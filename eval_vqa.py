@@ -27,10 +27,16 @@ The vision tower, the projector, the embeddings and lm_head stay dense in every 
 question's prediction and score go into strict JSON (--out), written atomically as the run goes on, so a
 reader can re-score the predictions and `--resume` continues where a run stopped.
 
-Imports: checkpoint (errors, devices, model directories), models (which family), llava_model (the model, its
-images and prompt), pruners (prune_model), mumoe (generate), vqa_tasks (questions, metrics, data), command_line
-(option types, the pruners' settings), results_file (the JSON file); tqdm.
+Under torchrun (`torchrun --nproc-per-node 8 eval_vqa.py ...`) each rank answers its share of each row's questions
+(each question is routed on itself, so the split is exact), the calibration statistics are summed over the ranks'
+shares of the prompts before any mask (pruners.prune_model), and rank 0 gathers the answers, shows the progress and
+writes the file (distributed.py). `--offload` keeps the language model in CPU memory, one block at a time on the GPU.
 """
+
+import ctrl_c
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load torch (seconds): one line and exit 130, no traceback
+    ctrl_c.exit_at_once("eval_vqa.py")
 
 import argparse
 import json
@@ -39,28 +45,35 @@ import random
 import shlex
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+import distributed
 import llava_model
 import models
 import mumoe
 import pruners
+import results_file
 import vqa_tasks
-from checkpoint import DTYPES, UsageError, check_device, hub_repo_id, read_config_json, resolve_checkpoint
-from command_line import INTERRUPTED, MAGNITUDE_GROUP, ArgumentParser, SPARSEGPT_BLOCKSIZE, positive_int
+from checkpoint import DTYPES, UsageError, hub_repo_id, offloaded, read_config_json, resolve_checkpoint
+from command_line import (CALIBRATED, INTERRUPTED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE,
+                          ArgumentParser, check_offload, positive_int)
 from results_file import check_writable, write_json
 from vqa_tasks import TASKS, Question
 
-METHODS = ("dense", "magnitude", "sparsegpt", "wanda", "mumoe")  # the paper's row order
-CALIBRATED = ("sparsegpt", "wanda")
-NAMES = {"dense": "Dense", "magnitude": "Magnitude", "sparsegpt": "SparseGPT", "wanda": "Wanda", "mumoe": "μ-MoE"}
+# the rows in the order of the paper's LLaVA table, SparseGPT before Wanda (its perplexity table, command_line.METHODS,
+# puts Wanda first)
+ROW_ORDER = ("dense", "magnitude", "sparsegpt", "wanda", "mumoe")
 TASK_NAMES = {"scienceqa": "ScienceQA", "textvqa": "TextVQA"}
 OTHER_TASK = {"scienceqa": "textvqa", "textvqa": "scienceqa"}
 MAX_NEW_TOKENS = {"scienceqa": 16, "textvqa": 128}  # see the docstring
 SAVE_EVERY_SECONDS = 60  # how often a row in progress is written to --out (and always when it ends)
+# Under torchrun, the answers of each rank that rank 0 gathers at a time: one collective per GATHER_EVERY questions
+# a rank answers, and the ranks wait for the slowest of them only then
+GATHER_EVERY = 8
 
 # The paper's LLaVA-7B table (accuracy in percent); the dense row is rho = 1. Which LLaVA and which ScienceQA
 # subset it used is not stated: see the README. Shown beside the rows of the paper's settings only.
@@ -228,25 +241,16 @@ def row_key(row: dict) -> tuple:
 
 def finished_rows(path: Path, settings: dict) -> dict[tuple, dict]:
     """For --resume: the rows of the --out file by row key; a UsageError naming the settings that differ.
-    Their predictions are matched to questions by id, so a run with another --limit reuses what it can."""
-    if not path.is_file():
-        print(f"--resume: no {path} yet, every row is run")
-        return {}
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-        old = report["settings"]
-        differ = [f"{k} {old.get(k)} there, {settings[k]} here" for k in RESUME_SETTINGS if old.get(k) != settings[k]]
-        # and the data files, of each task both runs read (a run without calibrated rows reads one task only)
-        differ += [f"other {task} files (by sha256)" for task in old["data"].keys() & settings["data"].keys()
-                   if old["data"][task] != settings["data"][task]]
-        done = {row_key(r): r for r in report["results"]}
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UsageError(f"--resume: {path} is not a results file of eval_vqa.py ({type(e).__name__}: {e}); "
-                         "give another --out") from None
-    if differ:
-        raise UsageError(f"--resume: {path} holds predictions made with other settings ({'; '.join(differ)}); "
-                         "run with its settings, or give another --out")
-    return done
+    Their predictions are matched to questions by id, so a run with another --limit reuses what it can, and a
+    run on any number of ranks goes on from a file that a run on any other number wrote."""
+    return results_file.finished_rows(path, settings, RESUME_SETTINGS, row_key, "eval_vqa.py", other_data,
+                                      held="predictions made")
+
+
+def other_data(old: dict, new: dict) -> list[str]:
+    """The data files of each task both runs read (a run without calibrated rows reads one task only) that differ."""
+    return [f"other {task} files (by sha256)" for task in old["data"].keys() & new["data"].keys()
+            if old["data"][task] != new["data"][task]]
 
 
 def question_record(q: Question) -> dict:
@@ -296,6 +300,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"{MAX_NEW_TOKENS['textvqa']} for TextVQA)")
     p.add_argument("--device", help="default: cuda when present, else cpu")
     p.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 on CPU")
+    p.add_argument("--offload", action="store_true", help="keep the language model in CPU memory, one block at a "
+                   "time on the device (LLaVA-7B in float16 on a GPU of less than 16 GB)")
     p.add_argument("--data-dir", type=Path, metavar="DIR",
                    help="read {task}/*.parquet from here (offline) instead of the hub")
     p.add_argument("--save-data", type=Path, metavar="DIR", help="copy the parquet files this run needs into "
@@ -314,18 +320,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    distributed.silence_other_ranks()
     args = parse_args(argv)
     try:
-        run(args)
+        with ctrl_c.raises():
+            run(args)
     except UsageError as e:
-        print(f"eval_vqa.py: error: {e}", file=sys.stderr)
-        return 2
+        return distributed.fail(f"eval_vqa.py: error: {e}", 2)
+    except distributed.RanksLost as e:  # another rank failed or was interrupted, and said so
+        return distributed.failed_elsewhere(e, "eval_vqa.py")
     except KeyboardInterrupt:  # Ctrl-C: every answer so far is in --out (run saves the row it was in)
-        again = (sys.argv[1:] if argv is None else argv) + ([] if args.resume else ["--resume"])
-        print(f"\ninterrupted: {saved_answers(args.out)} answers saved in {args.out}; to go on: "
-              f"python eval_vqa.py {shlex.join(again)}", file=sys.stderr)
-        return INTERRUPTED
+        return distributed.fail(interrupted(args, sys.argv[1:] if argv is None else argv), INTERRUPTED)
+    finally:
+        distributed.stop()
     return 0
+
+
+def interrupted(args, argv: list[str]) -> str:
+    """Ctrl-C's one line: how many answers the --out file holds, and the command that goes on from them."""
+    again = argv + ([] if args.resume else ["--resume"])
+    return (f"\ninterrupted: {saved_answers(args.out)} answers saved in {args.out}; to go on: "
+            f"{distributed.launcher()} eval_vqa.py {shlex.join(again)}")
 
 
 def saved_answers(path: Path) -> int:
@@ -333,6 +348,29 @@ def saved_answers(path: Path) -> int:
         return sum(len(row["predictions"]) for row in json.loads(path.read_text(encoding="utf-8"))["results"])
     except (OSError, ValueError, KeyError, TypeError):
         return 0
+
+
+def show(progress: tqdm, answered: int, predictions: list[dict]) -> None:
+    """`answered` more questions on the progress bar, and the row's accuracy so far."""
+    progress.update(answered)
+    if predictions:
+        progress.set_postfix_str(f"{100 * sum(p['score'] for p in predictions) / len(predictions):.2f}%")
+
+
+def load_model(directory: Path, device, dtype, offload: bool):
+    """LLaVA on `device`; with `offload`, its language model in CPU memory (`on_device` runs it one block at a
+    time there) and the vision tower and projector on `device`."""
+    if not offload:
+        return llava_model.load_llava(directory, device, dtype)
+    model = llava_model.load_llava(directory, "cpu", dtype)
+    model.vision_tower.to(device)
+    model.multi_modal_projector.to(device)
+    return model
+
+
+def on_device(model, device, offload: bool):
+    """Where the language model runs: with `offload`, one block at a time on `device` (checkpoint.offloaded)."""
+    return offloaded(model.language_model, device) if offload else nullcontext()
 
 
 def load_task(task: str, args) -> tuple[list[Question], list[dict]]:
@@ -343,9 +381,14 @@ def load_task(task: str, args) -> tuple[list[Question], list[dict]]:
 
 
 def run(args) -> list[dict]:
-    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = distributed.start(args.device)
+    if args.offload:
+        check_offload(device)
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 checks the input and fetches the data first; then the others
     dtype = DTYPES[args.dtype] if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
-    check_writable(args.out, "--out")
+    if distributed.is_main():  # the one rank that writes
+        check_writable(args.out, "--out")
     decode_path = mumoe.decode_path(args.decode, device, dtype)  # --decode packed where it cannot run: now
     if models.family(args.model) is not llava_model:  # other LLaVA variants and unknown families: named there
         model_type = read_config_json(resolve_checkpoint(args.model) / "config.json").get("model_type")
@@ -357,7 +400,7 @@ def run(args) -> list[dict]:
     calibrated = [m for m in args.methods if m in CALIBRATED]
     tasks = [args.task] + ([args.calib] if calibrated and args.calib != args.task else [])
     if args.save_data:
-        for task in tasks:
+        for task in tasks if distributed.is_main() else []:
             vqa_tasks.save_files(vqa_tasks.task_files(task, args.data_dir), args.save_data, task)
         args.data_dir = args.save_data
     questions, data = load_task(args.task, args)
@@ -386,9 +429,12 @@ def run(args) -> list[dict]:
                     paper_model=hub_repo_id(args.model) == PAPER_MODEL,
                     magnitude_group=MAGNITUDE_GROUP, sparsegpt_blocksize=SPARSEGPT_BLOCKSIZE, decode_path=decode_path)
     plan = [("dense", 1.0, None, None)] if "dense" in args.methods else []
-    plan += [(m, rho, args.calib if m in CALIBRATED else None, r) for rho in args.rho for m in METHODS[1:]
+    plan += [(m, rho, args.calib if m in CALIBRATED else None, r) for rho in args.rho for m in ROW_ORDER[1:]
              if m in args.methods for r in (args.mumoe_routing if m == "mumoe" else [None])]
     done = finished_rows(args.out, settings) if args.resume else {}
+    if distributed.is_main():
+        distributed.barrier()  # the input is good and the data is here: the other ranks may start
+    distributed.barrier()  # every rank has read --out before rank 0 writes it
     by_id = {q.id: q for q in questions}
     report = {"settings": settings, "questions": [question_record(q) for q in questions], "results": []}
     rows = {}  # row key -> the row's record in report["results"]
@@ -398,7 +444,7 @@ def run(args) -> list[dict]:
 
     def save(row: dict, force=False):
         nonlocal last_save
-        if force or time.time() - last_save > SAVE_EVERY_SECONDS:
+        if distributed.is_main() and (force or time.time() - last_save > SAVE_EVERY_SECONDS):
             row.update(summary(row["predictions"], by_id))
             report["results"] = [rows[key] for key in plan if key in rows] + others
             write_json(args.out, report, indent=1)
@@ -418,29 +464,43 @@ def run(args) -> list[dict]:
         start = time.time()
         if model is None or pruned:
             del model
-            model, pruned = llava_model.load_llava(directory, device, dtype), False
+            model, pruned = load_model(directory, device, dtype, args.offload), False
         if method in CALIBRATED + ("magnitude",):
             if method in CALIBRATED and calib_hidden is None:  # once, shared by every calibrated row
-                calib_hidden = [embed(model, q, ids[q.task, q.id], device, dtype) for q in
-                                tqdm(calib_questions, desc=f"embedding {args.calib} calibration prompts", leave=False)]
+                with on_device(model, device, args.offload):
+                    calib_hidden = [embed(model, q, ids[q.task, q.id], device, dtype) for q in tqdm(
+                        calib_questions, desc=f"embedding {args.calib} calibration prompts", leave=False)]
+            # under torchrun each rank gathers the statistics of its share of the prompts, then all are summed
             pruners.prune_model(model.language_model, calib_hidden if method in CALIBRATED else None, method, rho,
-                                select=args.select, group=MAGNITUDE_GROUP, blocksize=SPARSEGPT_BLOCKSIZE)
+                                select=args.select, group=MAGNITUDE_GROUP, blocksize=SPARSEGPT_BLOCKSIZE,
+                                device=device if args.offload else None)
             pruned = True
         routed_rho = rho if method == "mumoe" else 1.0  # the others run their (pruned) weights densely
-        progress, total = tqdm(todo, desc=f"{label(row)} rho={rho}", leave=False), sum(p["score"] for p in predictions)
+        progress = tqdm(total=len(todo), desc=f"{label(row)} rho={rho}", leave=False)
+        # Under torchrun the questions go in rounds of GATHER_EVERY per rank, each rank answering its share of the
+        # round; rank 0 gathers the others' answers at the round's end (alone: a round is answered, nothing waits)
+        per_round = GATHER_EVERY * distributed.world_size()
         try:
-            for q in progress:
-                prediction = answer(model, tokenizer, q, ids[q.task, q.id], args.max_new_tokens, routed_rho,
-                                    routing or "block", args.select, device, dtype, args.decode)
-                predictions.append({"id": q.id, "prediction": prediction, "score": vqa_tasks.score(q, prediction)})
-                total += predictions[-1]["score"]
-                progress.set_postfix_str(f"{100 * total / len(predictions):.2f}%")
-                row["seconds"] += time.time() - start
-                start = time.time()
-                save(row)
-        except KeyboardInterrupt:  # Ctrl-C: the row's answers so far are saved, and --resume goes on from them
+            with on_device(model, device, args.offload):
+                for first in range(0, len(todo), per_round):
+                    round_questions = todo[first : first + per_round]
+                    mine = []
+                    for q in round_questions[distributed.shard(len(round_questions))]:
+                        prediction = answer(model, tokenizer, q, ids[q.task, q.id], args.max_new_tokens, routed_rho,
+                                            routing or "block", args.select, device, dtype, args.decode)
+                        mine.append({"id": q.id, "prediction": prediction, "score": vqa_tasks.score(q, prediction)})
+                        predictions.append(mine[-1])  # on rank 0, saved with the row
+                        row["seconds"] += time.time() - start
+                        start = time.time()
+                        save(row)
+                        show(progress, 1, predictions)
+                    for theirs in (distributed.gather_objects(mine) or [mine])[1:]:  # rank 0: the other ranks'
+                        predictions += theirs
+                        show(progress, len(theirs), predictions)
+        except BaseException:  # Ctrl-C, or another rank lost: the row's answers so far are saved, for --resume
             save(row, force=True)
             raise
+        progress.close()
         order = {q.id: i for i, q in enumerate(questions)}
         predictions.sort(key=lambda p: order[p["id"]])  # the kept ones of a resumed row came first
         row["complete"] = True
@@ -448,11 +508,12 @@ def run(args) -> list[dict]:
         print(f"{label(row)}, rho {rho}: {row['accuracy']:.2f} ({row['seconds']:.0f} s)", flush=True)
 
     report["results"] = results = [rows[key] for key in plan] + others
-    write_json(args.out, report, indent=1)
+    if distributed.is_main():
+        write_json(args.out, report, indent=1)
     print("\n" + tables(results, settings))
     print(f"\nresults: {args.out}")
     return results
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    ctrl_c.end("eval_vqa.py", main())

@@ -8,9 +8,6 @@ packed kernel runs (--decode, mumoe.decode_path). Timings: after one short warm-
 costs such as the allocator's first pages, the threads' start or loading the kernel would otherwise count against
 whichever runs first), the dense and the μ-MoE generations alternate --repeats times and the medians are printed,
 so that a burst of load from another process slows both alike. The MAC count beneath is mumoe.count_macs's.
-
-Imports: torch, command_line (ArgumentParser), checkpoint, pruners, packed_experts (the packed form's bytes),
-mumoe (generation, MACs), models (a model by name) and llava_model (a LLaVA's images and prompt).
 """
 
 import statistics

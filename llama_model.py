@@ -22,8 +22,6 @@ within a sliding window of 4096 tokens (longer inputs are refused: not implement
 Qwen2 have other tokenizers. `config.json` comes in two layouts, both read: the hub's (top-level
 `rope_theta` and `rope_scaling`, older files without `rope_theta`) and the one transformers 5 writes
 (`rope_parameters`).
-
-Imports: torch, tokenizers, checkpoint (the shared interface, loading and tokenizer code).
 """
 
 from dataclasses import dataclass

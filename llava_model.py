@@ -47,8 +47,6 @@ with Pillow's bicubic filter on the 8-bit image, center crop 336, rescale by 1/2
 mean and std. Where transformers differs: its `LlavaProcessor` (and `CLIPImageProcessor`) does not pad,
 so a non-square image loses its borders to the center crop; transformers 5 composites transparent pixels
 over white where Pillow's `convert("RGB")` drops the alpha channel.
-
-Imports: torch, Pillow (images), llama_model (the language model), checkpoint (the block interface, loading).
 """
 
 from dataclasses import dataclass, fields

@@ -27,8 +27,6 @@ costs more than the blocks).
                request is one routed forward over its tokens (mumoe.mumoe_logits), at most max_length of them. It
                leaks the answer into the experts, so it measures how much the continuation helps its own routing.
 
-Imports: torch, lm_eval (TemplateLM, its rolling-window helpers), mumoe (route_prompt, decode_experts,
-mumoe_logits, generate). Only this file and the command eval_tasks.py import lm_eval.
 """
 
 from collections import defaultdict
@@ -39,6 +37,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+import distributed
 from mumoe import ROUTINGS, decode_experts, decode_path, generate, mumoe_logits, route_prompt
 from pruners import check_rho
 
@@ -77,6 +76,30 @@ class HarnessLM(TemplateLM):
         self.decode, self.decode_path = decode, decode_path(decode, self._device, next(model.parameters()).dtype)
         self.special_prefix = tokenizer.encode("")  # what the tokenizer puts before any text: [BOS] or nothing
         self.routed = 0
+
+    # -------------------------------------------------------------------------
+    # Data parallel, as lm-eval's evaluator drives it: under torchrun (distributed.py) each rank is given every
+    # world_size-th document of each task, with all of its requests, and the per-document metrics are gathered on
+    # rank 0, which alone computes the task's results; alone, each of these is lm-eval's no-op
+
+    @property
+    def rank(self) -> int:
+        return distributed.rank()
+
+    @property
+    def world_size(self) -> int:
+        return distributed.world_size()
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return distributed.all_gather(tensor)
+
+    def gather_object(self, obj, dst: int = 0):
+        if dst != 0:
+            raise ValueError(f"objects are gathered on rank 0, not {dst}")
+        return distributed.gather_objects(obj)
+
+    def barrier(self) -> None:
+        distributed.barrier()
 
     # -------------------------------------------------------------------------
     # Tokens, as HFLM makes them

@@ -48,9 +48,6 @@ bytes per weight instead of 4 (packed_experts).
 
 Everything here works on any model with checkpoint.py's interface (OPT, LLaMA, a vision-language model's
 language model): it sees blocks, their `linears()` and hidden states, never a model family.
-
-Imports: torch, checkpoint (the block interface, UsageError), pruners (Wanda's mask and gated weight),
-packed_experts (the packed form and its kernel). No model family, no command.
 """
 
 import time
@@ -194,7 +191,7 @@ def chosen_experts(chosen: dict) -> LinearFn:
     def gate_with_chosen(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if len(chosen[layer]) != x.shape[0]:
             raise ValueError(f"{len(chosen[layer])} prompts' experts for a batch of {x.shape[0]} prompts")
-        return gate(layer, x, chosen[layer])
+        return gate(layer, x, [W.to(x.device) for W in chosen[layer]])  # (an offloaded block's come along)
 
     return gate_with_chosen
 
@@ -247,7 +244,7 @@ def decode_experts(chosen: dict, path: str) -> LinearFn:
         return packed_experts(pack_experts(chosen))
 
     def gate_masked(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        experts = chosen[layer]
+        experts = [W.to(x.device) for W in chosen[layer]]  # (an offloaded block's come along)
         return gate(layer, x, experts * x.shape[0] if len(experts) == 1 else experts)
 
     return gate_masked
@@ -363,6 +360,9 @@ def route_prompt(model, prompts: torch.Tensor, cache: list[KVCache], rho: float 
     x = prompts if prompts.is_floating_point() else model.embed(prompts)
     for block, block_cache in zip(model.blocks, cache):
         x = run(block, x, block_cache)
+        home = next(block.parameters()).device  # the CPU, after its turn, for a model offloaded block by block
+        for layer in block.linears().values():  # the experts wait where their block waits
+            chosen[layer] = [W.to(home) for W in chosen[layer]]
     return x, chosen
 
 

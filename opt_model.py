@@ -20,8 +20,6 @@ token computes only its own row of every product: `model(prompt, cache=cache)`, 
 
 The interface every model family offers (embed, blocks, head, new_cache, ...) and the loading code the
 families share live in `checkpoint.py`, below this file.
-
-Imports: torch, tokenizers, checkpoint (the shared interface, loading and tokenizer code).
 """
 
 from dataclasses import dataclass, fields

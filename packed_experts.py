@@ -47,8 +47,6 @@ Where the kernel cannot run (no C compiler, a CPU without AVX2, CUDA tensors, a 
     packed_linear(x, packed)              the kernel: x (..., d_in) -> (..., d_out)
     packed_linear_reference(x, packed)    the same product in plain PyTorch, from the packed form
     kernel_problem(device, dtype)         None where the kernel runs, else why not
-
-Imports: torch, numpy (unpackbits, for the reference), ctypes and the standard library (compiling, caching).
 """
 
 import ctypes

@@ -11,7 +11,7 @@ each decoder Linear and prunes 60%. W is [d_out, d_in], as nn.Linear stores it; 
                 (Frantar & Alistarh 2023)
 
 References: locuslab/wanda `lib/prune.py` and IST-DASLab/sparsegpt `sparsegpt.py`; every deliberate
-difference from them is written next to the line it concerns. Imports: torch, numpy, tqdm, checkpoint.
+difference from them is written next to the line it concerns.
 """
 
 from concurrent.futures import ThreadPoolExecutor
@@ -25,12 +25,9 @@ import distributed
 from checkpoint import UsageError
 
 SELECTS = ("sort", "topk", "kthvalue", "partition")
-# CPU (2 cores, benchmarks/bench_pruners.py, OPT-125M's shapes, rho = 0.5): every exact select takes
-# 0.2-0.3x the stable sort's time. On an idle CPU partition and topk tie (one block's six masks: 59 ms
-# each, kthvalue 68 ms); with other processes busy on the cores, partition led in every run (0.15-0.45x
-# against topk's 0.2-0.6x).
-# CUDA: not measured here (no GPU on the machine this was written on); `partition` would be a round trip
-# to the host, and kthvalue is the one-pass exact kernel. Check with `bench_pruners.py --device cuda`.
+# The fastest exact selection on each device, as benchmarks/bench_pruners.py and bench_selection.py measure it
+# (figures in docs/speed.md): numpy's partition (introselect) on a CPU; on CUDA kthvalue, the one-pass exact
+# kernel, where partition would be a round trip to the host (unmeasured until a GPU runs benchmarks/gpu_check.py).
 FASTEST_SELECT = {"cpu": "partition", "cuda": "kthvalue"}
 # wanda_gated_weight's rows per step: 2^16 float32 scores (256 KB) and their copy fit a core's 1 MB L2 cache
 FUSED_CHUNK_ELEMENTS = 1 << 16

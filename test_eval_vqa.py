@@ -7,7 +7,6 @@ The command runs end to end on a tiny random LLaVA saved in the Hugging Face lay
 of each task made here with random images: nothing is downloaded, and ../shared is not needed.
 """
 
-import io
 import json
 import random
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 
 import eval_vqa
 import vqa_tasks
-from testkit import assert_one_line_error
+from testkit import (assert_one_line_error, png, save_vqa_llava, scienceqa_rows, textvqa_rows, write_parquet, write_vqa_data)
 from vqa_tasks import normalize_answer, scienceqa_letter, scienceqa_message, textvqa_message, vqa_accuracy
 
 # -----------------------------------------------------------------------------
@@ -168,58 +167,9 @@ def test_the_image_placeholder_is_the_models():
 # Tiny parquet files of each task, with random images, in the hub's layout
 
 
-def png(seed: int, size=(24, 16), mode="RGB") -> bytes:
-    from PIL import Image
-
-    rng = random.Random(seed)
-    image = Image.new(mode, size)
-    image.putdata([tuple(rng.randrange(256) for _ in mode) for _ in range(size[0] * size[1])])
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-WORDS = "red blue cat dog stop sign yes no two three the shop open".split()
-
-
-def scienceqa_rows(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        choices = [rng.choice(WORDS) for _ in range(rng.randint(2, 5))]
-        rows.append(dict(image={"bytes": png(seed * 1000 + i), "path": None} if i % 3 else None,
-                         question=f"Which one is {rng.choice(WORDS)}?", choices=choices,
-                         answer=rng.randrange(len(choices)), hint=rng.choice(["", "Look closely."]),
-                         lecture="", solution=""))
-    return rows
-
-
-def textvqa_rows(n: int, seed: int = 0, first_id: int = 100) -> list[dict]:
-    rng = random.Random(seed)
-    return [dict(image={"bytes": png(seed * 1000 + i, size=(20 + i, 30)), "path": None}, image_id=f"img{i}",
-                 question_id=first_id + i, question=f"what does the {rng.choice(WORDS)} say?",
-                 answers=[rng.choice(WORDS[:4]) for _ in range(10)],
-                 ocr_tokens=[rng.choice(WORDS) for _ in range(rng.randint(0, 3))]) for i in range(n)]
-
-
-def write_parquet(path: Path, rows: list[dict], drop=()) -> Path:
-    import pyarrow
-    import pyarrow.parquet
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{k: v for k, v in row.items() if k not in drop} for row in rows]
-    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
-    return path
-
-
 @pytest.fixture
 def data_dir(tmp_path) -> Path:
-    """Both tasks in the --data-dir layout: ScienceQA in one file, TextVQA in two, as the hub shards them."""
-    write_parquet(tmp_path / "data" / "scienceqa" / "test-00000-of-00001.parquet", scienceqa_rows(9))
-    rows = textvqa_rows(8)
-    write_parquet(tmp_path / "data" / "textvqa" / "validation-00000-of-00002.parquet", rows[:5])
-    write_parquet(tmp_path / "data" / "textvqa" / "validation-00001-of-00002.parquet", rows[5:])
-    return tmp_path / "data"
+    return write_vqa_data(tmp_path / "data")
 
 
 def test_questions_from_parquet_rows(data_dir):
@@ -363,31 +313,10 @@ def test_an_unwritable_out_is_refused(capsys, tmp_path, data_dir):
 # -----------------------------------------------------------------------------
 # The command end to end: a tiny random LLaVA in the Hugging Face layout, a tiny tokenizer, tiny parquet files
 
-IMAGE_ID = 500  # the tiny model's image_token_index: above the tokenizer's 400 ids, below the vocabulary
-TINY_TEXT = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
-                 initializer_range=0.3)  # larger than the default 0.02: answers that depend on the prompt
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   image_size=28, patch_size=14)  # 2x2 patches: 4 features per image
-
 
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory) -> Path:
-    """A random transformers LlavaForConditionalGeneration saved with save_pretrained, with a byte-level BPE
-    tokenizer trained in the test (LLaMA's <unk> <s> </s> at 0 1 2, <s> put in front)."""
-    import torch
-    import transformers
-
-    from testkit import save_llama_tokenizer
-
-    directory = tmp_path_factory.mktemp("tiny_llava")
-    torch.manual_seed(0)
-    config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**TINY_VISION),
-                                      text_config=transformers.LlamaConfig(**TINY_TEXT), image_token_index=IMAGE_ID,
-                                      image_seq_length=4)
-    transformers.LlavaForConditionalGeneration(config).save_pretrained(directory)
-    save_llama_tokenizer(directory, "<s>")
-    return directory
+    return save_vqa_llava(tmp_path_factory.mktemp("tiny_llava"))
 
 
 def command(model_dir, data_dir, out, *extra) -> list[str]:

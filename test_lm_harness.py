@@ -21,7 +21,7 @@ import models
 from checkpoint import UsageError
 from lm_harness import HarnessLM
 from mumoe import ROUTINGS, mumoe_logits
-from testkit import WORDS, assert_one_line_error, save_tiny_opt, save_tiny_tokenizer, sentence
+from testkit import (assert_one_line_error, save_tiny_opt, save_tiny_tokenizer, sentence, write_multiple_choice_task)
 
 pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402 (after the skip: lm_eval is what these tests test)
@@ -150,30 +150,6 @@ def test_generate_until_matches_hflm(ours, hflm):
 
 # -----------------------------------------------------------------------------
 # A task through lm_eval.simple_evaluate: the accuracy from our own log-likelihoods
-
-
-def write_multiple_choice_task(directory, name="tiny_mc", docs=12, seed=5):
-    """A three-way multiple-choice task YAML over a local JSON-lines file."""
-    rng = random.Random(seed)
-    rows = [{"context": sentence(rng, 6), "choices": rng.sample(WORDS, 3), "label": rng.randrange(3)}
-            for _ in range(docs)]
-    data = directory / f"{name}.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (directory / f"{name}.yaml").write_text(f"""task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-""")
-    return rows
 
 
 def forward_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:

@@ -5,8 +5,10 @@ explain themselves, and one timer.
 Nothing here downloads anything: the models are random, the tokenizer is a byte-level BPE trained in milliseconds.
 """
 
+import io
 import json
 import random
+import re
 import shutil
 import statistics
 import time
@@ -156,6 +158,30 @@ def rewrite_checkpoint(src: Path, dst: Path, edit=lambda state: state, shards=1)
     return dst
 
 
+def write_multiple_choice_task(directory, name="tiny_mc", docs=12, seed=5):
+    """A three-way multiple-choice task YAML over a local JSON-lines file."""
+    rng = random.Random(seed)
+    rows = [{"context": sentence(rng, 6), "choices": rng.sample(WORDS, 3), "label": rng.randrange(3)}
+            for _ in range(docs)]
+    data = directory / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (directory / f"{name}.yaml").write_text(f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+""")
+    return rows
+
+
 def assert_close(ours, ref, atol, what):
     diff = (ours.float() - ref.float()).abs()
     worst = diff.flatten().argmax().item()
@@ -169,6 +195,12 @@ def assert_one_line_error(code, err: str, *fragments: str) -> None:
     assert err.count("\n") == 1 and err.endswith("\n"), f"not one line on stderr: {err[-2000:]!r}"
     for fragment in fragments:
         assert fragment in err, f"{fragment!r} not in {err!r}"
+
+
+def said_lines(stderr: str) -> list[str]:
+    """The lines of a stderr that are not a progress bar (tqdm's bars end their lines with \\r, then go)."""
+    return [line for line in stderr.replace("\r", "\n").splitlines()
+            if line.strip() and not re.search(r"\d+/\d+ \[|\d+it \[", line)]
 
 
 def n_diff(a, b):
@@ -403,6 +435,84 @@ def save_llama2_like_tokenizer(directory) -> int:
 
 
 # -----------------------------------------------------------------------------
+# ScienceQA and TextVQA as tiny parquet files with random images, in the hub's layout, and a LLaVA to answer them
+
+def png(seed: int, size=(24, 16), mode="RGB") -> bytes:
+    from PIL import Image
+
+    rng = random.Random(seed)
+    image = Image.new(mode, size)
+    image.putdata([tuple(rng.randrange(256) for _ in mode) for _ in range(size[0] * size[1])])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+VQA_WORDS = "red blue cat dog stop sign yes no two three the shop open".split()
+
+
+def scienceqa_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        choices = [rng.choice(VQA_WORDS) for _ in range(rng.randint(2, 5))]
+        rows.append(dict(image={"bytes": png(seed * 1000 + i), "path": None} if i % 3 else None,
+                         question=f"Which one is {rng.choice(VQA_WORDS)}?", choices=choices,
+                         answer=rng.randrange(len(choices)), hint=rng.choice(["", "Look closely."]),
+                         lecture="", solution=""))
+    return rows
+
+
+def textvqa_rows(n: int, seed: int = 0, first_id: int = 100) -> list[dict]:
+    rng = random.Random(seed)
+    return [dict(image={"bytes": png(seed * 1000 + i, size=(20 + i, 30)), "path": None}, image_id=f"img{i}",
+                 question_id=first_id + i, question=f"what does the {rng.choice(VQA_WORDS)} say?",
+                 answers=[rng.choice(VQA_WORDS[:4]) for _ in range(10)],
+                 ocr_tokens=[rng.choice(VQA_WORDS) for _ in range(rng.randint(0, 3))]) for i in range(n)]
+
+
+def write_parquet(path: Path, rows: list[dict], drop=()) -> Path:
+    import pyarrow
+    import pyarrow.parquet
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{k: v for k, v in row.items() if k not in drop} for row in rows]
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+    return path
+
+
+def write_vqa_data(directory: Path) -> Path:
+    """Both tasks in the --data-dir layout: ScienceQA in one file, TextVQA in two, as the hub shards them."""
+    write_parquet(directory / "scienceqa" / "test-00000-of-00001.parquet", scienceqa_rows(9))
+    rows = textvqa_rows(8)
+    write_parquet(directory / "textvqa" / "validation-00000-of-00002.parquet", rows[:5])
+    write_parquet(directory / "textvqa" / "validation-00001-of-00002.parquet", rows[5:])
+    return directory
+
+
+VQA_IMAGE_ID = 500  # the tiny model's image_token_index: above the tokenizer's 400 ids, below the vocabulary
+VQA_LLAVA_TEXT = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
+                      initializer_range=0.3)  # larger than the default 0.02: answers that depend on the prompt
+VQA_LLAVA_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        image_size=28, patch_size=14)  # 2x2 patches: 4 features per image
+
+
+def save_vqa_llava(directory: Path) -> Path:
+    """A random transformers LlavaForConditionalGeneration saved with save_pretrained, with a byte-level BPE
+    tokenizer trained here (LLaMA's <unk> <s> </s> at 0 1 2, <s> put in front): what eval_vqa's tests answer with."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**VQA_LLAVA_VISION),
+                                      text_config=transformers.LlamaConfig(**VQA_LLAVA_TEXT),
+                                      image_token_index=VQA_IMAGE_ID, image_seq_length=4)
+    transformers.LlavaForConditionalGeneration(config).save_pretrained(directory)
+    save_llama_tokenizer(directory, "<s>")
+    return directory
+
+
+# -----------------------------------------------------------------------------
 # What the benchmarks measure on: random OPTs at OPT's init, the forward modes, block-by-block pairs
 
 OPT_INIT_STD = 0.02  # OPT's init_std
@@ -467,3 +577,30 @@ def paired_blocks(model, ids, rho: float, select: str, repeats: int) -> dict[str
 def tied_rows(S: torch.Tensor, k: int) -> int:
     """Rows with more than k scores <= their k-th smallest: the rows the exact-k tie step redoes."""
     return int(((S <= torch.kthvalue(S, k, dim=1).values[:, None]).sum(dim=1) > k).sum())
+
+
+def watch_offload(monkeypatch) -> list[tuple[str, nn.Module]]:
+    """Every block turn of checkpoint.offloaded from here on, ("visit" | "leave", block) in order: on the CPU, where a
+    visit moves nothing, the only trace it leaves."""
+    import checkpoint
+
+    events, visit, leave = [], checkpoint.visit, checkpoint.leave
+    def visiting(block, device):
+        events.append(("visit", block))
+        return visit(block, device)
+
+    def leaving(block, kept):
+        events.append(("leave", block))
+        leave(block, kept)
+
+    monkeypatch.setattr(checkpoint, "visit", visiting)
+    monkeypatch.setattr(checkpoint, "leave", leaving)
+    return events
+
+
+def assert_one_block_at_a_time(events: list[tuple[str, nn.Module]], least: int, what: str) -> None:
+    """Each visit of a block is followed by its leave, before any other block visits; `least` visits at least."""
+    kinds = [kind for kind, _ in events]
+    paired = all(events[i][1] is events[i + 1][1] for i in range(0, len(events), 2))
+    assert kinds == ["visit", "leave"] * (len(kinds) // 2) and paired, f"{what}: a block was not brought back at once"
+    assert kinds.count("visit") >= least, f"{what}: {kinds.count('visit')} block turns, expected {least} at least"

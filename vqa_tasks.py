@@ -23,7 +23,6 @@ and lmms-eval's `scienceqa` and `textvqa` tasks, which rebuild them from these s
                letter upper, the rest lower, as in all 5000 lines of its file)
 
 The conversation around the message (system text, USER/ASSISTANT) is the model's, not the task's.
-Imports: checkpoint (UsageError); pyarrow, Pillow and huggingface_hub only when they are needed.
 """
 
 import hashlib
