@@ -134,7 +134,8 @@ def main(argv=None) -> None:
         ahead = (f"μ-MoE is ahead after {max(0, extra) / (dense_step - mumoe_step):.0f} new tokens"
                  if mumoe_step < dense_step else "μ-MoE does not catch up: its steps are not faster")
         print(f"a decode step: dense {1e3 * dense_step:.1f} ms, μ-MoE {1e3 * mumoe_step:.1f} ms "
-              f"({mumoe_step / dense_step:.2f}x); routing and packing cost {extra / dense_step:.1f} dense steps: {ahead}")
+              f"({mumoe_step / dense_step:.2f}x); routing and packing cost {extra / dense_step:.1f} dense steps: "
+              f"{ahead}")
     print(f"active weights: {active:,} of {total:,} in the decoder Linears ({active / total:.2%}); "
           f"embeddings and lm_head dense")
     T_all = T + len(mumoe_new)

@@ -165,7 +165,8 @@ void packed_linear(const float *x, int64_t n, int64_t d_in, const uint16_t *bits
             PASSES[nt](x + t0 * d_in, d_in, bits + b * groups * ROWS, values + starts[b], sums);
             for (int r = 0; r < rows; r++)
                 for (int t = 0; t < nt; t++)
-                    y[(t0 + t) * d_out + b * ROWS + r] = sums[r * TOKENS_PER_PASS + t] + (bias ? bias[b * ROWS + r] : 0.0f);
+                    y[(t0 + t) * d_out + b * ROWS + r] =
+                        sums[r * TOKENS_PER_PASS + t] + (bias ? bias[b * ROWS + r] : 0.0f);
         }
     }
 }
@@ -206,7 +207,8 @@ void pack_blocks(const float *W, int64_t d_out, int64_t d_in, uint16_t *bits, fl
                 unsigned m = i < d_out ? kept_bits(W + i * d_in + j0, d_in - j0) : 0;  /* padding rows: empty */
                 bits_b[g * ROWS + r] = (uint16_t)m;
 #ifdef __AVX512F__
-                if (m) _mm512_mask_compressstoreu_ps(v, (__mmask16)m, _mm512_maskz_loadu_ps((__mmask16)m, W + i * d_in + j0));
+                if (m)  /* the row's kept values of the group, side by side */
+                    _mm512_mask_compressstoreu_ps(v, (__mmask16)m, _mm512_maskz_loadu_ps((__mmask16)m, W + i * d_in + j0));
                 v += __builtin_popcount(m);
 #else
                 for (int j = 0; j < GROUP; j++)
