@@ -11,7 +11,6 @@ Tiny random OPT models and tokenizers come from testkit and conftest; nothing is
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -26,10 +25,9 @@ import distributed
 import eval_ppl
 import pruners
 from models import load_model
-from testkit import cli_args, run_main, save_tiny_opt
+from testkit import RANK_TIMEOUT, cli_args, finish, launch, n_diff, run_main, said_lines, save_tiny_opt
 
 REPO = Path(__file__).resolve().parent
-RANK_TIMEOUT = 180  # seconds a rank may take here before the test calls it a hang (a run takes ~5 s)
 
 # A rank: eval_ppl.main, noting in WRITES_LOG each write of the results file by rank, and failing on purpose
 # with a UsageError on rank FAIL_RANK ("every": on every rank, all alike) when the perplexity is first evaluated
@@ -52,45 +50,9 @@ sys.exit(eval_ppl.main())
 """
 
 
-def launch(script: str, argv: list[str], ranks: int, log: Path, **env) -> tuple[dist.TCPStore, list]:
-    """Start `ranks` processes of `python -c script argv` as torchrun would; the store is returned with them
-    and must be kept alive until they end (it is their rendezvous)."""
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    common = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), WORLD_SIZE=str(ranks),
-                  LOCAL_WORLD_SIZE=str(ranks), TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0",
-                  OMP_NUM_THREADS="1", WRITES_LOG=str(log), **env)
-    procs = [subprocess.Popen([sys.executable, "-c", script, *argv], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=dict(common, RANK=str(r), LOCAL_RANK=str(r)))
-             for r in range(ranks)]
-    return store, procs
-
-
-def finish(procs) -> list[tuple[int, str, str]]:
-    """(exit code, stdout, stderr) of each rank; a rank that does not end in time is a hang."""
-    results = []
-    for rank, proc in enumerate(procs):
-        try:
-            out, err = proc.communicate(timeout=RANK_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail(f"rank {rank} hangs")
-        results.append((proc.returncode, out, err))
-    return results
-
-
 def run_ranks(argv, ranks, tmp_path, script=RANK_SCRIPT, **env):
     store, procs = launch(script, argv, ranks, tmp_path / "writes.log", **env)
     return finish(procs)
-
-
-def said_lines(stderr: str) -> list[str]:
-    """The lines of a stderr that are not a progress bar (tqdm's bars end their lines with \\r, then go)."""
-    return [line for line in stderr.splitlines() if line.strip() and not re.search(r"\d+/\d+ \[", line)]
-
-
-def n_diff(a: torch.Tensor, b: torch.Tensor) -> int:
-    return (a != b).sum().item()
 
 
 # -----------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """eval_tasks.py under torchrun and with --offload: 2 ranks, or the model one block at a time, give lm-eval's results
 of the one process.
 
-The ranks are real processes on the CPU with gloo, started as torchrun starts them (test_distributed.launch); the
+The ranks are real processes on the CPU with gloo, started as torchrun starts them (testkit.launch); the
 reference is the same command in one process. lm-eval splits each task's documents among the ranks through
 HarnessLM's rank and world_size and gathers the per-document metrics on rank 0. The tiny OPT, its tokenizer and the
-local multiple-choice task come from test_lm_harness; nothing is downloaded.
+local multiple-choice task come from testkit; nothing is downloaded.
 """
 
 import json
@@ -16,9 +16,8 @@ import pytest
 
 import eval_tasks
 import lm_harness
-from test_distributed import finish, launch
-from test_lm_harness import tiny  # noqa: F401 (a fixture)
-from testkit import assert_one_block_at_a_time, said_lines, sentence, watch_offload, write_multiple_choice_task
+from testkit import (assert_one_block_at_a_time, finish, launch, said_lines, save_opt_for_hflm, sentence, watch_offload,
+                     write_multiple_choice_task)
 
 # What each request scored and each routing routed, noted as JSON lines in LOG (one process: the test's own):
 # {"row": the simple_evaluate call it belongs to, "rank", "request": [context ids, continuation ids], "ll": its
@@ -36,7 +35,7 @@ def next_row(*args, **kwargs):
     row[0] += 1
     return evaluate(*args, **kwargs)
 def noting_score(self, requests, *args, **kwargs):
-    if os.environ.get("FAIL_RANK") == os.environ.get("RANK"):
+    if os.environ.get("FAIL_RANK", "none") == os.environ.get("RANK", "0"):
         raise eval_tasks.UsageError("rank " + os.environ["RANK"] + " planted this error")
     results = score(self, requests, *args, **kwargs)
     for (_, context, continuation), (ll, _) in zip(requests, results):
@@ -57,8 +56,8 @@ DOCS = 7  # odd: shares of 4 and 3
 
 
 @pytest.fixture(scope="module")
-def setup(tiny, tmp_path_factory):
-    directory, _ = tiny
+def setup(tmp_path_factory):
+    directory, _ = save_opt_for_hflm(tmp_path_factory.mktemp("tiny_opt"))
     tasks, data = tmp_path_factory.mktemp("tasks"), tmp_path_factory.mktemp("rows")
     write_multiple_choice_task(tasks, docs=DOCS)
     rng = random.Random(6)

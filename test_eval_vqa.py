@@ -15,7 +15,8 @@ import pytest
 
 import eval_vqa
 import vqa_tasks
-from testkit import (assert_one_line_error, png, save_vqa_llava, scienceqa_rows, textvqa_rows, write_parquet, write_vqa_data)
+from testkit import (assert_one_line_error, png, save_vqa_llava, scienceqa_rows, textvqa_rows, vqa_command,
+                     write_parquet, write_vqa_data)
 from vqa_tasks import normalize_answer, scienceqa_letter, scienceqa_message, textvqa_message, vqa_accuracy
 
 # -----------------------------------------------------------------------------
@@ -319,13 +320,6 @@ def tiny_llava(tmp_path_factory) -> Path:
     return save_vqa_llava(tmp_path_factory.mktemp("tiny_llava"))
 
 
-def command(model_dir, data_dir, out, *extra) -> list[str]:
-    """A quick run: two ratios, every method, both μ-MoE routings, 4 calibration prompts, short answers."""
-    return [str(a) for a in ["--model", model_dir, "--data-dir", data_dir, "--out", out, "--rho", "0.6", "0.4",
-                             "--mumoe-routing", "block", "linear", "--nsamples", "4", "--max-new-tokens", "6",
-                             "--device", "cpu", *extra]]
-
-
 def rescored(report: dict) -> dict[tuple, tuple[float, float]]:
     """Each row's accuracy and image-subset accuracy, scored again from the saved predictions alone, with the
     task's metric functions (not eval_vqa's bookkeeping)."""
@@ -363,7 +357,7 @@ def counting_answers(monkeypatch) -> list[tuple]:
 def test_every_method_runs_and_the_accuracy_is_the_rescored_predictions(tiny_llava, data_dir, tmp_path, task,
                                                                         capsys):
     out = tmp_path / "out.json"
-    assert eval_vqa.main(command(tiny_llava, data_dir, out, "--task", task)) == 0
+    assert eval_vqa.main(vqa_command(tiny_llava, data_dir, out, "--task", task)) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())  # strict JSON: json.loads would take NaN, so check the text too
     assert "NaN" not in out.read_text() and "Infinity" not in out.read_text()
@@ -399,7 +393,7 @@ def test_the_accuracy_counts_right_answers(tiny_llava, data_dir, tmp_path):
     import pyarrow.parquet
 
     first = tmp_path / "first.json"
-    assert eval_vqa.main(command(tiny_llava, data_dir, first, "--task", "textvqa", "--methods", "dense")) == 0
+    assert eval_vqa.main(vqa_command(tiny_llava, data_dir, first, "--task", "textvqa", "--methods", "dense")) == 0
     predictions = {p["id"]: p["prediction"] for p in json.loads(first.read_text())["results"][0]["predictions"]}
     for path in vqa_tasks.task_files("textvqa", data_dir):
         rows = pyarrow.parquet.read_table(path).to_pylist()
@@ -408,13 +402,13 @@ def test_the_accuracy_counts_right_answers(tiny_llava, data_dir, tmp_path):
             row["answers"] = [predictions[str(row["question_id"])] if right else "no such answer"] * 10
         write_parquet(path, rows)
     out = tmp_path / "out.json"
-    assert eval_vqa.main(command(tiny_llava, data_dir, out, "--task", "textvqa", "--methods", "dense")) == 0
+    assert eval_vqa.main(vqa_command(tiny_llava, data_dir, out, "--task", "textvqa", "--methods", "dense")) == 0
     assert json.loads(out.read_text())["results"][0]["accuracy"] == pytest.approx(100 * 2 / 8)
 
 
 def test_resume_answers_only_what_is_missing(tiny_llava, data_dir, tmp_path, monkeypatch):
     out = tmp_path / "out.json"
-    argv = command(tiny_llava, data_dir, out, "--task", "textvqa", "--methods", "dense", "wanda", "mumoe",
+    argv = vqa_command(tiny_llava, data_dir, out, "--task", "textvqa", "--methods", "dense", "wanda", "mumoe",
                    "--mumoe-routing", "block")
     calls = counting_answers(monkeypatch)
     assert eval_vqa.main(argv + ["--limit", "3"]) == 0
@@ -453,7 +447,7 @@ def test_ctrl_c_saves_the_rows_answers_and_says_how_to_go_on(tiny_llava, data_di
     """Ctrl-C in the middle of a row: exit 130, one line with the count saved and the --resume command, and the
     row's answers so far in the file (not only those of the last once-a-minute save), which --resume keeps."""
     out = tmp_path / "out.json"
-    argv = command(tiny_llava, data_dir, out, "--task", "textvqa", "--methods", "dense", "--limit", "4")
+    argv = vqa_command(tiny_llava, data_dir, out, "--task", "textvqa", "--methods", "dense", "--limit", "4")
     calls, real = [], eval_vqa.answer
 
     def answer_then_ctrl_c(*args, **kwargs):
@@ -477,7 +471,7 @@ def test_ctrl_c_saves_the_rows_answers_and_says_how_to_go_on(tiny_llava, data_di
 
 def test_resume_refuses_other_settings(tiny_llava, data_dir, tmp_path, capsys):
     out = tmp_path / "out.json"
-    argv = command(tiny_llava, data_dir, out, "--task", "textvqa", "--methods", "dense", "--limit", "2")
+    argv = vqa_command(tiny_llava, data_dir, out, "--task", "textvqa", "--methods", "dense", "--limit", "2")
     assert eval_vqa.main(argv) == 0
     capsys.readouterr()
     code, err = run_command(capsys, *argv, "--resume", "--max-new-tokens", "3")
@@ -490,7 +484,7 @@ def test_resume_refuses_other_settings(tiny_llava, data_dir, tmp_path, capsys):
 def test_skip_bad_rows_goes_on_and_counts_them(tiny_llava, data_dir, tmp_path):
     break_image(data_dir, "textvqa", 2)
     out = tmp_path / "out.json"
-    assert eval_vqa.main(command(tiny_llava, data_dir, out, "--task", "textvqa", "--methods", "dense",
+    assert eval_vqa.main(vqa_command(tiny_llava, data_dir, out, "--task", "textvqa", "--methods", "dense",
                                  "--skip-bad-rows")) == 0
     report = json.loads(out.read_text())
     assert [s["id"] for s in report["settings"]["skipped_rows"]] == ["102"]
@@ -499,12 +493,12 @@ def test_skip_bad_rows_goes_on_and_counts_them(tiny_llava, data_dir, tmp_path):
 
 def test_save_data_then_data_dir_gives_the_same_run(tiny_llava, data_dir, tmp_path):
     argv = ["--task", "scienceqa", "--methods", "dense", "wanda", "--rho", "0.5", "--limit", "3"]
-    assert eval_vqa.main(command(tiny_llava, data_dir, tmp_path / "a.json", *argv, "--save-data",
+    assert eval_vqa.main(vqa_command(tiny_llava, data_dir, tmp_path / "a.json", *argv, "--save-data",
                                  tmp_path / "saved")) == 0
     assert sorted(p.relative_to(tmp_path / "saved").as_posix() for p in (tmp_path / "saved").rglob("*.parquet")) == [
         "scienceqa/test-00000-of-00001.parquet", "textvqa/validation-00000-of-00002.parquet",
         "textvqa/validation-00001-of-00002.parquet"]  # the task's files and the calibration task's
-    assert eval_vqa.main(command(tiny_llava, tmp_path / "saved", tmp_path / "b.json", *argv)) == 0
+    assert eval_vqa.main(vqa_command(tiny_llava, tmp_path / "saved", tmp_path / "b.json", *argv)) == 0
     a, b = (json.loads((tmp_path / name).read_text()) for name in ("a.json", "b.json"))
     assert [r["predictions"] for r in a["results"]] == [r["predictions"] for r in b["results"]]
     assert a["settings"]["data"] == b["settings"]["data"]  # the same files, by sha256
@@ -513,9 +507,9 @@ def test_save_data_then_data_dir_gives_the_same_run(tiny_llava, data_dir, tmp_pa
 def test_each_pruned_row_starts_from_the_checkpoint(tiny_llava, data_dir, tmp_path):
     """Wanda after magnitude in one run answers as Wanda alone: every pruned row prunes a fresh model."""
     argv = ["--task", "textvqa", "--rho", "0.4", "--limit", "4"]
-    assert eval_vqa.main(command(tiny_llava, data_dir, tmp_path / "both.json", *argv,
+    assert eval_vqa.main(vqa_command(tiny_llava, data_dir, tmp_path / "both.json", *argv,
                                  "--methods", "magnitude", "wanda")) == 0
-    assert eval_vqa.main(command(tiny_llava, data_dir, tmp_path / "alone.json", *argv, "--methods", "wanda")) == 0
+    assert eval_vqa.main(vqa_command(tiny_llava, data_dir, tmp_path / "alone.json", *argv, "--methods", "wanda")) == 0
     both, alone = (json.loads((tmp_path / f"{name}.json").read_text())["results"] for name in ("both", "alone"))
     assert both[1]["predictions"] == alone[0]["predictions"]
 
@@ -589,8 +583,8 @@ def test_questions_of_both_tasks_with_the_same_id_keep_their_own_prompts(tiny_ll
     write_parquet(data_dir / "textvqa" / "validation-00000-of-00002.parquet", textvqa_rows(8, first_id=0))
     (data_dir / "textvqa" / "validation-00001-of-00002.parquet").unlink()
     argv = ["--task", "textvqa", "--rho", "0.5", "--limit", "3"]
-    assert eval_vqa.main(command(tiny_llava, data_dir, tmp_path / "a.json", *argv, "--methods", "dense")) == 0
-    assert eval_vqa.main(command(tiny_llava, data_dir, tmp_path / "b.json", *argv, "--methods", "dense", "wanda")) == 0
+    assert eval_vqa.main(vqa_command(tiny_llava, data_dir, tmp_path / "a.json", *argv, "--methods", "dense")) == 0
+    assert eval_vqa.main(vqa_command(tiny_llava, data_dir, tmp_path / "b.json", *argv, "--methods", "dense", "wanda")) == 0
     a, b = (json.loads((tmp_path / name).read_text())["results"][0] for name in ("a.json", "b.json"))
     assert a["predictions"] == b["predictions"]
 

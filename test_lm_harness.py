@@ -21,7 +21,7 @@ import models
 from checkpoint import UsageError
 from lm_harness import HarnessLM
 from mumoe import ROUTINGS, mumoe_logits
-from testkit import (assert_one_line_error, save_tiny_opt, save_tiny_tokenizer, sentence, write_multiple_choice_task)
+from testkit import (assert_one_line_error, save_opt_for_hflm, sentence, write_multiple_choice_task)
 
 pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402 (after the skip: lm_eval is what these tests test)
@@ -35,16 +35,7 @@ ROUTED_ATOL = 1e-4  # the same masks, a continuation through the cache vs. one f
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny random OPT + the tiny BPE, saved in the Hugging Face layout with a tokenizer_config.json that makes
-    transformers' tokenizer OPT's (BOS </s> prepended), so that HFLM reads the very same checkpoint."""
-    directory = tmp_path_factory.mktemp("tiny_opt")
-    save_tiny_tokenizer(directory)
-    reference = save_tiny_opt(directory, random_layer_norms=False, vocab_size=VOCAB, init_std=0.3,
-                              max_position_embeddings=MAX_POSITIONS)
-    special = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>"}
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "GPT2Tokenizer", "add_bos_token": True, "add_prefix_space": False, **special}))
-    return directory, reference
+    return save_opt_for_hflm(tmp_path_factory.mktemp("tiny_opt"), VOCAB, MAX_POSITIONS)
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,20 @@ Nothing here downloads anything: the models are random, the tokenizer is a byte-
 
 import io
 import json
+import os
 import random
 import re
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 import llava_model
@@ -156,6 +160,18 @@ def rewrite_checkpoint(src: Path, dst: Path, edit=lambda state: state, shards=1)
         weight_map.update(dict.fromkeys(part, name))
     (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return dst
+
+
+def save_opt_for_hflm(directory: Path, vocab_size: int = 512, max_position_embeddings: int = 64):
+    """A tiny random OPT + the tiny BPE, saved in the Hugging Face layout with a tokenizer_config.json that makes
+    transformers' tokenizer OPT's (BOS </s> prepended), so that HFLM reads the very same checkpoint. Returns (directory, transformers' model)."""
+    save_tiny_tokenizer(directory)
+    reference = save_tiny_opt(directory, random_layer_norms=False, vocab_size=vocab_size, init_std=0.3,
+                              max_position_embeddings=max_position_embeddings)
+    special = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "add_bos_token": True, "add_prefix_space": False, **special}))
+    return directory, reference
 
 
 def write_multiple_choice_task(directory, name="tiny_mc", docs=12, seed=5):
@@ -511,6 +527,45 @@ def save_vqa_llava(directory: Path) -> Path:
     save_llama_tokenizer(directory, "<s>")
     return directory
 
+
+def vqa_command(model_dir, data_dir, out, *extra) -> list[str]:
+    """eval_vqa.py's arguments for a quick run on save_vqa_llava's model and write_vqa_data's questions: two ratios, every method, both μ-MoE routings, 4 calibration prompts, short answers."""
+    return [str(a) for a in ["--model", model_dir, "--data-dir", data_dir, "--out", out, "--rho", "0.6", "0.4",
+                             "--mumoe-routing", "block", "linear", "--nsamples", "4", "--max-new-tokens", "6",
+                             "--device", "cpu", *extra]]
+
+
+# -----------------------------------------------------------------------------
+# Ranks started as torchrun starts them
+
+RANK_TIMEOUT = 180  # seconds a rank may take here before the test calls it a hang (a run takes ~5 s)
+
+
+def launch(script: str, argv: list[str], ranks: int, log: Path, **env) -> tuple[dist.TCPStore, list]:
+    """Start `ranks` processes of `python -c script argv` as torchrun would; the store is returned with them
+    and must be kept alive until they end (it is their rendezvous)."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    common = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), WORLD_SIZE=str(ranks),
+                  LOCAL_WORLD_SIZE=str(ranks), TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0",
+                  OMP_NUM_THREADS="1", WRITES_LOG=str(log), **env)
+    procs = [subprocess.Popen([sys.executable, "-c", script, *argv], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=dict(common, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(ranks)]
+    return store, procs
+
+
+def finish(procs) -> list[tuple[int, str, str]]:
+    """(exit code, stdout, stderr) of each rank; a rank that does not end in time is a hang."""
+    results = []
+    for rank, proc in enumerate(procs):
+        try:
+            out, err = proc.communicate(timeout=RANK_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"rank {rank} hangs")
+        results.append((proc.returncode, out, err))
+    return results
 
 # -----------------------------------------------------------------------------
 # What the benchmarks measure on: random OPTs at OPT's init, the forward modes, block-by-block pairs
