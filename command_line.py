@@ -26,6 +26,13 @@ SPARSEGPT_BLOCKSIZE = 128  # the reference's column block; an N:M group must not
 # Option types: one line and exit code 2 through argparse when a value is wrong
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr and exit code 2, like every other user error here."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def active_ratio(text: str) -> float:
     rho = float(text)
     if not 0 < rho <= 1:

@@ -46,8 +46,8 @@ import mumoe
 import pruners
 from checkpoint import DTYPES, BlockFn, UsageError, dense_block, resolve_checkpoint
 from command_line import (CALIBRATED, INTERRUPTED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE,
-                          active_ratio, available_memory, check_calibration_memory, check_nm_fits, in_plan_order,
-                          nm_active_ratio, nm_name, nm_pattern, positive_int, window_length)
+                          ArgumentParser, active_ratio, available_memory, check_calibration_memory, check_nm_fits,
+                          in_plan_order, nm_active_ratio, nm_name, nm_pattern, positive_int, window_length)
 from corpora import (DATASETS, DEFAULT_CALIB, DEFAULT_DATASETS, EVAL_SPLIT, LABELS, MAX_DEFAULT_SEQLEN,
                      calibration_windows, evaluation_ids, load_rows, save_rows, windows)
 import results_file
@@ -128,7 +128,7 @@ def calib_token(text: str) -> tuple[str | None, tuple[str, ...]]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = mumoe.ArgumentParser(prog="eval_ppl.py", description="Perplexity of dense, pruned and μ-MoE OPT models "
+    p = ArgumentParser(prog="eval_ppl.py", description="Perplexity of dense, pruned and μ-MoE OPT models "
                        "on WikiText-2, PTB and C4, by the SparseGPT/Wanda protocol.")
     p.add_argument("--model", required=True, help="opt-125m ... opt-66b, a hub id, or a local model directory")
     sparsity = p.add_mutually_exclusive_group()

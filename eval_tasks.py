@@ -47,9 +47,9 @@ import mumoe
 import pruners
 from checkpoint import DTYPES, UsageError, offloaded, resolve_checkpoint
 from command_line import (CALIBRATED, INTERRUPTED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE,
-                          active_ratio, available_memory, check_calibration_memory, check_nm_fits, check_offload,
-                          in_plan_order,
-                          nm_active_ratio, nm_name, nm_pattern, positive_int, window_length)
+                          ArgumentParser, active_ratio, available_memory, check_calibration_memory, check_nm_fits,
+                          check_offload, in_plan_order, nm_active_ratio, nm_name, nm_pattern, positive_int,
+                          window_length)
 from corpora import DATASETS
 from lm_harness import SCOPES, HarnessLM
 import results_file
@@ -69,7 +69,7 @@ def non_negative_int(text: str) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = mumoe.ArgumentParser(prog="eval_tasks.py", description="Zero-shot accuracy of dense, pruned and μ-MoE "
+    p = ArgumentParser(prog="eval_tasks.py", description="Zero-shot accuracy of dense, pruned and μ-MoE "
                              "models on lm-evaluation-harness tasks, each request routed on its own context.")
     p.add_argument("--model", required=True, help="opt-125m ..., a hub id, or a local model directory")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), metavar="TASK",
@@ -104,6 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="read the calibration rows {dataset}.train.jsonl "
                    "from here (offline), as eval_ppl.py")
     p.add_argument("--select", choices=pruners.SELECTS, help="top-k selection kernel (identical masks)")
+    p.add_argument("--decode", choices=mumoe.DECODES, default="auto", help="μ-MoE: a continuation's tokens after "
+                   "the routed context read the packed experts (packed) or the dense W ⊙ M (masked); auto: packed "
+                   "where its kernel runs (the same numbers either way)")
     p.add_argument("--device", help="default: cuda when present, else cpu")
     p.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--offload", action="store_true", help="keep the model in CPU memory, one block at a time on the "
@@ -240,6 +243,7 @@ def run(args) -> list[dict]:
     dtype = DTYPES[args.dtype] if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
     if distributed.is_main():  # the one rank that writes
         check_writable(args.out, "--out")
+    decode_path = mumoe.decode_path(args.decode, device, dtype)  # --decode packed where it cannot run: now
     manager = task_manager(args.tasks, args.include_path)  # an unknown task: now, before any model is found
     directory = resolve_checkpoint(args.model)
     family = models.text_family(directory)  # a LLaVA: its language model
@@ -261,7 +265,7 @@ def run(args) -> list[dict]:
     nm = settings["nm"] = nm_name(args.nm) if args.nm else None
     settings.update(calib=args.calib if calibrated else None, device=str(device),
                     dtype=str(dtype).removeprefix("torch."), torch=torch.__version__,
-                    lm_eval=lm_eval.__version__, magnitude_group=MAGNITUDE_GROUP)
+                    lm_eval=lm_eval.__version__, magnitude_group=MAGNITUDE_GROUP, decode_path=decode_path)
     plan = [("dense", 1.0, None, None, None)] if "dense" in args.methods else []  # each row's row_key
     plan += [(m, rho, nm, r, s) for rho in args.rho for m in METHODS[1:] if m in args.methods
              for r in (args.mumoe_routing if m == "mumoe" else [None])
@@ -298,7 +302,8 @@ def run(args) -> list[dict]:
         # the per-document metrics on rank 0, which alone gets the results (the others: None)
         with offloaded(model, device) if args.offload else nullcontext():
             lm = HarnessLM(model, tokenizer, args.batch_size, rho if method == "mumoe" else 1.0,
-                           args.nm if method == "mumoe" else None, routing or "block", scope or "context", args.select)
+                           args.nm if method == "mumoe" else None, routing or "block", scope or "context", args.select,
+                           decode=args.decode)
             output = lm_eval.simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot,
                                              limit=args.limit, task_manager=manager, log_samples=False)
         routed = distributed.total(lm.routed) if method == "mumoe" else None  # every rank's routings

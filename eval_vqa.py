@@ -59,8 +59,8 @@ import pruners
 import results_file
 import vqa_tasks
 from checkpoint import DTYPES, UsageError, hub_repo_id, offloaded, read_config_json, resolve_checkpoint
-from command_line import (CALIBRATED, INTERRUPTED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE, check_offload,
-                          positive_int)
+from command_line import (CALIBRATED, INTERRUPTED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE,
+                          ArgumentParser, check_offload, positive_int)
 from results_file import check_writable, write_json
 from vqa_tasks import TASKS, Question
 
@@ -114,12 +114,13 @@ def embed(model, question: Question, ids: list[int], device, dtype) -> torch.Ten
 
 @torch.no_grad()
 def answer(model, tokenizer, question: Question, ids: list[int], max_new_tokens: int, rho: float = 1.0,
-           routing: str = "block", select: str | None = None, device=None, dtype=None) -> str:
+           routing: str = "block", select: str | None = None, device=None, dtype=None, decode: str = "auto") -> str:
     """The model's answer to one question: greedy, decoded without special tokens, stripped (as LLaVA's
-    scripts do). rho < 1: μ-MoE, the prompt routed on itself."""
+    scripts do). rho < 1: μ-MoE, the prompt routed on itself, its answer decoded with its experts as `decode` says
+    (mumoe.decode_path)."""
     x = embed(model, question, ids, device, dtype)
     lm = model.language_model
-    new = mumoe.generate(lm, x, max_new_tokens, rho, routing, select, eos_id=lm.config.eos_token_id)
+    new = mumoe.generate(lm, x, max_new_tokens, rho, routing, select, eos_id=lm.config.eos_token_id, decode=decode)
     return tokenizer.decode(new).strip()
 
 
@@ -272,7 +273,7 @@ def active_ratio(text: str) -> float:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = mumoe.ArgumentParser(prog="eval_vqa.py", description="ScienceQA / TextVQA accuracy of LLaVA-1.5: dense, "
+    p = ArgumentParser(prog="eval_vqa.py", description="ScienceQA / TextVQA accuracy of LLaVA-1.5: dense, "
                              "magnitude, SparseGPT, Wanda and μ-MoE, as the paper's LLaVA tables.")
     p.add_argument("--model", required=True, help="llava-1.5-7b, a hub id, or a local LLaVA model directory")
     p.add_argument("--task", required=True, choices=TASKS, help="the questions to answer")
@@ -290,6 +291,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "'μ-MoE'); linear: each Linear on its own input, one pass (row 'μ-MoE (one pass)')")
     p.add_argument("--select", choices=pruners.SELECTS, help="top-k selection of Wanda and μ-MoE "
                    "(identical masks; default: the fastest on the device)")
+    p.add_argument("--decode", choices=mumoe.DECODES, default="auto", help="μ-MoE: an answer's tokens read the "
+                   "prompt's packed experts (packed) or the dense W ⊙ M (masked); auto: packed where its kernel runs "
+                   "(the same answers either way)")
     p.add_argument("--limit", type=positive_int, metavar="N", help="answer the first N questions only (quick runs)")
     p.add_argument("--max-new-tokens", type=positive_int, metavar="N",
                    help=f"longest answer (default: {MAX_NEW_TOKENS['scienceqa']} for ScienceQA, "
@@ -385,6 +389,7 @@ def run(args) -> list[dict]:
     dtype = DTYPES[args.dtype] if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
     if distributed.is_main():  # the one rank that writes
         check_writable(args.out, "--out")
+    decode_path = mumoe.decode_path(args.decode, device, dtype)  # --decode packed where it cannot run: now
     if models.family(args.model) is not llava_model:  # other LLaVA variants and unknown families: named there
         model_type = read_config_json(resolve_checkpoint(args.model) / "config.json").get("model_type")
         raise UsageError(f"--model {args.model} is a {model_type!r} model; eval_vqa.py evaluates LLaVA-1.5 "
@@ -422,7 +427,7 @@ def run(args) -> list[dict]:
                     data=data, skipped_rows=skipped, questions=len(questions),
                     questions_with_image=sum(q.image is not None for q in questions),
                     paper_model=hub_repo_id(args.model) == PAPER_MODEL,
-                    magnitude_group=MAGNITUDE_GROUP, sparsegpt_blocksize=SPARSEGPT_BLOCKSIZE)
+                    magnitude_group=MAGNITUDE_GROUP, sparsegpt_blocksize=SPARSEGPT_BLOCKSIZE, decode_path=decode_path)
     plan = [("dense", 1.0, None, None)] if "dense" in args.methods else []
     plan += [(m, rho, args.calib if m in CALIBRATED else None, r) for rho in args.rho for m in ROW_ORDER[1:]
              if m in args.methods for r in (args.mumoe_routing if m == "mumoe" else [None])]
@@ -482,7 +487,7 @@ def run(args) -> list[dict]:
                     mine = []
                     for q in round_questions[distributed.shard(len(round_questions))]:
                         prediction = answer(model, tokenizer, q, ids[q.task, q.id], args.max_new_tokens, routed_rho,
-                                            routing or "block", args.select, device, dtype)
+                                            routing or "block", args.select, device, dtype, args.decode)
                         mine.append({"id": q.id, "prediction": prediction, "score": vqa_tasks.score(q, prediction)})
                         predictions.append(mine[-1])  # on rank 0, saved with the row
                         row["seconds"] += time.time() - start

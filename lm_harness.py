@@ -21,8 +21,8 @@ costs more than the blocks).
                reading of the paper (a prompt arrives, is routed, is answered). The context runs once, block by
                block, routed, filling the KV cache (mumoe.route_prompt); its last position predicts the
                continuation's first token, and the other tokens run through the cache with the experts the
-               context chose (mumoe.chosen_experts). Requests sharing a context (the choices of one question)
-               share that one routing, and their continuations go through as one batch.
+               context chose, packed or masked (mumoe.decode_experts). Requests sharing a context (the choices
+               of one question) share that one routing, and their continuations go through as one batch.
     "full"     the router reads context + continuation, as a perplexity window is routed on its own tokens: each
                request is one routed forward over its tokens (mumoe.mumoe_logits), at most max_length of them. It
                leaks the answer into the experts, so it measures how much the continuation helps its own routing.
@@ -38,7 +38,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 import distributed
-from mumoe import ROUTINGS, chosen_experts, generate, mumoe_logits, route_prompt
+from mumoe import ROUTINGS, decode_experts, decode_path, generate, mumoe_logits, route_prompt
 from pruners import check_rho
 
 SCOPES = ("context", "full")
@@ -52,11 +52,14 @@ class HarnessLM(TemplateLM):
     pruning N of every M weights, nm = (N, M)), with `routing` ("block" or "linear", see mumoe.routed_block) and
     `routing_scope` ("context" or "full", above). `batch_size`: requests per forward (dense), continuations per
     forward after one routed context (μ-MoE). `routed` counts the routed passes done: one per distinct context
-    (scope "context"), one per distinct request (scope "full").
+    (scope "context"), one per distinct request (scope "full"). `decode` ("auto", "packed", "masked", see
+    mumoe.decode_path): how the tokens after a routed context (continuations, generated text) use its experts;
+    `decode_path` is the one that runs.
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 16, rho: float = 1.0, nm=None, routing: str = "block",
-                 routing_scope: str = "context", select: str | None = None, max_length: int | None = None):
+                 routing_scope: str = "context", select: str | None = None, max_length: int | None = None,
+                 decode: str = "auto"):
         super().__init__()
         check_rho(rho)
         if routing not in ROUTINGS:
@@ -70,6 +73,7 @@ class HarnessLM(TemplateLM):
         self.mumoe = rho < 1.0 or nm is not None
         self.max_length = max_length or model.config.max_position_embeddings
         self._device = next(model.parameters()).device
+        self.decode, self.decode_path = decode, decode_path(decode, self._device, next(model.parameters()).dtype)
         self.special_prefix = tokenizer.encode("")  # what the tokenizer puts before any text: [BOS] or nothing
         self.routed = 0
 
@@ -188,6 +192,8 @@ class HarnessLM(TemplateLM):
             self.routed += 1
             first = F.log_softmax(self.model.head(x[:, -1:]).float(), dim=-1)[0]  # (1, vocab): the first token's
             longer = [i for i in group if len(windows[i][1]) > 1]
+            experts = decode_experts(chosen, self.decode_path) if longer else None  # one set for every continuation
+            del chosen
             for i in group:
                 if len(windows[i][1]) == 1:
                     results[i] = score(first, windows[i][1])
@@ -197,7 +203,6 @@ class HarnessLM(TemplateLM):
                 ids = torch.zeros(len(batch), max(map(len, read)), dtype=torch.long)
                 for row, tokens in enumerate(read):
                     ids[row, : len(tokens)] = torch.tensor(tokens)
-                experts = chosen_experts({layer: weights * len(batch) for layer, weights in chosen.items()})
                 logits = self.model(ids.to(self.device), experts, repeat_cache(self.model, cache, len(batch)))
                 logprobs = F.log_softmax(logits.float(), dim=-1)  # (B, T, vocab)
                 for row, i in enumerate(batch):
@@ -270,7 +275,8 @@ class HarnessLM(TemplateLM):
                 return any(stop in self.tokenizer.decode(new) for stop in until)
 
             new = generate(self.model, ids, max_new, self.rho, self.routing, self.select,
-                           eos_id=self.model.config.eos_token_id, nm=self.nm, stop=reached_stop if until else None)
+                           eos_id=self.model.config.eos_token_id, nm=self.nm, stop=reached_stop if until else None,
+                           decode=self.decode)
             text = self.tokenizer.decode(new)
             for stop in until:
                 text = text.split(stop)[0]

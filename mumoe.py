@@ -31,23 +31,25 @@ first N tokens only, a strictly causal variant.
     mumoe_logits(model, ids, rho)    (B, T) ids (or embedded prompts) -> (B, T, vocab) logits, each routed on itself
     count_macs(config, T, rho)       the analytical MAC count, ours or the paper's convention
     route_prompt(model, ids, cache)  route prompts once, filling the KV cache: their experts for later tokens
+    decode_experts(chosen, path)     the Linear later tokens run through: the experts packed (packed_experts'
+                                     kernel reads only the kept weights) or the masked W ⊙ M; decode_path picks
     generate(model, ids, n, rho)     greedy decoding with a KV cache, routed once on the prompt (ids, or the
                                      prompt embedded: a LLaVA's, its image features spliced in)
-    python mumoe.py --model opt-125m --rho 0.5 --prompt "..."    generation, dense beside μ-MoE
-    python mumoe.py --model llava-1.5-7b --image cat.jpg --prompt "..." --rho 0.5    the same, with an image
+
+The generation command (dense beside μ-MoE, timed) is generate.py.
 
 Complexity (the paper's argument). A dense Linear with d inputs and d' outputs costs d·d'·T MACs for
 T tokens. μ-MoE costs rho·d·d'·T for the active experts, plus routing: d·T for the norms ||X_j||²,
 d·d' to score, about d·d' to select (introselect is linear on average) and d·d' to gate. Relative to
 the dense pass, routing is (3/T + 1/d') -- 0.3% at T = 2048, d' = 768 -- so the MACs fall almost as
-rho. In wall time the selection is what costs: pruners.wanda_gated_weight fuses it on the CPU.
+rho. In wall time the selection is what costs: pruners.wanda_gated_weight fuses it on the CPU. A decode step
+reads every weight once, so it costs bytes: the dense W ⊙ M reads what W does, the packed experts rho · 4 + 1/8
+bytes per weight instead of 4 (packed_experts).
 
 Everything here works on any model with checkpoint.py's interface (OPT, LLaMA, a vision-language model's
 language model): it sees blocks, their `linears()` and hidden states, never a model family.
 """
 
-import argparse
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -57,6 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import DTYPES, KVCache, LinearFn, UsageError, check_device, dense_linear
+from packed_experts import PackedLinear, kernel_problem, pack, packed_linear
 from pruners import SELECTS, check_rho, default_select, prune_count, wanda_gated_weight
 
 # -----------------------------------------------------------------------------
@@ -193,6 +196,60 @@ def chosen_experts(chosen: dict) -> LinearFn:
     return gate_with_chosen
 
 
+# -----------------------------------------------------------------------------
+# Decoding with a prompt's experts: masked (W ⊙ M, dense) or packed (only the kept weights)
+
+DECODES = ("auto", "packed", "masked")
+
+
+def decode_path(decode: str, device, dtype: torch.dtype) -> str:
+    """Which product later tokens run through: "packed" (packed_experts' kernel, which reads only the kept
+    weights) or "masked" (the dense W ⊙ M, zeros included). "auto" takes the packed kernel where it runs and
+    the masked product, the same numbers, elsewhere; "packed" where it cannot run is a UsageError saying why."""
+    if decode not in DECODES:
+        raise UsageError(f"decode must be one of {DECODES}, got {decode!r}")
+    if decode == "masked":
+        return "masked"
+    problem = kernel_problem(device, dtype)
+    if problem is not None and decode == "packed":
+        raise UsageError(f"--decode packed cannot run here: {problem}")
+    return "masked" if problem is not None else "packed"
+
+
+def pack_experts(chosen: dict) -> dict[nn.Linear, list[PackedLinear]]:
+    """`chosen` (per nn.Linear, each prompt's W ⊙ M_b) -> per nn.Linear, each prompt's experts packed."""
+    return {layer: [pack(W_b, layer.bias) for W_b in experts] for layer, experts in chosen.items()}
+
+
+def packed_experts(packed: dict) -> LinearFn:
+    """The Linear that gates with packed experts (`pack_experts`): y_b = x_b (W ⊙ M_b)^T + bias, reading only the
+    kept weights. One prompt's experts serve every sequence of the batch (continuations of one context)."""
+
+    def gate_packed(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        experts = packed[layer]
+        if len(experts) == 1:
+            return packed_linear(x, experts[0])  # (B, T, d_out), every sequence with these experts
+        if len(experts) != x.shape[0]:
+            raise ValueError(f"{len(experts)} prompts' experts for a batch of {x.shape[0]} prompts")
+        return torch.stack([packed_linear(x_b, P_b) for x_b, P_b in zip(x, experts)])
+
+    return gate_packed
+
+
+def decode_experts(chosen: dict, path: str) -> LinearFn:
+    """The Linear that later tokens run through with the experts the prompt chose: `path` "packed" packs them
+    (then `chosen`'s W ⊙ M may go), "masked" multiplies W ⊙ M itself. One prompt's experts serve every sequence
+    of the batch in both."""
+    if path == "packed":
+        return packed_experts(pack_experts(chosen))
+
+    def gate_masked(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        experts = [W.to(x.device) for W in chosen[layer]]  # (an offloaded block's come along)
+        return gate(layer, x, experts * x.shape[0] if len(experts) == 1 else experts)
+
+    return gate_masked
+
+
 @torch.no_grad()
 def mumoe_logits(model, prompts: torch.Tensor, rho: float, select: str | None = None, prefix: int | None = None,
                  routing: str = "block", nm=None, chosen: dict | None = None,
@@ -312,21 +369,23 @@ def route_prompt(model, prompts: torch.Tensor, cache: list[KVCache], rho: float 
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens: int, rho: float = 1.0, routing: str = "block",
              select: str | None = None, prefix: int | None = None, eos_id=None,
-             timings: dict | None = None, nm=None, stop=None) -> list[int]:
+             timings: dict | None = None, nm=None, stop=None, decode: str = "auto") -> list[int]:
     """Greedy decoding with a KV cache: the new token ids, at most `max_new_tokens`, the last one an end of
     sequence if emitted (`eos_id`: one id, or several, as Llama 3's config.json lists them).
 
     The prompt runs once, block by block, routed on itself (rho = 1: the dense model). With block
     routing each block's dense statistics pass runs first, then its gated pass, which fills the block's cache.
     The gated pass leaves every Linear's gated weights W ⊙ M in `chosen`, and each new token runs through the
-    cache with exactly those weights (`chosen_experts`): after the prompt a step costs what a dense step costs,
-    and neither the masks nor W ⊙ M are ever rebuilt. The new tokens do not change the routing, as if the
-    decode were routed on the prompt alone at every step (`prefix`: on its first `prefix` tokens only).
+    cache with exactly those weights, neither the masks nor W ⊙ M ever rebuilt. `decode` (see `decode_path`):
+    "packed" packs them once and a step reads only the kept weights; "masked" multiplies the dense W ⊙ M, a step
+    costing what a dense step costs; "auto" packs where packed_experts' kernel runs. Both give the same tokens.
+    The new tokens do not change the routing, as if the decode were routed on the prompt alone at every step
+    (`prefix`: on its first `prefix` tokens only).
     `timings`: a dict that receives the seconds spent up to the first new token ("prompt": routing, the prompt
-    pass, the first token) and on the other tokens ("decode"). `prompt`: token ids (a list), or a prompt
-    embedded already (1, T, hidden): a LLaVA prompt with its image features, routed like any other. `nm` = (N, M):
-    routed to N:M patterns instead of rho. `stop`: a function of the new ids so far that returns True to end
-    decoding there (e.g. at a stop string).
+    pass, the first token), on packing the experts ("pack") and on the other tokens ("decode").
+    `prompt`: token ids (a list), or a prompt embedded already (1, T, hidden): a LLaVA prompt with its image
+    features, routed like any other. `nm` = (N, M): routed to N:M patterns instead of rho. `stop`: a function of
+    the new ids so far that returns True to end decoding there (e.g. at a stop string).
     """
     embedded = torch.is_tensor(prompt) and prompt.is_floating_point()
     if embedded and (prompt.ndim != 3 or prompt.shape[0] != 1):
@@ -338,148 +397,29 @@ def generate(model, prompt, max_new_tokens: int, rho: float = 1.0, routing: str 
         raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if T + max_new_tokens > T_max:
         raise UsageError(f"{T} prompt tokens + {max_new_tokens} new tokens exceed max_position_embeddings={T_max}")
+    device = next(model.parameters()).device
+    path = decode_path(decode, device, next(model.parameters()).dtype)  # checked for the dense model too
+    path = "dense" if rho == 1.0 and nm is None else path
     start = time.perf_counter()
     cache = model.new_cache(T + max_new_tokens - 1)  # the last new token is never fed back
-    prompts = prompt if embedded else torch.tensor([prompt], device=next(model.parameters()).device)  # (1, T[, hidden])
+    prompts = prompt if embedded else torch.tensor([prompt], device=device)  # (1, T[, hidden])
     x, chosen = route_prompt(model, prompts, cache, rho, routing, select, prefix, nm)
     logits = model.head(x[:, -1:])  # (1, 1, vocab): only the last position picks the next token
-    experts = chosen_experts(chosen)  # the prompt's W ⊙ M, built once by the pass above
-
     next_id = logits[:, -1].argmax(dim=-1, keepdim=True)  # (1, 1)
     new = [next_id.item()]
     prompt_done = time.perf_counter()
     eos = set(eos_id) if isinstance(eos_id, (list, tuple, set)) else {eos_id}
-    while new[-1] not in eos and len(new) < max_new_tokens and not (stop and stop(new)):
+    done = new[-1] in eos or len(new) >= max_new_tokens or (stop and stop(new))
+    # the prompt's W ⊙ M, built once by the pass above; packed only if a token will use them
+    experts = dense_linear if path == "dense" else decode_experts(chosen, path if not done else "masked")
+    del chosen
+    pack_done = time.perf_counter()
+    while not done:
         logits = model(next_id, experts, cache)  # (1, 1, vocab): one token, at position cache length
         next_id = logits[:, -1].argmax(dim=-1, keepdim=True)
         new.append(next_id.item())
+        done = new[-1] in eos or len(new) >= max_new_tokens or (stop and stop(new))
     if timings is not None:
-        timings.update(prompt=prompt_done - start, decode=time.perf_counter() - prompt_done)
+        packing = pack_done - prompt_done if path == "packed" and len(new) > 1 else 0.0
+        timings.update(prompt=prompt_done - start, pack=packing, decode=time.perf_counter() - pack_done)
     return new
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr and exit code 2, like every other user error here."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def main(argv=None) -> None:
-    parser = ArgumentParser(prog="mumoe.py", description="Generate greedily with the dense model and with μ-MoE.")
-    parser.add_argument("--model", required=True, help="opt-125m ... opt-66b, llava-1.5-7b, a hub id (OPT, LLaMA, "
-                        "Mistral, Qwen2, LLaVA-1.5), or a local directory")
-    parser.add_argument("--rho", type=float, required=True, help="active-weight ratio in (0, 1]")
-    parser.add_argument("--prompt", required=True, help="the text; for LLaVA, the user's message (put in LLaVA-1.5's "
-                        "conversation template, <image> in front unless it places its own)")
-    parser.add_argument("--image", action="append", default=[], help="an image file (LLaVA; repeat for several, "
-                        "each placed by an <image> in --prompt)")
-    parser.add_argument("--route-vision", action="store_true",
-                        help="LLaVA: route the vision tower's Linears on each image too (default: dense)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--select", choices=SELECTS, help="selection kernel (default: fastest on the device)")
-    parser.add_argument("--prefix", type=int, help="route on the first N prompt tokens only")
-    parser.add_argument("--routing", choices=ROUTINGS, default="block",
-                        help="block: each block routes on its dense pass over the prompt (Wanda's statistics, "
-                             "the default); linear: each Linear on its own input, in one pass")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 otherwise")
-    args = parser.parse_args(argv)
-    import llava_model  # the command line alone knows model families
-    from models import load_model, load_tokenizer, read_config
-
-    try:
-        check_rho(args.rho)
-        if not args.prompt.strip():
-            raise UsageError("the prompt is empty")
-        if args.max_new_tokens < 1:
-            raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-        device = check_device(args.device)
-        dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
-        vision = isinstance(read_config(args.model), llava_model.LlavaConfig)
-        if (args.image or args.route_vision) and not vision:
-            raise UsageError(f"--image and --route-vision need a vision-language model (LLaVA); {args.model} is not")
-        if args.route_vision and not args.image:
-            raise UsageError("--route-vision routes the vision tower on the --image it encodes: give an image")
-        images = [llava_model.load_image(path) for path in args.image]  # a bad file stops us before the model loads
-        text = llava_model.conversation_prompt(args.prompt, bool(images)) if vision else args.prompt
-        if vision:
-            llava_model.check_placeholders(text, len(images))
-        model = load_model(args.model, device, dtype)
-        tokenizer = load_tokenizer(args.model)
-        if vision:  # each prompt's image features go into the embedded prompt; the language model runs on it
-            llava, model = model, model.language_model
-            ids = llava_model.prompt_ids(tokenizer, text, llava.config.image_token_index)
-            pixels = (torch.stack([llava_model.preprocess(image, llava.config.vision_config.image_size)
-                                   for image in images]) if images else None)
-            dense_prompt = llava.embed_prompt(ids, pixels)
-            vision_block = routed_block(args.rho, args.routing, args.select) if args.route_vision else None
-            routed_prompt = llava.embed_prompt(ids, pixels, vision_block) if args.route_vision else dense_prompt
-            T = dense_prompt.shape[1]
-        else:
-            ids = dense_prompt = routed_prompt = tokenizer.encode(args.prompt)
-            T = len(ids)
-        if args.prefix is not None and not 1 <= args.prefix <= T:
-            raise UsageError(f"--prefix {args.prefix} must lie in [1, {T}], the prompt's token count (BOS included"
-                             + (", each image's features too)" if vision else ")"))
-        eos_id = model.config.eos_token_id
-        generate(model, ids[:1], 1)  # warm-up: one-off costs (allocator, threads) would count against dense
-        dense_s, mumoe_s = {}, {}  # seconds spent on the prompt and on decoding
-        dense_new = generate(model, dense_prompt, args.max_new_tokens, eos_id=eos_id, timings=dense_s)
-        mumoe_new = generate(model, routed_prompt, args.max_new_tokens, args.rho, args.routing, args.select,
-                             args.prefix, eos_id, timings=mumoe_s)
-    except UsageError as e:
-        print(f"mumoe.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-    select = args.select or default_select(args.device)
-    shown = text if vision else args.prompt
-    print(f"prompt ({T} tokens" + (f", {llava.config.image_tokens} per image" if images else "") + f"): {shown!r}")
-    print(f"\n--- dense:\n{shown}{tokenizer.decode(dense_new)}\n{speed(len(dense_new), dense_s)}")
-    print(f"\n--- μ-MoE, rho = {args.rho} ({args.routing} routing, select={select}, routed on "
-          f"{args.prefix or T} prompt tokens):\n{shown}{tokenizer.decode(mumoe_new)}\n"
-          f"{speed(len(mumoe_new), mumoe_s)}\n")
-    print(f"routing on the prompt, once: {mumoe_s['prompt'] - dense_s['prompt']:.3f} s "
-          f"(the μ-MoE prompt pass minus the dense one" + (", the images' encoding excluded)" if images else ")"))
-    decoder_linears = [layer for block in model.blocks for layer in block.linears().values()]
-    total = sum(layer.weight.numel() for layer in decoder_linears)
-    active = sum(layer.weight.shape[0] * (layer.weight.shape[1] - prune_count(layer.weight.shape[1], args.rho))
-                 for layer in decoder_linears)  # exactly int(d_in * (1 - rho)) pruned in every row
-    print(f"active weights: {active:,} of {total:,} in the decoder Linears ({active / total:.2%}); "
-          f"embeddings and lm_head dense")
-    T_all = T + len(mumoe_new)
-    dense_macs = count_macs(model, T_all, 1.0).total
-    mumoe_macs = count_macs(model, T_all, args.rho, prefix=args.prefix or T, routing=args.routing)
-    print(f"MACs with active weights for the prompt and {len(mumoe_new)} new tokens, each token computed once, "
-          f"attention products excluded:\n  dense {si(dense_macs)}, μ-MoE {si(mumoe_macs.total)} "
-          f"(routing {si(sum(mumoe_macs.routing.values()))}): {1 - mumoe_macs.total / dense_macs:.1%} saved")
-    if images:
-        encoder, n = llava.vision_encoder(), len(images)
-        tokens = llava.config.vision_config.num_patches + 1  # the CLS token runs through the tower too
-        mmp = llava.multi_modal_projector  # dense: two Linears over each image's features
-        projector = llava.config.image_tokens * (mmp.linear_1.weight.numel() + mmp.linear_2.weight.numel())
-        vision_dense = count_macs(encoder, tokens, 1.0).total + projector
-        vision_routed = count_macs(encoder, tokens, args.rho, routing=args.routing).total + projector
-        print(f"  vision tower ({len(encoder.blocks)} layers, {tokens} tokens) and projector, {n} image(s): "
-              + (f"dense {si(n * vision_dense)}, μ-MoE {si(n * vision_routed)} (--route-vision)" if args.route_vision
-                 else f"{si(n * vision_dense)}, dense in both (--route-vision routes it)"))
-
-
-def speed(n_new: int, timings: dict) -> str:
-    """One line on how fast `generate` went: tokens/s overall, and after the prompt."""
-    total = timings["prompt"] + timings["decode"]
-    line = f"[{n_new} new tokens in {total:.2f} s: {n_new / total:.1f} tokens/s; prompt {timings['prompt']:.3f} s"
-    if n_new > 1:  # the first token comes with the prompt pass
-        line += f", then {(n_new - 1) / timings['decode']:.1f} tokens/s"
-    return line + "]"
-
-
-def si(n: float) -> str:
-    """1.64e12 -> '1.64T'"""
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.3g}"
-
-if __name__ == "__main__":
-    main()

@@ -11,7 +11,7 @@ import pytest
 import eval_ppl
 import eval_tasks
 import eval_vqa
-import mumoe
+import generate
 from testkit import (cli_args, save_llama2_like_tokenizer, save_llama_tokenizer, save_tiny_llama, save_tiny_llava,
                      sentence, write_multiple_choice_task)
 
@@ -83,7 +83,7 @@ def test_eval_tasks_serves(model_type, family_models, task_setup, tmp_path, caps
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_generation_command_serves(model_type, family_models, capsys):
     argv = ["--model", str(family_models[model_type]), "--rho", "0.5", "--prompt", "the cat", "--max-new-tokens", "3"]
-    assert exit_code(mumoe.main, argv) == 0, capsys.readouterr().err[-2000:]
+    assert exit_code(generate.main, argv) == 0, capsys.readouterr().err[-2000:]
     out = capsys.readouterr().out
     assert "--- dense:" in out and "--- μ-MoE, rho = 0.5" in out, out
 

@@ -405,7 +405,7 @@ def test_eval_ppl_refuses_an_unknown_model_type(llama_with_tokenizer, tmp_path, 
 
 
 def test_generation_command_on_a_llama(llama_with_tokenizer):
-    run = subprocess.run([sys.executable, str(REPO / "mumoe.py"), "--model", str(llama_with_tokenizer), "--rho", "0.5",
+    run = subprocess.run([sys.executable, str(REPO / "generate.py"), "--model", str(llama_with_tokenizer), "--rho", "0.5",
                           "--prompt", "the dog is", "--max-new-tokens", "4", "--routing", "linear"],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr

@@ -602,11 +602,11 @@ def cat_jpg(tmp_path_factory):
     return path
 
 
-def run_mumoe(argv, capsys) -> tuple[int, str, str]:
-    import mumoe
+def run_generate(argv, capsys) -> tuple[int, str, str]:
+    import generate
 
     try:
-        mumoe.main(argv)
+        generate.main(argv)
         code = 0
     except SystemExit as e:
         code = e.code
@@ -617,19 +617,19 @@ def run_mumoe(argv, capsys) -> tuple[int, str, str]:
 def test_generation_command_on_a_llava(llava_with_tokenizer, cat_jpg, capsys):
     argv = ["--model", str(llava_with_tokenizer), "--image", str(cat_jpg), "--prompt", "What is in the picture?",
             "--rho", "0.5", "--max-new-tokens", "4", "--device", "cpu"]
-    code, out, err = run_mumoe(argv, capsys)
+    code, out, err = run_generate(argv, capsys)
     assert code == 0, err
     assert f"{N_FEATURES} per image" in out and "USER: <image>\nWhat is in the picture? ASSISTANT:" in out
     assert "--- dense:" in out and "--- μ-MoE, rho = 0.5" in out
     assert "dense in both (--route-vision routes it)" in out
-    code, out, err = run_mumoe(argv + ["--route-vision"], capsys)
+    code, out, err = run_generate(argv + ["--route-vision"], capsys)
     assert code == 0, err
     vision = [line for line in out.splitlines() if "vision tower (2 layers, 17 tokens)" in line]
     assert len(vision) == 1 and "(--route-vision)" in vision[0], out
 
 
 def test_generation_command_without_an_image(llava_with_tokenizer, capsys):
-    code, out, err = run_mumoe(["--model", str(llava_with_tokenizer), "--prompt", "Describe a cat.", "--rho", "0.5",
+    code, out, err = run_generate(["--model", str(llava_with_tokenizer), "--prompt", "Describe a cat.", "--rho", "0.5",
                                 "--max-new-tokens", "3", "--device", "cpu"], capsys)
     assert code == 0, err
     assert "USER: Describe a cat. ASSISTANT:" in out and "vision tower" not in out
@@ -647,7 +647,7 @@ def test_generation_command_bad_input(llava_with_tokenizer, cat_jpg, tmp_path, c
     (tmp_path / "notes.jpg").write_text("not an image")
     paths = dict(missing=tmp_path / "missing.png", text_file=tmp_path / "notes.jpg", cat=cat_jpg)
     argv = ["--model", str(llava_with_tokenizer), "--prompt", "What is it?", "--rho", "0.5", "--device", "cpu"]
-    code, out, err = run_mumoe(argv + [arg.format(**paths) for arg in extra], capsys)
+    code, out, err = run_generate(argv + [arg.format(**paths) for arg in extra], capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
@@ -666,7 +666,7 @@ def test_models_dispatches_llava_and_names_other_variants(tiny_llava, tmp_path):
 
 def test_image_given_to_a_text_model_is_refused(cat_jpg, tmp_path, capsys):
     save_tiny_opt(tmp_path)
-    code, _, err = run_mumoe(["--model", str(tmp_path), "--image", str(cat_jpg), "--prompt", "Hi", "--rho", "0.5"],
+    code, _, err = run_generate(["--model", str(tmp_path), "--image", str(cat_jpg), "--prompt", "Hi", "--rho", "0.5"],
                              capsys)
     assert code == 2 and "--image and --route-vision need a vision-language model (LLaVA)" in err, err
 

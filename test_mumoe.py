@@ -1,10 +1,8 @@
 """mumoe: the router, the gate, block and one-pass routing against models pruned by prune_model, the MAC count
-against the paper's OPT-13B table, prefix routing, generation, and the generation command."""
+against the paper's OPT-13B table, prefix routing, and generation (its command: test_generate.py)."""
 
 import copy
 import math
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
@@ -16,9 +14,10 @@ import models
 import mumoe
 from mumoe import ROUTINGS, count_macs, generate, linear_names, micro_experts, mumoe_logits
 from checkpoint import UsageError
+from generate import si
 from opt_model import OPTConfig, OPTForCausalLM, load_model
 from pruners import SELECTS, prune_model, wanda_mask
-from testkit import REPO, TINY_LAYOUTS, assert_close, n_diff, random_ids, save_tiny_opt
+from testkit import TINY_LAYOUTS, assert_close, n_diff, random_ids, save_tiny_opt
 
 
 TINY = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
@@ -276,7 +275,7 @@ def test_paper_table_reading():
         "attention products are left out": (0.2, paper[0.2].total + layers * 2 * d * T * (T + 1) // 2, "345G"),
     }
     for convention, (rho, other, printed) in readings.items():
-        assert mumoe.si(other) == printed, f"{convention}: the other reading gives {mumoe.si(other)}"
+        assert si(other) == printed, f"{convention}: the other reading gives {si(other)}"
         assert abs(other / PAPER_TABLE[rho] - 1) > PAPER_RTOL, \
             f"{convention}: the other reading ({printed} at rho={rho}) is as close to the table"
     # Not decided by the table: the norms ||X_j||^2 (d_in * T per Linear, 0.07% at rho = 0.2) are left out as
@@ -374,44 +373,3 @@ def test_generation_bad_input(tiny_model):
     with pytest.raises(UsageError, match="the prompt is empty"):
         generate(tiny_model, [], 5)
     assert len(generate(tiny_model, prompt, 4, 0.5)) == 4, "60 + 4 tokens fit the 64 positions exactly"
-
-
-# -----------------------------------------------------------------------------
-# The command line
-
-
-def test_command_generates(tiny_with_tokenizer):
-    run = subprocess.run([sys.executable, str(REPO / "mumoe.py"), "--model", str(tiny_with_tokenizer), "--rho", "0.5",
-                          "--prompt", "Hello, my dog is", "--max-new-tokens", "4"],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert "--- dense:\nHello, my dog is" in run.stdout and "--- μ-MoE, rho = 0.5" in run.stdout
-    assert "(50.00%)" in run.stdout, "hidden 32 and ffn 64 split exactly in half at rho = 0.5"
-    assert run.stdout.count(" tokens/s; prompt ") == 2 and "routing on the prompt, once: " in run.stdout
-    assert "saved" in run.stdout
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--rho", "0"], "rho"),
-    (["--rho", "1.5"], "rho"),
-    (["--prompt", "  "], "prompt is empty"),
-    (["--prefix", "99"], "--prefix 99"),
-    (["--model", "opt-7b"], "unknown model"),
-    (["--model", "/nonexistent/dir/opt"], "unknown model"),
-    (["--device", "cuda"], "CUDA is not available"),
-    (["--device", "gpu"], "unknown device 'gpu'"),
-    (["--rho", "half"], "invalid float value: 'half'"),
-    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
-    (["--max-new-tokens", "63"], "+ 63 new tokens exceed max_position_embeddings=64"),
-])
-def test_command_bad_input(tiny_with_tokenizer, capsys, args, message):
-    if "cuda" in args and torch.cuda.is_available():
-        pytest.skip("CUDA is available here")
-    argv = ["--model", str(tiny_with_tokenizer), "--rho", "0.5", "--prompt", "Hello"] + args
-    with pytest.raises(SystemExit) as exit_info:
-        mumoe.main(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2
-    assert err.count("\n") == 1 and message in err, err
-
-

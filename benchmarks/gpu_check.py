@@ -13,7 +13,9 @@ does not stop the others (a failed step is recorded with its error, and the exit
     selection   benchmarks/bench_selection.py on CUDA: the paper's Figure 3, kthvalue against sort / topk
     forward     μ-MoE forward / dense forward on an OPT-125M-shaped model at T = 512 and 2048, float16, both
                 routings (lm_head included; median and spread of REPEATS, CUDA-synchronized)
-    generate    greedy generation with the KV cache, dense and μ-MoE, 256-token prompt, 64 new tokens: tokens/s
+    generate    greedy generation with the KV cache, dense and μ-MoE, 256-token prompt, 64 new tokens: tokens/s;
+                μ-MoE's new tokens decode as --decode says (auto: the packed kernel where it runs, the masked
+                W ⊙ M elsewhere, which on CUDA is today's only path); the path that ran is recorded
     eval        eval_ppl.py on a tiny random OPT in float16 with --offload, every method, a --data-dir of
                 random sentences: the perplexities (finite) and the run's time (the step's seconds)
 
@@ -102,12 +104,13 @@ def generate(args, device, work: Path) -> dict:
     config, prompt, new = (TINY, 8, 4) if args.dry_run else (OPTConfig(), 256, 64)
     model = random_opt(config).to(device, args.dtype)
     prompt_ids = random_ids(1, prompt, OPTConfig().vocab_size)[0].tolist()
-    figures = {}
+    figures, decode = {}, mumoe.decode_path(args.decode, device, args.dtype)  # --decode packed on CUDA: this step fails
     for name, rho, routing in [("dense", 1.0, "block"), ("mumoe block", 0.5, "block"),
                                ("mumoe linear", 0.5, "linear")]:
-        seconds = timed(lambda: mumoe.generate(model, prompt_ids, new, rho, routing), args.repeats, device)
+        seconds = timed(lambda: mumoe.generate(model, prompt_ids, new, rho, routing, decode=args.decode),
+                        args.repeats, device)
         figures[name] = dict(median_and_spread(seconds), tokens_per_s=new / statistics.median(seconds))
-    return dict(prompt=prompt, new=new, dtype=str(args.dtype), figures=figures)
+    return dict(prompt=prompt, new=new, dtype=str(args.dtype), decode=decode, figures=figures)
 
 
 def evaluate(args, device, work: Path) -> dict:
@@ -148,6 +151,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="on the CPU, tiny sizes, skipping what needs CUDA")
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    parser.add_argument("--decode", choices=mumoe.DECODES, default="auto", help="how μ-MoE's new tokens decode in "
+                        "the generate step (auto: packed where its kernel runs, masked elsewhere)")
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check.py: error: no CUDA device here; --dry-run checks the script on the CPU", file=sys.stderr)
