@@ -58,9 +58,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import DTYPES, KVCache, LinearFn, UsageError, check_device, dense_linear
+from checkpoint import KVCache, LinearFn, UsageError, dense_linear
 from packed_experts import PackedLinear, kernel_problem, pack, packed_linear
-from pruners import SELECTS, check_rho, default_select, prune_count, wanda_gated_weight
+from pruners import SELECTS, check_rho, prune_count, wanda_gated_weight
 
 # -----------------------------------------------------------------------------
 # Router, experts and gate

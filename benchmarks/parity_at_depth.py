@@ -30,7 +30,6 @@ Not a timing: run it under `nice` (with OMP_NUM_THREADS=1 on a busy machine). Fi
 
 import argparse
 import copy
-import json
 import math
 import sys
 import time
