@@ -392,7 +392,8 @@ def run(args) -> list[dict]:
             model, pruned = family.load_model(directory, "cpu" if args.offload else device, dtype), False
         start, run_block = time.time(), dense_block
         if method == "mumoe":
-            run_block = mumoe.routed_block(rho, routing, select=args.select, prefix=args.mumoe_prefix, nm=args.nm)
+            run_block = mumoe.routed_block(mumoe.MuMoE(rho, routing=routing, select=args.select,
+                                                        prefix=args.mumoe_prefix, nm=args.nm))
         elif method != "dense":
             if calib_set and calib_set not in calib:  # one draw per dataset, shared by every method and rho
                 calib[calib_set] = calibration_windows(calib_set, tokenizer, args.nsamples, args.seqlen,

@@ -301,9 +301,9 @@ def run(args) -> list[dict]:
         # document, so a context is routed on one rank, once), through HarnessLM's rank and world_size, and gathers
         # the per-document metrics on rank 0, which alone gets the results (the others: None)
         with offloaded(model, device) if args.offload else nullcontext():
-            lm = HarnessLM(model, tokenizer, args.batch_size, rho if method == "mumoe" else 1.0,
-                           args.nm if method == "mumoe" else None, routing or "block", scope or "context", args.select,
-                           decode=args.decode)
+            moe = mumoe.MuMoE(rho, routing=routing, select=args.select,
+                              nm=args.nm) if method == "mumoe" else mumoe.DENSE
+            lm = HarnessLM(model, tokenizer, args.batch_size, moe, scope or "context", decode=args.decode)
             output = lm_eval.simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot,
                                              limit=args.limit, task_manager=manager, log_samples=False)
         routed = distributed.total(lm.routed) if method == "mumoe" else None  # every rank's routings

@@ -120,7 +120,8 @@ def answer(model, tokenizer, question: Question, ids: list[int], max_new_tokens:
     (mumoe.decode_path)."""
     x = embed(model, question, ids, device, dtype)
     lm = model.language_model
-    new = mumoe.generate(lm, x, max_new_tokens, rho, routing, select, eos_id=lm.config.eos_token_id, decode=decode)
+    new = mumoe.generate(lm, x, max_new_tokens, mumoe.MuMoE(rho, routing=routing, select=select),
+                         eos_id=lm.config.eos_token_id, decode=decode)
     return tokenizer.decode(new).strip()
 
 

@@ -79,7 +79,8 @@ def main(argv=None) -> None:
             pixels = (torch.stack([llava_model.preprocess(image, llava.config.vision_config.image_size)
                                    for image in images]) if images else None)
             dense_prompt = llava.embed_prompt(ids, pixels)
-            vision_block = mumoe.routed_block(args.rho, args.routing, args.select) if args.route_vision else None
+            vision_block = (mumoe.routed_block(mumoe.MuMoE(args.rho, routing=args.routing, select=args.select))
+                            if args.route_vision else None)
             routed_prompt = llava.embed_prompt(ids, pixels, vision_block) if args.route_vision else dense_prompt
             T = dense_prompt.shape[1]
         else:
@@ -89,8 +90,8 @@ def main(argv=None) -> None:
             raise UsageError(f"--prefix {args.prefix} must lie in [1, {T}], the prompt's token count (BOS included"
                              + (", each image's features too)" if vision else ")"))
         eos_id = model.config.eos_token_id
-        routed = dict(rho=args.rho, routing=args.routing, select=args.select, prefix=args.prefix, eos_id=eos_id,
-                      decode=args.decode)
+        moe = mumoe.MuMoE(args.rho, routing=args.routing, select=args.select, prefix=args.prefix)
+        routed = dict(moe=moe, eos_id=eos_id, decode=args.decode)
         warmup = min(WARMUP_TOKENS, args.max_new_tokens)  # fits wherever the generations themselves fit
         mumoe.generate(model, dense_prompt, warmup)
         mumoe.generate(model, routed_prompt, warmup, **routed)
@@ -139,8 +140,9 @@ def main(argv=None) -> None:
     print(f"active weights: {active:,} of {total:,} in the decoder Linears ({active / total:.2%}); "
           f"embeddings and lm_head dense")
     T_all = T + len(mumoe_new)
-    dense_macs = mumoe.count_macs(model, T_all, 1.0).total
-    mumoe_macs = mumoe.count_macs(model, T_all, args.rho, prefix=args.prefix or T, routing=args.routing)
+    dense_macs = mumoe.count_macs(model, T_all, mumoe.DENSE).total
+    mumoe_macs = mumoe.count_macs(model, T_all, mumoe.MuMoE(args.rho, routing=args.routing,
+                                                             prefix=args.prefix or T))
     print(f"MACs with active weights for the prompt and {len(mumoe_new)} new tokens, each token computed once, "
           f"attention products excluded:\n  dense {si(dense_macs)}, μ-MoE {si(mumoe_macs.total)} "
           f"(routing {si(sum(mumoe_macs.routing.values()))}): {1 - mumoe_macs.total / dense_macs:.1%} saved")
@@ -149,8 +151,9 @@ def main(argv=None) -> None:
         tokens = llava.config.vision_config.num_patches + 1  # the CLS token runs through the tower too
         mmp = llava.multi_modal_projector  # dense: two Linears over each image's features
         projector = llava.config.image_tokens * (mmp.linear_1.weight.numel() + mmp.linear_2.weight.numel())
-        vision_dense = mumoe.count_macs(encoder, tokens, 1.0).total + projector
-        vision_routed = mumoe.count_macs(encoder, tokens, args.rho, routing=args.routing).total + projector
+        vision_dense = mumoe.count_macs(encoder, tokens, mumoe.DENSE).total + projector
+        vision_routed = (mumoe.count_macs(encoder, tokens, mumoe.MuMoE(args.rho, routing=args.routing)).total
+                         + projector)
         print(f"  vision tower ({len(encoder.blocks)} layers, {tokens} tokens) and projector, {n} image(s): "
               + (f"dense {si(n * vision_dense)}, μ-MoE {si(n * vision_routed)} (--route-vision)" if args.route_vision
                  else f"{si(n * vision_dense)}, dense in both (--route-vision routes it)"))

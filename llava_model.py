@@ -31,13 +31,13 @@ The API (what eval_vqa.py and mumoe.py use):
 
 Greedy generation, dense or μ-MoE (each prompt, its image features included, routed on itself):
 
-    new_ids = mumoe.generate(model.language_model, model.embed_prompt(ids, pixels), max_new_tokens, rho,
-                             routing="block", eos_id=model.language_model.config.eos_token_id)
+    new_ids = mumoe.generate(model.language_model, model.embed_prompt(ids, pixels), max_new_tokens,
+                             mumoe.MuMoE(rho), eos_id=model.language_model.config.eos_token_id)
 
 The offline pruners calibrate on embedded prompts: pruners.prune_model(model.language_model,
 [model.embed_prompt(ids_i, pixels_i) ...], "wanda", rho). The method files see a language model and embedded
 prompts, never an image. To route the vision tower's Linears on each image too, embed with
-`model.embed_prompt(ids, pixels, vision_block=mumoe.routed_block(rho))`.
+`model.embed_prompt(ids, pixels, vision_block=mumoe.routed_block(mumoe.MuMoE(rho)))`.
 
 Preprocessing (LLaVA's `process_images` with `image_aspect_ratio="pad"`, as its eval scripts run it):
 the image is opened and converted to RGB with Pillow (`Image.convert("RGB")`: an alpha channel is dropped,

@@ -38,8 +38,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 import distributed
-from mumoe import ROUTINGS, decode_experts, decode_path, generate, mumoe_logits, route_prompt
-from pruners import check_rho
+from mumoe import DENSE, MuMoE, decode_experts, decode_path, generate, mumoe_logits, route_prompt
 
 SCOPES = ("context", "full")
 MAX_GEN_TOKS = 256  # HFLM's default number of new tokens for generate_until
@@ -57,20 +56,16 @@ class HarnessLM(TemplateLM):
     `decode_path` is the one that runs.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 16, rho: float = 1.0, nm=None, routing: str = "block",
-                 routing_scope: str = "context", select: str | None = None, max_length: int | None = None,
-                 decode: str = "auto"):
+    def __init__(self, model, tokenizer, batch_size: int = 16, moe: MuMoE = DENSE, routing_scope: str = "context",
+                 max_length: int | None = None, decode: str = "auto"):
         super().__init__()
-        check_rho(rho)
-        if routing not in ROUTINGS:
-            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
         if routing_scope not in SCOPES:
             raise ValueError(f"routing_scope must be one of {SCOPES}, got {routing_scope!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.rho, self.nm, self.routing, self.routing_scope, self.select = rho, nm, routing, routing_scope, select
-        self.mumoe = rho < 1.0 or nm is not None
+        self.moe, self.routing_scope = moe, routing_scope
+        self.mumoe = not moe.dense
         self.max_length = max_length or model.config.max_position_embeddings
         self._device = next(model.parameters()).device
         self.decode, self.decode_path = decode, decode_path(decode, self._device, next(model.parameters()).dtype)
@@ -187,8 +182,7 @@ class HarnessLM(TemplateLM):
         for context, group in tqdm(by_context.items(), disable=disable_tqdm, desc="μ-MoE contexts"):
             longest = max(len(windows[i][1]) for i in group)
             cache = self.model.new_cache(len(context) + longest - 1)  # the last continuation token is never read
-            x, chosen = route_prompt(self.model, torch.tensor([context], device=self.device), cache, self.rho,
-                                     self.routing, self.select, nm=self.nm)
+            x, chosen = route_prompt(self.model, torch.tensor([context], device=self.device), cache, self.moe)
             self.routed += 1
             first = F.log_softmax(self.model.head(x[:, -1:]).float(), dim=-1)[0]  # (1, vocab): the first token's
             longer = [i for i in group if len(windows[i][1]) > 1]
@@ -228,7 +222,7 @@ class HarnessLM(TemplateLM):
         results = [None] * len(windows)
         for tokens, group in tqdm(by_tokens.items(), disable=disable_tqdm, desc="μ-MoE requests"):
             ids = torch.tensor([tokens], device=self.device)
-            logits = mumoe_logits(self.model, ids, self.rho, self.select, routing=self.routing, nm=self.nm)
+            logits = mumoe_logits(self.model, ids, self.moe)
             self.routed += 1
             logprobs = F.log_softmax(logits[0].float(), dim=-1)  # (T, vocab)
             for i, n_context in group:
@@ -274,9 +268,8 @@ class HarnessLM(TemplateLM):
             def reached_stop(new: list[int]) -> bool:
                 return any(stop in self.tokenizer.decode(new) for stop in until)
 
-            new = generate(self.model, ids, max_new, self.rho, self.routing, self.select,
-                           eos_id=self.model.config.eos_token_id, nm=self.nm, stop=reached_stop if until else None,
-                           decode=self.decode)
+            new = generate(self.model, ids, max_new, self.moe, eos_id=self.model.config.eos_token_id,
+                           stop=reached_stop if until else None, decode=self.decode)
             text = self.tokenizer.decode(new)
             for stop in until:
                 text = text.split(stop)[0]

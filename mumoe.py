@@ -26,14 +26,15 @@ In a batch each prompt gets its own masks. Embeddings and lm_head stay dense. Th
 perplexity window on all of its tokens, the ones it then predicts included; `prefix=N` routes on the
 first N tokens only, a strictly causal variant.
 
-    routed_block(rho, routing)       (block, x) -> the block's output, each prompt routed on itself
-    micro_experts(rho, ...)          the μ-MoE Linear, a drop-in for checkpoint.dense_linear
-    mumoe_logits(model, ids, rho)    (B, T) ids (or embedded prompts) -> (B, T, vocab) logits, each routed on itself
-    count_macs(config, T, rho)       the analytical MAC count, ours or the paper's convention
+    MuMoE(rho, routing, ...)         the method's settings, which travel together
+    routed_block(moe)                (block, x) -> the block's output, each prompt routed on itself
+    micro_experts(moe)               the μ-MoE Linear, a drop-in for checkpoint.dense_linear
+    mumoe_logits(model, ids, moe)    (B, T) ids (or embedded prompts) -> (B, T, vocab) logits, each routed on itself
+    count_macs(model, T, moe)        the analytical MAC count, ours or the paper's convention
     route_prompt(model, ids, cache)  route prompts once, filling the KV cache: their experts for later tokens
     decode_experts(chosen, path)     the Linear later tokens run through: the experts packed (packed_experts'
                                      kernel reads only the kept weights) or the masked W ⊙ M; decode_path picks
-    generate(model, ids, n, rho)     greedy decoding with a KV cache, routed once on the prompt (ids, or the
+    generate(model, ids, n, moe)     greedy decoding with a KV cache, routed once on the prompt (ids, or the
                                      prompt embedded: a LLaVA's, its image features spliced in)
 
 The generation command (dense beside μ-MoE, timed) is generate.py.
@@ -68,6 +69,41 @@ from pruners import SELECTS, check_rho, prune_count, wanda_gated_weight
 ROUTINGS = ("block", "linear")
 
 
+@dataclass(frozen=True)
+class MuMoE:
+    """μ-MoE's settings, checked once and passed whole to every function here.
+
+    rho      the active-weight ratio in (0, 1]: each row keeps d_in - int(d_in · (1 - rho)) of its experts
+    routing  "block" or "linear": which activations route a Linear (see above)
+    select   the exact selection kernel (None: the fastest on W's device; all give the same masks)
+    prefix   route on the first `prefix` tokens of a prompt only (None: on all of them)
+    nm       (N, M): each prompt prunes N of every M weights of a row instead of rho
+
+    rho = 1 without nm is the dense model itself: no routing, no copy.
+    """
+    rho: float = 1.0
+    routing: str = "block"
+    select: str | None = None
+    prefix: int | None = None
+    nm: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        check_rho(self.rho)
+        if self.routing not in ROUTINGS:
+            raise UsageError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if self.select is not None and self.select not in SELECTS:
+            raise UsageError(f"select must be one of {SELECTS}, got {self.select!r}")
+        if self.prefix is not None and self.prefix < 1:
+            raise UsageError(f"prefix must be a positive number of tokens, got {self.prefix}")
+
+    @property
+    def dense(self) -> bool:
+        return self.rho == 1.0 and self.nm is None
+
+
+DENSE = MuMoE()  # the dense model, as μ-MoE's settings
+
+
 def input_sqnorms(x: torch.Tensor, prefix: int | None = None) -> torch.Tensor:
     """||X_j||² = sum_t X_tj² of each prompt of x (B, T, d_in) -> (B, d_in), in float32, over the first
     `prefix` tokens only if given (then nothing after the prefix can change the masks)."""
@@ -88,26 +124,18 @@ def gate(layer: nn.Linear, X: torch.Tensor, experts, counter: Counter | None = N
     return Y[0][None] if len(Y) == 1 else torch.stack(Y)  # (B, T, d_out)
 
 
-def micro_experts(rho: float, select: str | None = None, prefix: int | None = None, nm=None,
-                  stats: dict | None = None, chosen: dict | None = None, counter: Counter | None = None) -> LinearFn:
-    """The μ-MoE Linear, a drop-in for `dense_linear`: `block(x, linear=micro_experts(0.5))`.
+def micro_experts(moe: MuMoE, stats: dict | None = None, chosen: dict | None = None,
+                  counter: Counter | None = None) -> LinearFn:
+    """The μ-MoE Linear, a drop-in for `dense_linear`: `block(x, linear=micro_experts(MuMoE(0.5)))`.
 
     Each call routes every prompt of its input x (B, T, d_in) and gates the Linear with the result:
     on x itself (one-pass "linear" routing), or, if `stats` maps the Linear to (B, d_in) input norms
-    ||X_j||², on those (the "block" routing, see `routed_block`). `select`: the exact selection kernel
-    (None: the fastest on W's device; all give the same masks). `prefix`: route on the first `prefix`
-    tokens only. `nm` = (N, M): each prompt prunes N of every M weights per row instead of rho.
+    ||X_j||², on those (the "block" routing, see `routed_block`), with the settings of `moe`.
     `chosen`: a dict that receives, per nn.Linear, the gated weights [W ⊙ M_b for each prompt b], e.g.
     to decode later tokens with the prompt's experts (`chosen_experts`). `counter`: a Counter that gets,
     per nn.Linear, the MACs done with nonzero weights, nnz(W ⊙ M_b) · T summed over prompts.
-    rho = 1 without nm is the dense Linear itself (no routing, no copy).
     """
-    check_rho(rho)
-    if select is not None and select not in SELECTS:
-        raise UsageError(f"select must be one of {SELECTS}, got {select!r}")
-    if prefix is not None and prefix < 1:
-        raise UsageError(f"prefix must be a positive number of tokens, got {prefix}")
-    dense = rho == 1.0 and nm is None
+    rho, select, prefix, nm = moe.rho, moe.select, moe.prefix, moe.nm
     last = {"x": None, "sqnorms": None}  # q, k and v read one tensor: its norms are computed once
     scratch = {}  # by shape: the memory that gated weights used for one product only are written into
 
@@ -115,7 +143,7 @@ def micro_experts(rho: float, select: str | None = None, prefix: int | None = No
         if prefix is not None and prefix > x.shape[1]:
             raise UsageError(f"prefix {prefix} is longer than the {x.shape[1]} tokens of the input")
         W = layer.weight
-        if dense:
+        if moe.dense:
             if chosen is not None:
                 chosen[layer] = [W] * x.shape[0]
             return gate(layer, x, [W] * x.shape[0], counter) if counter is not None else dense_linear(layer, x)
@@ -157,8 +185,7 @@ def block_statistics(block: nn.Module, x: torch.Tensor, prefix: int | None = Non
     return stats
 
 
-def routed_block(rho: float, routing: str = "block", select: str | None = None, prefix: int | None = None,
-                 nm=None, chosen: dict | None = None, counter: Counter | None = None):
+def routed_block(moe: MuMoE, chosen: dict | None = None, counter: Counter | None = None):
     """(block, x) -> the block's output for x (B, T, hidden), each prompt routed on itself.
 
         routing="block"   the block's Linears route on the statistics of a dense pass of the block over the
@@ -166,14 +193,12 @@ def routed_block(rho: float, routing: str = "block", select: str | None = None, 
         routing="linear"  each Linear routes on the input it receives in the gated pass itself: one pass,
                           nothing dense
 
-    The other arguments are `micro_experts`'. `run(block, x, cache)` fills the block's KVCache in the
+    `chosen` and `counter` are `micro_experts`'. `run(block, x, cache)` fills the block's KVCache in the
     gated pass (the statistics pass leaves it alone): how `generate` routes the prompt.
     """
-    if routing not in ROUTINGS:
-        raise UsageError(f"routing must be one of {ROUTINGS}, got {routing!r}")
-    dense = rho == 1.0 and nm is None
-    stats = {} if routing == "block" and not dense else None  # each block's statistics, added as it runs
-    linear = micro_experts(rho, select, prefix, nm, stats, chosen, counter)
+    prefix = moe.prefix
+    stats = {} if moe.routing == "block" and not moe.dense else None  # each block's statistics, as it runs
+    linear = micro_experts(moe, stats, chosen, counter)
 
     def run(block: nn.Module, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         if prefix is not None and prefix > x.shape[1]:
@@ -251,12 +276,11 @@ def decode_experts(chosen: dict, path: str) -> LinearFn:
 
 
 @torch.no_grad()
-def mumoe_logits(model, prompts: torch.Tensor, rho: float, select: str | None = None, prefix: int | None = None,
-                 routing: str = "block", nm=None, chosen: dict | None = None,
+def mumoe_logits(model, prompts: torch.Tensor, moe: MuMoE, chosen: dict | None = None,
                  counter: Counter | None = None) -> torch.Tensor:
     """Token ids (B, T) -> logits (B, T, vocab), each of the B prompts routed on itself, block by block.
     `prompts` may also be embedded already (B, T, hidden): a LLaVA prompt with its image features."""
-    run = routed_block(rho, routing, select, prefix, nm, chosen, counter)
+    run = routed_block(moe, chosen, counter)
     x = prompts if prompts.is_floating_point() else model.embed(prompts)
     for block in model.blocks:
         x = run(block, x)
@@ -288,9 +312,8 @@ class MacCount:
         return sum(self.linear.values()) + sum(self.routing.values())
 
 
-def count_macs(model, tokens: int, rho: float, convention: str = "ours",
-               prefix: int | None = None, routing: str = "block") -> MacCount:
-    """MACs of a μ-MoE forward over `tokens` tokens of one prompt (rho = 1: the dense model), counted from the
+def count_macs(model, tokens: int, moe: MuMoE, convention: str = "ours") -> MacCount:
+    """MACs of a μ-MoE forward over `tokens` tokens of one prompt (DENSE: the dense model), counted from the
     model's own Linear shapes (a model built on the meta device will do: `models.empty_model(config)`).
 
     convention="ours" counts the multiply-accumulates with active (nonzero) weights, the work a sparse
@@ -312,11 +335,9 @@ def count_macs(model, tokens: int, rho: float, convention: str = "ours",
     give 986G, not 999G). This reading gives 1.644T, 1.327T, 999G, 670G, 341G: all within 0.3%.
     Selection is comparisons, not MACs, in both conventions.
     """
-    check_rho(rho)
     if convention not in CONVENTIONS:
         raise UsageError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-    if routing not in ROUTINGS:
-        raise UsageError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+    rho, prefix, routing = moe.rho, moe.prefix, moe.routing
     T, paper = tokens, convention == "paper"
     routed = T if prefix is None else prefix
     shapes = {name: layer.weight.shape for name, layer in model.blocks[0].linears().items()}  # every block alike
@@ -347,8 +368,7 @@ def count_macs(model, tokens: int, rho: float, convention: str = "ours",
 
 
 @torch.no_grad()
-def route_prompt(model, prompts: torch.Tensor, cache: list[KVCache], rho: float = 1.0, routing: str = "block",
-                 select: str | None = None, prefix: int | None = None, nm=None) -> tuple[torch.Tensor, dict]:
+def route_prompt(model, prompts: torch.Tensor, cache: list[KVCache], moe: MuMoE = DENSE) -> tuple[torch.Tensor, dict]:
     """Run prompts, token ids (B, T) or embedded already (B, T, hidden), once, block by block, each routed on
     itself, filling the empty `cache`.
 
@@ -356,7 +376,7 @@ def route_prompt(model, prompts: torch.Tensor, cache: list[KVCache], rho: float 
     gated weights W ⊙ M_b, with which later tokens run through the cache (`chosen_experts(chosen)`).
     """
     chosen = {}
-    run = routed_block(rho, routing, select, prefix, nm, chosen=chosen)
+    run = routed_block(moe, chosen=chosen)
     x = prompts if prompts.is_floating_point() else model.embed(prompts)
     for block, block_cache in zip(model.blocks, cache):
         x = run(block, x, block_cache)
@@ -367,25 +387,23 @@ def route_prompt(model, prompts: torch.Tensor, cache: list[KVCache], rho: float 
 
 
 @torch.no_grad()
-def generate(model, prompt, max_new_tokens: int, rho: float = 1.0, routing: str = "block",
-             select: str | None = None, prefix: int | None = None, eos_id=None,
-             timings: dict | None = None, nm=None, stop=None, decode: str = "auto") -> list[int]:
+def generate(model, prompt, max_new_tokens: int, moe: MuMoE = DENSE, eos_id=None, timings: dict | None = None,
+             stop=None, decode: str = "auto") -> list[int]:
     """Greedy decoding with a KV cache: the new token ids, at most `max_new_tokens`, the last one an end of
     sequence if emitted (`eos_id`: one id, or several, as Llama 3's config.json lists them).
 
-    The prompt runs once, block by block, routed on itself (rho = 1: the dense model). With block
+    The prompt runs once, block by block, routed on itself with `moe`'s settings (DENSE: the dense model). With block
     routing each block's dense statistics pass runs first, then its gated pass, which fills the block's cache.
     The gated pass leaves every Linear's gated weights W ⊙ M in `chosen`, and each new token runs through the
     cache with exactly those weights, neither the masks nor W ⊙ M ever rebuilt. `decode` (see `decode_path`):
     "packed" packs them once and a step reads only the kept weights; "masked" multiplies the dense W ⊙ M, a step
     costing what a dense step costs; "auto" packs where packed_experts' kernel runs. Both give the same tokens.
     The new tokens do not change the routing, as if the decode were routed on the prompt alone at every step
-    (`prefix`: on its first `prefix` tokens only).
+    (`moe.prefix`: on its first `prefix` tokens only).
     `timings`: a dict that receives the seconds spent up to the first new token ("prompt": routing, the prompt
     pass, the first token), on packing the experts ("pack") and on the other tokens ("decode").
     `prompt`: token ids (a list), or a prompt embedded already (1, T, hidden): a LLaVA prompt with its image
-    features, routed like any other. `nm` = (N, M): routed to N:M patterns instead of rho. `stop`: a function of
-    the new ids so far that returns True to end decoding there (e.g. at a stop string).
+    features, routed like any other. `stop`: a function of the new ids so far that returns True to end decoding there (e.g. at a stop string).
     """
     embedded = torch.is_tensor(prompt) and prompt.is_floating_point()
     if embedded and (prompt.ndim != 3 or prompt.shape[0] != 1):
@@ -399,11 +417,11 @@ def generate(model, prompt, max_new_tokens: int, rho: float = 1.0, routing: str 
         raise UsageError(f"{T} prompt tokens + {max_new_tokens} new tokens exceed max_position_embeddings={T_max}")
     device = next(model.parameters()).device
     path = decode_path(decode, device, next(model.parameters()).dtype)  # checked for the dense model too
-    path = "dense" if rho == 1.0 and nm is None else path
+    path = "dense" if moe.dense else path
     start = time.perf_counter()
     cache = model.new_cache(T + max_new_tokens - 1)  # the last new token is never fed back
     prompts = prompt if embedded else torch.tensor([prompt], device=device)  # (1, T[, hidden])
-    x, chosen = route_prompt(model, prompts, cache, rho, routing, select, prefix, nm)
+    x, chosen = route_prompt(model, prompts, cache, moe)
     logits = model.head(x[:, -1:])  # (1, 1, vocab): only the last position picks the next token
     next_id = logits[:, -1].argmax(dim=-1, keepdim=True)  # (1, 1)
     new = [next_id.item()]

@@ -27,7 +27,7 @@ import eval_ppl
 import models
 import mumoe
 import pruners
-from mumoe import ROUTINGS, mumoe_logits
+from mumoe import ROUTINGS, MuMoE, mumoe_logits
 from checkpoint import UsageError, dense_block
 from opt_model import OPTConfig, load_model, load_tokenizer
 from pruners import prune_model
@@ -259,7 +259,7 @@ def test_perplexity_offload_visits_the_device_block_by_block(tiny_ppl, monkeypat
     """With offload, each block goes to `device` for its turn and back, the rest of the model too, and the
     perplexity (dense and μ-MoE) is the one without offload: exactly on the CPU, the same kernels in the same order."""
     model, _, ids = tiny_ppl
-    for what, run_block in [("dense", dense_block), ("μ-MoE", mumoe.routed_block(0.5))]:
+    for what, run_block in [("dense", dense_block), ("μ-MoE", mumoe.routed_block(mumoe.MuMoE(0.5)))]:
         kept = eval_ppl.perplexity(model, ids, run_block=run_block)
         moves = record_moves(monkeypatch)
         offloaded = eval_ppl.perplexity(model, ids, device=device, run_block=run_block, offload=True)
@@ -278,8 +278,8 @@ def test_perplexity_of_micro_experts_matches_mumoe_logits(tiny_ppl):
     model, _, ids = tiny_ppl
     for rho in (0.3, 0.7):
         for routing in ROUTINGS:
-            ref = reference_ppl(lambda w: mumoe.mumoe_logits(model, w, rho, routing=routing), ids)
-            ours = eval_ppl.perplexity(model, ids, run_block=mumoe.routed_block(rho, routing))
+            ref = reference_ppl(lambda w: mumoe.mumoe_logits(model, w, mumoe.MuMoE(rho, routing=routing)), ids)
+            ours = eval_ppl.perplexity(model, ids, run_block=mumoe.routed_block(mumoe.MuMoE(rho, routing=routing)))
             assert_rel_close(ours, ref, PPL_RTOL, f"μ-MoE rho={rho}, {routing} routing")
 
 
@@ -345,7 +345,7 @@ def test_routings_differ_on_a_trained_model(trained_ptb):
     block routing: their PTB perplexities differ by far more than float noise (measured: 323 and 356)."""
     test, _ = trained_ptb
     model = load_model(TRAINED_MODEL)
-    ppl = {routing: eval_ppl.perplexity(model, test, run_block=mumoe.routed_block(0.2, routing))
+    ppl = {routing: eval_ppl.perplexity(model, test, run_block=mumoe.routed_block(mumoe.MuMoE(0.2, routing=routing)))
            for routing in ROUTINGS}
     assert abs(ppl["block"] / ppl["linear"] - 1) > 0.01, ppl
 
@@ -552,9 +552,9 @@ def test_nm_end_to_end_for_every_method(tiny_with_tokenizer, cli_data, tmp_path,
                 checked[method] += 1
         return report
 
-    def routed_block_and_check(*args, **kw):
+    def routed_block_and_check(moe, **kw):
         chosen = {}
-        run = routed_block(*args, chosen=chosen, **kw)
+        run = routed_block(moe, chosen=chosen, **kw)
 
         def run_and_check(block, x):
             y = run(block, x)
@@ -562,7 +562,7 @@ def test_nm_end_to_end_for_every_method(tiny_with_tokenizer, cli_data, tmp_path,
                 for W_b in chosen[layer]:
                     zeros = zeros_per_group(W_b, 4)
                     assert (zeros == 2).all(), f"μ-MoE {name}: groups with {zeros.unique().tolist()} zeros of 4"
-                    checked["mumoe " + args[1]] += 1
+                    checked["mumoe " + moe.routing] += 1
             return y
 
         return run_and_check
@@ -601,7 +601,7 @@ def test_prefix_run_scores_every_row_after_the_prefix(tiny_with_tokenizer, cli_d
     dense = reference_ppl(lambda w: reference(w).logits, ids, first_target=P)
     assert_rel_close(ppl["dense"], dense, PPL_RTOL, f"dense, targets ids[{P}:]")
     model = load_model(tiny_with_tokenizer)
-    routed = reference_ppl(lambda w: mumoe_logits(model, w, 0.5, prefix=P), ids, first_target=P)
+    routed = reference_ppl(lambda w: mumoe_logits(model, w, MuMoE(0.5, prefix=P)), ids, first_target=P)
     assert_rel_close(ppl["mumoe"], routed, PPL_RTOL, f"μ-MoE routed on {P} tokens, targets ids[{P}:]")
     assert abs(reference_ppl(lambda w: reference(w).logits, ids) - dense) / dense > 10 * PPL_RTOL, "the test is blind"
 

@@ -72,10 +72,10 @@ def test_command_warms_up_then_alternates(tiny_with_tokenizer, capsys, monkeypat
     calls, timings = [], iter([0.5, 0.1, 0.3, 0.9, 0.2])  # the dense prompt passes' seconds, in call order
     real = mumoe.generate
 
-    def recorded(model, prompt, n, rho=1.0, **kw):
-        calls.append(("dense" if rho == 1.0 else "μ-MoE", n))
-        new = real(model, prompt, n, rho, **kw)
-        if rho == 1.0 and kw.get("timings") is not None:
+    def recorded(model, prompt, n, moe=mumoe.DENSE, **kw):
+        calls.append(("dense" if moe.dense else "μ-MoE", n))
+        new = real(model, prompt, n, moe, **kw)
+        if moe.dense and kw.get("timings") is not None:
             kw["timings"]["prompt"] = next(timings)
         return new
 

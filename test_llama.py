@@ -276,7 +276,7 @@ def test_prune_model_equals_the_algorithms_on_hooked_statistics(gqa_llama, metho
 def test_block_routing_is_wanda_calibrated_on_the_window(gqa_llama, rho):
     _, directory, _ = gqa_llama
     model, ids = models.load_model(directory), random_ids(1, 32, LLAMA_VOCAB, seed=5)
-    routed = mumoe.mumoe_logits(model, ids, rho)
+    routed = mumoe.mumoe_logits(model, ids, mumoe.MuMoE(rho))
     pruned = copy.deepcopy(model)
     prune_model(pruned, ids, "wanda", rho, progress=False)
     assert_close(routed, pruned(ids), 1e-5, f"block routing vs Wanda calibrated on the window, rho {rho}")
@@ -287,15 +287,17 @@ def test_block_routing_is_wanda_calibrated_on_the_window(gqa_llama, rho):
 def test_mumoe_batch_rho_one_and_prefix(gqa_llama, routing):
     _, directory, _ = gqa_llama
     model, ids = models.load_model(directory), random_ids(3, 20, LLAMA_VOCAB, seed=6)
-    batch = mumoe.mumoe_logits(model, ids, 0.5, routing=routing)
+    batch = mumoe.mumoe_logits(model, ids, mumoe.MuMoE(0.5, routing=routing))
     for b in range(3):
-        assert_close(batch[b : b + 1], mumoe.mumoe_logits(model, ids[b : b + 1], 0.5, routing=routing), 1e-5,
+        assert_close(batch[b : b + 1], mumoe.mumoe_logits(model, ids[b : b + 1], mumoe.MuMoE(0.5, routing=routing)),
+                     1e-5,
                      f"{routing}: prompt {b} of a batch vs alone")
-    assert torch.equal(mumoe.mumoe_logits(model, ids, 1.0, routing=routing), model(ids)), "rho = 1 is dense"
+    assert torch.equal(mumoe.mumoe_logits(model, ids, mumoe.MuMoE(1.0, routing=routing)),
+                       model(ids)), "rho = 1 is dense"
     changed = ids.clone()
     changed[:, 12:] = random_ids(3, 8, LLAMA_VOCAB, seed=7)
-    a = mumoe.mumoe_logits(model, ids, 0.5, prefix=12, routing=routing)
-    b = mumoe.mumoe_logits(model, changed, 0.5, prefix=12, routing=routing)
+    a = mumoe.mumoe_logits(model, ids, mumoe.MuMoE(0.5, routing=routing, prefix=12))
+    b = mumoe.mumoe_logits(model, changed, mumoe.MuMoE(0.5, routing=routing, prefix=12))
     assert torch.equal(a[:, :12], b[:, :12]), f"{routing}: tokens after the prefix changed the routing"
 
 
@@ -305,10 +307,10 @@ def test_count_macs_matches_the_counter_with_gqa_shapes(gqa_llama, routing, rho)
     _, directory, _ = gqa_llama
     model, T = models.load_model(directory), 20
     counter = Counter()
-    mumoe.mumoe_logits(model, random_ids(1, T, LLAMA_VOCAB), rho, routing=routing, counter=counter)
+    mumoe.mumoe_logits(model, random_ids(1, T, LLAMA_VOCAB), mumoe.MuMoE(rho, routing=routing), counter=counter)
     names = mumoe.linear_names(model)
     counted = {names[layer]: macs for layer, macs in counter.items()}
-    analytic = mumoe.count_macs(model, T, rho, routing=routing)
+    analytic = mumoe.count_macs(model, T, mumoe.MuMoE(rho, routing=routing))
     assert counted == {k: v for k, v in analytic.linear.items() if k != "lm_head"}
     d, kv, f = 64, 2 * 16, 96  # hidden, k/v outputs under GQA (2 heads of 16), intermediate
     assert analytic.linear["model.layers.0.self_attn.k_proj"] == kv * (d - int(d * (1 - rho))) * T

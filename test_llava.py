@@ -15,6 +15,7 @@ import llava_model
 from checkpoint import UsageError
 from llava_model import (CLIP_MEAN, CLIP_STD, PAD_COLOR, CLIPVisionConfig, CLIPVisionModel, conversation_prompt,
                          expand_to_square, preprocess)
+from mumoe import MuMoE
 from testkit import (IMAGE_ID, N_FEATURES, TINY_VISION, assert_close, randomize_layer_norms, rewrite_checkpoint,
                      save_llama2_like_tokenizer, save_tiny_llava, save_tiny_opt)
 
@@ -487,8 +488,8 @@ def test_block_routing_of_a_prompt_is_wanda_calibrated_on_it(tiny_llava, rho, nm
     x = embedded_prompts(model, 1)[0]
     pruned = copy.deepcopy(model.language_model)
     prune_model(pruned, [x], "wanda", rho, nm=nm, progress=False)
-    expected = mumoe_logits(pruned, x, 1.0)  # the pruned model, dense, on the same prompt
-    routed = mumoe_logits(model.language_model, x, rho, routing="block", nm=nm)
+    expected = mumoe_logits(pruned, x, MuMoE(1.0))  # the pruned model, dense, on the same prompt
+    routed = mumoe_logits(model.language_model, x, MuMoE(rho, routing="block", nm=nm))
     assert_close(routed, expected, ROUTING_ATOL, f"block routing vs prune_model on the prompt, rho={rho}, nm={nm}")
     assert (routed - model.language_model.head(x)).abs().max() > 1e-3, "the routing changed nothing"
 
@@ -499,9 +500,9 @@ def test_prompts_in_a_batch_are_routed_independently(tiny_llava, routing):
 
     _, _, model = tiny_llava
     prompts = embedded_prompts(model, 3)
-    batched = mumoe_logits(model.language_model, torch.cat(prompts), 0.5, routing=routing)
+    batched = mumoe_logits(model.language_model, torch.cat(prompts), MuMoE(0.5, routing=routing))
     for b, x in enumerate(prompts):
-        assert_close(batched[b], mumoe_logits(model.language_model, x, 0.5, routing=routing)[0], ROUTING_ATOL,
+        assert_close(batched[b], mumoe_logits(model.language_model, x, MuMoE(0.5, routing=routing))[0], ROUTING_ATOL,
                      f"prompt {b} batched vs alone ({routing})")
 
 
@@ -512,8 +513,9 @@ def test_rho_one_is_dense(tiny_llava, routing):
     _, _, model = tiny_llava
     ids, pixels = PROMPT_WITH_IMAGE, random_pixels()
     dense = model(ids, pixels)
-    assert torch.equal(mumoe_logits(model.language_model, model.embed_prompt(ids, pixels), 1.0, routing=routing), dense)
-    routed_vision = model.embed_prompt(ids, pixels, vision_block=routed_block(1.0, routing))
+    embedded = model.embed_prompt(ids, pixels)
+    assert torch.equal(mumoe_logits(model.language_model, embedded, MuMoE(1.0, routing=routing)), dense)
+    routed_vision = model.embed_prompt(ids, pixels, vision_block=routed_block(MuMoE(1.0, routing=routing)))
     assert torch.equal(routed_vision, model.embed_prompt(ids, pixels)), "rho = 1 routes the vision tower densely"
 
 
@@ -524,10 +526,10 @@ def test_generation_routes_once_on_the_embedded_prompt(tiny_llava):
 
     _, _, model = tiny_llava
     lm, x = model.language_model, model.embed_prompt(PROMPT_WITH_IMAGE, random_pixels())
-    new = generate(lm, x, 6, 0.5)
+    new = generate(lm, x, 6, MuMoE(0.5))
     for step in range(6):
         so_far = torch.cat([x, lm.embed(torch.tensor([new[:step]], dtype=torch.long))], dim=1)
-        logits = mumoe_logits(lm, so_far, 0.5, prefix=x.shape[1])
+        logits = mumoe_logits(lm, so_far, MuMoE(0.5, prefix=x.shape[1]))
         assert logits[0, -1].argmax().item() == new[step], f"token {step}"
     assert new != generate(lm, x, 6), "the dense model continues differently"
 
@@ -546,7 +548,7 @@ def test_vision_routing_of_an_image_is_wanda_calibrated_on_it(tiny_llava, rho):
     report = prune_model(pruned.vision_encoder(), [model.vision_tower.hidden_states(pixels, 0)], "wanda", rho,
                          progress=False)
     assert len(report) == 6 * model.config.feature_layers and all(k.startswith("layers.") for k in report)
-    routed = model.image_features(pixels, vision_block=routed_block(rho, "block"))
+    routed = model.image_features(pixels, vision_block=routed_block(MuMoE(rho, routing="block")))
     assert_close(routed, pruned.image_features(pixels), ROUTING_ATOL, "vision routing vs prune_model on the image")
     assert (routed - model.image_features(pixels)).abs().max() > 1e-3, "the routing changed nothing"
 
@@ -560,10 +562,10 @@ def test_vision_mac_count_is_what_the_routed_pass_does(tiny_llava):
 
     _, _, model = tiny_llava
     encoder, counter = model.vision_encoder(), Counter()
-    model.image_features(random_pixels(), vision_block=routed_block(0.5, "block", counter=counter))
+    model.image_features(random_pixels(), vision_block=routed_block(MuMoE(0.5, routing="block"), counter=counter))
     names = {layer: f"{encoder.blocks_key}.{i}.{name}"
              for i, block in enumerate(encoder.blocks) for name, layer in block.linears().items()}
-    macs = count_macs(encoder, N_FEATURES + 1, 0.5)
+    macs = count_macs(encoder, N_FEATURES + 1, MuMoE(0.5))
     assert len(encoder.blocks) == TINY_VISION["num_hidden_layers"] - 1, "layer -2: all but the last"
     assert {names[layer]: n for layer, n in counter.items()} == macs.linear
 

@@ -20,7 +20,7 @@ import lm_harness
 import models
 from checkpoint import UsageError
 from lm_harness import HarnessLM
-from mumoe import ROUTINGS, mumoe_logits
+from mumoe import ROUTINGS, MuMoE, mumoe_logits
 from testkit import (assert_one_line_error, save_opt_for_hflm, sentence, write_multiple_choice_task)
 
 pytest.importorskip("lm_eval")
@@ -185,10 +185,10 @@ def reference_score(model, context, continuation, rho, nm, routing, prefix: bool
     if prefix:
         kept = (context + continuation)[-(MAX_POSITIONS + 1):]
         ids, n_context = kept[:-1], len(kept) - len(continuation)
-        logits = mumoe_logits(model, torch.tensor([ids]), rho, prefix=n_context, routing=routing, nm=nm)
+        logits = mumoe_logits(model, torch.tensor([ids]), MuMoE(rho, routing=routing, prefix=n_context, nm=nm))
     else:
         ids = (context + continuation)[-MAX_POSITIONS:]
-        logits = mumoe_logits(model, torch.tensor([ids]), rho, routing=routing, nm=nm)
+        logits = mumoe_logits(model, torch.tensor([ids]), MuMoE(rho, routing=routing, nm=nm))
         ids, n_context = ids[:-1], len(ids) - len(continuation)
     logprobs = F.log_softmax(logits[0, n_context - 1:], dim=-1)
     return sum(logprobs[i, token].item() for i, token in enumerate(continuation))
@@ -204,7 +204,7 @@ def test_context_routing_equals_prefix_routing(ours, rho, nm, routing):
     2 continuations (a group of 3 spans two batches), the long one truncated as lm-eval does."""
     model, tokenizer = ours
     requests = token_requests(HarnessLM(model, tokenizer), mixed_requests())
-    lm = HarnessLM(model, tokenizer, 2, rho, nm, routing)
+    lm = HarnessLM(model, tokenizer, 2, MuMoE(rho, routing=routing, nm=nm))
     got = [lp for lp, _ in lm._loglikelihood_tokens(requests)]
     ref = [reference_score(model, c, x, rho, nm, routing, prefix=True) for _, c, x in requests]
     assert_same(got, ref, ROUTED_ATOL, "routed on the context vs mumoe_logits with prefix")
@@ -218,7 +218,7 @@ def test_requests_sharing_a_context_are_routed_once(ours, monkeypatch):
     route_prompt = lm_harness.route_prompt
     monkeypatch.setattr(lm_harness, "route_prompt", lambda *a, **k: calls.append(a[1].shape) or route_prompt(*a, **k))
     pairs = mixed_requests()
-    lm = HarnessLM(model, tokenizer, 16, 0.5)
+    lm = HarnessLM(model, tokenizer, 16, MuMoE(0.5))
     lm.loglikelihood(loglikelihood_requests(pairs), disable_tqdm=True)
     contexts = {tuple(lm.window(c, x)[0]) for _, c, x in token_requests(lm, pairs)}
     assert len(calls) == lm.routed == len(contexts) < len(pairs), f"{len(calls)} routings for {len(contexts)} contexts"
@@ -229,10 +229,12 @@ def test_requests_sharing_a_context_are_routed_once(ours, monkeypatch):
 def test_full_scope_equals_full_routing(ours, routing):
     model, tokenizer = ours
     requests = token_requests(HarnessLM(model, tokenizer), mixed_requests())
-    full = [lp for lp, _ in HarnessLM(model, tokenizer, 4, 0.5, None, routing, "full")._loglikelihood_tokens(requests)]
+    full = [lp for lp, _ in HarnessLM(model, tokenizer, 4, MuMoE(0.5, routing=routing),
+                                      routing_scope="full")._loglikelihood_tokens(requests)]
     ref = [reference_score(model, c, x, 0.5, None, routing, prefix=False) for _, c, x in requests]
     assert_same(full, ref, ROUTED_ATOL, "routed on context + continuation vs mumoe_logits")
-    on_context = [lp for lp, _ in HarnessLM(model, tokenizer, 4, 0.5, None, routing)._loglikelihood_tokens(requests)]
+    on_context_lm = HarnessLM(model, tokenizer, 4, MuMoE(0.5, routing=routing))
+    on_context = [lp for lp, _ in on_context_lm._loglikelihood_tokens(requests)]
     assert max(abs(f - c) for f, c in zip(full, on_context)) > 0.01, "the two scopes route alike"
 
 
@@ -254,7 +256,7 @@ def test_full_scope_reads_every_token_it_can(ours):
     assert [len(c) for _, c, _ in cut] != [len(c) for c, _ in windows], "no window's context needed cutting"
     dense = sum(lp for lp, _ in HarnessLM(model, tokenizer)._loglikelihood_tokens(cut))
     assert_same(full.loglikelihood_rolling(request, disable_tqdm=True), [dense], LL_ATOL * 200, "rolling, full scope")
-    routed = HarnessLM(model, tokenizer, rho=0.5, routing_scope="full").loglikelihood_rolling(request, True)
+    routed = HarnessLM(model, tokenizer, moe=MuMoE(0.5), routing_scope="full").loglikelihood_rolling(request, True)
     assert abs(routed[0] - dense) > 0.1 and full.routed == len(windows), (routed, dense, full.routed)
 
 
@@ -284,7 +286,7 @@ def test_llama_through_the_harness(ours, tiny, tmp_path):
     got = HarnessLM(model, tokenizer, 4)._loglikelihood_tokens(requests)
     assert_same([g[0] for g in got], [r[0] for r in ref], LL_ATOL, "LLaMA log-likelihoods vs HFLM")
     assert [g[1] for g in got] == [r[1] for r in ref], "LLaMA is_greedy flags vs HFLM"
-    got = [lp for lp, _ in HarnessLM(model, tokenizer, 2, 0.5)._loglikelihood_tokens(requests)]
+    got = [lp for lp, _ in HarnessLM(model, tokenizer, 2, MuMoE(0.5))._loglikelihood_tokens(requests)]
     ref = [reference_score(model, c, x, 0.5, None, "block", prefix=True) for _, c, x in requests]
     assert_same(got, ref, ROUTED_ATOL, "LLaMA routed on the context vs mumoe_logits with prefix")
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import models
 import mumoe
-from mumoe import ROUTINGS, count_macs, generate, linear_names, micro_experts, mumoe_logits
+from mumoe import ROUTINGS, MuMoE, count_macs, generate, linear_names, micro_experts, mumoe_logits
 from checkpoint import UsageError
 from generate import si
 from opt_model import OPTConfig, OPTForCausalLM, load_model
@@ -41,7 +41,7 @@ def prompt_masks(model, ids, rho, **kw):
     """Every Linear's masks from one μ-MoE forward, by checkpoint name: name -> [M_b for each prompt].
     (Read from the gated weights W ⊙ M_b: the random normal weights here have no zeros of their own.)"""
     chosen = {}
-    mumoe_logits(model, ids, rho, chosen=chosen, **kw)
+    mumoe_logits(model, ids, MuMoE(rho, **kw), chosen=chosen)
     return {name: [W_b != 0 for W_b in chosen[layer]] for layer, name in linear_names(model).items()}
 
 
@@ -66,7 +66,7 @@ def test_routed_linear_matches_from_scratch_stable_sort(select):
         M = torch.ones_like(S, dtype=torch.bool).scatter_(1, pruned, False)
         expected.append(X_b @ (layer.weight * M).T + layer.bias)
     with torch.no_grad():
-        Y = micro_experts(rho, select)(layer, X)
+        Y = micro_experts(MuMoE(rho, select=select))(layer, X)
     assert_close(Y, torch.stack(expected), 1e-6, f"routed Linear ({select}) vs from-scratch stable sort")
 
 
@@ -81,9 +81,9 @@ def test_block_routing_is_wanda_calibrated_on_the_window(tiny_model, rho, select
     window = random_ids(1, 40, TINY.vocab_size, low=3, seed=3)
     pruned = copy.deepcopy(tiny_model)
     prune_model(pruned, window, "wanda", rho, select=select, progress=False)
-    routed = mumoe_logits(tiny_model, window, rho, select=select, routing="block")
+    routed = mumoe_logits(tiny_model, window, MuMoE(rho, routing="block", select=select))
     assert_close(routed, pruned(window), ROUTING_ATOL, f"block routing vs prune_model on the window, rho={rho}")
-    one_pass = mumoe_logits(tiny_model, window, rho, select=select, routing="linear")
+    one_pass = mumoe_logits(tiny_model, window, MuMoE(rho, routing="linear", select=select))
     assert (one_pass - pruned(window)).abs().max() > 100 * ROUTING_ATOL, "linear routing is another method"
 
 
@@ -103,9 +103,9 @@ def test_routings_share_only_the_first_inputs(tiny_model):
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_prompts_in_a_batch_are_routed_independently(tiny_model, routing):
     ids = random_ids(3, 24, TINY.vocab_size, low=3)
-    batched = mumoe_logits(tiny_model, ids, 0.5, routing=routing)
+    batched = mumoe_logits(tiny_model, ids, MuMoE(0.5, routing=routing))
     for b in range(3):
-        alone = mumoe_logits(tiny_model, ids[b:b + 1], 0.5, routing=routing)[0]
+        alone = mumoe_logits(tiny_model, ids[b:b + 1], MuMoE(0.5, routing=routing))[0]
         assert_close(batched[b], alone, BATCH_ATOL, f"prompt {b} batched vs alone ({routing})")
     masks = prompt_masks(tiny_model, ids, 0.5, routing=routing)
     assert any(not torch.equal(M[0], M[1]) for M in masks.values()), "the prompts should pick different experts"
@@ -114,15 +114,15 @@ def test_prompts_in_a_batch_are_routed_independently(tiny_model, routing):
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_rho_one_is_exactly_dense(tiny_model, routing):
     ids = random_ids(2, 20, TINY.vocab_size, low=3)
-    assert torch.equal(mumoe_logits(tiny_model, ids, 1.0, routing=routing), tiny_model(ids))
-    assert not torch.allclose(mumoe_logits(tiny_model, ids, 0.9, routing=routing), tiny_model(ids)), \
+    assert torch.equal(mumoe_logits(tiny_model, ids, MuMoE(1.0, routing=routing)), tiny_model(ids))
+    assert not torch.allclose(mumoe_logits(tiny_model, ids, MuMoE(0.9, routing=routing)), tiny_model(ids)), \
         "rho < 1 must change the logits"
 
 
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_weights_are_left_untouched(tiny_model, routing):
     before = {name: p.clone() for name, p in tiny_model.state_dict().items()}
-    mumoe_logits(tiny_model, random_ids(2, 20, TINY.vocab_size, low=3), 0.4, routing=routing)
+    mumoe_logits(tiny_model, random_ids(2, 20, TINY.vocab_size, low=3), MuMoE(0.4, routing=routing))
     for name, p in tiny_model.state_dict().items():
         assert torch.equal(p, before[name]), f"{name} was modified by a μ-MoE forward ({routing})"
 
@@ -131,23 +131,23 @@ def test_weights_are_left_untouched(tiny_model, routing):
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_every_select_gives_identical_logits(tiny_model, rho, routing):
     ids = random_ids(2, 32, TINY.vocab_size, low=3)
-    reference = mumoe_logits(tiny_model, ids, rho, select="sort", routing=routing)
+    reference = mumoe_logits(tiny_model, ids, MuMoE(rho, routing=routing, select="sort"))
     for select in SELECTS:
-        assert torch.equal(mumoe_logits(tiny_model, ids, rho, select=select, routing=routing), reference), \
+        assert torch.equal(mumoe_logits(tiny_model, ids, MuMoE(rho, routing=routing, select=select)), reference), \
             f"{select} differs from sort ({routing})"
 
 
 def test_chosen_experts_refuse_another_batch_size(tiny_model):
     """Experts chosen for one prompt cannot silently serve a batch of two (zip would drop the second)."""
     chosen = {}
-    mumoe_logits(tiny_model, random_ids(1, 8, TINY.vocab_size, low=3), 0.5, chosen=chosen)
+    mumoe_logits(tiny_model, random_ids(1, 8, TINY.vocab_size, low=3), MuMoE(0.5), chosen=chosen)
     with pytest.raises(ValueError, match="1 prompts' experts for a batch of 2 prompts"):
         tiny_model(random_ids(2, 8, TINY.vocab_size, low=3), mumoe.chosen_experts(chosen))
 
 
 def test_unknown_routing_is_refused(tiny_model):
     with pytest.raises(UsageError, match="routing must be one of"):
-        mumoe_logits(tiny_model, random_ids(1, 8, TINY.vocab_size, low=3), 0.5, routing="dense")
+        mumoe_logits(tiny_model, random_ids(1, 8, TINY.vocab_size, low=3), MuMoE(0.5, routing="dense"))
 
 
 # One routed Linear in half precision vs float32 arithmetic on the same inputs and masks, as a fraction of the
@@ -169,7 +169,7 @@ def test_mumoe_in_half_precision(tiny_model, dtype, routing):
     for rho in (0.3, 0.5):
         # mumoe_logits written out, so that each Linear can be watched: routed_block's steps, block by block
         stats, chosen, seen, dense_inputs = {}, {}, [], {}
-        experts = micro_experts(rho, stats=stats if routing == "block" else None, chosen=chosen)
+        experts = micro_experts(MuMoE(rho), stats=stats if routing == "block" else None, chosen=chosen)
 
         def noting_linear(layer, x):
             y = experts(layer, x)
@@ -188,7 +188,8 @@ def test_mumoe_in_half_precision(tiny_model, dtype, routing):
             x = block(x, noting_linear)
         logits = model.head(x)
         assert logits.dtype == dtype
-        assert torch.equal(logits, mumoe_logits(model, ids, rho, routing=routing)), "not what mumoe_logits computes"
+        expected = mumoe_logits(model, ids, MuMoE(rho, routing=routing))
+        assert torch.equal(logits, expected), "not what mumoe_logits computes"
         assert len(seen) == 6 * TINY.num_hidden_layers
         for layer, X, Y in seen:
             name, routed_on = linear_names(model)[layer], dense_inputs[layer] if routing == "block" else X
@@ -211,8 +212,8 @@ def test_mumoe_in_half_precision(tiny_model, dtype, routing):
 def test_active_weights_and_counter_match_count_macs(tiny_model, rho, routing):
     B, T = 2, 20
     counter = Counter()
-    mumoe_logits(tiny_model, random_ids(B, T, TINY.vocab_size, low=3), rho, counter=counter, routing=routing)
-    analytic = count_macs(models.empty_model(TINY), T, rho)
+    mumoe_logits(tiny_model, random_ids(B, T, TINY.vocab_size, low=3), MuMoE(rho, routing=routing), counter=counter)
+    analytic = count_macs(models.empty_model(TINY), T, MuMoE(rho))
     for layer, name in linear_names(tiny_model).items():
         d_out, d_in = layer.weight.shape
         kept = d_in - math.floor(d_in * (1 - rho) + 1e-9)  # the promise: int(d_in * (1 - rho)) pruned per row
@@ -223,7 +224,8 @@ def test_active_weights_and_counter_match_count_macs(tiny_model, rho, routing):
 
 def test_count_macs_ours():
     T, rho = 100, 0.5
-    dense, routed = count_macs(models.empty_model(TINY), T, 1.0), count_macs(models.empty_model(TINY), T, rho, routing="linear")
+    tiny = models.empty_model(TINY)
+    dense, routed = count_macs(tiny, T, MuMoE(1.0)), count_macs(tiny, T, MuMoE(rho, routing="linear"))
     d, f, V = 32, 64, 128
     per_block_dense = (4 * d * d + 2 * d * f) * T
     assert dense.routing == {} and dense.total == 2 * per_block_dense + V * d * T
@@ -232,16 +234,18 @@ def test_count_macs_ours():
     assert routed.total == 2 * (per_block_dense // 2 + per_block_routing) + V * d * T
     # block routing adds the dense statistics pass: every Linear's product but fc2's
     statistics_pass = (4 * d * d + d * f) * T
-    assert count_macs(models.empty_model(TINY), T, rho).total == routed.total + 2 * statistics_pass
-    assert count_macs(models.empty_model(TINY), T, 1.0, routing="block") == dense, "the dense model gathers no statistics"
+    assert count_macs(tiny, T, MuMoE(rho)).total == routed.total + 2 * statistics_pass
+    assert count_macs(tiny, T, MuMoE(1.0, routing="block")) == dense, "the dense model gathers no statistics"
     assert routed.attention == dense.attention == 2 * 2 * d * T * (T + 1) // 2  # causal q k^T and AV
-    assert count_macs(models.empty_model(TINY), T, rho, prefix=10, routing="linear").routing["decoder.layers.0.fc2"] == f * 10 + d * f
-    assert count_macs(models.empty_model(TINY), T, rho, prefix=10).routing["decoder.layers.0.fc1"] == d * 10 + f * d + f * d * 10
+    one_pass = count_macs(tiny, T, MuMoE(rho, routing="linear", prefix=10)).routing
+    assert one_pass["decoder.layers.0.fc2"] == f * 10 + d * f
+    block = count_macs(tiny, T, MuMoE(rho, prefix=10)).routing
+    assert block["decoder.layers.0.fc1"] == d * 10 + f * d + f * d * 10
     opt350m = OPTConfig(hidden_size=1024, ffn_dim=4096, num_hidden_layers=24, num_attention_heads=16,
                         word_embed_proj_dim=512, do_layer_norm_before=False)
-    assert count_macs(models.empty_model(opt350m), 1, 1.0).linear["decoder.project_in"] == 512 * 1024
+    assert count_macs(models.empty_model(opt350m), 1, MuMoE(1.0)).linear["decoder.project_in"] == 512 * 1024
     with pytest.raises(UsageError):
-        count_macs(models.empty_model(TINY), T, 0.5, convention="flops")
+        count_macs(tiny, T, MuMoE(0.5), convention="flops")
 
 
 OPT_13B = OPTConfig(hidden_size=5120, ffn_dim=20480, num_hidden_layers=40, num_attention_heads=40,
@@ -254,7 +258,7 @@ PAPER_RTOL = 0.003
 
 @pytest.mark.parametrize("rho", sorted(PAPER_TABLE))
 def test_paper_table_for_opt_13b(rho):
-    total = count_macs(models.empty_model(OPT_13B), 128, rho, convention="paper").total
+    total = count_macs(models.empty_model(OPT_13B), 128, MuMoE(rho), convention="paper").total
     assert abs(total / PAPER_TABLE[rho] - 1) <= PAPER_RTOL, \
         f"rho={rho}: {total:.4g} MACs vs the paper's {PAPER_TABLE[rho]:.4g}: off by {total / PAPER_TABLE[rho] - 1:+.2%}"
 
@@ -264,7 +268,7 @@ def test_paper_table_reading():
     shapes, misses that row by more than PAPER_RTOL."""
     T, d, f, V, layers = 128, 5120, 20480, 50272, 40
     scores = layers * (4 * d * d + 2 * d * f)  # d_out * d_in of every decoder Linear
-    paper = {rho: count_macs(models.empty_model(OPT_13B), T, rho, convention="paper") for rho in PAPER_TABLE}
+    paper = {rho: count_macs(models.empty_model(OPT_13B), T, MuMoE(rho), convention="paper") for rho in PAPER_TABLE}
     for rho, count in paper.items():
         routing = sum(count.routing.values())
         assert routing == (0 if rho == 1.0 else scores), f"rho={rho}: routing {routing}, the scores are {scores}"
@@ -304,9 +308,9 @@ def test_prefix_routing_ignores_later_tokens(tiny_model, routing):
 
 def test_prefix_longer_than_prompt_is_refused(tiny_model):
     with pytest.raises(UsageError, match="prefix 11 is longer than the 10 tokens"):
-        mumoe_logits(tiny_model, random_ids(1, 10, TINY.vocab_size, low=3), 0.5, prefix=11)
+        mumoe_logits(tiny_model, random_ids(1, 10, TINY.vocab_size, low=3), MuMoE(0.5, prefix=11))
     with pytest.raises(UsageError, match="rho"):
-        micro_experts(1.5)
+        micro_experts(MuMoE(1.5))
 
 
 # At OPT's init_std 0.02 the embeddings dominate a tiny model and greedy decoding of the pre-LN one repeats
@@ -345,10 +349,11 @@ def test_generation_keeps_the_prompts_experts(tiny_model, routing):
     """Decoding through the cache with the prompt's experts = recomputing the whole sequence at every step, each
     time routed on the prompt's tokens only (prefix): the same masks, applied to every new token."""
     prompt, rho, steps = random_ids(1, 9, TINY.vocab_size, low=3, seed=5)[0].tolist(), 0.5, 10
-    new = generate(tiny_model, prompt, steps, rho, routing)
+    new = generate(tiny_model, prompt, steps, MuMoE(rho, routing=routing))
     ids = torch.tensor([prompt])
     for _ in range(steps):
-        next_id = mumoe_logits(tiny_model, ids, rho, prefix=len(prompt), routing=routing)[:, -1].argmax(-1, keepdim=True)
+        next_id = mumoe_logits(tiny_model, ids, MuMoE(rho, routing=routing, prefix=len(prompt)))[:, -1].argmax(-1,
+                                                                                                               keepdim=True)
         ids = torch.cat([ids, next_id], dim=1)
     assert new == ids[0, len(prompt):].tolist()
     assert len(set(new)) >= 6, f"a degenerate continuation cannot tell a broken decode: {new}"
@@ -359,9 +364,9 @@ def test_generation_keeps_the_prompts_experts(tiny_model, routing):
 def test_generation_stops_at_eos(tiny_model, rho):
     """With eos_id set to the token greedily emitted at step k (its first occurrence), decoding ends right there."""
     prompt = random_ids(1, 9, TINY.vocab_size, low=3, seed=5)[0].tolist()
-    free = generate(tiny_model, prompt, 10, rho)
+    free = generate(tiny_model, prompt, 10, MuMoE(rho))
     k = next(k for k in range(2, 10) if free[k] not in free[:k])
-    assert generate(tiny_model, prompt, 10, rho, eos_id=free[k]) == free[:k + 1]
+    assert generate(tiny_model, prompt, 10, MuMoE(rho), eos_id=free[k]) == free[:k + 1]
 
 
 def test_generation_bad_input(tiny_model):
@@ -369,7 +374,7 @@ def test_generation_bad_input(tiny_model):
     with pytest.raises(UsageError, match="max_new_tokens must be at least 1, got 0"):
         generate(tiny_model, prompt, 0)
     with pytest.raises(UsageError, match="60 prompt tokens \\+ 5 new tokens exceed max_position_embeddings=64"):
-        generate(tiny_model, prompt, 5, 0.5)
+        generate(tiny_model, prompt, 5, MuMoE(0.5))
     with pytest.raises(UsageError, match="the prompt is empty"):
         generate(tiny_model, [], 5)
-    assert len(generate(tiny_model, prompt, 4, 0.5)) == 4, "60 + 4 tokens fit the 64 positions exactly"
+    assert len(generate(tiny_model, prompt, 4, MuMoE(0.5))) == 4, "60 + 4 tokens fit the 64 positions exactly"

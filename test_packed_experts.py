@@ -20,7 +20,7 @@ import mumoe
 import packed_experts
 import pruners
 from checkpoint import UsageError
-from mumoe import decode_path, generate, route_prompt
+from mumoe import MuMoE, decode_path, generate, route_prompt
 from opt_model import OPTConfig, OPTForCausalLM
 from packed_experts import GROUP, ROWS, pack, packed_linear, packed_linear_reference
 from testkit import IMAGE_ID, save_tiny_llama, save_tiny_llava
@@ -172,9 +172,9 @@ def tiny_models(tmp_path_factory):
 def test_greedy_generation_packed_equals_masked(tiny_models, name, rho, nm, routing, monkeypatch):
     model, prompt = tiny_models[name]
     timings, products = {}, []
-    masked = generate(model, prompt, 16, rho, routing, nm=nm, decode="masked")
+    masked = generate(model, prompt, 16, MuMoE(rho, routing=routing, nm=nm), decode="masked")
     monkeypatch.setattr(mumoe, "packed_linear", lambda x, P: products.append(x.shape) or packed_linear(x, P))
-    packed = generate(model, prompt, 16, rho, routing, nm=nm, decode="packed", timings=timings)
+    packed = generate(model, prompt, 16, MuMoE(rho, routing=routing, nm=nm), decode="packed", timings=timings)
     assert packed == masked, f"{name}: packed decode {packed} vs masked {masked}"
     linears = sum(len(block.linears()) for block in model.blocks)
     assert len(products) == 15 * linears, f"{len(products)} packed products for 15 steps of {linears} Linears"
@@ -189,7 +189,7 @@ def test_packed_decode_steps_equal_masked_logits(tiny_models):
     logits = {}
     for path in ("masked", "packed"):
         cache = model.new_cache(len(prompt) + 4)
-        _, chosen = route_prompt(model, torch.tensor([prompt]), cache, 0.5)
+        _, chosen = route_prompt(model, torch.tensor([prompt]), cache, MuMoE(0.5))
         experts = mumoe.decode_experts(chosen, path)
         logits[path] = torch.cat([model(torch.tensor([[t]]), experts, cache) for t in (5, 17, 9, 40)], dim=1)
     assert (logits["packed"] - logits["masked"]).abs().max() < 1e-5, "packed decode moved the logits"
@@ -210,7 +210,7 @@ def test_lm_harness_loglikelihoods_packed_equal_masked(tmp_path):
     requests = [(None, context, torch.randint(3, 128, (n,), generator=gen).tolist()) for n in (1, 3, 6, 4, 2)]
     scores = {}
     for decode in ("masked", "packed"):
-        lm = HarnessLM(model, Tokenizer(), batch_size=2, rho=0.5, decode=decode)
+        lm = HarnessLM(model, Tokenizer(), batch_size=2, moe=MuMoE(0.5), decode=decode)
         assert lm.decode_path == decode
         scores[decode] = [logprob for logprob, _ in lm._loglikelihood_tokens(requests)]
     assert torch.allclose(torch.tensor(scores["packed"]), torch.tensor(scores["masked"]), HARNESS_RTOL, HARNESS_ATOL), (
@@ -223,13 +223,13 @@ def test_lm_harness_loglikelihoods_packed_equal_masked(tmp_path):
 
 def test_auto_falls_back_to_masked_with_the_same_tokens(tiny_models, monkeypatch):
     model, prompt = tiny_models["opt"]
-    masked = generate(model, prompt, 12, 0.5, decode="masked")
+    masked = generate(model, prompt, 12, MuMoE(0.5), decode="masked")
     monkeypatch.setattr(packed_experts, "compiled_kernel", lambda *flags: (None, "no C compiler found (test)"))
     assert decode_path("auto", "cpu", torch.float32) == "masked"
     monkeypatch.setattr(mumoe, "pack", None)  # the fallback must not touch the packed form at all
-    assert generate(model, prompt, 12, 0.5, decode="auto") == masked
+    assert generate(model, prompt, 12, MuMoE(0.5), decode="auto") == masked
     with pytest.raises(UsageError, match="--decode packed cannot run here: no C compiler found"):
-        generate(model, prompt, 12, 0.5, decode="packed")
+        generate(model, prompt, 12, MuMoE(0.5), decode="packed")
 
 
 @pytest.mark.parametrize("device, dtype, reason", [

@@ -133,7 +133,7 @@ def test_mumoe_routed_on_the_window_beats_wanda_calibrated_on_ptb(smollm2, first
     """The paper's claim on a real model: routed on the prompt itself, μ-MoE avoids the domain shift that
     Wanda's offline calibration on another corpus (PTB for WikiText-2) suffers."""
     model = models.load_model(smollm2)
-    routed = eval_ppl.perplexity(model, first_window, run_block=mumoe.routed_block(RHO, "block"))
+    routed = eval_ppl.perplexity(model, first_window, run_block=mumoe.routed_block(mumoe.MuMoE(RHO, routing="block")))
     calib = corpora.calibration_windows("ptb", models.load_tokenizer(smollm2), CALIB_WINDOWS, SEQLEN, 0, DATA)
     pruners.prune_model(model, calib, "wanda", RHO, progress=False)
     wanda = eval_ppl.perplexity(model, first_window)

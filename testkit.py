@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import llava_model
-from mumoe import mumoe_logits, routed_block
+from mumoe import MuMoE, mumoe_logits, routed_block
 from opt_model import OPTConfig, OPTForCausalLM
 
 REPO = Path(__file__).resolve().parent
@@ -597,7 +597,8 @@ def forward_modes(model, ids, rho: float, selects) -> dict:
     """name -> a function running one forward pass in that mode."""
     modes = {"dense": lambda: model(ids)}
     for routing in ("linear", "block"):
-        modes.update({f"mumoe {routing} {s}": (lambda r=routing, s=s: mumoe_logits(model, ids, rho, s, routing=r))
+        modes.update({f"mumoe {routing} {s}": (lambda r=routing, s=s: mumoe_logits(model, ids, MuMoE(rho, routing=r,
+                                                                                                     select=s)))
                       for s in selects})
     return modes
 
@@ -612,7 +613,7 @@ def paired_blocks(model, ids, rho: float, select: str, repeats: int) -> dict[str
     """
     modes = {"dense": lambda block, x: block(x)}
     for routing in ("linear", "block"):
-        run = routed_block(rho, routing, select)
+        run = routed_block(MuMoE(rho, routing=routing, select=select))
         modes[f"mumoe {routing} {select}"] = lambda block, x, run=run: run(block, x)
     x = model.embed(ids)
     outside = statistics.median(timed(lambda: model.head(x), repeats)) + statistics.median(timed(lambda: model.embed(ids), repeats))

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import models  # noqa: E402
 from checkpoint import dense_linear  # noqa: E402
 from llama_model import LlamaConfig, LlamaForCausalLM  # noqa: E402
-from mumoe import decode_experts, generate, pack_experts, packed_experts, route_prompt  # noqa: E402
+from mumoe import MuMoE, decode_experts, generate, pack_experts, packed_experts, route_prompt  # noqa: E402
 from opt_model import OPTConfig  # noqa: E402
 from packed_experts import kernel_problem  # noqa: E402
 from results_file import write_json  # noqa: E402
@@ -95,7 +95,7 @@ def bench_steps(name: str, model, repeats: int, batch: int = 1, settings=SETTING
     rows = []
     for label, (rho, nm) in settings.items():
         cache = model.new_cache(CACHED + 1, batch)
-        _, chosen = route_prompt(model, prompts, cache, rho, "block", nm=nm)
+        _, chosen = route_prompt(model, prompts, cache, MuMoE(rho, routing="block", nm=nm))
         start = time.perf_counter()
         experts = pack_experts(chosen)
         pack_s = time.perf_counter() - start
@@ -133,7 +133,7 @@ def bench_generation(name: str, model, prompt_tokens: int, new_tokens: int, repe
         if kind == "dense":
             generate(model, prompt, new_tokens, timings=timings)
         else:
-            generate(model, prompt, new_tokens, rho, kind, decode="packed", timings=timings)
+            generate(model, prompt, new_tokens, MuMoE(rho, routing=kind), decode="packed", timings=timings)
         runs[kind].append(timings)
 
     timed({kind: (lambda kind=kind: run(kind)) for kind in runs}, repeats)

@@ -104,7 +104,7 @@ def main():
         reference.save_pretrained(directory)
         ours = load_model(directory)
     ids = torch.randint(0, 50265, (args.windows, args.seqlen), generator=torch.Generator().manual_seed(0))
-    routed = mumoe.routed_block(args.rho)  # the default routing, as eval_ppl.py runs μ-MoE
+    routed = mumoe.routed_block(mumoe.MuMoE(args.rho))  # the default routing, as eval_ppl.py runs μ-MoE
     loops = {
         "hf": lambda: hf_perplexity(reference, ids),
         "ours": lambda: eval_ppl.perplexity(ours, ids),

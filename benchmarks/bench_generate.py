@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from testkit import random_ids, random_opt  # noqa: E402
-from mumoe import generate  # noqa: E402
+from mumoe import MuMoE, generate  # noqa: E402
 from opt_model import OPTConfig  # noqa: E402
 
 DENSE_TARGET, DENSE_BAR = 1.0, 1.1  # ours dense / transformers
@@ -80,7 +80,7 @@ def main():
 
     def ours(rho=1.0, routing="block"):
         timings = {}
-        new = generate(model, prompt_ids, args.new, rho, routing, timings=timings)
+        new = generate(model, prompt_ids, args.new, MuMoE(rho, routing=routing), timings=timings)
         return new, dict(timings, total=timings["prompt"] + timings["decode"])
 
     def theirs(n):

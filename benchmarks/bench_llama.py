@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
 from testkit import paired_blocks  # noqa: E402
-from mumoe import mumoe_logits  # noqa: E402
+from mumoe import MuMoE, mumoe_logits  # noqa: E402
 from pruners import default_select  # noqa: E402
 
 SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
@@ -78,7 +78,8 @@ def main():
         with torch.inference_mode():
             assert (ours(ids) - reference(ids).logits).abs().max() < 1e-3  # same weights, same answer
         modes = {"transformers": lambda: reference(ids).logits, "dense": lambda: ours(ids)}
-        modes.update({f"mumoe {r}": (lambda r=r: mumoe_logits(ours, ids, args.rho, routing=r)) for r in ("linear", "block")})
+        modes.update({f"mumoe {r}": (lambda moe=MuMoE(args.rho, routing=r): mumoe_logits(ours, ids, moe))
+                      for r in ("linear", "block")})
         times = interleaved(modes, args.repeats)
         rows += report({k: times[k] for k in ("transformers", "dense")}, "transformers",
                        f"dense forward, ours / transformers, T = {T}")

@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import models  # noqa: E402
 from lm_harness import HarnessLM  # noqa: E402
+from mumoe import MuMoE  # noqa: E402
 
 MODEL = REPO.parent / "shared" / "models" / "opt-ptb-tiny"
 TASK_DATA = REPO / "tasks" / "ptb_lastword" / "ptb_lastword_mc.test.jsonl"
@@ -81,8 +82,8 @@ def main(argv=None) -> None:
     model, tokenizer = models.load_model(MODEL), models.load_tokenizer(MODEL)
     reqs = requests(args.questions)
     modes = {"HFLM": hflm(args.batch_size), "ours dense": HarnessLM(model, tokenizer, args.batch_size),
-             "μ-MoE context": HarnessLM(model, tokenizer, args.batch_size, args.rho),
-             "μ-MoE full": HarnessLM(model, tokenizer, args.batch_size, args.rho, routing_scope="full")}
+             "μ-MoE context": HarnessLM(model, tokenizer, args.batch_size, MuMoE(args.rho)),
+             "μ-MoE full": HarnessLM(model, tokenizer, args.batch_size, MuMoE(args.rho), routing_scope="full")}
     first = {name: [ll for ll, _ in lm.loglikelihood(reqs, disable_tqdm=True)] for name, lm in modes.items()}  # warm-up
     worst = max(abs(a - b) for a, b in zip(first["ours dense"], first["HFLM"]))
     assert worst <= PARITY_ATOL, f"ours dense vs HFLM: max |diff| {worst:.2e}"

@@ -107,7 +107,8 @@ def generate(args, device, work: Path) -> dict:
     figures, decode = {}, mumoe.decode_path(args.decode, device, args.dtype)  # --decode packed on CUDA: this step fails
     for name, rho, routing in [("dense", 1.0, "block"), ("mumoe block", 0.5, "block"),
                                ("mumoe linear", 0.5, "linear")]:
-        seconds = timed(lambda: mumoe.generate(model, prompt_ids, new, rho, routing, decode=args.decode),
+        seconds = timed(lambda: mumoe.generate(model, prompt_ids, new, mumoe.MuMoE(rho, routing=routing),
+                                               decode=args.decode),
                         args.repeats, device)
         figures[name] = dict(median_and_spread(seconds), tokens_per_s=new / statistics.median(seconds))
     return dict(prompt=prompt, new=new, dtype=str(args.dtype), decode=decode, figures=figures)
