@@ -10,6 +10,11 @@ whichever runs first), the dense and the μ-MoE generations alternate --repeats 
 so that a burst of load from another process slows both alike. The MAC count beneath is mumoe.count_macs's.
 """
 
+import ctrl_c
+
+if __name__ == "__main__":  # Ctrl-C at any moment (nothing is saved here): one line and exit 130, no traceback
+    ctrl_c.exit_at_once("generate.py")
+
 import statistics
 import sys
 
@@ -184,4 +189,4 @@ def si(n: float) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    ctrl_c.end("generate.py", main() or 0)

@@ -2,6 +2,7 @@
 its bad input is one line and exit code 2. (The generation itself is tested in test_mumoe.py and, packed against
 masked, in test_packed_experts.py; the command on a LLaMA and a LLaVA in test_llama.py and test_llava.py.)"""
 
+import re
 import subprocess
 import sys
 
@@ -33,7 +34,10 @@ def test_command_generates(tiny_with_tokenizer):
     assert f"--- dense:\n{PROMPT}" in run.stdout and "--- μ-MoE, rho = 0.5" in run.stdout
     assert "(50.00%)" in run.stdout, "hidden 32 and ffn 64 split exactly in half at rho = 0.5"
     assert run.stdout.count(" tokens/s; prompt ") == 2 and "routing on the prompt, once: " in run.stdout
-    assert "saved" in run.stdout
+    line = re.search(r"\n  dense (\S+), μ-MoE (\S+) \(routing \S+\): (-?[\d.]+)% saved", run.stdout)
+    assert line, "no MAC line"
+    dense, routed = (float(v[:-1]) * {"k": 1e3, "M": 1e6, "G": 1e9}[v[-1]] for v in line.groups()[:2])
+    assert abs(float(line[3]) - 100 * (1 - routed / dense)) < 1, f"{line[0]!r}: the saving is not 1 - μ-MoE / dense"
     assert "the medians of 3 generations of each, alternating, after a warm-up of each" in run.stdout
 
 
