@@ -9,21 +9,10 @@ import sys
 import pytest
 import torch
 
-import generate
 import packed_experts
-from testkit import REPO, assert_one_line_error
+from testkit import REPO, assert_one_line_error, run_generate
 
 PROMPT = "Hello, my dog is"
-
-
-def run_generate(argv, capsys) -> tuple[int, str, str]:
-    try:
-        generate.main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_command_generates(tiny_with_tokenizer):

@@ -17,7 +17,7 @@ from llava_model import (CLIP_MEAN, CLIP_STD, PAD_COLOR, CLIPVisionConfig, CLIPV
                          expand_to_square, preprocess)
 from mumoe import MuMoE
 from testkit import (IMAGE_ID, N_FEATURES, TINY_VISION, assert_close, randomize_layer_norms, rewrite_checkpoint,
-                     save_llama2_like_tokenizer, save_tiny_llava, save_tiny_opt)
+                     run_generate, save_llama2_like_tokenizer, save_tiny_llava, save_tiny_opt)
 
 
 # -----------------------------------------------------------------------------
@@ -602,18 +602,6 @@ def cat_jpg(tmp_path_factory):
     path = tmp_path_factory.mktemp("images") / "cat.jpg"
     random_image("RGB", 90, 60).save(path)
     return path
-
-
-def run_generate(argv, capsys) -> tuple[int, str, str]:
-    import generate
-
-    try:
-        generate.main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_generation_command_on_a_llava(llava_with_tokenizer, cat_jpg, capsys):

@@ -245,11 +245,11 @@ def assert_each_visits(modules, moves, device, what):
         assert where == {"cpu"}, f"{what}: {name}'s parameters are on {where} after the loop"
 
 
-def reference_fasterprune(W, H, sparsity, prunen=0, prunem=0, blocksize=128, percdamp=.01):
-    """IST-DASLab/sparsegpt fasterprune, line for line, less quantization and logging. One change:
-    the reference's `thresh = sort(tmp)[int(numel * sparsity)]` with `tmp <= thresh` prunes k + 1 weights;
-    here `[k - 1]` prunes exactly k, which is the same set as ours on inputs without ties (random floats),
-    where the reference's N:M topk also picks the same N as our stable sort."""
+def reference_fasterprune(W, H, sparsity, prunen=0, prunem=0, blocksize=128, percdamp=.01, exact=True):
+    """IST-DASLab/sparsegpt fasterprune, line for line, less quantization and logging. One change, unless
+    `exact=False`: the reference's `thresh = sort(tmp)[int(numel * sparsity)]` with `tmp <= thresh` prunes k + 1
+    weights of a block (more with ties); `exact` takes `[k - 1]`, which prunes exactly k, the same set as ours on
+    inputs without ties (random floats), where the reference's N:M topk also picks the same N as our stable sort."""
     W, H = W.clone().float(), H.clone()
     columns = W.shape[1]
     dead = torch.diag(H) == 0
@@ -271,7 +271,7 @@ def reference_fasterprune(W, H, sparsity, prunen=0, prunem=0, blocksize=128, per
         Hinv1 = Hinv[i1:i2, i1:i2]
         if prunen == 0:
             tmp = W1 ** 2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
-            thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity) - 1]  # reference: [int(...)]
+            thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity) - exact]  # reference: [int(...)]
             mask1 = tmp <= thresh
         else:
             mask1 = torch.zeros_like(W1) == 1
@@ -304,6 +304,19 @@ def run_main(argv, capsys) -> tuple[int, str, str]:
     try:
         code = eval_ppl.main(argv)
     except SystemExit as e:  # argparse
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_generate(argv, capsys) -> tuple[int, str, str]:
+    """Run generate.main in this process: (exit code, stdout, stderr)."""
+    import generate  # a command: imported only by the tests that run it
+
+    try:
+        generate.main(argv)
+        code = 0
+    except SystemExit as e:
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err

@@ -44,6 +44,7 @@ import eval_ppl  # noqa: E402
 import models  # noqa: E402
 import pruners  # noqa: E402
 from results_file import write_json  # noqa: E402
+from testkit import reference_fasterprune  # noqa: E402
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -92,42 +93,6 @@ def running_mean_hook(stats, name, method, accumulate):
     return add_batch
 
 
-def reference_fasterprune(W, H, sparsity, exact=False):
-    """IST-DASLab/sparsegpt `fasterprune` as published (unstructured, no quantization), line for line. Its block
-    threshold `sort(tmp)[int(numel * sparsity)]` with `tmp <= thresh` prunes k + 1 weights of a block (more with
-    ties); `exact` takes `[k - 1]`, which prunes exactly k as ours does (without ties)."""
-    W, H = W.clone().float(), H.clone()
-    columns = W.shape[1]
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    damp = PERCDAMP * torch.mean(torch.diag(H))
-    diag = torch.arange(columns)
-    H[diag, diag] += damp
-    H = torch.linalg.cholesky(H)
-    H = torch.cholesky_inverse(H)
-    Hinv = torch.linalg.cholesky(H, upper=True)
-    for i1 in range(0, columns, BLOCKSIZE):
-        i2 = min(i1 + BLOCKSIZE, columns)
-        W1 = W[:, i1:i2].clone()
-        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        tmp = W1 ** 2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
-        thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity) - exact]
-        mask1 = tmp <= thresh
-        for i in range(i2 - i1):
-            w, d = W1[:, i], Hinv1[i, i]
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err1 = (w - q) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
-    return W
-
-
 @torch.no_grad()
 def reference_prune(hf, calib_ids, method, rho, accumulate=torch.float32, keep_inputs=False, exact=False):
     """Prune transformers' model in place as Wanda's repository does; returns the pruned masks by layer and name, and,
@@ -154,7 +119,8 @@ def reference_prune(hf, calib_ids, method, rho, accumulate=torch.float32, keep_i
                 W_mask = torch.zeros_like(W, dtype=torch.bool).scatter_(1, indices, True)
                 W[W_mask] = 0
             else:
-                W.copy_(reference_fasterprune(W, stat, 1 - rho, exact))
+                W.copy_(reference_fasterprune(W, stat, 1 - rho, blocksize=BLOCKSIZE, percdamp=PERCDAMP,
+                                                     exact=exact))
             masks[-1][name] = W == 0
         inps = torch.cat([layer(inps[j].unsqueeze(0), **kwargs) for j in range(len(inps))])  # the pruned layer's outputs
     return masks, inputs
