@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from testkit import REPO, cli_args, said_lines, save_vqa_llava, sentence, write_multiple_choice_task, write_vqa_data
+from testkit import (REPO, cli_args, finish, launch, said_lines, save_vqa_llava, sentence, write_multiple_choice_task,
+                     write_vqa_data)
 
 EXIT_TIMEOUT = 60  # seconds from the press to the process's end before the test calls it a hang (it takes < 1 s)
 FIRST_SECOND = (0.3, 0.6, 0.9)  # during `import torch`: the moments a traceback used to come from
@@ -152,40 +153,25 @@ def test_eval_vqa(tmp_path_factory, tmp_path):
     assert_each_press_ends_cleanly(press_ctrl_c_at(argv_for, moments(argv_for)), "eval_vqa.py", rows=3)
 
 
+# eval_ppl.py run as `python eval_ppl.py ARGS` runs it (its Ctrl-C handling is the script's, under __main__)
+AS_A_SCRIPT = "import runpy, sys; sys.argv[0] = 'eval_ppl.py'; runpy.run_path('eval_ppl.py', run_name='__main__')"
+
+
 @needs_proc
 def test_eval_ppl_on_two_ranks(tiny_with_tokenizer, cli_data, tmp_path):
     """As under torchrun: two ranks, each pressed at once. Each rank ends (130, or 0 once its
     work is done), no traceback, and the ranks say one line between them (torchrun's own agent, which prints a
     traceback of its own on SIGINT, is torch's and not run here)."""
-    import torch.distributed as dist
-
-    def ranks_for(i):
-        out = tmp_path / f"ppl{i}.json"
-        argv = ["eval_ppl.py", *cli_args(tiny_with_tokenizer, cli_data, "--datasets", "ptb", "--methods", "dense",
-                                         "wanda", "mumoe", "--calib", "ptb", "--rho", "0.5", "0.3", "--out", str(out))]
-        return argv, out
-
     results = []
     for i, delay in enumerate(FIRST_SECOND + (2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 15.0)):
-        argv, out = ranks_for(i)
-        store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # this run's rendezvous
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), WORLD_SIZE="2",
-                   LOCAL_WORLD_SIZE="2", TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0",
-                   OMP_NUM_THREADS="1")
-        procs = [subprocess.Popen([sys.executable, *argv], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in (0, 1)]
+        out = tmp_path / f"ppl{i}.json"
+        argv = cli_args(tiny_with_tokenizer, cli_data, "--datasets", "ptb", "--methods", "dense", "wanda", "mumoe",
+                        "--calib", "ptb", "--rho", "0.5", "0.3", "--out", str(out))
+        _store, procs = launch(AS_A_SCRIPT, argv, 2, tmp_path / f"writes{i}.log")  # the store: this run's rendezvous
         time.sleep(delay)
         for proc in procs:  # a terminal's Ctrl-C reaches every process of the job at once
             proc.send_signal(signal.SIGINT)
-        ended = []
-        for rank, proc in enumerate(procs):
-            try:
-                _, err = proc.communicate(timeout=EXIT_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                for p in procs:
-                    p.kill()
-                pytest.fail(f"eval_ppl.py on 2 ranks, Ctrl-C after {delay:.2f} s: rank {rank} still running")
-            ended.append((proc.returncode, err))
+        ended = [(code, err) for code, _, err in finish(procs)]
         moment = f"eval_ppl.py on 2 ranks, Ctrl-C after {delay:.2f} s"
         for rank, (code, err) in enumerate(ended):
             assert "Traceback" not in err, f"{moment}: a traceback on rank {rank}\n{err[-3000:]}"

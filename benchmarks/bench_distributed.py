@@ -65,10 +65,9 @@ COMMANDS_TARGET, COLLECTIVES_TARGET = 0.6, 0.05  # --commands: the time of 2 ran
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
-def worker(args) -> None:
-    """One launch: time each task once after a warm-up; rank 0 prints the seconds as JSON, and the seconds it
-    spent inside the collectives (waiting for the other rank included)."""
-    distributed.start("cpu")
+def time_collectives() -> list[float]:
+    """From now on, every collective of distributed.py adds its seconds (waits for the other ranks included) to the
+    one-element list returned."""
     inside, collective = [0.0], distributed.collective
 
     def timed_collective(op, *args):
@@ -78,6 +77,14 @@ def worker(args) -> None:
         return result
 
     distributed.collective = timed_collective
+    return inside
+
+
+def worker(args) -> None:
+    """One launch: time each task once after a warm-up; rank 0 prints the seconds as JSON, and the seconds it
+    spent inside the collectives (waiting for the other rank included)."""
+    distributed.start("cpu")
+    inside = time_collectives()
     ids = random_ids(1, args.windows * args.seqlen, OPTConfig().vocab_size).view(args.windows, args.seqlen)
     model = load_model(args.checkpoint)
     seconds = {}
@@ -119,15 +126,7 @@ def command_worker(args) -> None:
     import eval_tasks
     import eval_vqa
 
-    inside, collective = [0.0], distributed.collective
-
-    def timed_collective(op, *a):
-        start = time.perf_counter()
-        result = collective(op, *a)
-        inside[0] += time.perf_counter() - start
-        return result
-
-    distributed.collective = timed_collective
+    inside = time_collectives()
     rank = int(os.environ.get("RANK", "0"))
     start, cpu = time.perf_counter(), time.process_time()
     code = {"vqa": eval_vqa, "tasks": eval_tasks}[args.command_worker].main(json.loads(args.argv))
