@@ -36,8 +36,9 @@ weights (fp32 values, uint8 column offsets in 256-column tiles, fastmath so that
 gathers) was slower than the dense product itself on LLaMA-7B's MLP shapes: its gathers and short per-tile loops
 are bound by instructions, and numba's own thread pool fights torch's for the cores. The bitmap layout needs
 expand (or a byte-indexed permutation), which numba cannot emit, and C compiled with -fopenmp joins the libgomp
-that torch has already loaded, so both share one pool of threads. The source
-below is compiled once per machine (-march=native) into a cache directory, and loaded with ctypes.
+that torch has already loaded, so both share one pool of threads. The source,
+packed_experts.c beside this file, is compiled once per machine (-march=native) into a cache directory, and loaded
+with ctypes; the boundary checks what it hands over (float32, the CPU, the packed width), since C reads raw pointers.
 
 Where the kernel cannot run (no C compiler, a CPU without AVX2, CUDA tensors, a dtype other than float32),
 `kernel_problem` says why in one line, and the masked dense product runs instead (mumoe.decode_path).
@@ -45,7 +46,7 @@ Where the kernel cannot run (no C compiler, a CPU without AVX2, CUDA tensors, a 
     pack(W_gated, bias)                   W ⊙ M (d_out, d_in) -> PackedLinear (by the compiled kernel too)
     packed_bytes(d_out, d_in, kept)       what that costs in memory, and what a decode step reads of it
     packed_linear(x, packed)              the kernel: x (..., d_in) -> (..., d_out)
-    packed_linear_reference(x, packed)    the same product in plain PyTorch, from the packed form
+    unpack(packed)                        the packed form -> W ⊙ M again, in plain PyTorch
     kernel_problem(device, dtype)         None where the kernel runs, else why not
 """
 
@@ -69,155 +70,7 @@ PAD = GROUP  # zeros after the last value: AVX2's full-width load at the last gr
 COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")  # for this CPU; joins torch's OpenMP
 CACHE_DIR = Path(os.environ.get("MUMOE_CACHE", Path.home() / ".cache" / "mumoe"))
 
-KERNEL_SOURCE = r"""
-#include <immintrin.h>
-#include <stdint.h>
-
-#if !defined(__AVX2__) || !defined(__FMA__)
-#error "the packed decode kernel needs AVX2 and FMA"
-#endif
-
-#define GROUP 16
-#define ROWS 4
-#define TOKENS_PER_PASS 4
-
-#ifdef __AVX512F__
-#define LANES 16  /* a group is one vector */
-typedef __m512 vec;
-#define zero() _mm512_setzero_ps()
-#define fma(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define hsum(a) _mm512_reduce_add_ps(a)
-static inline vec load_x(const float *x, int n) {  /* x's next n <= LANES columns, zeros after them */
-    if (n >= LANES) return _mm512_loadu_ps(x);
-    return _mm512_maskz_loadu_ps((__mmask16)((1u << (n > 0 ? n : 0)) - 1), x);
-}
-/* the next popcount(m) values of the stream, each put into the lane of its column; zeros in the other lanes */
-static inline vec expand(const float *v, unsigned m) { return _mm512_maskz_expandloadu_ps((__mmask16)m, v); }
-#else  /* AVX2: a group is two vectors of 8; a mask byte looks up where the next 8 values go, which lanes are kept */
-#define LANES 8
-typedef __m256 vec;
-#define zero() _mm256_setzero_ps()
-#define fma(a, b, c) _mm256_fmadd_ps(a, b, c)
-static int32_t permutation[256][8];  /* mask byte -> for each lane, which of the next 8 values goes there */
-static int32_t lanes[256][8];        /* mask byte -> all ones in its kept lanes */
-__attribute__((constructor)) static void build_tables(void) {
-    for (int m = 0; m < 256; m++)
-        for (int j = 0, p = 0; j < 8; j++) {
-            permutation[m][j] = (m >> j & 1) ? p : 0;
-            lanes[m][j] = (m >> j & 1) ? -1 : 0;
-            p += m >> j & 1;
-        }
-}
-static inline vec load_x(const float *x, int n) {
-    if (n >= LANES) return _mm256_loadu_ps(x);
-    return _mm256_maskload_ps(x, _mm256_loadu_si256((const __m256i *)lanes[(1 << (n > 0 ? n : 0)) - 1]));
-}
-static inline vec expand(const float *v, unsigned m) {  /* reads 8 values: the buffer ends in PAD zeros */
-    __m256 w = _mm256_permutevar8x32_ps(_mm256_loadu_ps(v), _mm256_loadu_si256((const __m256i *)permutation[m]));
-    return _mm256_and_ps(w, _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)lanes[m])));
-}
-static inline float hsum(__m256 a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-#endif
-#define HALVES (GROUP / LANES)
-#define LANE_BITS ((1u << LANES) - 1)
-
-/* One block of ROWS rows, NT tokens:  acc_rt += expand(values, bits_gr) * x[t, group g], the block's stream
-   read front to back. Each load of x serves the ROWS rows, each expanded w the NT tokens. */
-#define PASS_KERNEL(NT)                                                                                       \
-static void pass_##NT(const float *x, int64_t d_in, const uint16_t *bits, const float *v, float *sums) {      \
-    vec acc[ROWS][NT];                                                                                        \
-    for (int r = 0; r < ROWS; r++)                                                                            \
-        for (int t = 0; t < NT; t++) acc[r][t] = zero();                                                      \
-    for (int64_t j = 0; j < d_in; j += GROUP, bits += ROWS) {                                                 \
-        vec xv[HALVES][NT];                                                                                   \
-        for (int h = 0; h < HALVES; h++)                                                                      \
-            for (int t = 0; t < NT; t++) xv[h][t] = load_x(x + t * d_in + j + h * LANES, (int)(d_in - j) - h * LANES); \
-        for (int r = 0; r < ROWS; r++)                                                                        \
-            for (int h = 0; h < HALVES; h++) {                                                                \
-                unsigned m = (bits[r] >> (h * LANES)) & LANE_BITS;                                            \
-                vec w = expand(v, m);                                                                         \
-                v += __builtin_popcount(m);                                                                   \
-                for (int t = 0; t < NT; t++) acc[r][t] = fma(w, xv[h][t], acc[r][t]);                         \
-            }                                                                                                 \
-    }                                                                                                         \
-    for (int r = 0; r < ROWS; r++)                                                                            \
-        for (int t = 0; t < NT; t++) sums[r * TOKENS_PER_PASS + t] = hsum(acc[r][t]);                         \
-}
-
-PASS_KERNEL(1) PASS_KERNEL(2) PASS_KERNEL(3) PASS_KERNEL(4)
-typedef void (*pass_kernel)(const float *, int64_t, const uint16_t *, const float *, float *);
-static const pass_kernel PASSES[TOKENS_PER_PASS + 1] = {0, pass_1, pass_2, pass_3, pass_4};
-
-/* y (n, d_out) = x (n, d_in) (W ⊙ M)^T + bias, with W ⊙ M packed as bits, values and starts */
-void packed_linear(const float *x, int64_t n, int64_t d_in, const uint16_t *bits, const float *values,
-                   const int64_t *starts, const float *bias, float *y, int64_t d_out, int threads) {
-    int64_t groups = (d_in + GROUP - 1) / GROUP, blocks = (d_out + ROWS - 1) / ROWS;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < blocks; b++) {
-        float sums[ROWS * TOKENS_PER_PASS];
-        int rows = d_out - b * ROWS < ROWS ? (int)(d_out - b * ROWS) : ROWS;  /* the last block's real rows */
-        for (int64_t t0 = 0; t0 < n; t0 += TOKENS_PER_PASS) {  /* later passes find the block in cache */
-            int nt = n - t0 < TOKENS_PER_PASS ? (int)(n - t0) : TOKENS_PER_PASS;
-            PASSES[nt](x + t0 * d_in, d_in, bits + b * groups * ROWS, values + starts[b], sums);
-            for (int r = 0; r < rows; r++)
-                for (int t = 0; t < nt; t++)
-                    y[(t0 + t) * d_out + b * ROWS + r] =
-                        sums[r * TOKENS_PER_PASS + t] + (bias ? bias[b * ROWS + r] : 0.0f);
-        }
-    }
-}
-
-/* Packing, two passes over W ⊙ M (d_out, d_in): how many weights each block keeps (counts[b]), then, once the
-   caller has summed them into starts, each block's mask bits and kept values in (group, row, column) order. */
-static inline unsigned kept_bits(const float *w, int64_t n) {  /* bit j: w[j] != 0, for the n <= GROUP columns */
-#ifdef __AVX512F__
-    return _mm512_cmp_ps_mask(load_x(w, (int)(n < GROUP ? n : GROUP)), _mm512_setzero_ps(), _CMP_NEQ_UQ);
-#else
-    unsigned m = 0;
-    for (int j = 0; j < GROUP && j < n; j++) m |= (unsigned)(w[j] != 0.0f) << j;
-    return m;
-#endif
-}
-
-void count_kept(const float *W, int64_t d_out, int64_t d_in, int64_t *counts, int threads) {
-    int64_t blocks = (d_out + ROWS - 1) / ROWS;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < blocks; b++) {
-        int64_t kept = 0;
-        for (int64_t i = b * ROWS; i < d_out && i < (b + 1) * ROWS; i++)
-            for (int64_t j = 0; j < d_in; j += GROUP) kept += __builtin_popcount(kept_bits(W + i * d_in + j, d_in - j));
-        counts[b] = kept;
-    }
-}
-
-void pack_blocks(const float *W, int64_t d_out, int64_t d_in, uint16_t *bits, float *values, const int64_t *starts,
-                 int threads) {
-    int64_t groups = (d_in + GROUP - 1) / GROUP, blocks = (d_out + ROWS - 1) / ROWS;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < blocks; b++) {
-        float *v = values + starts[b];
-        uint16_t *bits_b = bits + b * groups * ROWS;
-        for (int64_t g = 0; g < groups; g++)
-            for (int r = 0; r < ROWS; r++) {
-                int64_t i = b * ROWS + r, j0 = g * GROUP;
-                unsigned m = i < d_out ? kept_bits(W + i * d_in + j0, d_in - j0) : 0;  /* padding rows: empty */
-                bits_b[g * ROWS + r] = (uint16_t)m;
-#ifdef __AVX512F__
-                if (m)  /* the row's kept values of the group, side by side */
-                    _mm512_mask_compressstoreu_ps(v, (__mmask16)m, _mm512_maskz_loadu_ps((__mmask16)m, W + i * d_in + j0));
-                v += __builtin_popcount(m);
-#else
-                for (int j = 0; j < GROUP; j++)
-                    if (m >> j & 1) *v++ = W[i * d_in + j0 + j];
-#endif
-            }
-    }
-}
-"""
+KERNEL_SOURCE = Path(__file__).with_name("packed_experts.c")  # read at build time, part of the cache key
 
 
 # -----------------------------------------------------------------------------
@@ -249,9 +102,12 @@ def packed_bytes(d_out: int, d_in: int, kept: int) -> int:
 def pack(W_gated: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinear:
     """W ⊙ M (d_out, d_in), float32 on the CPU -> its packed form (by the compiled kernel's two passes over it).
     A weight is kept where W ⊙ M is nonzero: a kept weight that is exactly 0 adds nothing to the product."""
-    lib, problem = compiled_kernel()
-    if problem is not None:
-        raise RuntimeError(problem)
+    lib = loaded_kernel()
+    check_float32_cpu(W_gated, "W ⊙ M", ndim=2)
+    if bias is not None:
+        check_float32_cpu(bias, "the bias", ndim=1)
+        if bias.shape[0] != W_gated.shape[0]:
+            raise ValueError(f"a bias of {bias.shape[0]} for {W_gated.shape[0]} rows")
     W_gated = W_gated.detach().contiguous()
     d_out, d_in = W_gated.shape
     blocks, groups = -(-d_out // ROWS), -(-d_in // GROUP)
@@ -265,15 +121,15 @@ def pack(W_gated: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinea
     return PackedLinear(bits, values, starts, d_out, d_in, bias)
 
 
-def packed_linear_reference(x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
-    """x (..., d_in) -> x (W ⊙ M)^T + b, W ⊙ M rebuilt from the packed form in plain PyTorch (the tests' oracle)."""
+def unpack(packed: PackedLinear) -> torch.Tensor:
+    """The packed form -> W ⊙ M (d_out, d_in) again, in plain PyTorch: moves values only, so it is exact."""
     blocks, groups = packed.bits.shape[0], -(-packed.d_in // GROUP)
     keep = np.unpackbits(packed.bits.numpy().reshape(blocks, groups, ROWS, 2), axis=-1, bitorder="little")
     keep = torch.from_numpy(keep).bool().reshape(blocks, groups, ROWS, GROUP)  # the stream's order
     W_stream = torch.zeros(keep.shape, dtype=packed.values.dtype)
     W_stream[keep] = packed.values[: packed.starts[-1]]  # (block, group, row, column) order: the stream's
     W_gated = W_stream.permute(0, 2, 1, 3).reshape(blocks * ROWS, groups * GROUP)[: packed.d_out, : packed.d_in]
-    return torch.nn.functional.linear(x, W_gated, packed.bias)
+    return W_gated.contiguous()
 
 
 # -----------------------------------------------------------------------------
@@ -281,25 +137,29 @@ def packed_linear_reference(x: torch.Tensor, packed: PackedLinear) -> torch.Tens
 
 
 @cache
-def compiled_kernel(extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str | None]:
-    """(the loaded library, None), or (None, one line saying why the kernel cannot run on this machine).
-    `extra_flags` go to the compiler after COMPILE_FLAGS (the tests build the AVX2 path with -mno-avx512f)."""
+def build(extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str | None]:
+    """Compile packed_experts.c for this CPU (once: the library is cached under CACHE_DIR, keyed by the source, the
+    compiler's version, the flags and the CPU's flags) -> (the loaded library, None), or (None, why it cannot run).
+    `extra_flags` go after COMPILE_FLAGS: the tests build the AVX2 path on an AVX-512 CPU with -mno-avx512f."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None or shutil.which(compiler) is None:
         return None, "no C compiler found (cc, gcc or $CC) to build the packed decode kernel"
     flags = [*COMPILE_FLAGS, *extra_flags]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\n".join([KERNEL_SOURCE, version, *flags, cpu_flags()]).encode()).hexdigest()[:16]
+    source = KERNEL_SOURCE.read_text()
+    key = hashlib.sha256("\n".join([source, version, *flags, cpu_flags()]).encode()).hexdigest()[:16]
     library = CACHE_DIR / f"packed_experts-{key}.so"
     if not library.exists():
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=CACHE_DIR) as build:
-            source, built = Path(build) / "packed_experts.c", Path(build) / "packed_experts.so"
-            source.write_text(KERNEL_SOURCE)
-            result = subprocess.run([compiler, *flags, str(source), "-o", str(built)], capture_output=True, text=True)
-            if result.returncode != 0:
-                error = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip())
-                return None, f"the packed decode kernel did not compile with {compiler}: {error.strip()}"
+        with tempfile.TemporaryDirectory(dir=CACHE_DIR) as build_dir:
+            built = Path(build_dir) / "packed_experts.so"
+            result = subprocess.run([compiler, *flags, str(KERNEL_SOURCE), "-o", str(built)],
+                                    capture_output=True, text=True)
+            if result.returncode != 0:  # one line to read, the compiler's whole output (file and line) kept
+                log = CACHE_DIR / "packed_experts-build.log"
+                log.write_text(f"{' '.join([compiler, *flags, str(KERNEL_SOURCE)])}\n{result.stderr}")
+                error = next((line for line in result.stderr.splitlines() if "error" in line), "no error line")
+                return None, f"the packed decode kernel did not compile with {compiler}: {error.strip()} (all: {log})"
             os.replace(built, library)  # atomic: a concurrent build never sees half a file
     lib = ctypes.CDLL(str(library))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -308,6 +168,26 @@ def compiled_kernel(extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | No
     lib.count_kept.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
     lib.pack_blocks.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
     return lib, None
+
+
+def compiled_kernel() -> tuple[ctypes.CDLL | None, str | None]:
+    """The kernel for this CPU, as `build` gives it: every product and packing goes through here."""
+    return build()
+
+
+def loaded_kernel() -> ctypes.CDLL:
+    lib, problem = compiled_kernel()
+    if problem is not None:
+        raise RuntimeError(problem)
+    return lib
+
+
+def check_float32_cpu(t: torch.Tensor, what: str, ndim: int | None = None) -> None:
+    """The C boundary takes raw pointers: anything but a float32 CPU tensor would be read as the wrong numbers."""
+    if t.device.type != "cpu" or t.dtype != torch.float32:
+        raise ValueError(f"{what} must be a float32 CPU tensor for the packed kernel, got {t.dtype} on {t.device}")
+    if ndim is not None and t.ndim != ndim:
+        raise ValueError(f"{what} must have {ndim} dimensions, got shape {tuple(t.shape)}")
 
 
 def cpu_flags() -> str:
@@ -327,11 +207,12 @@ def kernel_problem(device=None, dtype=torch.float32) -> str | None:
     return compiled_kernel()[1]
 
 
-def packed_linear(x: torch.Tensor, packed: PackedLinear, extra_flags: tuple[str, ...] = ()) -> torch.Tensor:
+def packed_linear(x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
     """x (..., d_in) float32 -> x (W ⊙ M)^T + b (..., d_out), reading only the packed experts."""
-    lib, problem = compiled_kernel(extra_flags)
-    if problem is not None:
-        raise RuntimeError(problem)
+    lib = loaded_kernel()
+    check_float32_cpu(x, "x")
+    if x.shape[-1] != packed.d_in:
+        raise ValueError(f"x has {x.shape[-1]} features, the packed experts {packed.d_in}")
     shape = x.shape
     x = x.reshape(-1, packed.d_in).contiguous()  # (n, d_in): every token of the batch shares these experts
     y = torch.empty(x.shape[0], packed.d_out, dtype=x.dtype)

@@ -111,9 +111,11 @@ def without_timings(report: dict) -> dict:
 
 # (ranks, windows = calibration samples): shares of 2 and 1, then more ranks than windows (one rank has none)
 WORLDS = [(2, 3), (3, 2)]
-# the largest relative difference of a perplexity from the one process's seen here (SparseGPT, through its
-# float32 sums added in another order); every other method is equal to the bit
-PPL_RTOL = 1e-6
+# SparseGPT's Hessian is a float32 sum over the ranks' windows, added in another order than one process adds it:
+# its perplexities moved by at most 1.75e-6 (relative) on an AMD EPYC with AVX2 (torch's avx2 and default kernels,
+# 1 and 2 threads), 1e-6 on a Xeon with AVX-512; the bound leaves ~6x. A rank's statistics lost or counted twice
+# move a perplexity by percents. Every other method is equal to the bit: no statistics are summed across ranks.
+PPL_RTOL = 1e-5
 
 
 @pytest.mark.parametrize("ranks, windows", WORLDS, ids=[f"{r}ranks-{w}windows" for r, w in WORLDS])

@@ -22,7 +22,7 @@ import pruners
 from checkpoint import UsageError
 from mumoe import MuMoE, decode_path, generate, route_prompt
 from opt_model import OPTConfig, OPTForCausalLM
-from packed_experts import GROUP, ROWS, pack, packed_linear, packed_linear_reference
+from packed_experts import GROUP, ROWS, pack, packed_linear, unpack
 from testkit import IMAGE_ID, save_tiny_llama, save_tiny_llava
 
 REPO = Path(__file__).resolve().parent
@@ -108,7 +108,8 @@ def test_packed_layout_is_the_documented_one():
 ])
 @pytest.mark.parametrize("T", [1, 5])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no bias"])
-def test_packed_product_equals_masked_product(build, d_out, d_in, rho, nm, tied, T, bias, threads):
+def test_packed_product_equals_masked_product(build, d_out, d_in, rho, nm, tied, T, bias, threads, monkeypatch):
+    monkeypatch.setattr(packed_experts, "compiled_kernel", lambda: packed_experts.build(build))  # packs too
     generator = torch.Generator().manual_seed(d_out * d_in + T)
     W = torch.randn(d_out, d_in, generator=generator)
     b = torch.randn(d_out, generator=generator) if bias else None
@@ -117,10 +118,25 @@ def test_packed_product_equals_masked_product(build, d_out, d_in, rho, nm, tied,
     assert ((W_gated != 0).sum(dim=1) == k).all(), "the test's routing kept another count"
     x = torch.randn(T, d_in, generator=generator)
     packed = pack(W_gated, b)
-    assert_product_close(packed_linear(x, packed, build), x, W_gated, b, f"kernel {build or 'native'}, T={T}")
-    assert torch.equal(packed_linear_reference(x, packed), F.linear(x, W_gated, b)), "the reference's unpacking"
+    assert_product_close(packed_linear(x, packed), x, W_gated, b, f"kernel {build or 'native'}, T={T}")
+    assert torch.equal(unpack(packed), W_gated), "the packed form does not unpack to W ⊙ M"
     batch = torch.randn(3, 2, d_in, generator=generator)  # continuations of one context sharing its experts
-    assert_product_close(packed_linear(batch, packed, build), batch, W_gated, b, "a batch of sequences")
+    assert_product_close(packed_linear(batch, packed), batch, W_gated, b, "a batch of sequences")
+
+
+@needs_kernel
+def test_the_kernel_boundary_refuses_what_it_would_misread():
+    """C reads raw pointers: a float64 x (its bytes read as float32), a tensor of the wrong width (silently
+    reflowed into other rows), a float64 or 1-d W ⊙ M, a bias of the wrong length: each a clear error instead."""
+    W_gated = routed(torch.randn(8, 32), 0.5)
+    packed = pack(W_gated)
+    for x, what in [(torch.randn(2, 32, dtype=torch.float64), "float32"), (torch.randn(4, 16), "features")]:
+        with pytest.raises(ValueError, match=what):
+            packed_linear(x, packed)
+    for W, bias, what in [(W_gated.double(), None, "float32"), (W_gated[0], None, "dimensions"),
+                          (W_gated, torch.zeros(7), "bias of 7")]:
+        with pytest.raises(ValueError, match=what):
+            pack(W, bias)
 
 
 @needs_kernel
@@ -247,8 +263,22 @@ def test_packed_is_refused_where_it_cannot_run(device, dtype, reason):
 @pytest.mark.parametrize("compiler, reason", [("/nonexistent/cc", "no C compiler found"),
                                               ("false", "did not compile with false")])
 def test_missing_or_failing_compiler_is_one_line(tmp_path, compiler, reason):
-    """A machine without a compiler, or one whose build fails: the reason in one line, nothing raised."""
+    """A machine without a compiler, or one whose build fails: the reason in one line, nothing raised; the
+    compiler's whole output is kept in a log the line names."""
     code = "import packed_experts; print(packed_experts.kernel_problem())"
     env = {**os.environ, "CC": compiler, "MUMOE_CACHE": str(tmp_path)}
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     assert run.returncode == 0 and reason in run.stdout and len(run.stdout.splitlines()) == 1, run.stdout + run.stderr
+    if compiler == "false":
+        assert (tmp_path / "packed_experts-build.log").read_text().startswith("false "), "the build log is missing"
+
+
+def test_a_compile_error_names_the_file_and_line(tmp_path, monkeypatch):
+    """A broken source: the one line gives the compiler's first error, at its file and line in packed_experts.c."""
+    source = tmp_path / "packed_experts.c"
+    source.write_text(packed_experts.KERNEL_SOURCE.read_text() + "\nthis is not C;\n")
+    monkeypatch.setattr(packed_experts, "KERNEL_SOURCE", source)
+    monkeypatch.setattr(packed_experts, "CACHE_DIR", tmp_path / "cache")
+    lib, problem = packed_experts.build.__wrapped__()
+    lines = len(source.read_text().splitlines())
+    assert lib is None and f"packed_experts.c:{lines}:" in problem and "error" in problem, problem
