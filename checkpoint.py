@@ -9,7 +9,8 @@ here knows a model family:
                 replace it); BlockFn / dense_block: how a loop over blocks runs one block; KVCache and the
                 causal mask of tokens that follow cached ones (shifted_causal_mask); offload (`offloaded`)
     finding     a local directory, or a Hugging Face hub repo downloaded into the standard cache
-                (pytorch_model*.bin converted once to safetensors beside it)
+                (pytorch_model*.bin converted once to safetensors beside it); offline (`hub_offline`, asked
+                once), the cache alone
     loading     `load_weights`: a checkpoint's tensors assigned into a model built on the meta device,
                 strictly: every key used, none missing, every shape checked
     tokenizers  `Tokenizer`: a `tokenizers` BPE, BOS added as the checkpoint's own tokenizer adds it
@@ -29,9 +30,13 @@ and `offloaded(model, device)` runs any of it with the model in CPU memory and o
 """
 
 import json
+import os
+import socket
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -203,6 +208,35 @@ def resolve_checkpoint(name_or_path: str) -> Path:
     return download_checkpoint(repo_id)
 
 
+HUB_TIMEOUT = 3.0  # seconds to wait for the hub's host before taking the machine to be offline
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")  # then only a download can tell
+
+
+@cache
+def hub_offline() -> str | None:
+    """None where the Hugging Face hub can be reached; else one line saying why not.
+
+    Asked once per process, in HUB_TIMEOUT seconds at most. Offline, every download reads the local Hugging Face
+    cache only (`local_files_only`), instead of retrying for a minute and failing in a traceback."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=HUB_TIMEOUT).close()
+    except OSError as e:
+        return f"{url.hostname} cannot be reached: {e.strerror or type(e).__name__}"
+    return None
+
+
+def offline_hint(what: str, offline: str, instead: str) -> UsageError:
+    """The one line for a download that offline mode could not serve from the cache."""
+    return UsageError(f"{what} is not in the local Hugging Face cache, and the hub is offline ({offline}): {instead}")
+
+
 def download_checkpoint(repo_id: str) -> Path:
     """Download (or find in the Hugging Face cache) config, tokenizer files and safetensors weights.
 
@@ -213,21 +247,29 @@ def download_checkpoint(repo_id: str) -> Path:
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError)
 
+    offline = hub_offline()
     try:
-        snapshot = Path(snapshot_download(repo_id, allow_patterns=CHECKPOINT_FILES))
+        snapshot = Path(snapshot_download(repo_id, allow_patterns=CHECKPOINT_FILES, local_files_only=bool(offline)))
         if any(snapshot.glob("*.safetensors")):
             return snapshot
         converted = converted_dir(snapshot)
         if not (converted / "config.json").is_file():
-            snapshot = Path(snapshot_download(repo_id, allow_patterns=CHECKPOINT_FILES + PYTORCH_BIN_FILES))
+            snapshot = Path(snapshot_download(repo_id, allow_patterns=CHECKPOINT_FILES + PYTORCH_BIN_FILES,
+                                              local_files_only=bool(offline)))
             convert_to_safetensors(snapshot, converted)
         return converted
+    except LocalEntryNotFoundError:
+        if offline:
+            raise offline_hint(f"model {repo_id!r}", offline,
+                               "pass a local directory with config.json and model.safetensors") from None
+        raise UsageError(f"could not download {repo_id!r}: the hub did not answer; offline, pass a local "
+                         "directory with config.json and model.safetensors") from None
     except GatedRepoError:  # a RepositoryNotFoundError too: caught first
         raise UsageError(f"model {repo_id!r} is gated on the Hugging Face hub: accept its license on the hub, "
                          "then log in (`hf auth login`) or set HF_TOKEN") from None
     except RepositoryNotFoundError:
         raise UsageError(f"model {repo_id!r} not found on the Hugging Face hub") from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+    except (HfHubHTTPError, OSError) as e:
         raise UsageError(f"could not download {repo_id!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
                          "offline, pass a local directory with config.json and model.safetensors") from None
 

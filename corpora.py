@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import UsageError
+from checkpoint import UsageError, hub_offline, offline_hint
 
 # -----------------------------------------------------------------------------
 # Data: the rows of each split, exactly as the Hugging Face loaders of the references give them
@@ -130,16 +130,19 @@ def hub_dataset_file(repo_id: str, filename: str) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
 
-    revision = HUB_REVISION.get(repo_id)
+    revision, offline = HUB_REVISION.get(repo_id), hub_offline()
     try:
         try:
-            path = Path(hf_hub_download(repo_id, filename, repo_type="dataset", revision=revision))
+            path = Path(hf_hub_download(repo_id, filename, repo_type="dataset", revision=revision,
+                                        local_files_only=bool(offline)))
         except (RevisionNotFoundError, EntryNotFoundError):
-            if revision is None:
+            if revision is None or offline:
                 raise
             revision = None  # the pinned commit is gone or lacks the file: the head's, if its sha256 is right
             path = Path(hf_hub_download(repo_id, filename, repo_type="dataset"))
     except (OSError, EntryNotFoundError) as e:  # no network, no such file: huggingface_hub's errors
+        if offline:
+            raise offline_hint(f"{filename} of the {repo_id} dataset", offline, "pass --data-dir") from None
         raise UsageError(f"could not download {filename} from the {repo_id} dataset ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); offline, pass --data-dir") from None
     if filename in HUB_SHA256:

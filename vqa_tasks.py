@@ -32,7 +32,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from checkpoint import UsageError
+from checkpoint import UsageError, hub_offline, offline_hint
 
 TASKS = ("scienceqa", "textvqa")
 IMAGE_PLACEHOLDER = "<image>"  # where LLaVA puts the image's features in the prompt
@@ -305,9 +305,13 @@ def hub_file(hub: HubFiles, filename: str) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
 
+    offline = hub_offline()
     try:
-        return Path(hf_hub_download(hub.repo, filename, repo_type="dataset", revision=hub.revision))
+        return Path(hf_hub_download(hub.repo, filename, repo_type="dataset", revision=hub.revision,
+                                    local_files_only=bool(offline)))
     except (OSError, EntryNotFoundError, RevisionNotFoundError) as e:  # no network, no such file or commit
+        if offline:
+            raise offline_hint(f"{filename} of the {hub.repo} dataset", offline, "pass --data-dir") from None
         raise UsageError(f"could not download {filename} from the {hub.repo} dataset at {hub.revision} "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                          "offline, pass --data-dir") from None
