@@ -22,10 +22,13 @@ from checkpoint import UsageError
 
 
 def check_writable(path: Path, option: str) -> None:
-    """Fail now, not after hours of work, when `path` cannot be written; an existing file is left as it is."""
+    """Fail now, not after hours of work, when `path` cannot be written; an existing file is left as it is, and a
+    missing directory is not made (a typo in it would otherwise leave the results where nobody looks)."""
     existed = path.exists()
+    if not path.parent.is_dir():
+        why = "is not a directory" if path.parent.exists() else "does not exist: make it first"
+        raise UsageError(f"{option} {path} cannot be written ({path.parent} {why})")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a"):
             pass
     except OSError as e:

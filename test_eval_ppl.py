@@ -684,11 +684,14 @@ def test_malformed_data_dir_line_is_named_before_any_work(line, needle, tiny_wit
 
 @pytest.mark.parametrize("option", ["--out", "--plot"])
 def test_unwritable_output_is_refused_before_any_work(option, tiny_with_tokenizer, cli_data, tmp_path, capsys):
+    """...and a missing directory is not made: a typo in it would leave the results where nobody looks."""
     (tmp_path / "a_file").write_text("")
-    for path, reason in [(tmp_path / "a_file" / "r.json", "File exists"), (tmp_path, "Is a directory")]:
+    for path, reason in [(tmp_path / "a_file" / "r.json", "is not a directory"), (tmp_path, "Is a directory"),
+                         (tmp_path / "missing" / "r.json", "does not exist")]:
         code, out, err = run_main(cli_args(tiny_with_tokenizer, cli_data, option, str(path)), capsys)
         assert_one_line_error(code, err, f"{option} {path} cannot be written")
         assert reason in err and "windows of" not in out, err
+    assert not (tmp_path / "missing").exists(), f"{option} made the missing directory"
 
 
 def test_results_json_is_strict_json(tmp_path):
