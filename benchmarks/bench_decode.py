@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the helpers the tests share
 import models  # noqa: E402
 from checkpoint import dense_linear  # noqa: E402
 from llama_model import LlamaConfig, LlamaForCausalLM  # noqa: E402

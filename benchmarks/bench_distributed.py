@@ -52,6 +52,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the helpers the tests share
 sys.path.insert(0, str(REPO / "benchmarks"))
 import distributed  # noqa: E402
 import eval_ppl  # noqa: E402

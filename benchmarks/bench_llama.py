@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the helpers the tests share
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
 from testkit import paired_blocks  # noqa: E402

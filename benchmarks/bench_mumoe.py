@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the helpers the tests share
 from mumoe import input_sqnorms  # noqa: E402
 from opt_model import OPTConfig  # noqa: E402
 from testkit import forward_modes, paired_blocks, random_ids, random_opt, timed  # noqa: E402

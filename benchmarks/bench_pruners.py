@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the helpers the tests share
 from opt_model import OPTConfig, OPTForCausalLM  # noqa: E402
 from pruners import SELECTS, prune_lowest, prune_model, sparsegpt_prune, wanda_mask, wanda_score  # noqa: E402
 

@@ -41,6 +41,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the helpers the tests share
 sys.path.insert(0, str(REPO / "benchmarks"))
 import mumoe  # noqa: E402
 from testkit import forward_modes, median_and_spread, random_ids, random_opt, save_random_opt, timed  # noqa: E402

@@ -27,7 +27,7 @@ import pruners
 from models import load_model
 from testkit import RANK_TIMEOUT, cli_args, finish, launch, n_diff, run_main, said_lines, save_tiny_opt
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 
 # A rank: eval_ppl.main, noting in WRITES_LOG each write of the results file by rank, and failing on purpose
 # with a UsageError on rank FAIL_RANK ("every": on every rank, all alike) when the perplexity is first evaluated

@@ -25,7 +25,7 @@ from opt_model import OPTConfig, OPTForCausalLM
 from packed_experts import GROUP, ROWS, pack, packed_linear, unpack
 from testkit import IMAGE_ID, save_tiny_llama, save_tiny_llava
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 PROBLEM = packed_experts.kernel_problem()
 needs_kernel = pytest.mark.skipif(PROBLEM is not None, reason=f"the packed kernel cannot run here: {PROBLEM}")
 AVX512 = "avx512f" in packed_experts.cpu_flags().split()

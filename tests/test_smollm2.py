@@ -25,7 +25,7 @@ import mumoe
 import pruners
 from testkit import assert_close
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 MAKE = SHARED / "models" / "smollm2-135m" / "make.py"
 DATA = SHARED / "data" / "rows"

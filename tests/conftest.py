@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from opt_model import load_tokenizer
-from testkit import (CLI_VOCAB, TOKENIZER_DIR, save_tiny_opt, save_tiny_tokenizer, sentence, write_rows)
+from testkit import (CLI_VOCAB, TOKENIZER_DIR, save_tiny_opt, save_tiny_tokenizer, sentence, write_rows,
+                     write_vqa_data)
 
 
 def pytest_configure(config):
@@ -61,3 +62,9 @@ def cli_data(tmp_path_factory):
                            ("c4", "train"), ("c4", "validation")]:
         write_rows(data, dataset, split, [sentence(rng, rng.randint(3, 30)) for _ in range(40)])
     return data
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """ScienceQA and TextVQA as tiny parquet files with random images, in the --data-dir layout (write_vqa_data)."""
+    return write_vqa_data(tmp_path / "data")

@@ -27,7 +27,7 @@ import llava_model
 from mumoe import MuMoE, mumoe_logits, routed_block
 from opt_model import OPTConfig, OPTForCausalLM
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 TOKENIZER_DIR = SHARED_DATA / "opt-125m-tokenizer"
 

@@ -16,8 +16,8 @@ import pytest
 
 
 import eval_vqa
-from testkit import (assert_one_block_at_a_time, finish, launch, said_lines, save_vqa_llava, vqa_command, watch_offload,
-                     write_vqa_data)
+from testkit import (assert_one_block_at_a_time, finish, launch, said_lines, save_vqa_llava, vqa_command,
+                     watch_offload)
 
 # A rank: eval_vqa.main, GATHER_EVERY from the environment (small, so that a row takes several rounds and the last
 # round leaves rank 0 without a question), noting each answer ("rank id") in ANSWERS_LOG and each write of the
@@ -45,11 +45,6 @@ sys.exit(eval_vqa.main())
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory) -> Path:
     return save_vqa_llava(tmp_path_factory.mktemp("tiny_llava"))
-
-
-@pytest.fixture
-def data_dir(tmp_path) -> Path:
-    return write_vqa_data(tmp_path / "data")
 
 
 GATHER_EVERY = 2  # 9 questions on 2 ranks: rounds of 4, 4 and 1 (which rank 0 sits out)
