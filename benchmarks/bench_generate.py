@@ -36,7 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the helpers the tests share
-from testkit import random_ids, random_opt  # noqa: E402
+from kit.data import random_ids  # noqa: E402
+from kit.tiny_models import random_opt  # noqa: E402
 from mumoe import MuMoE, generate  # noqa: E402
 from opt_model import OPTConfig  # noqa: E402
 

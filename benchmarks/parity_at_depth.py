@@ -45,7 +45,7 @@ import eval_ppl  # noqa: E402
 import models  # noqa: E402
 import pruners  # noqa: E402
 from results_file import write_json  # noqa: E402
-from testkit import reference_fasterprune  # noqa: E402
+from kit.references import reference_fasterprune  # noqa: E402
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

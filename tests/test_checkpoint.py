@@ -9,7 +9,8 @@ import torch
 import checkpoint
 from checkpoint import UsageError
 from opt_model import load_model
-from testkit import assert_close, save_tiny_opt
+from kit.checks import assert_close
+from kit.tiny_models import save_tiny_opt
 
 PARITY_ATOL = 1e-4  # fp32 logits of two implementations of the same arithmetic (as in test_opt_model)
 

@@ -15,7 +15,9 @@ import torch
 
 import corpora
 from checkpoint import UsageError
-from testkit import SHARED_DATA, needs_shared_data, run_main, sentence, write_rows
+from kit.commands import run_main
+from kit.data import SHARED_DATA, sentence, write_rows
+from kit.marks import needs_shared_data
 
 
 def sha256(text: str) -> str:

@@ -21,8 +21,10 @@ from mumoe import ROUTINGS, MuMoE, mumoe_logits
 from checkpoint import dense_block
 from opt_model import load_model, load_tokenizer
 from pruners import prune_model
-from testkit import (OFFLOAD_DEVICES, REPO, SHARED_DATA, assert_each_visits, assert_one_line_error, cli_args,
-                     record_moves, report_of, run_main, save_tiny_opt)
+from kit.checks import OFFLOAD_DEVICES, assert_each_visits, assert_one_line_error, record_moves
+from kit.commands import cli_args, report_of, run_main
+from kit.data import REPO, SHARED_DATA
+from kit.tiny_models import save_tiny_opt
 
 
 PPL_RTOL = 1e-5  # fp32: the same arithmetic in a different order

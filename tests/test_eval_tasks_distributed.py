@@ -1,10 +1,10 @@
 """eval_tasks.py under torchrun and with --offload: 2 ranks, or the model one block at a time, give lm-eval's results
 of the one process.
 
-The ranks are real processes on the CPU with gloo, started as torchrun starts them (testkit.launch); the
+The ranks are real processes on the CPU with gloo, started as torchrun starts them (kit.ranks.launch); the
 reference is the same command in one process. lm-eval splits each task's documents among the ranks through
 HarnessLM's rank and world_size and gathers the per-document metrics on rank 0. The tiny OPT, its tokenizer and the
-local multiple-choice task come from testkit; nothing is downloaded.
+local multiple-choice task come from tests/kit; nothing is downloaded.
 """
 
 import json
@@ -16,8 +16,10 @@ import pytest
 
 import eval_tasks
 import lm_harness
-from testkit import (assert_one_block_at_a_time, finish, launch, said_lines, save_opt_for_hflm, sentence, watch_offload,
-                     write_multiple_choice_task)
+from kit.checks import assert_one_block_at_a_time, said_lines, watch_offload
+from kit.data import sentence, write_multiple_choice_task
+from kit.ranks import finish, launch
+from kit.tiny_models import save_opt_for_hflm
 
 # What each request scored and each routing routed, noted as JSON lines in LOG (one process: the test's own):
 # {"row": the simple_evaluate call it belongs to, "rank", "request": [context ids, continuation ids], "ll": its

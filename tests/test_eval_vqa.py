@@ -12,7 +12,9 @@ import pytest
 
 import eval_vqa
 import vqa_tasks
-from testkit import assert_one_line_error, save_vqa_llava, textvqa_rows, vqa_command, write_parquet
+from kit.checks import assert_one_line_error
+from kit.commands import vqa_command
+from kit.data import textvqa_rows, write_parquet
 from vqa_tasks import scienceqa_letter, vqa_accuracy
 
 
@@ -125,11 +127,6 @@ def test_an_unwritable_out_is_refused(capsys, tmp_path, data_dir):
 # The command end to end: a tiny random LLaVA in the Hugging Face layout, a tiny tokenizer, tiny parquet files
 
 
-@pytest.fixture(scope="module")
-def tiny_llava(tmp_path_factory) -> Path:
-    return save_vqa_llava(tmp_path_factory.mktemp("tiny_llava"))
-
-
 def rescored(report: dict) -> dict[tuple, tuple[float, float]]:
     """Each row's accuracy and image-subset accuracy, scored again from the saved predictions alone, with the
     task's metric functions (not eval_vqa's bookkeeping)."""
@@ -164,10 +161,10 @@ def counting_answers(monkeypatch) -> list[tuple]:
 
 
 @pytest.mark.parametrize("task", ["scienceqa", "textvqa"])
-def test_every_method_runs_and_the_accuracy_is_the_rescored_predictions(tiny_llava, data_dir, tmp_path, task,
+def test_every_method_runs_and_the_accuracy_is_the_rescored_predictions(vqa_llava, data_dir, tmp_path, task,
                                                                         capsys):
     out = tmp_path / "out.json"
-    assert eval_vqa.main(vqa_command(tiny_llava, data_dir, out, "--task", task)) == 0
+    assert eval_vqa.main(vqa_command(vqa_llava, data_dir, out, "--task", task)) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())  # strict JSON: json.loads would take NaN, so check the text too
     assert "NaN" not in out.read_text() and "Infinity" not in out.read_text()
@@ -197,13 +194,13 @@ def test_every_method_runs_and_the_accuracy_is_the_rescored_predictions(tiny_lla
     assert "[" not in printed.split("accuracy (%)")[1]  # a tiny model: no paper figures beside ours
 
 
-def test_the_accuracy_counts_right_answers(tiny_llava, data_dir, tmp_path):
+def test_the_accuracy_counts_right_answers(vqa_llava, data_dir, tmp_path):
     """TextVQA questions whose 10 answers are the dense model's own prediction score 100, the others 0: the
     dense row's accuracy is then the share of such questions, exactly."""
     import pyarrow.parquet
 
     first = tmp_path / "first.json"
-    assert eval_vqa.main(vqa_command(tiny_llava, data_dir, first, "--task", "textvqa", "--methods", "dense")) == 0
+    assert eval_vqa.main(vqa_command(vqa_llava, data_dir, first, "--task", "textvqa", "--methods", "dense")) == 0
     predictions = {p["id"]: p["prediction"] for p in json.loads(first.read_text())["results"][0]["predictions"]}
     for path in vqa_tasks.task_files("textvqa", data_dir):
         rows = pyarrow.parquet.read_table(path).to_pylist()
@@ -212,13 +209,13 @@ def test_the_accuracy_counts_right_answers(tiny_llava, data_dir, tmp_path):
             row["answers"] = [predictions[str(row["question_id"])] if right else "no such answer"] * 10
         write_parquet(path, rows)
     out = tmp_path / "out.json"
-    assert eval_vqa.main(vqa_command(tiny_llava, data_dir, out, "--task", "textvqa", "--methods", "dense")) == 0
+    assert eval_vqa.main(vqa_command(vqa_llava, data_dir, out, "--task", "textvqa", "--methods", "dense")) == 0
     assert json.loads(out.read_text())["results"][0]["accuracy"] == pytest.approx(100 * 2 / 8)
 
 
-def test_resume_answers_only_what_is_missing(tiny_llava, data_dir, tmp_path, monkeypatch):
+def test_resume_answers_only_what_is_missing(vqa_llava, data_dir, tmp_path, monkeypatch):
     out = tmp_path / "out.json"
-    argv = vqa_command(tiny_llava, data_dir, out, "--task", "textvqa", "--methods", "dense", "wanda", "mumoe",
+    argv = vqa_command(vqa_llava, data_dir, out, "--task", "textvqa", "--methods", "dense", "wanda", "mumoe",
                    "--mumoe-routing", "block")
     calls = counting_answers(monkeypatch)
     assert eval_vqa.main(argv + ["--limit", "3"]) == 0
@@ -253,11 +250,11 @@ def test_resume_answers_only_what_is_missing(tiny_llava, data_dir, tmp_path, mon
     assert calls == [] and json.loads(out.read_text())["results"] == third["results"]
 
 
-def test_ctrl_c_saves_the_rows_answers_and_says_how_to_go_on(tiny_llava, data_dir, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_saves_the_rows_answers_and_says_how_to_go_on(vqa_llava, data_dir, tmp_path, monkeypatch, capsys):
     """Ctrl-C in the middle of a row: exit 130, one line with the count saved and the --resume command, and the
     row's answers so far in the file (not only those of the last once-a-minute save), which --resume keeps."""
     out = tmp_path / "out.json"
-    argv = vqa_command(tiny_llava, data_dir, out, "--task", "textvqa", "--methods", "dense", "--limit", "4")
+    argv = vqa_command(vqa_llava, data_dir, out, "--task", "textvqa", "--methods", "dense", "--limit", "4")
     calls, real = [], eval_vqa.answer
 
     def answer_then_ctrl_c(*args, **kwargs):
@@ -279,9 +276,9 @@ def test_ctrl_c_saves_the_rows_answers_and_says_how_to_go_on(tiny_llava, data_di
     assert calls == ["103"], "--resume answers only the question the interrupted run had not"
 
 
-def test_resume_refuses_other_settings(tiny_llava, data_dir, tmp_path, capsys):
+def test_resume_refuses_other_settings(vqa_llava, data_dir, tmp_path, capsys):
     out = tmp_path / "out.json"
-    argv = vqa_command(tiny_llava, data_dir, out, "--task", "textvqa", "--methods", "dense", "--limit", "2")
+    argv = vqa_command(vqa_llava, data_dir, out, "--task", "textvqa", "--methods", "dense", "--limit", "2")
     assert eval_vqa.main(argv) == 0
     capsys.readouterr()
     code, err = run_command(capsys, *argv, "--resume", "--max-new-tokens", "3")
@@ -291,35 +288,35 @@ def test_resume_refuses_other_settings(tiny_llava, data_dir, tmp_path, capsys):
     assert_one_line_error(code, err, "--resume", "other textvqa files (by sha256)")
 
 
-def test_skip_bad_rows_goes_on_and_counts_them(tiny_llava, data_dir, tmp_path):
+def test_skip_bad_rows_goes_on_and_counts_them(vqa_llava, data_dir, tmp_path):
     break_image(data_dir, "textvqa", 2)
     out = tmp_path / "out.json"
-    assert eval_vqa.main(vqa_command(tiny_llava, data_dir, out, "--task", "textvqa", "--methods", "dense",
+    assert eval_vqa.main(vqa_command(vqa_llava, data_dir, out, "--task", "textvqa", "--methods", "dense",
                                  "--skip-bad-rows")) == 0
     report = json.loads(out.read_text())
     assert [s["id"] for s in report["settings"]["skipped_rows"]] == ["102"]
     assert report["settings"]["questions"] == 7 and "102" not in [q["id"] for q in report["questions"]]
 
 
-def test_save_data_then_data_dir_gives_the_same_run(tiny_llava, data_dir, tmp_path):
+def test_save_data_then_data_dir_gives_the_same_run(vqa_llava, data_dir, tmp_path):
     argv = ["--task", "scienceqa", "--methods", "dense", "wanda", "--rho", "0.5", "--limit", "3"]
-    assert eval_vqa.main(vqa_command(tiny_llava, data_dir, tmp_path / "a.json", *argv, "--save-data",
+    assert eval_vqa.main(vqa_command(vqa_llava, data_dir, tmp_path / "a.json", *argv, "--save-data",
                                  tmp_path / "saved")) == 0
     assert sorted(p.relative_to(tmp_path / "saved").as_posix() for p in (tmp_path / "saved").rglob("*.parquet")) == [
         "scienceqa/test-00000-of-00001.parquet", "textvqa/validation-00000-of-00002.parquet",
         "textvqa/validation-00001-of-00002.parquet"]  # the task's files and the calibration task's
-    assert eval_vqa.main(vqa_command(tiny_llava, tmp_path / "saved", tmp_path / "b.json", *argv)) == 0
+    assert eval_vqa.main(vqa_command(vqa_llava, tmp_path / "saved", tmp_path / "b.json", *argv)) == 0
     a, b = (json.loads((tmp_path / name).read_text()) for name in ("a.json", "b.json"))
     assert [r["predictions"] for r in a["results"]] == [r["predictions"] for r in b["results"]]
     assert a["settings"]["data"] == b["settings"]["data"]  # the same files, by sha256
 
 
-def test_each_pruned_row_starts_from_the_checkpoint(tiny_llava, data_dir, tmp_path):
+def test_each_pruned_row_starts_from_the_checkpoint(vqa_llava, data_dir, tmp_path):
     """Wanda after magnitude in one run answers as Wanda alone: every pruned row prunes a fresh model."""
     argv = ["--task", "textvqa", "--rho", "0.4", "--limit", "4"]
-    assert eval_vqa.main(vqa_command(tiny_llava, data_dir, tmp_path / "both.json", *argv,
+    assert eval_vqa.main(vqa_command(vqa_llava, data_dir, tmp_path / "both.json", *argv,
                                  "--methods", "magnitude", "wanda")) == 0
-    assert eval_vqa.main(vqa_command(tiny_llava, data_dir, tmp_path / "alone.json", *argv, "--methods", "wanda")) == 0
+    assert eval_vqa.main(vqa_command(vqa_llava, data_dir, tmp_path / "alone.json", *argv, "--methods", "wanda")) == 0
     both, alone = (json.loads((tmp_path / f"{name}.json").read_text())["results"] for name in ("both", "alone"))
     assert both[1]["predictions"] == alone[0]["predictions"]
 
@@ -360,14 +357,14 @@ def test_the_table_puts_the_papers_figures_beside_the_rows_of_its_setting():
     assert "6 questions with an image" in images and "25.00" in images and "[" not in images
 
 
-def test_questions_of_both_tasks_with_the_same_id_keep_their_own_prompts(tiny_llava, data_dir, tmp_path):
+def test_questions_of_both_tasks_with_the_same_id_keep_their_own_prompts(vqa_llava, data_dir, tmp_path):
     """TextVQA question ids 0-7 and ScienceQA row numbers 0-8 overlap: calibrating on ScienceQA must not change
     the TextVQA prompts the dense row answers."""
     write_parquet(data_dir / "textvqa" / "validation-00000-of-00002.parquet", textvqa_rows(8, first_id=0))
     (data_dir / "textvqa" / "validation-00001-of-00002.parquet").unlink()
     argv = ["--task", "textvqa", "--rho", "0.5", "--limit", "3"]
-    assert eval_vqa.main(vqa_command(tiny_llava, data_dir, tmp_path / "a.json", *argv, "--methods", "dense")) == 0
-    assert eval_vqa.main(vqa_command(tiny_llava, data_dir, tmp_path / "b.json", *argv, "--methods", "dense", "wanda")) == 0
+    assert eval_vqa.main(vqa_command(vqa_llava, data_dir, tmp_path / "a.json", *argv, "--methods", "dense")) == 0
+    assert eval_vqa.main(vqa_command(vqa_llava, data_dir, tmp_path / "b.json", *argv, "--methods", "dense", "wanda")) == 0
     a, b = (json.loads((tmp_path / name).read_text())["results"][0] for name in ("a.json", "b.json"))
     assert a["predictions"] == b["predictions"]
 

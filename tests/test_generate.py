@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import packed_experts
-from testkit import REPO, assert_one_line_error, run_generate
+from kit.checks import assert_one_line_error
+from kit.commands import run_generate
+from kit.data import REPO
 
 PROMPT = "Hello, my dog is"
 

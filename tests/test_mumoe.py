@@ -17,7 +17,9 @@ from checkpoint import UsageError
 from generate import si
 from opt_model import OPTConfig, OPTForCausalLM, load_model
 from pruners import SELECTS, prune_model, wanda_mask
-from testkit import TINY_LAYOUTS, assert_close, n_diff, random_ids, save_tiny_opt
+from kit.checks import assert_close, n_diff
+from kit.data import random_ids
+from kit.tiny_models import TINY_LAYOUTS, save_tiny_opt
 
 
 TINY = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,

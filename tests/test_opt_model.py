@@ -11,8 +11,11 @@ import torch
 
 from checkpoint import UsageError
 from opt_model import OPTConfig, load_model, load_tokenizer
-from testkit import (SHARED_DATA, TINY_LAYOUTS, TOKENIZER_DIR, assert_close, needs_shared_data, rewrite_checkpoint,
-                     save_tiny_opt, save_tiny_tokenizer, sentence)
+from kit.checks import assert_close
+from kit.data import SHARED_DATA, TOKENIZER_DIR, sentence
+from kit.marks import needs_shared_data
+from kit.tiny_models import TINY_LAYOUTS, rewrite_checkpoint, save_tiny_opt
+from kit.tiny_tokenizers import save_tiny_tokenizer
 
 PARITY_ATOL = 1e-4  # fp32 logits of two implementations of the same arithmetic
 

@@ -23,7 +23,7 @@ import llama_model
 import models
 import mumoe
 import pruners
-from testkit import assert_close
+from kit.checks import assert_close
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"

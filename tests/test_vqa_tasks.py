@@ -12,7 +12,7 @@ import random
 import pytest
 
 import vqa_tasks
-from testkit import png, scienceqa_rows, textvqa_rows, write_parquet
+from kit.data import png, scienceqa_rows, textvqa_rows, write_parquet
 from vqa_tasks import normalize_answer, scienceqa_letter, scienceqa_message, textvqa_message, vqa_accuracy
 
 # -----------------------------------------------------------------------------
