@@ -27,3 +27,25 @@ def test_calibration_memory_is_checked_with_the_figure():
     command_line.check_calibration_memory(10**9, 2048, 768, torch.float16, None, "mps")  # unknown: not checked
     if Path("/proc/meminfo").is_file():
         assert command_line.available_memory(torch.device("cpu")) > 0
+
+
+def test_routing_and_prefix_have_one_spelling_and_a_quiet_alias():
+    """--mumoe-routing / --mumoe-prefix on every command; generate.py's old --routing / --prefix still read the same."""
+    for many in (True, False):
+        p = command_line.ArgumentParser(prog="x")
+        command_line.add_mumoe_routing(p, "which activations route", many=many)
+        command_line.add_mumoe_prefix(p, "route on the first P tokens")
+        linear = ["linear"] if many else "linear"
+        assert vars(p.parse_args([])) == {"mumoe_routing": ["block"] if many else "block", "mumoe_prefix": None}
+        assert vars(p.parse_args(["--mumoe-routing", "linear", "--mumoe-prefix", "3"])) == \
+            vars(p.parse_args(["--routing", "linear", "--prefix", "3"])) == {"mumoe_routing": linear, "mumoe_prefix": 3}
+        shown = p.format_help()
+        assert "--mumoe-routing" in shown and "--mumoe-prefix" in shown
+        assert "--routing" not in shown.replace("--mumoe-routing", "") and "--prefix" not in shown.replace(
+            "--mumoe-prefix", ""), f"the aliases should be quiet:\n{shown}"
+
+
+def test_one_default_dtype():
+    assert command_line.default_dtype(None, torch.device("cpu")) == torch.float32
+    assert command_line.default_dtype(None, torch.device("cuda", 0)) == torch.float16
+    assert command_line.default_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
