@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import command_line
 import eval_tasks
 import lm_harness
 from kit.checks import assert_one_block_at_a_time, said_lines, watch_offload
@@ -206,7 +207,7 @@ def test_offload_gives_the_results_of_the_model_on_the_device(setup, tmp_path, m
     code, err = eval_tasks.main(command(setup, offload, *argv, "--offload")), capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "nothing to offload to" in err, err
 
-    monkeypatch.setattr(eval_tasks, "check_offload", lambda device: None)  # the CPU stands in for a GPU
+    monkeypatch.setattr(command_line, "check_offload", lambda device: None)  # the CPU stands in for a GPU
     events = watch_offload(monkeypatch)
     assert one_process(command(setup, offload, *argv, "--offload"), tmp_path / "offload.log") == 0
     got, expected = (without_timings(json.loads(path.read_text())) for path in (offload, plain))

@@ -12,6 +12,7 @@ differing prediction, named).
 import json
 from pathlib import Path
 
+import command_line
 import eval_vqa
 from kit.checks import assert_one_block_at_a_time, said_lines, watch_offload
 from kit.commands import vqa_command
@@ -142,7 +143,7 @@ def test_offload_answers_as_the_model_on_the_device(vqa_llava, data_dir, tmp_pat
     code, err = eval_vqa.main(vqa_command(vqa_llava, data_dir, offload, *argv, "--offload")), capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--offload" in err and "nothing to offload to" in err, err
 
-    monkeypatch.setattr(eval_vqa, "check_offload", lambda device: None)  # the CPU stands in for a GPU
+    monkeypatch.setattr(command_line, "check_offload", lambda device: None)  # the CPU stands in for a GPU
     events = watch_offload(monkeypatch)
     assert eval_vqa.main(vqa_command(vqa_llava, data_dir, offload, *argv, "--offload")) == 0
     assert_same_rows(json.loads(offload.read_text()), json.loads(plain.read_text()), "--offload")
