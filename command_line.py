@@ -2,18 +2,26 @@
 
 eval_ppl.py, eval_tasks.py and eval_vqa.py each run a plan of rows (a method at an active-weight ratio or an
 N:M pattern, pruned offline or routed per prompt) for hours; these are the pieces they have in common, so
-that a method is named, an option is read and a run is refused the same way everywhere. The results file
-itself (strict JSON, atomic writes) is results_file.py's.
+that a method is named, an option is read and a run is refused the same way everywhere: one spelling for the
+options every command has (generate.py's too), one default dtype, one start (device, --offload, --out, --decode) and
+one main (Ctrl-C, one-line errors, lost ranks). The results file itself (strict JSON, atomic writes) is
+results_file.py's.
 """
 
 import argparse
+import shlex
+import sys
 from pathlib import Path
 
 import torch
 
+import ctrl_c
+import distributed
+import mumoe
 import pruners
-from checkpoint import UsageError
-from ctrl_c import INTERRUPTED  # noqa: F401 (the commands' exit status after Ctrl-C, 128 + SIGINT)
+from checkpoint import DTYPES, UsageError
+from ctrl_c import INTERRUPTED  # the commands' exit status after Ctrl-C, 128 + SIGINT
+from results_file import check_writable
 
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "mumoe")
 CALIBRATED = ("wanda", "sparsegpt")
@@ -31,6 +39,49 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_device_options(p: argparse.ArgumentParser, offload: str | None = None) -> None:
+    """--device and --dtype (default_dtype's rule), and --offload (`offload`: what it keeps in CPU memory)."""
+    p.add_argument("--device", help="default: cuda when present, else cpu")
+    p.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 elsewhere")
+    if offload:
+        p.add_argument("--offload", action="store_true", help=f"keep {offload} in CPU memory, one block at a time on "
+                                                              "the device")
+
+
+def add_select_and_decode(p: argparse.ArgumentParser, decode: bool = True) -> None:
+    """--select, the top-k kernel of Wanda and μ-MoE, and --decode, the product later tokens run through."""
+    p.add_argument("--select", choices=pruners.SELECTS, help="top-k selection of Wanda and μ-MoE (identical masks; "
+                                                             "default: the fastest on the device)")
+    if decode:
+        p.add_argument("--decode", choices=mumoe.DECODES, default="auto",
+                       help="μ-MoE: the tokens after a routed prompt read its packed experts (packed) or the dense "
+                            "W ⊙ M (masked); auto: packed where its kernel runs (float32 on a CPU with AVX2 and a C "
+                            "compiler); the same tokens either way")
+
+
+def add_out_and_resume(p: argparse.ArgumentParser, default: Path | None, what: str) -> None:
+    """--out, the results file (`what` it holds), and --resume, which keeps its finished rows."""
+    shown = f" (default: {default})" if default else ""
+    p.add_argument("--out", type=Path, default=default, metavar="JSON", help=what + shown)
+    p.add_argument("--resume", action="store_true", help="keep the finished rows of the --out file (its settings "
+                   "must be this run's) and run only the missing ones")
+
+
+def add_mumoe_routing(p: argparse.ArgumentParser, help: str, many: bool) -> None:
+    """--mumoe-routing, every command's spelling (`many`: one or more routings, each a row); --routing, generate.py's
+    old spelling, is a quiet alias."""
+    kw = dict(nargs="+", default=["block"]) if many else dict(default="block")
+    p.add_argument("--mumoe-routing", choices=mumoe.ROUTINGS, metavar="ROUTING", help=help, **kw)
+    p.add_argument("--routing", dest="mumoe_routing", choices=mumoe.ROUTINGS, nargs=kw.get("nargs"),
+                   help=argparse.SUPPRESS)
+
+
+def add_mumoe_prefix(p: argparse.ArgumentParser, help: str) -> None:
+    """--mumoe-prefix, every command's spelling; --prefix, generate.py's old one, is a quiet alias."""
+    p.add_argument("--mumoe-prefix", type=positive_int, metavar="P", help=help)
+    p.add_argument("--prefix", dest="mumoe_prefix", type=positive_int, help=argparse.SUPPRESS)
 
 
 def active_ratio(text: str) -> float:
@@ -130,3 +181,50 @@ def check_nm_fits(nm: tuple[int, int], model, sparsegpt: bool) -> None:
     if sparsegpt and SPARSEGPT_BLOCKSIZE % nm[1]:
         raise UsageError(f"--nm {nm_name(nm)}: SparseGPT prunes in blocks of {SPARSEGPT_BLOCKSIZE} columns, "
                          f"which M={nm[1]} does not divide; choose M among its divisors or leave out sparsegpt")
+
+
+# -----------------------------------------------------------------------------
+# The commands' run: one default dtype, one start, one main
+
+
+def default_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """--dtype, else every command's default: float16 on CUDA, float32 elsewhere."""
+    return DTYPES[name] if name else torch.float16 if device.type == "cuda" else torch.float32
+
+
+def start_run(args) -> tuple[torch.device, torch.dtype, str]:
+    """An evaluation command's first checks, on every rank: its device (joining the other ranks under torchrun),
+    --offload, --out writable (by rank 0, the one that writes and that goes first), and --decode where it cannot
+    run: before any model is found. Returns (device, dtype, the decode path)."""
+    device = distributed.start(args.device)
+    if args.offload:
+        check_offload(device)
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 checks the input and downloads the model first; then the others
+    dtype = default_dtype(args.dtype, device)
+    if distributed.is_main():  # the one rank that writes
+        check_writable(args.out, "--out")
+    return device, dtype, mumoe.decode_path(args.decode, device, dtype)
+
+
+def main_of(prog: str, argv, parse_args, run, saved) -> int:
+    """An evaluation command's main: `run(parse_args(argv))`, during which Ctrl-C raises KeyboardInterrupt
+    (ctrl_c.raises). A UsageError ends in one line and exit code 2, a lost rank as distributed.failed_elsewhere
+    says, Ctrl-C in one line -- `saved(args)` (what --out holds) and the command line that goes on from it with
+    --resume -- and exit code 130. The ranks stop whatever happens."""
+    distributed.silence_other_ranks()
+    args = parse_args(argv)
+    try:
+        with ctrl_c.raises():
+            run(args)
+    except UsageError as e:
+        return distributed.fail(f"{prog}: error: {e}", 2)
+    except distributed.RanksLost as e:  # another rank failed or was interrupted, and said so
+        return distributed.failed_elsewhere(e, prog)
+    except KeyboardInterrupt:
+        again = (sys.argv[1:] if argv is None else argv) + ([] if args.resume else ["--resume"])
+        return distributed.fail(f"\ninterrupted: {saved(args)}; to go on: {distributed.launcher()} {prog} "
+                                f"{shlex.join(again)}", INTERRUPTED)
+    finally:
+        distributed.stop()
+    return 0

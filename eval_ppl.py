@@ -44,10 +44,12 @@ import distributed
 import models
 import mumoe
 import pruners
-from checkpoint import DTYPES, BlockFn, UsageError, dense_block, resolve_checkpoint
+from checkpoint import BlockFn, UsageError, dense_block, resolve_checkpoint
 from command_line import (CALIBRATED, INTERRUPTED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE,
-                          ArgumentParser, active_ratio, available_memory, check_calibration_memory, check_nm_fits,
-                          in_plan_order, nm_active_ratio, nm_name, nm_pattern, positive_int, window_length)
+                          ArgumentParser, active_ratio, add_device_options, add_mumoe_prefix, add_mumoe_routing,
+                          add_out_and_resume, add_select_and_decode, available_memory, check_calibration_memory,
+                          check_nm_fits, default_dtype, in_plan_order, nm_active_ratio, nm_name, nm_pattern,
+                          positive_int, window_length)
 from corpora import (DATASETS, DEFAULT_CALIB, DEFAULT_DATASETS, EVAL_SPLIT, LABELS, MAX_DEFAULT_SEQLEN,
                      calibration_windows, evaluation_ids, load_rows, save_rows, windows)
 import results_file
@@ -148,25 +150,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    f"max_position_embeddings up to {MAX_DEFAULT_SEQLEN}: OPT 2048, LLaMA-1 2048, Llama-2 4096, "
                    f"Llama 3, Mistral and Qwen2 {MAX_DEFAULT_SEQLEN}, as the references use the model's context)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draws (default: 0)")
-    p.add_argument("--device", help="default: cuda when present, else cpu")
-    p.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 on CPU")
-    p.add_argument("--offload", action="store_true", help="keep the model in CPU memory, one block at a time on device")
+    add_device_options(p, offload="the model")
     p.add_argument("--max-windows", type=positive_int, metavar="N", help="evaluate the first N windows only (quick runs)")
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="read {dataset}.{split}.jsonl rows from here (offline)")
     p.add_argument("--save-data", type=Path, metavar="DIR", help="write the rows this run needs into DIR in "
                    "the --data-dir layout (downloading them, or from --data-dir), then read them from there")
-    p.add_argument("--mumoe-prefix", type=positive_int, metavar="P", help="μ-MoE routes on the first P tokens of "
-                   "each window only, and every row of the run is scored on tokens P..seqlen-1 (strictly causal)")
-    p.add_argument("--mumoe-routing", nargs="+", choices=mumoe.ROUTINGS, default=["block"], metavar="ROUTING",
-                   help="block: each block's Linears route on the statistics of its dense pass over the window, "
-                        "Wanda's procedure per window (default, row 'μ-MoE'); linear: each Linear routes on its "
-                        "own input in a single pass (row 'μ-MoE (one pass)'); give both for both rows")
-    p.add_argument("--select", choices=pruners.SELECTS, help="top-k selection of Wanda and μ-MoE "
-                   "(identical masks; default: the fastest on the device)")
-    p.add_argument("--out", type=Path, default=Path("results.json"), metavar="JSON",
-                   help="every number, with its settings (default: results.json)")
-    p.add_argument("--resume", action="store_true", help="keep the finished rows of the --out file (its settings "
-                   "must be this run's) and run only the missing ones")
+    add_mumoe_prefix(p, "μ-MoE routes on the first P tokens of each window only, and every row of the run is scored "
+                        "on tokens P..seqlen-1 (strictly causal)")
+    add_mumoe_routing(p, "block: each block's Linears route on the statistics of its dense pass over the window, "
+                         "Wanda's procedure per window (default, row 'μ-MoE'); linear: each Linear routes on its "
+                         "own input in a single pass (row 'μ-MoE (one pass)'); give both for both rows", many=True)
+    add_select_and_decode(p, decode=False)
+    add_out_and_resume(p, Path("results.json"), "every number, with its settings")
     p.add_argument("--plot", type=Path, nargs="?", const=Path("ppl_vs_rho.png"), metavar="PNG",
                    help="perplexity against active weights for each rho, as the paper's Figure 4 (default: ppl_vs_rho.png)")
     args = p.parse_args(argv)
@@ -329,7 +324,7 @@ def run(args) -> list[dict]:
     device = distributed.start(args.device)
     if not distributed.is_main():
         distributed.barrier()  # rank 0 checks the input and downloads the model and data first; then the others
-    dtype = DTYPES[args.dtype] if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
+    dtype = default_dtype(args.dtype, device)
     if distributed.is_main():  # the one rank that writes
         check_writable(args.out, "--out")
     if args.plot and distributed.is_main():

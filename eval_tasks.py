@@ -32,8 +32,6 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load torch (seconds
     ctrl_c.exit_at_once("eval_tasks.py")
 
 import argparse
-import shlex
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -45,15 +43,16 @@ import distributed
 import models
 import mumoe
 import pruners
-from checkpoint import DTYPES, UsageError, offloaded, resolve_checkpoint
-from command_line import (CALIBRATED, INTERRUPTED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE,
-                          ArgumentParser, active_ratio, available_memory, check_calibration_memory, check_nm_fits,
-                          check_offload, in_plan_order, nm_active_ratio, nm_name, nm_pattern, positive_int,
+from checkpoint import UsageError, offloaded, resolve_checkpoint
+from command_line import (CALIBRATED, INTERRUPTED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE,  # noqa: F401
+                          ArgumentParser, active_ratio, add_device_options, add_mumoe_routing, add_out_and_resume,
+                          add_select_and_decode, available_memory, check_calibration_memory, check_nm_fits,
+                          in_plan_order, main_of, nm_active_ratio, nm_name, nm_pattern, positive_int, start_run,
                           window_length)
 from corpora import DATASETS
 from lm_harness import SCOPES, HarnessLM
 import results_file
-from results_file import check_writable, write_json
+from results_file import write_json
 
 # Wanda's zero-shot tasks (its paper's Table 2 and lib/eval.py), in its order
 TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -89,9 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "and pruned), continuations per forward after a routed context (μ-MoE) (default: 16)")
     p.add_argument("--include-path", type=Path, metavar="DIR", help="a directory of task YAMLs of one's own, "
                    "as lm-eval's --include_path")
-    p.add_argument("--mumoe-routing", nargs="+", choices=mumoe.ROUTINGS, default=["block"], metavar="ROUTING",
-                   help="block (default): Wanda's statistics of each block's dense pass over the context; linear: "
-                        "each Linear on its own input, one pass; both for both rows")
+    add_mumoe_routing(p, "block (default): Wanda's statistics of each block's dense pass over the context; linear: "
+                         "each Linear on its own input, one pass; both for both rows", many=True)
     p.add_argument("--routing-scope", nargs="+", choices=SCOPES, default=["context"], metavar="SCOPE",
                    help="context (default): route on the context only, strictly causal; full: on context + "
                         "continuation; both for both rows")
@@ -103,18 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draws (default: 0)")
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="read the calibration rows {dataset}.train.jsonl "
                    "from here (offline), as eval_ppl.py")
-    p.add_argument("--select", choices=pruners.SELECTS, help="top-k selection kernel (identical masks)")
-    p.add_argument("--decode", choices=mumoe.DECODES, default="auto", help="μ-MoE: a continuation's tokens after "
-                   "the routed context read the packed experts (packed) or the dense W ⊙ M (masked); auto: packed "
-                   "where its kernel runs (the same numbers either way)")
-    p.add_argument("--device", help="default: cuda when present, else cpu")
-    p.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 on CPU")
-    p.add_argument("--offload", action="store_true", help="keep the model in CPU memory, one block at a time on the "
-                   "device (a 7B model in float16 on a GPU of less than 16 GB)")
-    p.add_argument("--out", type=Path, default=Path("tasks.json"), metavar="JSON",
-                   help="every result, with its settings (default: tasks.json)")
-    p.add_argument("--resume", action="store_true", help="keep the finished rows of the --out file (its settings "
-                   "must be this run's) and run only the missing ones")
+    add_select_and_decode(p)
+    add_device_options(p, offload="the model")
+    add_out_and_resume(p, Path("tasks.json"), "every result, with its settings")
     args = p.parse_args(argv)
     args.rho = [nm_active_ratio(args.nm)] if args.nm else args.rho or [0.5]
     return args
@@ -214,36 +203,14 @@ def finished_rows(path: Path, settings: dict) -> dict[tuple, dict]:
 
 
 def main(argv=None) -> int:
-    distributed.silence_other_ranks()
-    args = parse_args(argv)
-    try:
-        with ctrl_c.raises():
-            run(args)
-    except UsageError as e:
-        return distributed.fail(f"eval_tasks.py: error: {e}", 2)
-    except distributed.RanksLost as e:  # another rank failed or was interrupted, and said so
-        return distributed.failed_elsewhere(e, "eval_tasks.py")
-    except KeyboardInterrupt:  # Ctrl-C: the rows finished so far are in --out, written whole
-        again = (sys.argv[1:] if argv is None else argv) + ([] if args.resume else ["--resume"])
-        return distributed.fail(f"\ninterrupted: the finished rows are in {args.out}; to go on: "
-                                f"{distributed.launcher()} eval_tasks.py {shlex.join(again)}", INTERRUPTED)
-    finally:
-        distributed.stop()
-    return 0
+    # Ctrl-C: the rows finished so far are in --out, written whole
+    return main_of("eval_tasks.py", argv, parse_args, run, lambda args: f"the finished rows are in {args.out}")
 
 
 def run(args) -> list[dict]:
     import lm_eval
 
-    device = distributed.start(args.device)
-    if args.offload:
-        check_offload(device)
-    if not distributed.is_main():
-        distributed.barrier()  # rank 0 checks the input and downloads the model first; then the others
-    dtype = DTYPES[args.dtype] if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
-    if distributed.is_main():  # the one rank that writes
-        check_writable(args.out, "--out")
-    decode_path = mumoe.decode_path(args.decode, device, dtype)  # --decode packed where it cannot run: now
+    device, dtype, decode_path = start_run(args)
     manager = task_manager(args.tasks, args.include_path)  # an unknown task: now, before any model is found
     directory = resolve_checkpoint(args.model)
     family = models.text_family(directory)  # a LLaVA: its language model

@@ -42,8 +42,6 @@ import argparse
 import json
 import math
 import random
-import shlex
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -58,10 +56,11 @@ import mumoe
 import pruners
 import results_file
 import vqa_tasks
-from checkpoint import DTYPES, UsageError, hub_repo_id, offloaded, read_config_json, resolve_checkpoint
-from command_line import (CALIBRATED, INTERRUPTED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE,
-                          ArgumentParser, check_offload, positive_int)
-from results_file import check_writable, write_json
+from checkpoint import UsageError, hub_repo_id, offloaded, read_config_json, resolve_checkpoint
+from command_line import (CALIBRATED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE, ArgumentParser,
+                          add_device_options, add_mumoe_routing, add_out_and_resume, add_select_and_decode, main_of,
+                          positive_int, start_run)
+from results_file import write_json
 from vqa_tasks import TASKS, Question
 
 # the rows in the order of the paper's LLaVA table, SparseGPT before Wanda (its perplexity table, command_line.METHODS,
@@ -287,32 +286,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nsamples", type=positive_int, metavar="N", default=128,
                    help="calibration prompts (default: 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default: 0)")
-    p.add_argument("--mumoe-routing", nargs="+", choices=mumoe.ROUTINGS, default=["block"], metavar="ROUTING",
-                   help="block: each block's Linears route on its dense pass over the prompt (default, row "
-                        "'μ-MoE'); linear: each Linear on its own input, one pass (row 'μ-MoE (one pass)')")
-    p.add_argument("--select", choices=pruners.SELECTS, help="top-k selection of Wanda and μ-MoE "
-                   "(identical masks; default: the fastest on the device)")
-    p.add_argument("--decode", choices=mumoe.DECODES, default="auto", help="μ-MoE: an answer's tokens read the "
-                   "prompt's packed experts (packed) or the dense W ⊙ M (masked); auto: packed where its kernel runs "
-                   "(the same answers either way)")
+    add_mumoe_routing(p, "block: each block's Linears route on its dense pass over the prompt (default, row "
+                         "'μ-MoE'); linear: each Linear on its own input, one pass (row 'μ-MoE (one pass)')",
+                      many=True)
+    add_select_and_decode(p)
     p.add_argument("--limit", type=positive_int, metavar="N", help="answer the first N questions only (quick runs)")
     p.add_argument("--max-new-tokens", type=positive_int, metavar="N",
                    help=f"longest answer (default: {MAX_NEW_TOKENS['scienceqa']} for ScienceQA, "
                         f"{MAX_NEW_TOKENS['textvqa']} for TextVQA)")
-    p.add_argument("--device", help="default: cuda when present, else cpu")
-    p.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 on CPU")
-    p.add_argument("--offload", action="store_true", help="keep the language model in CPU memory, one block at a "
-                   "time on the device (LLaVA-7B in float16 on a GPU of less than 16 GB)")
+    add_device_options(p, offload="the language model")
     p.add_argument("--data-dir", type=Path, metavar="DIR",
                    help="read {task}/*.parquet from here (offline) instead of the hub")
     p.add_argument("--save-data", type=Path, metavar="DIR", help="copy the parquet files this run needs into "
                    "DIR in the --data-dir layout (downloading them, or from --data-dir), then read them there")
     p.add_argument("--skip-bad-rows", action="store_true", help="leave out questions whose image does not "
                    "decode (counted in the JSON) instead of stopping")
-    p.add_argument("--out", type=Path, metavar="JSON", help="every setting, prediction and score "
-                   "(default: vqa_{task}.json)")
-    p.add_argument("--resume", action="store_true", help="keep the predictions of the --out file (its settings "
-                   "must be this run's) and answer only the missing ones")
+    add_out_and_resume(p, None, "every setting, prediction and score (default: vqa_{task}.json)")
     args = p.parse_args(argv)
     args.calib = args.calib or OTHER_TASK[args.task]
     args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS[args.task]
@@ -321,27 +310,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    distributed.silence_other_ranks()
-    args = parse_args(argv)
-    try:
-        with ctrl_c.raises():
-            run(args)
-    except UsageError as e:
-        return distributed.fail(f"eval_vqa.py: error: {e}", 2)
-    except distributed.RanksLost as e:  # another rank failed or was interrupted, and said so
-        return distributed.failed_elsewhere(e, "eval_vqa.py")
-    except KeyboardInterrupt:  # Ctrl-C: every answer so far is in --out (run saves the row it was in)
-        return distributed.fail(interrupted(args, sys.argv[1:] if argv is None else argv), INTERRUPTED)
-    finally:
-        distributed.stop()
-    return 0
-
-
-def interrupted(args, argv: list[str]) -> str:
-    """Ctrl-C's one line: how many answers the --out file holds, and the command that goes on from them."""
-    again = argv + ([] if args.resume else ["--resume"])
-    return (f"\ninterrupted: {saved_answers(args.out)} answers saved in {args.out}; to go on: "
-            f"{distributed.launcher()} eval_vqa.py {shlex.join(again)}")
+    # Ctrl-C: every answer so far is in --out (run saves the row it was in)
+    return main_of("eval_vqa.py", argv, parse_args, run,
+                   lambda args: f"{saved_answers(args.out)} answers saved in {args.out}")
 
 
 def saved_answers(path: Path) -> int:
@@ -382,15 +353,7 @@ def load_task(task: str, args) -> tuple[list[Question], list[dict]]:
 
 
 def run(args) -> list[dict]:
-    device = distributed.start(args.device)
-    if args.offload:
-        check_offload(device)
-    if not distributed.is_main():
-        distributed.barrier()  # rank 0 checks the input and fetches the data first; then the others
-    dtype = DTYPES[args.dtype] if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
-    if distributed.is_main():  # the one rank that writes
-        check_writable(args.out, "--out")
-    decode_path = mumoe.decode_path(args.decode, device, dtype)  # --decode packed where it cannot run: now
+    device, dtype, decode_path = start_run(args)
     if models.family(args.model) is not llava_model:  # other LLaVA variants and unknown families: named there
         model_type = read_config_json(resolve_checkpoint(args.model) / "config.json").get("model_type")
         raise UsageError(f"--model {args.model} is a {model_type!r} model; eval_vqa.py evaluates LLaVA-1.5 "

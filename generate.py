@@ -23,10 +23,11 @@ import torch
 import llava_model
 import mumoe
 from checkpoint import DTYPES, UsageError, check_device
-from command_line import ArgumentParser, positive_int
+from command_line import (ArgumentParser, active_ratio, add_mumoe_prefix, add_mumoe_routing, add_select_and_decode,
+                          default_dtype, positive_int)
 from models import load_model, load_tokenizer, read_config
 from packed_experts import kernel_problem, packed_bytes
-from pruners import SELECTS, check_rho, default_select, prune_count
+from pruners import default_select, prune_count
 
 REPEATS = 3  # alternating dense and μ-MoE generations, whose medians are printed
 WARMUP_TOKENS = 2  # a warm-up generation's length: the prompt pass and one decode step, with each path's kernels
@@ -36,7 +37,7 @@ def main(argv=None) -> None:
     parser = ArgumentParser(prog="generate.py", description="Generate greedily with the dense model and with μ-MoE.")
     parser.add_argument("--model", required=True, help="opt-125m ... opt-66b, llava-1.5-7b, a hub id (OPT, LLaMA, "
                         "Mistral, Qwen2, LLaVA-1.5), or a local directory")
-    parser.add_argument("--rho", type=float, required=True, help="active-weight ratio in (0, 1]")
+    parser.add_argument("--rho", type=active_ratio, required=True, help="active-weight ratio in (0, 1]")
     parser.add_argument("--prompt", required=True, help="the text; for LLaVA, the user's message (put in LLaVA-1.5's "
                         "conversation template, <image> in front unless it places its own)")
     parser.add_argument("--image", action="append", default=[], help="an image file (LLaVA; repeat for several, "
@@ -44,14 +45,10 @@ def main(argv=None) -> None:
     parser.add_argument("--route-vision", action="store_true",
                         help="LLaVA: route the vision tower's Linears on each image too (default: dense)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--select", choices=SELECTS, help="selection kernel (default: fastest on the device)")
-    parser.add_argument("--prefix", type=int, help="route on the first N prompt tokens only")
-    parser.add_argument("--routing", choices=mumoe.ROUTINGS, default="block",
-                        help="block: each block routes on its dense pass over the prompt (Wanda's statistics, "
-                             "the default); linear: each Linear on its own input, in one pass")
-    parser.add_argument("--decode", choices=mumoe.DECODES, default="auto",
-                        help="the new tokens read the prompt's packed experts (packed) or the dense W ⊙ M (masked); "
-                             "auto: packed where its kernel runs (float32 on a CPU with AVX2 and a C compiler)")
+    add_mumoe_prefix(parser, "route on the first P prompt tokens only")
+    add_mumoe_routing(parser, "block: each block routes on its dense pass over the prompt (Wanda's statistics, the "
+                              "default); linear: each Linear on its own input, in one pass", many=False)
+    add_select_and_decode(parser)
     parser.add_argument("--repeats", type=positive_int, default=REPEATS,
                         help=f"generations of each, alternating, whose median times are printed (default {REPEATS})")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -59,13 +56,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     try:
-        check_rho(args.rho)
         if not args.prompt.strip():
             raise UsageError("the prompt is empty")
         if args.max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
         device = check_device(args.device)
-        dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
+        dtype = default_dtype(args.dtype, device)
         decoding = mumoe.decode_path(args.decode, device, dtype)  # --decode packed where it cannot run: now
         vision = isinstance(read_config(args.model), llava_model.LlavaConfig)
         if (args.image or args.route_vision) and not vision:
@@ -84,18 +80,19 @@ def main(argv=None) -> None:
             pixels = (torch.stack([llava_model.preprocess(image, llava.config.vision_config.image_size)
                                    for image in images]) if images else None)
             dense_prompt = llava.embed_prompt(ids, pixels)
-            vision_block = (mumoe.routed_block(mumoe.MuMoE(args.rho, routing=args.routing, select=args.select))
+            vision_block = (mumoe.routed_block(mumoe.MuMoE(args.rho, routing=args.mumoe_routing, select=args.select))
                             if args.route_vision else None)
             routed_prompt = llava.embed_prompt(ids, pixels, vision_block) if args.route_vision else dense_prompt
             T = dense_prompt.shape[1]
         else:
             ids = dense_prompt = routed_prompt = tokenizer.encode(args.prompt)
             T = len(ids)
-        if args.prefix is not None and not 1 <= args.prefix <= T:
-            raise UsageError(f"--prefix {args.prefix} must lie in [1, {T}], the prompt's token count (BOS included"
+        if args.mumoe_prefix is not None and not 1 <= args.mumoe_prefix <= T:
+            raise UsageError(f"--mumoe-prefix {args.mumoe_prefix} must lie in [1, {T}], the prompt's token count "
+                             "(BOS included"
                              + (", each image's features too)" if vision else ")"))
         eos_id = model.config.eos_token_id
-        moe = mumoe.MuMoE(args.rho, routing=args.routing, select=args.select, prefix=args.prefix)
+        moe = mumoe.MuMoE(args.rho, routing=args.mumoe_routing, select=args.select, prefix=args.mumoe_prefix)
         routed = dict(moe=moe, eos_id=eos_id, decode=args.decode)
         warmup = min(WARMUP_TOKENS, args.max_new_tokens)  # fits wherever the generations themselves fit
         mumoe.generate(model, dense_prompt, warmup)
@@ -116,8 +113,8 @@ def main(argv=None) -> None:
     print(f"prompt ({T} tokens" + (f", {llava.config.image_tokens} per image" if images else "") + f"): {shown!r}")
     print(f"times: the medians of {args.repeats} generations of each, alternating, after a warm-up of each")
     print(f"\n--- dense:\n{shown}{tokenizer.decode(dense_new)}\n{speed(len(dense_new), dense_s)}")
-    print(f"\n--- μ-MoE, rho = {args.rho} ({args.routing} routing, select={select}, routed on "
-          f"{args.prefix or T} prompt tokens):\n{shown}{tokenizer.decode(mumoe_new)}\n"
+    print(f"\n--- μ-MoE, rho = {args.rho} ({args.mumoe_routing} routing, select={select}, routed on "
+          f"{args.mumoe_prefix or T} prompt tokens):\n{shown}{tokenizer.decode(mumoe_new)}\n"
           f"{speed(len(mumoe_new), mumoe_s)}\n")
     decoder_linears = [layer for block in model.blocks for layer in block.linears().values()]
     total = sum(layer.weight.numel() for layer in decoder_linears)
@@ -146,8 +143,8 @@ def main(argv=None) -> None:
           f"embeddings and lm_head dense")
     T_all = T + len(mumoe_new)
     dense_macs = mumoe.count_macs(model, T_all, mumoe.DENSE).total
-    mumoe_macs = mumoe.count_macs(model, T_all, mumoe.MuMoE(args.rho, routing=args.routing,
-                                                             prefix=args.prefix or T))
+    mumoe_macs = mumoe.count_macs(model, T_all, mumoe.MuMoE(args.rho, routing=args.mumoe_routing,
+                                                             prefix=args.mumoe_prefix or T))
     print(f"MACs with active weights for the prompt and {len(mumoe_new)} new tokens, each token computed once, "
           f"attention products excluded:\n  dense {si(dense_macs)}, μ-MoE {si(mumoe_macs.total)} "
           f"(routing {si(sum(mumoe_macs.routing.values()))}): {1 - mumoe_macs.total / dense_macs:.1%} saved")
@@ -157,7 +154,7 @@ def main(argv=None) -> None:
         mmp = llava.multi_modal_projector  # dense: two Linears over each image's features
         projector = llava.config.image_tokens * (mmp.linear_1.weight.numel() + mmp.linear_2.weight.numel())
         vision_dense = mumoe.count_macs(encoder, tokens, mumoe.DENSE).total + projector
-        vision_routed = (mumoe.count_macs(encoder, tokens, mumoe.MuMoE(args.rho, routing=args.routing)).total
+        vision_routed = (mumoe.count_macs(encoder, tokens, mumoe.MuMoE(args.rho, routing=args.mumoe_routing)).total
                          + projector)
         print(f"  vision tower ({len(encoder.blocks)} layers, {tokens} tokens) and projector, {n} image(s): "
               + (f"dense {si(n * vision_dense)}, μ-MoE {si(n * vision_routed)} (--route-vision)" if args.route_vision

@@ -26,6 +26,7 @@ In a batch each prompt gets its own masks. Embeddings and lm_head stay dense. Th
 perplexity window on all of its tokens, the ones it then predicts included; `prefix=N` routes on the
 first N tokens only, a strictly causal variant.
 
+    reference_linear(W, b, X, rho)   the method in six lines, for one prompt: what the fast paths are tested against
     MuMoE(rho, routing, ...)         the method's settings, which travel together
     routed_block(moe)                (block, x) -> the block's output, each prompt routed on itself
     micro_experts(moe)               the μ-MoE Linear, a drop-in for checkpoint.dense_linear
@@ -64,7 +65,23 @@ from packed_experts import PackedLinear, kernel_problem, pack, packed_linear
 from pruners import SELECTS, check_rho, prune_count, wanda_gated_weight
 
 # -----------------------------------------------------------------------------
-# Router, experts and gate
+# The method in six lines: μ-MoE's Linear for one prompt, the reference every faster path here is tested against
+
+def reference_linear(W: torch.Tensor, bias: torch.Tensor | None, X: torch.Tensor, rho: float):
+    """μ-MoE's Linear on one prompt X (T, d_in), written plainly: route, keep each row's top k, gate.
+
+    Returns (Y (T, d_out), M (d_out, d_in) the active experts). `micro_experts` computes the same, batched and fused.
+    """
+    S = W.float().abs() * X.float().square().sum(dim=0).sqrt()            # router: S_ij = |W_ij| · ||X_j||_2
+    pruned = prune_count(W.shape[1], rho)                                  # each row drops its lowest `pruned`
+    lowest = torch.sort(S, dim=1, stable=True).indices[:, :pruned]        # ties: the lower index goes first
+    M = torch.ones_like(S, dtype=torch.bool).scatter_(1, lowest, False)   # the active experts, top k of each row
+    Y = F.linear(X, W * M, bias)                                           # gate: Y = X (W ⊙ M)^T + b
+    return Y, M
+
+
+# -----------------------------------------------------------------------------
+# Router, experts and gate, batched and fast
 
 ROUTINGS = ("block", "linear")
 
@@ -128,16 +145,40 @@ def micro_experts(moe: MuMoE, stats: dict | None = None, chosen: dict | None = N
                   counter: Counter | None = None) -> LinearFn:
     """The μ-MoE Linear, a drop-in for `dense_linear`: `block(x, linear=micro_experts(MuMoE(0.5)))`.
 
-    Each call routes every prompt of its input x (B, T, d_in) and gates the Linear with the result:
-    on x itself (one-pass "linear" routing), or, if `stats` maps the Linear to (B, d_in) input norms
-    ||X_j||², on those (the "block" routing, see `routed_block`), with the settings of `moe`.
-    `chosen`: a dict that receives, per nn.Linear, the gated weights [W ⊙ M_b for each prompt b], e.g.
-    to decode later tokens with the prompt's experts (`chosen_experts`). `counter`: a Counter that gets,
-    per nn.Linear, the MACs done with nonzero weights, nnz(W ⊙ M_b) · T summed over prompts.
+    For each prompt b of its input x (B, T, d_in) it does what `reference_linear` does -- the norms ||X_j||², each
+    row's top k of S = |W| · ||X||, the gated product -- with the same masks (tested), in the settings of `moe`.
+    What production adds, each in a function of its own below:
+      router input  x itself (one-pass "linear" routing) or, if `stats` maps the Linear to (B, d_in) norms
+                    ||X_j||², those (the "block" routing, see `routed_block`); q, k and v read one tensor, so
+                    its norms are computed once
+      experts       pruners.wanda_gated_weight builds W ⊙ M_b in one fused pass (moe.select: the kernel; moe.nm:
+                    an N:M pattern instead of rho). `chosen`: a dict that receives, per nn.Linear, the gated
+                    weights [W ⊙ M_b for each prompt b], e.g. to decode later tokens with the prompt's experts
+                    (`chosen_experts`); without it each W ⊙ M_b is written into one scratch tensor, used once
+      gate          `gate`; `counter`: a Counter that gets, per nn.Linear, the MACs done with nonzero weights,
+                    nnz(W ⊙ M_b) · T summed over prompts
+      rho = 1       the dense Linear itself, no routing
     """
     rho, select, prefix, nm = moe.rho, moe.select, moe.prefix, moe.nm
     last = {"x": None, "sqnorms": None}  # q, k and v read one tensor: its norms are computed once
     scratch = {}  # by shape: the memory that gated weights used for one product only are written into
+
+    def router_input(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """(B, d_in) norms ||X_j||² of each prompt, over its first `prefix` tokens if given."""
+        if stats is not None:
+            return stats[layer]
+        if x is not last["x"]:
+            last.update(x=x, sqnorms=input_sqnorms(x, prefix))
+        return last["sqnorms"]
+
+    def experts(W: torch.Tensor, sqnorms: torch.Tensor):
+        """W ⊙ M_b for each prompt b: a list kept for later tokens, else built one prompt at a time into one
+        tensor (a fresh one costs page faults)."""
+        if chosen is not None:
+            return [wanda_gated_weight(W, s_b, rho, select, nm) for s_b in sqnorms]
+        if W.shape not in scratch:
+            scratch[W.shape] = torch.empty_like(W)
+        return (wanda_gated_weight(W, s_b, rho, select, nm, out=scratch[W.shape]) for s_b in sqnorms)
 
     def routed_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if prefix is not None and prefix > x.shape[1]:
@@ -147,20 +188,10 @@ def micro_experts(moe: MuMoE, stats: dict | None = None, chosen: dict | None = N
             if chosen is not None:
                 chosen[layer] = [W] * x.shape[0]
             return gate(layer, x, [W] * x.shape[0], counter) if counter is not None else dense_linear(layer, x)
-        if stats is not None:
-            sqnorms = stats[layer]
-        elif x is not last["x"]:
-            sqnorms = input_sqnorms(x, prefix)
-            last.update(x=x, sqnorms=sqnorms)
-        else:
-            sqnorms = last["sqnorms"]
-        if chosen is not None:  # kept for later tokens: each prompt's W ⊙ M_b in memory of its own
-            chosen[layer] = experts = [wanda_gated_weight(W, s_b, rho, select, nm) for s_b in sqnorms]
-        else:  # used once: built one prompt at a time into one tensor, a fresh one costs page faults
-            if W.shape not in scratch:
-                scratch[W.shape] = torch.empty_like(W)
-            experts = (wanda_gated_weight(W, s_b, rho, select, nm, out=scratch[W.shape]) for s_b in sqnorms)
-        return gate(layer, x, experts, counter)
+        gated = experts(W, router_input(layer, x))
+        if chosen is not None:
+            chosen[layer] = gated
+        return gate(layer, x, gated, counter)
 
     return routed_linear
 

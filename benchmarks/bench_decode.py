@@ -12,10 +12,10 @@ bytes (its packed decoder Linears plus what stays dense, lm_head) over the dense
     batch 4     four prompts decoding together, each with its own experts, against dense batch 4
 
 on (a) SmolLM2-135M, a real model (make it once: python ../shared/models/smollm2-135m/make.py /tmp/smollm2-135m),
-(b) an OPT-125M-shaped random model (testkit.random_opt), (c) one LLaMA-7B-shaped block (4096 hidden, 11008
+(b) an OPT-125M-shaped random model (kit.tiny_models.random_opt), (c) one LLaMA-7B-shaped block (4096 hidden, 11008
 MLP; one layer, a 256-token vocabulary: the block is what is timed). fp32, batch 1, torch's threads on both
 sides (default 2, this machine's cores). Every timing alternates the candidates repeat after repeat, after a
-warm-up of each (testkit.timed), and reports medians with their spread. GB/s = bytes read / median time.
+warm-up of each (kit.timing.timed), and reports medians with their spread. GB/s = bytes read / median time.
 
     flock /work/bench.lock python benchmarks/bench_decode.py [--smollm2 /tmp/smollm2-135m] [--repeats 9]
         [--generation-repeats 3] [--threads 2] [--out docs/packed_decode.json] [--skip generation ...]
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the helpers the tests share
 import models  # noqa: E402
 from checkpoint import dense_linear  # noqa: E402
 from llama_model import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -37,7 +38,9 @@ from mumoe import MuMoE, decode_experts, generate, pack_experts, packed_experts,
 from opt_model import OPTConfig  # noqa: E402
 from packed_experts import kernel_problem  # noqa: E402
 from results_file import write_json  # noqa: E402
-from testkit import median_and_spread, random_ids, random_opt, timed  # noqa: E402
+from kit.data import random_ids  # noqa: E402
+from kit.timing import median_and_spread, timed  # noqa: E402
+from kit.tiny_models import random_opt  # noqa: E402
 
 CACHED = 64  # tokens in the KV cache when a step is timed: the attention's share stays small, as early in a reply
 SETTINGS = {"rho 0.6": (0.6, None), "rho 0.5": (0.5, None), "rho 0.4": (0.4, None), "2:4": (1.0, (2, 4))}

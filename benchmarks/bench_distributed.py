@@ -52,13 +52,15 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the helpers the tests share
 sys.path.insert(0, str(REPO / "benchmarks"))
 import distributed  # noqa: E402
 import eval_ppl  # noqa: E402
 import pruners  # noqa: E402
 from models import load_model  # noqa: E402
 from opt_model import OPTConfig  # noqa: E402
-from testkit import random_ids, save_random_opt  # noqa: E402
+from kit.data import random_ids  # noqa: E402
+from kit.tiny_models import save_random_opt  # noqa: E402
 
 TARGET = 1.05
 COMMANDS_TARGET, COLLECTIVES_TARGET = 0.6, 0.05  # --commands: the time of 2 ranks over 1 process, and collectives' share
@@ -144,8 +146,9 @@ def save_commands_inputs(tmp: Path, questions: int, docs: int) -> dict[str, list
     """The models and data of both commands, saved under tmp; each command's argv."""
     import transformers
 
-    from testkit import (VQA_IMAGE_ID, save_llama_tokenizer, save_tiny_opt, save_tiny_tokenizer, scienceqa_rows,
-                         write_multiple_choice_task, write_parquet)  # the tests' makers of models and data
+    from kit.data import (scienceqa_rows, write_multiple_choice_task, write_parquet)  # the tests' makers of models and data
+    from kit.tiny_models import VQA_IMAGE_ID, save_tiny_opt
+    from kit.tiny_tokenizers import save_llama_tokenizer, save_tiny_tokenizer
 
     torch.manual_seed(0)
     llava = tmp / "llava"

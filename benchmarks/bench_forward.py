@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the helpers the tests share
 from opt_model import load_model  # noqa: E402
-from testkit import timed  # noqa: E402
+from kit.timing import timed  # noqa: E402
 
 # The peak is read from VmHWM (this process's own peak resident size), not ru_maxrss: Linux carries
 # ru_maxrss over from the parent through fork and exec, so it would start at this big process's peak.

@@ -35,7 +35,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from testkit import random_ids, random_opt  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the helpers the tests share
+from kit.data import random_ids  # noqa: E402
+from kit.tiny_models import random_opt  # noqa: E402
 from mumoe import MuMoE, generate  # noqa: E402
 from opt_model import OPTConfig  # noqa: E402
 

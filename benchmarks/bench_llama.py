@@ -5,7 +5,7 @@ The shape fits this machine and has what matters of a real LLaMA: hidden 1024, 8
 (normal, std 0.02), float32, no download. Every run interleaves the modes repeat by repeat in a rotating order, so
 the noise of a shared machine hits all of them, and reports the median and the min-max spread of the per-repeat
 ratios. Targets (issue 17): ours / transformers <= 1.0 at T = 2048 (OPT: 1.03); μ-MoE / dense reported at T = 512
-and 2048 for both routings, also estimated block by block (testkit.paired_blocks) as for OPT.
+and 2048 for both routings, also estimated block by block (kit.timing.paired_blocks) as for OPT.
 
     python benchmarks/bench_llama.py [--tokens 512 2048] [--repeats 5] [--rho 0.5]
 """
@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the helpers the tests share
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
-from testkit import paired_blocks  # noqa: E402
+from kit.timing import paired_blocks  # noqa: E402
 from mumoe import MuMoE, mumoe_logits  # noqa: E402
 from pruners import default_select  # noqa: E402
 

@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the helpers the tests share
 import llava_model  # noqa: E402
-from testkit import timed  # noqa: E402
+from kit.timing import timed  # noqa: E402
 
 TEXT_TOKENS = 64  # the prompt's text around the image (LLaVA-1.5's vicuna_v1 prompt with a question is ~60)
 VICUNA_7B = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,

@@ -40,9 +40,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the helpers the tests share
 from mumoe import input_sqnorms  # noqa: E402
 from opt_model import OPTConfig  # noqa: E402
-from testkit import forward_modes, paired_blocks, random_ids, random_opt, timed  # noqa: E402
+from kit.data import random_ids  # noqa: E402
+from kit.timing import forward_modes, paired_blocks, timed  # noqa: E402
+from kit.tiny_models import random_opt  # noqa: E402
 from pruners import SELECTS, default_select, wanda_gated_weight, wanda_mask  # noqa: E402
 
 TARGETS = {("linear", 2048): 1.05, ("linear", 512): 1.4, ("block", 2048): 2.0}

@@ -29,10 +29,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the helpers the tests share
 from opt_model import OPTConfig, OPTForCausalLM  # noqa: E402
 from pruners import SELECTS, prune_lowest, prune_model, sparsegpt_prune, wanda_mask, wanda_score  # noqa: E402
 
-from testkit import tied_rows, timed  # noqa: E402
+from kit.references import tied_rows  # noqa: E402
+from kit.timing import timed  # noqa: E402
 
 RHO = 0.5  # the paper's headline active ratio
 REFERENCE_WINDOWS = 128  # calibration windows of 2048 tokens in SparseGPT and Wanda

@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the helpers the tests share
 from pruners import SELECTS, prune_count, prune_lowest, wanda_score  # noqa: E402
-from testkit import tied_rows  # noqa: E402
+from kit.references import tied_rows  # noqa: E402
 
 RHOS = (0.25, 0.5, 0.75)
 SQUARE_SIZES = (768, 1024, 2048, 4096, 8192)

@@ -41,9 +41,12 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the helpers the tests share
 sys.path.insert(0, str(REPO / "benchmarks"))
 import mumoe  # noqa: E402
-from testkit import forward_modes, median_and_spread, random_ids, random_opt, save_random_opt, timed  # noqa: E402
+from kit.data import random_ids  # noqa: E402
+from kit.timing import forward_modes, median_and_spread, timed  # noqa: E402
+from kit.tiny_models import random_opt, save_random_opt  # noqa: E402
 from opt_model import OPTConfig  # noqa: E402
 from pruners import default_select  # noqa: E402
 
@@ -115,7 +118,8 @@ def generate(args, device, work: Path) -> dict:
 
 
 def evaluate(args, device, work: Path) -> dict:
-    from testkit import save_tiny_tokenizer, sentence  # a tiny BPE tokenizer, no download
+    from kit.data import sentence  # a tiny BPE tokenizer, no download
+    from kit.tiny_tokenizers import save_tiny_tokenizer
 
     model, data = work / "tiny-opt", work / "data"
     save_random_opt(model, TINY)

@@ -38,13 +38,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the helpers the tests share
 
 import corpora  # noqa: E402
 import eval_ppl  # noqa: E402
 import models  # noqa: E402
 import pruners  # noqa: E402
 from results_file import write_json  # noqa: E402
-from testkit import reference_fasterprune  # noqa: E402
+from kit.references import reference_fasterprune  # noqa: E402
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

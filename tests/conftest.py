@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from opt_model import load_tokenizer
-from testkit import (CLI_VOCAB, TOKENIZER_DIR, save_tiny_opt, save_tiny_tokenizer, sentence, write_rows)
+
+from kit.data import TOKENIZER_DIR, sentence, write_rows, write_vqa_data
+from kit.tiny_models import CLI_VOCAB, save_tiny_opt, save_vqa_llava
+from kit.tiny_tokenizers import save_tiny_tokenizer
 
 
 def pytest_configure(config):
@@ -61,3 +64,16 @@ def cli_data(tmp_path_factory):
                            ("c4", "train"), ("c4", "validation")]:
         write_rows(data, dataset, split, [sentence(rng, rng.randint(3, 30)) for _ in range(40)])
     return data
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """ScienceQA and TextVQA as tiny parquet files with random images, in the --data-dir layout (write_vqa_data)."""
+    return write_vqa_data(tmp_path / "data")
+
+
+@pytest.fixture(scope="module")
+def vqa_llava(tmp_path_factory):
+    """A tiny random LLaVA with a tokenizer, saved in the Hugging Face layout: what eval_vqa answers with (the
+    directory; save_vqa_llava). test_llava's `tiny_llava` is another: the parity model, with its reference."""
+    return save_vqa_llava(tmp_path_factory.mktemp("vqa_llava"))

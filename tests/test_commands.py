@@ -12,8 +12,10 @@ import eval_ppl
 import eval_tasks
 import eval_vqa
 import generate
-from testkit import (cli_args, save_llama2_like_tokenizer, save_llama_tokenizer, save_tiny_llama, save_tiny_llava,
-                     sentence, write_multiple_choice_task)
+from kit.commands import cli_args
+from kit.data import sentence, write_multiple_choice_task
+from kit.tiny_models import save_tiny_llama, save_tiny_llava
+from kit.tiny_tokenizers import save_llama2_like_tokenizer, save_llama_tokenizer
 
 pytest.importorskip("lm_eval")  # eval_tasks' rows
 

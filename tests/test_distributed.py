@@ -6,7 +6,7 @@ test, under torchrun by its agent), so that each rank's exit code and output can
 The references are the same commands in one process: perplexities to 1e-6 relative (the per-window NLLs
 are gathered exactly, so most are equal to the bit), pruned weights equal but for summation-order ties,
 counted. Also here: results files written atomically, Ctrl-C, and benchmarks/gpu_check.py --dry-run.
-Tiny random OPT models and tokenizers come from testkit and conftest; nothing is downloaded.
+Tiny random OPT models and tokenizers come from tests/kit and conftest; nothing is downloaded.
 """
 
 import json
@@ -25,9 +25,12 @@ import distributed
 import eval_ppl
 import pruners
 from models import load_model
-from testkit import RANK_TIMEOUT, cli_args, finish, launch, n_diff, run_main, said_lines, save_tiny_opt
+from kit.checks import n_diff, said_lines
+from kit.commands import cli_args, run_main
+from kit.ranks import RANK_TIMEOUT, finish, launch
+from kit.tiny_models import save_tiny_opt
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 
 # A rank: eval_ppl.main, noting in WRITES_LOG each write of the results file by rank, and failing on purpose
 # with a UsageError on rank FAIL_RANK ("every": on every rank, all alike) when the perplexity is first evaluated

@@ -1,5 +1,5 @@
 """pruners: exact counts, four selection kernels with one mask, magnitude, Wanda and SparseGPT against the
-published algorithms (SparseGPT's `fasterprune` transcribed in testkit), N:M, and the sequential driver on a tiny
+published algorithms (SparseGPT's `fasterprune` transcribed in kit.references), N:M, and the sequential driver on a tiny
 OPT against statistics hooked on transformers' model."""
 
 import copy
@@ -12,7 +12,9 @@ import pruners
 from checkpoint import UsageError
 from opt_model import load_model
 from pruners import magnitude_mask, prune_lowest, prune_model, sparsegpt_prune, wanda_mask, wanda_score
-from testkit import OFFLOAD_DEVICES, assert_each_visits, n_diff, record_moves, reference_fasterprune, save_tiny_opt
+from kit.checks import OFFLOAD_DEVICES, assert_each_visits, n_diff, record_moves
+from kit.references import reference_fasterprune
+from kit.tiny_models import save_tiny_opt
 
 
 RHOS = (0.1, 0.25, 0.4, 0.5, 0.75, 1.0)

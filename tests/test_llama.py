@@ -26,9 +26,12 @@ import models
 import mumoe
 from checkpoint import UsageError
 from pruners import prune_model
-from testkit import (LLAMA_VOCAB, REPO, TINY_LLAMAS, assert_close, assert_each_visits, assert_one_line_error, n_diff,
-                     random_ids, record_moves, reference_fasterprune, report_of, run_main, save_llama_tokenizer, save_tiny_llama,
-                     sentence)
+from kit.checks import assert_close, assert_each_visits, assert_one_line_error, n_diff, record_moves
+from kit.commands import report_of, run_main
+from kit.data import REPO, random_ids, sentence
+from kit.references import reference_fasterprune
+from kit.tiny_models import LLAMA_VOCAB, TINY_LLAMAS, save_tiny_llama
+from kit.tiny_tokenizers import save_llama_tokenizer
 
 # fp32, measured on these configs: logits equal transformers' exactly (max |diff| 0); cached decoding vs the full
 # forward 2.4e-7 to 4.8e-7. The bound leaves room for other CPUs' kernels, far below what a bug moves (>1e-2).

@@ -17,7 +17,9 @@ from checkpoint import UsageError
 from generate import si
 from opt_model import OPTConfig, OPTForCausalLM, load_model
 from pruners import SELECTS, prune_model, wanda_mask
-from testkit import TINY_LAYOUTS, assert_close, n_diff, random_ids, save_tiny_opt
+from kit.checks import assert_close, n_diff
+from kit.data import random_ids
+from kit.tiny_models import TINY_LAYOUTS, save_tiny_opt
 
 
 TINY = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
@@ -68,6 +70,31 @@ def test_routed_linear_matches_from_scratch_stable_sort(select):
     with torch.no_grad():
         Y = micro_experts(MuMoE(rho, select=select))(layer, X)
     assert_close(Y, torch.stack(expected), 1e-6, f"routed Linear ({select}) vs from-scratch stable sort")
+
+
+REFERENCE_ATOL = 1e-6  # the gated product against reference_linear's: the same masks, the same F.linear per prompt
+
+
+@pytest.mark.parametrize("rho", [0.9, 0.5, 0.3])
+@pytest.mark.parametrize("select", SELECTS)
+def test_micro_experts_masks_are_the_references(select, rho):
+    """The fast path (input_sqnorms, the fused wanda_gated_weight, gate) against mumoe.reference_linear, the method
+    in six lines: every mask identical, ties included (a duplicated weight column; zero input columns, among which
+    the cut falls at rho 0.9)."""
+    torch.manual_seed(4)
+    B, T, d_in, d_out = 3, 12, 40, 24
+    layer = nn.Linear(d_in, d_out).requires_grad_(False)
+    layer.weight[:, 7] = layer.weight[:, 8]
+    X = torch.randn(B, T, d_in)
+    X[:, :, 16:26] = 0  # ten zero scores per row: at rho 0.9 the 4 pruned are four of them, the lowest indices
+    chosen = {}
+    with torch.no_grad():
+        Y = micro_experts(MuMoE(rho, select=select), chosen=chosen)(layer, X)
+    for b in range(B):
+        Y_ref, M_ref = mumoe.reference_linear(layer.weight, layer.bias, X[b], rho)
+        M = chosen[layer][b] != 0  # random normal weights have no zeros of their own
+        assert n_diff(M, M_ref) == 0, f"prompt {b} ({select}, rho={rho}): {n_diff(M, M_ref)} experts differ"
+        assert_close(Y[b], Y_ref, REFERENCE_ATOL, f"prompt {b} gated ({select}, rho={rho}) vs reference_linear")
 
 
 ROUTING_ATOL = 1e-5  # block routing vs. a model pruned by prune_model: the same masks, products in another order

@@ -18,8 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from testkit import (REPO, cli_args, finish, launch, said_lines, save_vqa_llava, sentence, write_multiple_choice_task,
-                     write_vqa_data)
+from kit.checks import said_lines
+from kit.commands import cli_args
+from kit.data import REPO, sentence, write_multiple_choice_task, write_vqa_data
+from kit.ranks import finish, launch
+from kit.tiny_models import save_vqa_llava
 
 EXIT_TIMEOUT = 60  # seconds from the press to the process's end before the test calls it a hang (it takes < 1 s)
 FIRST_SECOND = (0.3, 0.6, 0.9)  # during `import torch`: the moments a traceback used to come from

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import packed_experts
-from testkit import REPO, assert_one_line_error, run_generate
+from kit.checks import assert_one_line_error
+from kit.commands import run_generate
+from kit.data import REPO
 
 PROMPT = "Hello, my dog is"
 
@@ -84,12 +86,13 @@ def test_command_warms_up_then_alternates(tiny_with_tokenizer, capsys, monkeypat
     (["--rho", "0"], "rho"),
     (["--rho", "1.5"], "rho"),
     (["--prompt", "  "], "prompt is empty"),
-    (["--prefix", "99"], "--prefix 99"),
+    (["--mumoe-prefix", "99"], "--mumoe-prefix 99"),
+    (["--prefix", "99"], "--mumoe-prefix 99"),  # the old spelling, a quiet alias
     (["--model", "opt-7b"], "unknown model"),
     (["--model", "/nonexistent/dir/opt"], "unknown model"),
     (["--device", "cuda"], "CUDA is not available"),
     (["--device", "gpu"], "unknown device 'gpu'"),
-    (["--rho", "half"], "invalid float value: 'half'"),
+    (["--rho", "half"], "invalid active_ratio value: 'half'"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
     (["--max-new-tokens", "63"], "+ 63 new tokens exceed max_position_embeddings=64"),
     (["--decode", "sparse"], "argument --decode: invalid choice: 'sparse'"),

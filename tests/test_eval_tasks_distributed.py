@@ -1,10 +1,10 @@
 """eval_tasks.py under torchrun and with --offload: 2 ranks, or the model one block at a time, give lm-eval's results
 of the one process.
 
-The ranks are real processes on the CPU with gloo, started as torchrun starts them (testkit.launch); the
+The ranks are real processes on the CPU with gloo, started as torchrun starts them (kit.ranks.launch); the
 reference is the same command in one process. lm-eval splits each task's documents among the ranks through
 HarnessLM's rank and world_size and gathers the per-document metrics on rank 0. The tiny OPT, its tokenizer and the
-local multiple-choice task come from testkit; nothing is downloaded.
+local multiple-choice task come from tests/kit; nothing is downloaded.
 """
 
 import json
@@ -14,10 +14,13 @@ from pathlib import Path
 
 import pytest
 
+import command_line
 import eval_tasks
 import lm_harness
-from testkit import (assert_one_block_at_a_time, finish, launch, said_lines, save_opt_for_hflm, sentence, watch_offload,
-                     write_multiple_choice_task)
+from kit.checks import assert_one_block_at_a_time, said_lines, watch_offload
+from kit.data import sentence, write_multiple_choice_task
+from kit.ranks import finish, launch
+from kit.tiny_models import save_opt_for_hflm
 
 # What each request scored and each routing routed, noted as JSON lines in LOG (one process: the test's own):
 # {"row": the simple_evaluate call it belongs to, "rank", "request": [context ids, continuation ids], "ll": its
@@ -204,7 +207,7 @@ def test_offload_gives_the_results_of_the_model_on_the_device(setup, tmp_path, m
     code, err = eval_tasks.main(command(setup, offload, *argv, "--offload")), capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "nothing to offload to" in err, err
 
-    monkeypatch.setattr(eval_tasks, "check_offload", lambda device: None)  # the CPU stands in for a GPU
+    monkeypatch.setattr(command_line, "check_offload", lambda device: None)  # the CPU stands in for a GPU
     events = watch_offload(monkeypatch)
     assert one_process(command(setup, offload, *argv, "--offload"), tmp_path / "offload.log") == 0
     got, expected = (without_timings(json.loads(path.read_text())) for path in (offload, plain))

@@ -23,9 +23,9 @@ import llama_model
 import models
 import mumoe
 import pruners
-from testkit import assert_close
+from kit.checks import assert_close
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 MAKE = SHARED / "models" / "smollm2-135m" / "make.py"
 DATA = SHARED / "data" / "rows"

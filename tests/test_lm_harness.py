@@ -21,7 +21,9 @@ import models
 from checkpoint import UsageError
 from lm_harness import HarnessLM
 from mumoe import ROUTINGS, MuMoE, mumoe_logits
-from testkit import (assert_one_line_error, save_opt_for_hflm, sentence, write_multiple_choice_task)
+from kit.checks import assert_one_line_error
+from kit.data import sentence, write_multiple_choice_task
+from kit.tiny_models import save_opt_for_hflm
 
 pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402 (after the skip: lm_eval is what these tests test)

@@ -9,11 +9,13 @@ import shutil
 import pytest
 import torch
 
-import checkpoint
 from checkpoint import UsageError
 from opt_model import OPTConfig, load_model, load_tokenizer
-from testkit import (SHARED_DATA, TINY_LAYOUTS, TOKENIZER_DIR, assert_close, needs_shared_data, rewrite_checkpoint,
-                     save_tiny_opt, save_tiny_tokenizer, sentence)
+from kit.checks import assert_close
+from kit.data import SHARED_DATA, TOKENIZER_DIR, sentence
+from kit.marks import needs_shared_data
+from kit.tiny_models import TINY_LAYOUTS, rewrite_checkpoint, save_tiny_opt
+from kit.tiny_tokenizers import save_tiny_tokenizer
 
 PARITY_ATOL = 1e-4  # fp32 logits of two implementations of the same arithmetic
 
@@ -217,56 +219,6 @@ def test_wrong_shape_is_named(tiny_checkpoint, tmp_path):
         load_model(rewrite_checkpoint(directory, tmp_path / "shape", shrink))
 
 
-def test_pytorch_bin_is_converted_once(tmp_path, monkeypatch):
-    """A hub repo with only pytorch_model.bin: converted once to safetensors in the cache, then reused."""
-    import huggingface_hub
-
-    snapshot = tmp_path / "hub" / "models--facebook--opt-125m" / "snapshots" / "abc123"
-    reference = save_tiny_opt(tmp_path / "saved")
-    snapshot.mkdir(parents=True)
-    shutil.copy(tmp_path / "saved" / "config.json", snapshot / "config.json")
-    state = {k.removeprefix("model."): v for k, v in reference.state_dict().items()}  # metaseq-style keys, tied head
-    torch.save(state, snapshot / "pytorch_model.bin")
-    calls = []
-
-    def fake_snapshot_download(repo_id, allow_patterns):
-        calls.append((repo_id, allow_patterns))
-        return str(snapshot)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    ids = torch.randint(0, 128, (1, 10))
-    for _ in range(2):
-        model = load_model("opt-125m")
-        with torch.no_grad():
-            assert_close(model(ids), reference(ids).logits, PARITY_ATOL, "logits from converted .bin")
-    converted = tmp_path / "mumoe-safetensors" / "models--facebook--opt-125m" / "abc123"
-    assert (converted / "model.safetensors").is_file()
-    assert [c[0] for c in calls] == ["facebook/opt-125m"] * 3, "converts on the first load only"
-
-
-def test_multi_shard_pytorch_bin_is_converted(tmp_path):
-    """Two pytorch_model-0000i-of-00002.bin files become two safetensors shards and an index that loads."""
-    reference = save_tiny_opt(tmp_path / "saved")
-    src = tmp_path / "bin"
-    src.mkdir()
-    shutil.copy(tmp_path / "saved" / "config.json", src / "config.json")
-    state = {k: v for k, v in reference.state_dict().items() if k != "lm_head.weight"}  # tied: not saved
-    keys = sorted(state)
-    for i in range(2):
-        torch.save({k: state[k] for k in keys[i::2]}, src / f"pytorch_model-{i + 1:05d}-of-00002.bin")
-    checkpoint.convert_to_safetensors(src, tmp_path / "converted")
-    assert sorted(p.name for p in (tmp_path / "converted").iterdir()) == [
-        "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-        "model.safetensors.index.json"]
-    ids = torch.randint(0, 128, (1, 10))
-    with torch.no_grad():
-        assert_close(load_model(tmp_path / "converted")(ids), reference(ids).logits, PARITY_ATOL,
-                     "logits from a converted 2-shard .bin")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(UsageError, match="holds neither .*safetensors nor pytorch_model.*bin weights"):
-        checkpoint.convert_to_safetensors(tmp_path / "empty", tmp_path / "converted-empty")
-
-
 def test_missing_shard_is_named(tiny_checkpoint, tmp_path):
     directory, _ = tiny_checkpoint
     sharded = rewrite_checkpoint(directory, tmp_path / "sharded", shards=3)
@@ -287,13 +239,6 @@ def test_config_from_real_opt_125m_json():
     assert (config.hidden_size, config.ffn_dim, config.num_hidden_layers, config.num_attention_heads) == (768, 3072, 12, 12)
     assert (config.vocab_size, config.word_embed_proj_dim, config.head_dim) == (50272, 768, 64)
     assert config.has_final_layer_norm and not config.projects_embeddings
-
-
-@pytest.mark.parametrize("name, repo", [("opt-125m", "facebook/opt-125m"), ("opt-13b", "facebook/opt-13b"),
-                                        ("facebook/opt-350m", "facebook/opt-350m"), ("me/my-opt", "me/my-opt"),
-                                        ("opt-7b", None), ("gpt2", None), ("./a/b/c", None)])
-def test_model_names(name, repo):
-    assert checkpoint.hub_repo_id(name) == repo
 
 
 def test_bad_model_inputs(tiny_checkpoint, tmp_path):

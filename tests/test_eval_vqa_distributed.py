@@ -1,8 +1,8 @@
 """eval_vqa.py under torchrun and with --offload: 2 ranks, or the language model one block at a time, give the one
 process's predictions and accuracies.
 
-The ranks are real processes on the CPU with gloo, started as torchrun starts them (testkit.launch); the
-references are the same command in one process. The tiny LLaVA and the task files come from testkit,
+The ranks are real processes on the CPU with gloo, started as torchrun starts them (kit.ranks.launch); the
+references are the same command in one process. The tiny LLaVA and the task files come from kit,
 as test_eval_vqa's; nothing is downloaded. Each question is routed on itself, so the split of the questions is exact: every
 prediction equal. The calibration statistics are summed over the ranks' shares, in another order than one
 process's; on the tiny model the predictions come out equal all the same (a near-tie would show here as a
@@ -12,12 +12,11 @@ differing prediction, named).
 import json
 from pathlib import Path
 
-import pytest
-
-
+import command_line
 import eval_vqa
-from testkit import (assert_one_block_at_a_time, finish, launch, said_lines, save_vqa_llava, vqa_command, watch_offload,
-                     write_vqa_data)
+from kit.checks import assert_one_block_at_a_time, said_lines, watch_offload
+from kit.commands import vqa_command
+from kit.ranks import finish, launch
 
 # A rank: eval_vqa.main, GATHER_EVERY from the environment (small, so that a row takes several rounds and the last
 # round leaves rank 0 without a question), noting each answer ("rank id") in ANSWERS_LOG and each write of the
@@ -42,16 +41,6 @@ def noting_write(*args, **kwargs):
 eval_vqa.answer, eval_vqa.write_json = noting_answer, noting_write
 sys.exit(eval_vqa.main())
 """
-@pytest.fixture(scope="module")
-def tiny_llava(tmp_path_factory) -> Path:
-    return save_vqa_llava(tmp_path_factory.mktemp("tiny_llava"))
-
-
-@pytest.fixture
-def data_dir(tmp_path) -> Path:
-    return write_vqa_data(tmp_path / "data")
-
-
 GATHER_EVERY = 2  # 9 questions on 2 ranks: rounds of 4, 4 and 1 (which rank 0 sits out)
 
 
@@ -93,10 +82,10 @@ ARGV = ["--task", "scienceqa", "--methods", "dense", "wanda", "sparsegpt", "mumo
         "--mumoe-routing", "block", "--nsamples", "3"]
 
 
-def test_two_ranks_answer_as_one_process(tiny_llava, data_dir, tmp_path):
+def test_two_ranks_answer_as_one_process(vqa_llava, data_dir, tmp_path):
     one, many = tmp_path / "one.json", tmp_path / "many.json"
-    assert eval_vqa.main(vqa_command(tiny_llava, data_dir, one, *ARGV)) == 0
-    ranks_out = run_ranks(vqa_command(tiny_llava, data_dir, many, *ARGV), 2, tmp_path)
+    assert eval_vqa.main(vqa_command(vqa_llava, data_dir, one, *ARGV)) == 0
+    ranks_out = run_ranks(vqa_command(vqa_llava, data_dir, many, *ARGV), 2, tmp_path)
     for r, (code, out, err) in enumerate(ranks_out):
         assert code == 0, f"rank {r} exit {code}: {err[-3000:]}"
         assert r == 0 or out == err == "", f"rank {r} is not quiet: {out[-500:]} {err[-500:]}"
@@ -113,12 +102,12 @@ def test_two_ranks_answer_as_one_process(tiny_llava, data_dir, tmp_path):
     assert by_rank["0"][:2] == questions[:2] and by_rank["1"][:2] == questions[2:4], "a round's shares"
 
 
-def test_a_run_interrupted_on_two_ranks_is_finished_by_one(tiny_llava, data_dir, tmp_path, capsys):
+def test_a_run_interrupted_on_two_ranks_is_finished_by_one(vqa_llava, data_dir, tmp_path, capsys):
     """Rank 1 is interrupted at its 5th answer (in the second row): one line, exit 130 on both ranks, rank 0 saves
     what it gathered; --resume in one process answers only the rest, and the file is the one process's."""
     one, many = tmp_path / "one.json", tmp_path / "many.json"
-    assert eval_vqa.main(vqa_command(tiny_llava, data_dir, one, *ARGV)) == 0
-    ranks_out = run_ranks(vqa_command(tiny_llava, data_dir, many, *ARGV), 2, tmp_path, INTERRUPT_RANK="1",
+    assert eval_vqa.main(vqa_command(vqa_llava, data_dir, one, *ARGV)) == 0
+    ranks_out = run_ranks(vqa_command(vqa_llava, data_dir, many, *ARGV), 2, tmp_path, INTERRUPT_RANK="1",
                           INTERRUPT_AT="5")
     assert [code for code, _, _ in ranks_out] == [130, 130], [err[-2000:] for _, _, err in ranks_out]
     said = sum((said_lines(err) for _, _, err in ranks_out), [])
@@ -137,26 +126,26 @@ def test_a_run_interrupted_on_two_ranks_is_finished_by_one(tiny_llava, data_dir,
 
     eval_vqa.answer = counting
     try:
-        assert eval_vqa.main(vqa_command(tiny_llava, data_dir, many, *ARGV, "--resume")) == 0
+        assert eval_vqa.main(vqa_command(vqa_llava, data_dir, many, *ARGV, "--resume")) == 0
     finally:
         eval_vqa.answer = real
     assert len(calls) == 4 * 9 - answered, "--resume answered what the interrupted run had saved"
     assert_same_rows(json.loads(many.read_text()), json.loads(one.read_text()), "interrupted on 2 ranks, resumed on 1")
 
 
-def test_offload_answers_as_the_model_on_the_device(tiny_llava, data_dir, tmp_path, monkeypatch, capsys):
+def test_offload_answers_as_the_model_on_the_device(vqa_llava, data_dir, tmp_path, monkeypatch, capsys):
     """On the CPU the moves are no-ops, so the hooks are watched: every block's turn is a visit then a leave, one
     block away from CPU memory at a time, for every answer."""
     argv = ARGV + ["--mumoe-routing", "block", "linear", "--limit", "4"]
     plain, offload = tmp_path / "plain.json", tmp_path / "offload.json"
-    assert eval_vqa.main(vqa_command(tiny_llava, data_dir, plain, *argv)) == 0
+    assert eval_vqa.main(vqa_command(vqa_llava, data_dir, plain, *argv)) == 0
     capsys.readouterr()
-    code, err = eval_vqa.main(vqa_command(tiny_llava, data_dir, offload, *argv, "--offload")), capsys.readouterr().err
+    code, err = eval_vqa.main(vqa_command(vqa_llava, data_dir, offload, *argv, "--offload")), capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--offload" in err and "nothing to offload to" in err, err
 
-    monkeypatch.setattr(eval_vqa, "check_offload", lambda device: None)  # the CPU stands in for a GPU
+    monkeypatch.setattr(command_line, "check_offload", lambda device: None)  # the CPU stands in for a GPU
     events = watch_offload(monkeypatch)
-    assert eval_vqa.main(vqa_command(tiny_llava, data_dir, offload, *argv, "--offload")) == 0
+    assert eval_vqa.main(vqa_command(vqa_llava, data_dir, offload, *argv, "--offload")) == 0
     assert_same_rows(json.loads(offload.read_text()), json.loads(plain.read_text()), "--offload")
     # each answer runs both blocks at least once (the prompt; μ-MoE block routing: twice); the calibration prompts
     # are embedded with the language model's outer modules on the device (its blocks do not run then)

@@ -2,7 +2,7 @@
 
 References: the masked dense product F.linear(x, W ⊙ M, b) that μ-MoE's gate computes, and packed_experts'
 plain-PyTorch reference of the packed product; greedy generation and lm_harness's log-likelihoods with the masked
-W ⊙ M (decode="masked"). Tiny random models in the Hugging Face layout (testkit's LLaMA and LLaVA) and a
+W ⊙ M (decode="masked"). Tiny random models in the Hugging Face layout (kit.tiny_models' LLaMA and LLaVA) and a
 tiny OPT built here: nothing is downloaded. Where the kernel cannot be built (no C compiler, a CPU without AVX2),
 the tests of the kernel itself skip and say why; the fallback's tests run everywhere.
 """
@@ -23,9 +23,9 @@ from checkpoint import UsageError
 from mumoe import MuMoE, decode_path, generate, route_prompt
 from opt_model import OPTConfig, OPTForCausalLM
 from packed_experts import GROUP, ROWS, pack, packed_linear, unpack
-from testkit import IMAGE_ID, save_tiny_llama, save_tiny_llava
+from kit.tiny_models import IMAGE_ID, save_tiny_llama, save_tiny_llava
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 PROBLEM = packed_experts.kernel_problem()
 needs_kernel = pytest.mark.skipif(PROBLEM is not None, reason=f"the packed kernel cannot run here: {PROBLEM}")
 AVX512 = "avx512f" in packed_experts.cpu_flags().split()

@@ -16,8 +16,11 @@ from checkpoint import UsageError
 from llava_model import (CLIP_MEAN, CLIP_STD, PAD_COLOR, CLIPVisionConfig, CLIPVisionModel, conversation_prompt,
                          expand_to_square, preprocess)
 from mumoe import MuMoE
-from testkit import (IMAGE_ID, N_FEATURES, TINY_VISION, assert_close, randomize_layer_norms, rewrite_checkpoint,
-                     run_generate, save_llama2_like_tokenizer, save_tiny_llava, save_tiny_opt)
+from kit.checks import assert_close
+from kit.commands import run_generate
+from kit.tiny_models import (IMAGE_ID, N_FEATURES, TINY_VISION, randomize_layer_norms, rewrite_checkpoint,
+                             save_tiny_llava, save_tiny_opt)
+from kit.tiny_tokenizers import save_llama2_like_tokenizer
 
 
 # -----------------------------------------------------------------------------
@@ -280,7 +283,7 @@ LAYOUTS = {
 
 
 def renamed(rename):
-    """A checkpoint edit (testkit.rewrite_checkpoint) that renames every key."""
+    """A checkpoint edit (kit.tiny_models.rewrite_checkpoint) that renames every key."""
     return lambda state: {rename(k): v for k, v in state.items()}
 
 

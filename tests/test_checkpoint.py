@@ -1,0 +1,72 @@
+"""checkpoint: what the families share, here naming a model on the hub and converting pytorch_model.bin files to
+safetensors, checked by loading the result against transformers' OPTForCausalLM (a test-only oracle)."""
+
+import shutil
+
+import pytest
+import torch
+
+import checkpoint
+from checkpoint import UsageError
+from opt_model import load_model
+from kit.checks import assert_close
+from kit.tiny_models import save_tiny_opt
+
+PARITY_ATOL = 1e-4  # fp32 logits of two implementations of the same arithmetic (as in test_opt_model)
+
+
+def test_pytorch_bin_is_converted_once(tmp_path, monkeypatch):
+    """A hub repo with only pytorch_model.bin: converted once to safetensors in the cache, then reused."""
+    import huggingface_hub
+
+    snapshot = tmp_path / "hub" / "models--facebook--opt-125m" / "snapshots" / "abc123"
+    reference = save_tiny_opt(tmp_path / "saved")
+    snapshot.mkdir(parents=True)
+    shutil.copy(tmp_path / "saved" / "config.json", snapshot / "config.json")
+    state = {k.removeprefix("model."): v for k, v in reference.state_dict().items()}  # metaseq-style keys, tied head
+    torch.save(state, snapshot / "pytorch_model.bin")
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    ids = torch.randint(0, 128, (1, 10))
+    for _ in range(2):
+        model = load_model("opt-125m")
+        with torch.no_grad():
+            assert_close(model(ids), reference(ids).logits, PARITY_ATOL, "logits from converted .bin")
+    converted = tmp_path / "mumoe-safetensors" / "models--facebook--opt-125m" / "abc123"
+    assert (converted / "model.safetensors").is_file()
+    assert [c[0] for c in calls] == ["facebook/opt-125m"] * 3, "converts on the first load only"
+
+
+def test_multi_shard_pytorch_bin_is_converted(tmp_path):
+    """Two pytorch_model-0000i-of-00002.bin files become two safetensors shards and an index that loads."""
+    reference = save_tiny_opt(tmp_path / "saved")
+    src = tmp_path / "bin"
+    src.mkdir()
+    shutil.copy(tmp_path / "saved" / "config.json", src / "config.json")
+    state = {k: v for k, v in reference.state_dict().items() if k != "lm_head.weight"}  # tied: not saved
+    keys = sorted(state)
+    for i in range(2):
+        torch.save({k: state[k] for k in keys[i::2]}, src / f"pytorch_model-{i + 1:05d}-of-00002.bin")
+    checkpoint.convert_to_safetensors(src, tmp_path / "converted")
+    assert sorted(p.name for p in (tmp_path / "converted").iterdir()) == [
+        "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json"]
+    ids = torch.randint(0, 128, (1, 10))
+    with torch.no_grad():
+        assert_close(load_model(tmp_path / "converted")(ids), reference(ids).logits, PARITY_ATOL,
+                     "logits from a converted 2-shard .bin")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="holds neither .*safetensors nor pytorch_model.*bin weights"):
+        checkpoint.convert_to_safetensors(tmp_path / "empty", tmp_path / "converted-empty")
+
+
+@pytest.mark.parametrize("name, repo", [("opt-125m", "facebook/opt-125m"), ("opt-13b", "facebook/opt-13b"),
+                                        ("facebook/opt-350m", "facebook/opt-350m"), ("me/my-opt", "me/my-opt"),
+                                        ("opt-7b", None), ("gpt2", None), ("./a/b/c", None)])
+def test_model_names(name, repo):
+    assert checkpoint.hub_repo_id(name) == repo
