@@ -77,3 +77,14 @@ def vqa_llava(tmp_path_factory):
     """A tiny random LLaVA with a tokenizer, saved in the Hugging Face layout: what eval_vqa answers with (the
     directory; save_vqa_llava). test_llava's `tiny_llava` is another: the parity model, with its reference."""
     return save_vqa_llava(tmp_path_factory.mktemp("vqa_llava"))
+
+
+@pytest.fixture
+def hub_online(monkeypatch):
+    """The hub taken to answer (checkpoint.hub_offline: None), for the tests whose fake hub serves the downloads."""
+    import checkpoint
+    import corpora
+    import vqa_tasks
+
+    for module in (checkpoint, corpora, vqa_tasks):
+        monkeypatch.setattr(module, "hub_offline", lambda: None)

@@ -1,7 +1,12 @@
 """checkpoint: what the families share, here naming a model on the hub and converting pytorch_model.bin files to
 safetensors, checked by loading the result against transformers' OPTForCausalLM (a test-only oracle)."""
 
+import os
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +20,7 @@ from kit.tiny_models import save_tiny_opt
 PARITY_ATOL = 1e-4  # fp32 logits of two implementations of the same arithmetic (as in test_opt_model)
 
 
-def test_pytorch_bin_is_converted_once(tmp_path, monkeypatch):
+def test_pytorch_bin_is_converted_once(tmp_path, monkeypatch, hub_online):
     """A hub repo with only pytorch_model.bin: converted once to safetensors in the cache, then reused."""
     import huggingface_hub
 
@@ -27,7 +32,7 @@ def test_pytorch_bin_is_converted_once(tmp_path, monkeypatch):
     torch.save(state, snapshot / "pytorch_model.bin")
     calls = []
 
-    def fake_snapshot_download(repo_id, allow_patterns):
+    def fake_snapshot_download(repo_id, allow_patterns, local_files_only=False):
         calls.append((repo_id, allow_patterns))
         return str(snapshot)
 
@@ -70,3 +75,45 @@ def test_multi_shard_pytorch_bin_is_converted(tmp_path):
                                         ("opt-7b", None), ("gpt2", None), ("./a/b/c", None)])
 def test_model_names(name, repo):
     assert checkpoint.hub_repo_id(name) == repo
+
+
+REPO = Path(__file__).resolve().parent.parent
+OFFLINE_SECONDS = 60  # offline is said within HUB_TIMEOUT (3 s) of the start; imports take the rest on a busy machine
+
+
+def test_an_offline_hub_is_one_line_at_once(tmp_path):
+    """A model that is not in the cache, the hub's host refusing connections: one line naming the offline hub, exit
+    2, no retries. (huggingface_hub alone retried for ~49 s, 22 lines of 'Retrying in 1s', then the error.)"""
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path)}  # port 9: refused at once
+    env.pop("HF_HUB_OFFLINE", None)
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "eval_ppl.py", "--model", "someone/some-model", "--methods", "dense"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    seconds = time.monotonic() - start
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr[-2000:]
+    assert "not in the local Hugging Face cache, and the hub is offline (127.0.0.1 cannot be reached" in run.stderr
+    assert seconds < OFFLINE_SECONDS, f"{seconds:.0f} s to say the hub is offline"
+
+
+def test_offline_downloads_read_the_cache_only(monkeypatch, tmp_path):
+    """Offline, every hub download asks huggingface_hub for the local cache only; a miss is the one line."""
+    import corpora
+    import huggingface_hub
+    import vqa_tasks
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    asked = []
+
+    def cache_only(*args, local_files_only=False, **kwargs):
+        asked.append(local_files_only)
+        raise LocalEntryNotFoundError("not in the cache")
+
+    for module in (checkpoint, corpora, vqa_tasks):
+        monkeypatch.setattr(module, "hub_offline", lambda: "the test's hub is offline")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", cache_only)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cache_only)
+    for load in (lambda: checkpoint.resolve_checkpoint("someone/some-model"),
+                 lambda: corpora.load_rows("wikitext2", "test"), lambda: vqa_tasks.task_files("scienceqa")):
+        with pytest.raises(UsageError, match=r"not in the local Hugging Face cache, and the hub is offline \(the test"):
+            load()
+    assert asked == [True] * 3, f"local_files_only per download: {asked}"

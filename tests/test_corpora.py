@@ -205,7 +205,7 @@ def test_too_little_text_is_a_usage_error(tmp_path):
 
 
 @pytest.fixture
-def fake_hub(monkeypatch, tmp_path):
+def fake_hub(monkeypatch, tmp_path, hub_online):
     """hf_hub_download answering from `served` {(repo_id, filename): path}; HF_HOME in tmp_path."""
     import huggingface_hub
     from huggingface_hub import constants

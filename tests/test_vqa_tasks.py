@@ -197,12 +197,12 @@ def test_save_data_copies_the_files_into_the_data_dir_layout(data_dir, tmp_path)
     assert [c.read_bytes() for c in copies] == [f.read_bytes() for f in files]
 
 
-def test_the_hub_files_are_fetched_at_the_pinned_commit(monkeypatch, tmp_path):
+def test_the_hub_files_are_fetched_at_the_pinned_commit(monkeypatch, tmp_path, hub_online):
     import huggingface_hub
 
     fetched = []
 
-    def download(repo_id, filename, repo_type=None, revision=None):
+    def download(repo_id, filename, repo_type=None, revision=None, local_files_only=False):
         fetched.append((repo_id, filename, repo_type, revision))
         return str(tmp_path / filename.replace("/", "_"))
 
