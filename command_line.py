@@ -19,6 +19,7 @@ import ctrl_c
 import distributed
 import mumoe
 import pruners
+import thread_policy
 from checkpoint import DTYPES, UsageError
 from ctrl_c import INTERRUPTED  # the commands' exit status after Ctrl-C, 128 + SIGINT
 from results_file import check_writable
@@ -42,12 +43,19 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_device_options(p: argparse.ArgumentParser, offload: str | None = None) -> None:
-    """--device and --dtype (default_dtype's rule), and --offload (`offload`: what it keeps in CPU memory)."""
+    """--device and --dtype (default_dtype's rule), --threads, and --offload (`offload`: what it keeps in CPU
+    memory)."""
     p.add_argument("--device", help="default: cuda when present, else cpu")
     p.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 elsewhere")
+    add_threads(p)
     if offload:
         p.add_argument("--offload", action="store_true", help=f"keep {offload} in CPU memory, one block at a time on "
                                                               "the device")
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's, one a core); how they wait "
+                   "is thread_policy.py's, unless you set OMP_* or GOMP_* variables yourself")
 
 
 def add_select_and_decode(p: argparse.ArgumentParser, decode: bool = True) -> None:
@@ -197,6 +205,7 @@ def start_run(args) -> tuple[torch.device, torch.dtype, str]:
     --offload, --out writable (by rank 0, the one that writes and that goes first), and --decode where it cannot
     run: before any model is found. Returns (device, dtype, the decode path)."""
     device = distributed.start(args.device)
+    print(thread_policy.use_threads(args.threads))
     if args.offload:
         check_offload(device)
     if not distributed.is_main():

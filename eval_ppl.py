@@ -26,6 +26,8 @@ import ctrl_c
 if __name__ == "__main__":  # Ctrl-C while the imports below load torch (seconds): one line and exit 130, no traceback
     ctrl_c.exit_at_once("eval_ppl.py")
 
+import thread_policy  # noqa: F401  before torch: libgomp reads how its threads wait when torch loads it
+
 import argparse
 import json
 import math
@@ -322,6 +324,7 @@ def interrupted(args, argv: list[str]) -> str:
 
 def run(args) -> list[dict]:
     device = distributed.start(args.device)
+    print(thread_policy.use_threads(args.threads))
     if not distributed.is_main():
         distributed.barrier()  # rank 0 checks the input and downloads the model and data first; then the others
     dtype = default_dtype(args.dtype, device)
@@ -363,7 +366,8 @@ def run(args) -> list[dict]:
     first_target = args.mumoe_prefix or 1  # strictly causal with a prefix: no row is scored on what a router saw
     settings["scored_on"] = f"tokens {first_target}..{args.seqlen - 1}"
     settings.update(device=str(device), dtype=str(dtype).removeprefix("torch."), torch=torch.__version__,
-                    magnitude_group=MAGNITUDE_GROUP, windows={d: len(w) for d, w in test.items()})
+                    magnitude_group=MAGNITUDE_GROUP, windows={d: len(w) for d, w in test.items()},
+                    **thread_policy.settings())
     plan = [("dense", 1.0, None, None, None)] if "dense" in args.methods else []  # each row's row_key
     plan += [(m, rho, nm, c, r) for rho in args.rho for m in METHODS[1:] if m in args.methods
              for c in (args.calib[m] if m in CALIBRATED else [None])

@@ -31,7 +31,10 @@ import ctrl_c
 if __name__ == "__main__":  # Ctrl-C while the imports below load torch (seconds): one line and exit 130, no traceback
     ctrl_c.exit_at_once("eval_tasks.py")
 
+import thread_policy  # noqa: F401  before torch: libgomp reads how its threads wait when torch loads it
+
 import argparse
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -43,7 +46,7 @@ import distributed
 import models
 import mumoe
 import pruners
-from checkpoint import UsageError, offloaded, resolve_checkpoint
+from checkpoint import UsageError, hub_offline, offloaded, resolve_checkpoint
 from command_line import (CALIBRATED, INTERRUPTED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE,  # noqa: F401
                           ArgumentParser, active_ratio, add_device_options, add_mumoe_routing, add_out_and_resume,
                           add_select_and_decode, available_memory, check_calibration_memory, check_nm_fits,
@@ -133,6 +136,20 @@ def task_manager(tasks: list[str], include_path: Path | None):
     return manager
 
 
+def check_task_data(tasks: list[str], manager, offline: str) -> None:
+    """Offline: every task's documents load from the datasets cache or a local file, or a UsageError in one line,
+    before any model is found (lm-eval loads them again, from the same cache, when it evaluates)."""
+    from lm_eval.tasks import get_task_dict
+
+    try:
+        get_task_dict(tasks, manager)
+    except Exception as e:  # datasets' errors for a hub dataset offline vary with its version: any is the same story
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"the data of {' '.join(tasks)} cannot be loaded: the hub is offline ({offline}) and it is "
+                         f"not in the datasets cache ({reason}); offline, run tasks with local data, such as "
+                         "--include-path tasks/ptb_lastword --tasks ptb_lastword_mc") from None
+
+
 def metric(task_result: dict) -> str:
     """The key of the accuracy the table shows for a task: acc_norm where lm-eval reports it, else acc (else the
     task's first metric, e.g. a generative task's exact_match)."""
@@ -200,18 +217,21 @@ def finished_rows(path: Path, settings: dict) -> dict[tuple, dict]:
 # The run
 
 
-
-
 def main(argv=None) -> int:
     # Ctrl-C: the rows finished so far are in --out, written whole
     return main_of("eval_tasks.py", argv, parse_args, run, lambda args: f"the finished rows are in {args.out}")
 
 
 def run(args) -> list[dict]:
+    device, dtype, decode_path = start_run(args)
+    offline = hub_offline()
+    if offline:  # lm-eval's datasets read their cache only, at once, instead of retrying the hub for minutes
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
     import lm_eval
 
-    device, dtype, decode_path = start_run(args)
     manager = task_manager(args.tasks, args.include_path)  # an unknown task: now, before any model is found
+    if offline:
+        check_task_data(args.tasks, manager, offline)
     directory = resolve_checkpoint(args.model)
     family = models.text_family(directory)  # a LLaVA: its language model
     config = family.read_config(directory / "config.json")
@@ -232,7 +252,8 @@ def run(args) -> list[dict]:
     nm = settings["nm"] = nm_name(args.nm) if args.nm else None
     settings.update(calib=args.calib if calibrated else None, device=str(device),
                     dtype=str(dtype).removeprefix("torch."), torch=torch.__version__,
-                    lm_eval=lm_eval.__version__, magnitude_group=MAGNITUDE_GROUP, decode_path=decode_path)
+                    lm_eval=lm_eval.__version__, magnitude_group=MAGNITUDE_GROUP, decode_path=decode_path,
+                    **thread_policy.settings())
     plan = [("dense", 1.0, None, None, None)] if "dense" in args.methods else []  # each row's row_key
     plan += [(m, rho, nm, r, s) for rho in args.rho for m in METHODS[1:] if m in args.methods
              for r in (args.mumoe_routing if m == "mumoe" else [None])

@@ -38,6 +38,8 @@ import ctrl_c
 if __name__ == "__main__":  # Ctrl-C while the imports below load torch (seconds): one line and exit 130, no traceback
     ctrl_c.exit_at_once("eval_vqa.py")
 
+import thread_policy  # noqa: F401  before torch: libgomp reads how its threads wait when torch loads it
+
 import argparse
 import json
 import math
@@ -391,7 +393,8 @@ def run(args) -> list[dict]:
                     data=data, skipped_rows=skipped, questions=len(questions),
                     questions_with_image=sum(q.image is not None for q in questions),
                     paper_model=hub_repo_id(args.model) == PAPER_MODEL,
-                    magnitude_group=MAGNITUDE_GROUP, sparsegpt_blocksize=SPARSEGPT_BLOCKSIZE, decode_path=decode_path)
+                    magnitude_group=MAGNITUDE_GROUP, sparsegpt_blocksize=SPARSEGPT_BLOCKSIZE, decode_path=decode_path,
+                    **thread_policy.settings())
     plan = [("dense", 1.0, None, None)] if "dense" in args.methods else []
     plan += [(m, rho, args.calib if m in CALIBRATED else None, r) for rho in args.rho for m in ROW_ORDER[1:]
              if m in args.methods for r in (args.mumoe_routing if m == "mumoe" else [None])]

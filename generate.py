@@ -15,6 +15,8 @@ import ctrl_c
 if __name__ == "__main__":  # Ctrl-C at any moment (nothing is saved here): one line and exit 130, no traceback
     ctrl_c.exit_at_once("generate.py")
 
+import thread_policy  # noqa: F401  before torch: libgomp reads how its threads wait when torch loads it
+
 import statistics
 import sys
 
@@ -24,7 +26,7 @@ import llava_model
 import mumoe
 from checkpoint import DTYPES, UsageError, check_device
 from command_line import (ArgumentParser, active_ratio, add_mumoe_prefix, add_mumoe_routing, add_select_and_decode,
-                          default_dtype, positive_int)
+                          add_threads, default_dtype, positive_int)
 from models import load_model, load_tokenizer, read_config
 from packed_experts import kernel_problem, packed_bytes
 from pruners import default_select, prune_count
@@ -53,6 +55,7 @@ def main(argv=None) -> None:
                         help=f"generations of each, alternating, whose median times are printed (default {REPEATS})")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 otherwise")
+    add_threads(parser)
     args = parser.parse_args(argv)
 
     try:
@@ -61,6 +64,7 @@ def main(argv=None) -> None:
         if args.max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
         device = check_device(args.device)
+        print(thread_policy.use_threads(args.threads))
         dtype = default_dtype(args.dtype, device)
         decoding = mumoe.decode_path(args.decode, device, dtype)  # --decode packed where it cannot run: now
         vision = isinstance(read_config(args.model), llava_model.LlavaConfig)
@@ -91,6 +95,10 @@ def main(argv=None) -> None:
             raise UsageError(f"--mumoe-prefix {args.mumoe_prefix} must lie in [1, {T}], the prompt's token count "
                              "(BOS included"
                              + (", each image's features too)" if vision else ")"))
+        T_max = model.config.max_position_embeddings
+        if T + args.max_new_tokens > T_max:  # in the user's numbers, before the warm-up's shorter generations
+            raise UsageError(f"{T} prompt tokens + {args.max_new_tokens} new tokens (--max-new-tokens) exceed the "
+                             f"model's max_position_embeddings={T_max}")
         eos_id = model.config.eos_token_id
         moe = mumoe.MuMoE(args.rho, routing=args.mumoe_routing, select=args.select, prefix=args.mumoe_prefix)
         routed = dict(moe=moe, eos_id=eos_id, decode=args.decode)

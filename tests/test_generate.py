@@ -94,7 +94,9 @@ def test_command_warms_up_then_alternates(tiny_with_tokenizer, capsys, monkeypat
     (["--device", "gpu"], "unknown device 'gpu'"),
     (["--rho", "half"], "invalid active_ratio value: 'half'"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
-    (["--max-new-tokens", "63"], "+ 63 new tokens exceed max_position_embeddings=64"),
+    (["--max-new-tokens", "63"], "+ 63 new tokens (--max-new-tokens) exceed the model's max_position_embeddings=64"),
+    (["--prompt", "Hello " * 70, "--max-new-tokens", "4"], "+ 4 new tokens (--max-new-tokens) exceed"),  # not the
+                                                                                               # warm-up's count
     (["--decode", "sparse"], "argument --decode: invalid choice: 'sparse'"),
     (["--repeats", "0"], "expected a positive integer, got 0"),
     (["--decode", "packed", "--dtype", "bfloat16"], "--decode packed cannot run here: the packed decode kernel "

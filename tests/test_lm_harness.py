@@ -10,6 +10,9 @@ nothing is downloaded and ../shared is not needed.
 import json
 import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +30,8 @@ from kit.tiny_models import save_opt_for_hflm
 
 pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402 (after the skip: lm_eval is what these tests test)
+
+REPO = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local JSON tasks only: never ask the hub
 VOCAB = 512  # the tiny model's vocabulary: room for every id of the tiny tokenizer
@@ -403,6 +408,24 @@ def test_command_unknown_task(command_setup, tmp_path, capsys, monkeypatch):
     assert eval_tasks.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown task 'hellaswagg'" in err and "--include-path" in err, err
+
+
+def test_command_offline_with_hub_tasks_is_one_line(command_setup, tmp_path):
+    """Offline, tasks whose data is on the hub and not in the cache (the default seven): one line, exit 2, before
+    any model is found; a task with local data still runs. (It was 56 lines of retries and a ConnectionError.)"""
+    directory, tasks, _ = command_setup
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}  # refused at once
+    env.pop("HF_HUB_OFFLINE", None)
+    env.pop("HF_DATASETS_OFFLINE", None)
+    base = [sys.executable, "eval_tasks.py", "--model", "no/such-model", "--methods", "dense", "--limit", "2",
+            "--out", str(tmp_path / "tasks.json")]
+    run = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr[-3000:]
+    assert "cannot be loaded: the hub is offline (127.0.0.1 cannot be reached" in run.stderr, run.stderr
+    base[base.index("no/such-model")] = str(directory)
+    run = subprocess.run(base + ["--include-path", str(tasks), "--tasks", "tiny_mc"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 def test_table_columns_are_the_tasks_asked_for():
