@@ -102,15 +102,20 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]  # (B, nh, end, hs)
 
 
-def shifted_causal_mask(T: int, start: int, device=None) -> torch.Tensor | None:
+def shifted_causal_mask(T: int, start: int, device=None, window: int | None = None) -> torch.Tensor | None:
     """The attention mask of T new tokens after `start` cached ones, for F.scaled_dot_product_attention: True
-    where new token i, at position start + i, may attend, keys 0 ... start + i. None where SDPA needs none:
-    one new token sees every key, and a prompt (start = 0) takes SDPA's own is_causal, which aligns the mask
-    top-left and so would be wrong after cached tokens:
+    where new token i, at position start + i, may attend, keys 0 ... start + i; with a sliding `window`, only
+    the last `window` of them, keys start + i - window + 1 ... start + i. None where SDPA needs none (no key
+    falls out of the window): one new token sees every key, and a prompt (start = 0) takes SDPA's own
+    is_causal, which aligns the mask top-left and so would be wrong after cached tokens:
 
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=shifted_causal_mask(T, start, q.device),
-                                           is_causal=T > 1 and not start)
+        mask = shifted_causal_mask(T, start, q.device, window)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
     """
+    if window is not None and start + T > window:
+        query = torch.arange(start, start + T, device=device)[:, None]
+        key = torch.arange(start + T, device=device)[None, :]
+        return (key <= query) & (key > query - window)  # (T, start + T)
     if T == 1 or start == 0:
         return None
     return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)  # (T, start + T)

@@ -4,7 +4,8 @@ This file sits above the model files and below everything that loads a model by 
 mumoe's generation CLI). It reads `config.json`'s `model_type` and hands the checkpoint to its family:
 
     opt                       opt_model.py
-    llama, mistral, qwen2     llama_model.py
+    llama, mistral, qwen2,    llama_model.py
+    qwen3, phi3
     llava                     llava_model.py (LLaVA-1.5; the other LLaVA variants are refused by name)
 
 The text commands (eval_ppl.py, eval_tasks.py, generate.py) run a LLaVA's language model on text:
