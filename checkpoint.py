@@ -9,7 +9,7 @@ here knows a model family:
                 replace it); BlockFn / dense_block: how a loop over blocks runs one block; KVCache and the
                 causal mask of tokens that follow cached ones (shifted_causal_mask); offload (`offloaded`)
     finding     a local directory, or a Hugging Face hub repo downloaded into the standard cache
-                (pytorch_model*.bin converted once to safetensors beside it)
+                (pytorch_model*.bin converted once to safetensors beside it), or a GGUF file (gguf_checkpoint.py)
     loading     `load_weights`: a checkpoint's tensors assigned into a model built on the meta device,
                 strictly: every key used, none missing, every shape checked
     tokenizers  `Tokenizer`: a `tokenizers` BPE, BOS added as the checkpoint's own tokenizer adds it
@@ -194,8 +194,13 @@ def hub_repo_id(name: str) -> str | None:
 
 
 def resolve_checkpoint(name_or_path: str) -> Path:
-    """A directory holding config.json and safetensors weights: the local one given, or a hub download."""
+    """A directory holding config.json and safetensors weights: the local one given, or a hub download; for a
+    .gguf file, the directory gguf_checkpoint.unpack makes of it (config.json, tokenizer.json, a link to the file)."""
     path = Path(name_or_path).expanduser()
+    if str(name_or_path).endswith(".gguf"):
+        import gguf_checkpoint  # (it imports this file)
+
+        return gguf_checkpoint.unpack(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UsageError(f"{path} is not a model directory: it has no config.json")
@@ -297,9 +302,14 @@ def checkpoint_shards(directory: Path) -> list[Path]:
 
 
 def read_checkpoint(directory: Path):
-    """Yield (key, tensor) for every tensor of every shard, one at a time."""
+    """Yield (key, tensor) for every tensor of every shard, one at a time (of an unpacked GGUF: dequantized)."""
     from safetensors import SafetensorError, safe_open
 
+    if (directory / "model.gguf").exists():
+        import gguf_checkpoint  # (it imports this file)
+
+        yield from gguf_checkpoint.read_tensors(directory)
+        return
     for shard in checkpoint_shards(directory):
         if not shard.is_file():
             raise UsageError(f"checkpoint shard {shard} is missing")
