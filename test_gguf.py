@@ -127,12 +127,28 @@ def write_gguf(path: Path, arch: str, reference, tokenizer_json: Path, qtype: st
     writer.close()
 
 
+def save_tokenizer_with_digit_merges(directory: Path) -> Path:
+    """save_llama_tokenizer's byte-level BPE (no BOS) with two merges the pre-tokenizers decide between: "Ġ 1"
+    (GPT-2's split keeps " 1" together, Llama 3's and Qwen2's put digits apart from the space) and "1 2" (Llama 3
+    splits digits in threes, "123" + "4"; Qwen2 one by one). Returns its tokenizer.json."""
+    save_llama_tokenizer(directory, None)
+    path = directory / "tokenizer.json"
+    bpe = json.loads(path.read_text())
+    vocab = bpe["model"]["vocab"]
+    for merged, merge in (("Ġ1", ["Ġ", "1"]), ("12", ["1", "2"])):
+        vocab[merged] = len(vocab)
+        bpe["model"]["merges"].append(merge)
+    path.write_text(json.dumps(bpe))
+    return path
+
+
 def save_tiny_reference(directory: Path, arch: str, **overrides):
     import transformers
 
     config_class, kw = ARCHS[arch]
     kw = {**dict(vocab_size=LLAMA_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                 num_attention_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2), **kw, **overrides}
+                 num_attention_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+                 rms_norm_eps=1e-5), **kw, **overrides}
     torch.manual_seed(0)
     reference = getattr(transformers, config_class.replace("Config", "ForCausalLM"))(
         getattr(transformers, config_class)(**kw)).eval()
@@ -178,14 +194,14 @@ def test_tokenizer_rebuilt_from_metadata_matches_transformers(tmp_path, add_bos,
     import transformers
 
     reference = save_tiny_reference(tmp_path, "llama")
-    save_llama_tokenizer(tmp_path / "tok", None)
     path = tmp_path / "tiny.gguf"
-    write_gguf(path, "llama", reference, tmp_path / "tok" / "tokenizer.json", "F32", add_bos=add_bos, pre=pre)
+    write_gguf(path, "llama", reference, save_tokenizer_with_digit_merges(tmp_path / "tok"), "F32", add_bos=add_bos,
+               pre=pre)
     ours = models.load_tokenizer(path)
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     rng = random.Random(3)
     for text in ["Hello, my dog is cute", "  two spaces\n\nand 12345 digits", "</s> <s>inside", "ümlaut ∑",
-                 sentence(rng, 30)]:
+                 sentence(rng, 30), "a 1234 b"]:
         expected = theirs(text)["input_ids"]
         assert ours.encode(text) == expected, f"{pre} bos={add_bos} {text!r}: ours {ours.encode(text)} vs {expected}"
     assert (ours.encode("hi")[0] == 1) == add_bos
