@@ -67,7 +67,10 @@ def is_gguf(name_or_path) -> bool:
 
 def read_gguf(path: Path):
     """The file's GGUFReader (memory-mapped), or one clear line: missing, truncated, not a GGUF."""
-    from gguf import GGUFReader
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise UsageError(f"{path} is a GGUF file: reading it needs the gguf package (pip install gguf)") from None
 
     if not path.is_file():
         raise UsageError(f"{path} not found")

@@ -268,7 +268,8 @@ def hooked_statistics(reference, block_index, names, calib_ids):
     for hook in hooks:
         hook.remove()
     n = len(calib_ids)
-    return {name: (sum(X.pow(2).sum(0) for X in Xs) / n, 2 / n * sum(X.T @ X for X in Xs)) for name, Xs in inputs.items()}
+    return {name: (sum(X.pow(2).sum(0) for X in Xs) / n, 2 / n * sum(X.T @ X for X in Xs))
+            for name, Xs in inputs.items()}
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "phi3"])

@@ -44,7 +44,8 @@ def save_tiny_gemma(directory, kind: str = "gemma3", seed: int = 0, **overrides)
 
     kw = {**dict(vocab_size=LLAMA_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=20,
-                 max_position_embeddings=128, sliding_window=WINDOW, layer_types=LAYER_TYPES), **TINY[kind], **overrides}
+                 max_position_embeddings=128, sliding_window=WINDOW, layer_types=LAYER_TYPES),
+          **TINY[kind], **overrides}
     torch.manual_seed(seed)
     reference = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**kw)).eval()
     with torch.no_grad():
@@ -208,7 +209,8 @@ def hooked_statistics(reference, block_index, names, calib_ids):
     for hook in hooks:
         hook.remove()
     n = len(calib_ids)
-    return {name: (sum(X.pow(2).sum(0) for X in Xs) / n, 2 / n * sum(X.T @ X for X in Xs)) for name, Xs in inputs.items()}
+    return {name: (sum(X.pow(2).sum(0) for X in Xs) / n, 2 / n * sum(X.T @ X for X in Xs))
+            for name, Xs in inputs.items()}
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])

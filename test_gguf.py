@@ -9,7 +9,6 @@ file is checked too where ../shared has it.
 """
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -18,8 +17,8 @@ import pytest
 import torch
 
 import models
-from testkit import (LLAMA_VOCAB, REPO, assert_close, assert_one_line_error, random_ids, run_main,
-                     save_llama_tokenizer, save_tiny_llama, sentence)
+from testkit import (LLAMA_VOCAB, REPO, assert_close, assert_one_line_error, cli_args, random_ids, run_generate,
+                     run_main, save_llama_tokenizer, sentence)
 
 gguf = pytest.importorskip("gguf")
 
@@ -221,6 +220,23 @@ def test_shared_smollm2_q4_1_matches_transformers():
         assert tokenizer.encode(text) == theirs(text)["input_ids"], text
     ids = torch.tensor([tokenizer.encode("The capital of France is Paris, and the capital of Germany is")])
     assert_close(model(ids), reference(ids).logits, FP32_ATOL, "SmolLM2 Q4_1 logits vs transformers' GGUF loading")
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_commands_run_on_a_gguf(tmp_path, arch, cli_data, capsys):
+    """eval_ppl (every method) and the generation command (the packed decode where it runs) take --model x.gguf."""
+    reference = save_tiny_reference(tmp_path, arch, initializer_range=0.3)
+    path = tmp_path / f"tiny-{arch}.gguf"
+    write_gguf(path, arch, reference, save_tokenizer_with_digit_merges(tmp_path / "tok"), "Q8_0")
+    out = tmp_path / "ppl.json"
+    code, _, err = run_main(cli_args(path, cli_data, "--rho", "0.5", "--methods", "dense", "wanda", "sparsegpt",
+                                     "mumoe", "--calib", "ptb", "--datasets", "ptb", "--out", str(out)), capsys)
+    assert code == 0, err[-2000:]
+    ppl = {r["method"]: r["ppl"]["ptb"] for r in json.loads(out.read_text())["results"]}
+    assert all(p > 1 for p in ppl.values()) and ppl["mumoe"] != ppl["dense"], ppl
+    code, out, err = run_generate(["--model", str(path), "--rho", "0.5", "--prompt", "the cat", "--max-new-tokens",
+                                   "3"], capsys)
+    assert code == 0 and "--- μ-MoE, rho = 0.5" in out, err[-2000:]
 
 
 # -----------------------------------------------------------------------------

@@ -133,7 +133,8 @@ def edit_config(directory: Path, **changes) -> None:
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(model_type="gpt_neox"), "model_type 'gpt_neox' is not supported (supported: opt, llama, mistral, qwen2, qwen3, phi3, gemma3_text, gemma3, llava)"),
+    (dict(model_type="gpt_neox"), "model_type 'gpt_neox' is not supported (supported: opt, llama, mistral, qwen2, "
+                                  "qwen3, phi3, gemma3_text, gemma3, llava)"),
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
      "rope_scaling type 'yarn' is not supported (supported: default, linear, llama3)"),
     (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}), "needs 'low_freq_factor'"),
