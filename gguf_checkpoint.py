@@ -21,10 +21,10 @@ x_i+hs/2): its converter reorders the rows of q_proj and k_proj of a `llama` mod
 W.reshape(n_head, 2, hs/2, d).swapaxes(1, 2), which `unpermute` undoes. Its qwen2, qwen3 and phi3 models keep the
 rotate-half layout (llama.cpp's NEOX rope) and are stored unpermuted.
 
-Supported: the architectures llama (Llama 1/2/3, Mistral, SmolLM2), qwen2, qwen3 and phi3; the tokenizer model
-gpt2 (byte-level BPE: Llama 3, Qwen, SmolLM2); the quantization types gguf.quants dequantizes (F32, F16, BF16,
-Q4_0 ... Q8_0, the K-quants, the IQ types). A sentencepiece tokenizer (tokenizer model `llama`), Gemma 3 files, a
-Llama 3.1 file's `rope_freqs` and Phi-3's long-context factors are refused by name.
+Supported: the architectures llama (Llama 1/2/3, Mistral, SmolLM2), qwen2, qwen3 and phi3; the tokenizer models
+gpt2 (byte-level BPE: Llama 3, Qwen, SmolLM2) and llama (sentencepiece's BPE: Llama 2, Mistral, Phi-3); the
+quantization types gguf.quants dequantizes (F32, F16, BF16, Q4_0 ... Q8_0, the K-quants, the IQ types). Gemma 3
+files, a Llama 3.1 file's `rope_freqs` and Phi-3's long-context factors are refused by name.
 """
 
 import hashlib
@@ -38,7 +38,7 @@ import torch
 from checkpoint import UsageError
 
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}  # GGUF -> model_type
-TOKENIZER_MODELS = ("gpt2",)
+TOKENIZER_MODELS = ("gpt2", "llama")  # byte-level BPE; sentencepiece's BPE (byte fallback)
 UNPACKED_FILES = ("config.json", "tokenizer.json")
 LINK = "model.gguf"  # the unpacked directory's link to the file: what marks a directory as a GGUF's
 
@@ -150,35 +150,71 @@ def bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
+def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """A sentencepiece vocabulary's BPE merges, which llama.cpp's files leave out: every split of a token into two
+    tokens of the vocabulary, ranked by the merged token's score, best first (ties: the shorter left piece, then the
+    shorter right, then the file's order), as transformers' `generate_merges` derives them."""
+    vocab = {token: i for i, token in enumerate(tokens)}
+    merges = []
+    for token, score in zip(tokens, scores):
+        pairs = [(token[:i], token[i:], score) for i in range(1, len(token))
+                 if token[:i] in vocab and token[i:] in vocab]
+        merges += sorted(pairs, key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+    merges.sort(key=lambda pair: (pair[2], len(pair[0]), len(pair[1])), reverse=True)  # stable: ties keep order
+    return [(left, right) for left, right, _ in merges]
+
+
 def tokenizer_of(reader, path: Path):
-    """The `tokenizers` Tokenizer of a GGUF's byte-level BPE metadata, built as transformers builds it from the file
-    (its GPT2Tokenizer: ByteLevel pre-tokenizer and decoder; control tokens special, user-defined ones added)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    """The `tokenizers` Tokenizer of a GGUF's tokenizer metadata, built as transformers builds it from the file:
+
+        gpt2    byte-level BPE (its GPT2Tokenizer): the ByteLevel pre-tokenizer, split as `tokenizer.ggml.pre` says
+        llama   sentencepiece's BPE (its LlamaTokenizer): "▁" for spaces and one before the text (Metaspace; Phi-3's
+                files a normalizer, as Phi-3's own tokenizer.json), unknown characters as <0xNN> bytes, the merges
+                of the file or derived from its scores
+
+    Control tokens are kept whole as special tokens, user-defined ones as added tokens; BOS is added where
+    `add_bos_token` says (sentencepiece files without the flag: added, as llama.cpp does)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     meta = metadata(reader)
     kind = meta.get("tokenizer.ggml.model")
     if kind not in TOKENIZER_MODELS:
         raise UsageError(f"{path}: its tokenizer model {kind!r} is not supported (supported: "
-                         f"{', '.join(TOKENIZER_MODELS)}, byte-level BPE)")
+                         f"{', '.join(TOKENIZER_MODELS)})")
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
     merges = reader.fields["tokenizer.ggml.merges"].contents() if "tokenizer.ggml.merges" in reader.fields else []
+    merges = [tuple(m.split(" ")) for m in merges]
     token_types = (reader.fields["tokenizer.ggml.token_type"].contents()
                    if "tokenizer.ggml.token_type" in reader.fields else [])
-    spelling = bytes_to_unicode()
-    alphabet = set(spelling.values())
-    vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
-             for i, t in enumerate(tokens)}
-    bpe = Tokenizer(models.BPE(vocab, [tuple(m.split(" ")) for m in merges], fuse_unk=False))
-    split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
-    if split is None:
-        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if kind == "gpt2":
+        spelling = bytes_to_unicode()
+        alphabet = set(spelling.values())
+        vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
+                 for i, t in enumerate(tokens)}
+        bpe = Tokenizer(models.BPE(vocab, merges, fuse_unk=False))
+        split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
+        if split is None:
+            bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        else:
+            bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                         pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                  use_regex=False)])
+        bpe.decoder = decoders.ByteLevel()
+        control = [t for t, kind in zip(tokens, token_types) if kind == CONTROL and set(t) <= alphabet]
     else:
-        bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                              use_regex=False)])
-    bpe.decoder = decoders.ByteLevel()
-    bpe.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                            for t, kind in zip(tokens, token_types) if kind == CONTROL and set(t) <= alphabet])
+        scores = reader.fields["tokenizer.ggml.scores"].contents() if not merges else None
+        bpe = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges or merges_from_scores(tokens, scores),
+                                   fuse_unk=True, byte_fallback=True))
+        if meta.get("general.architecture") == "phi3":
+            bpe.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        else:
+            bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+        bpe.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+        named = [meta.get(f"tokenizer.ggml.{name}_token_id") for name in ("unknown", "bos", "eos")]
+        control = [t for i, (t, kind) in enumerate(zip(tokens, token_types)) if kind == CONTROL or i in named]
+        meta.setdefault("tokenizer.ggml.add_bos_token", True)
+    bpe.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
     bpe.add_tokens([AddedToken(t, normalized=False, special=False)
                     for t, kind in zip(tokens, token_types) if kind == USER_DEFINED])
     bos = meta.get("tokenizer.ggml.bos_token_id")

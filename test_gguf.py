@@ -18,7 +18,7 @@ import torch
 
 import models
 from testkit import (LLAMA_VOCAB, REPO, assert_close, assert_one_line_error, cli_args, random_ids, run_generate,
-                     run_main, save_llama_tokenizer, sentence)
+                     run_main, save_llama2_like_tokenizer, save_llama_tokenizer, sentence)
 
 gguf = pytest.importorskip("gguf")
 
@@ -65,9 +65,10 @@ def random_q4_k(shape, rng: np.random.Generator) -> np.ndarray:
     return blocks.reshape(rows, -1)
 
 
-def write_gguf(path: Path, arch: str, reference, tokenizer_json: Path, qtype: str, add_bos: bool = False,
-               pre: str = "qwen2") -> None:
-    """`reference`'s weights and tokenizer in a GGUF file, as llama.cpp's converter writes them."""
+def write_gguf(path: Path, arch: str, reference, tokenizer_json: Path, qtype: str, add_bos: bool | None = False,
+               pre: str = "qwen2", tokenizer_model: str = "gpt2", merges: bool = True) -> None:
+    """`reference`'s weights and tokenizer in a GGUF file, as llama.cpp's converter writes them: a byte-level BPE
+    (`gpt2`), or a sentencepiece-style BPE (`llama`: token scores, byte tokens, its merges only if `merges`)."""
     c = reference.config
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(c.num_hidden_layers)
@@ -87,18 +88,28 @@ def write_gguf(path: Path, arch: str, reference, tokenizer_json: Path, qtype: st
     tokens = [None] * c.vocab_size
     for token, i in bpe["model"]["vocab"].items():
         tokens[i] = token
+    for added in bpe["added_tokens"]:
+        tokens[added["id"]] = added["content"]
     specials = {t["id"] for t in bpe["added_tokens"]}
     tokens = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["model"]["merges"]]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
+    writer.add_tokenizer_model(tokenizer_model)
     writer.add_token_list(tokens)
-    writer.add_token_types([3 if i in specials else 1 for i in range(len(tokens))])
-    writer.add_token_merges(merges)
+    if tokenizer_model == "gpt2":
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_types([3 if i in specials else 1 for i in range(len(tokens))])
+    else:  # llama.cpp's types: 2 unknown, 3 control, 4 user-defined (an added token), 5 unused, 6 byte
+        writer.add_token_types([2 if t == "<unk>" else 3 if t in ("<s>", "</s>") else 4 if i in specials else
+                                5 if t.startswith("[PAD") else 6 if t.startswith("<0x") else 1
+                                for i, t in enumerate(tokens)])
+        writer.add_token_scores([-float(i) for i in range(len(tokens))])  # sentencepiece's: earlier is better
+        writer.add_unk_token_id(0)
+    if merges:
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["model"]["merges"]])
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_pad_token_id(0)
-    writer.add_add_bos_token(add_bos)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
     rng = np.random.default_rng(0)
     for key, tensor in reference.state_dict().items():
         if key == "lm_head.weight" and c.tie_word_embeddings:
@@ -204,6 +215,30 @@ def test_tokenizer_rebuilt_from_metadata_matches_transformers(tmp_path, add_bos,
         expected = theirs(text)["input_ids"]
         assert ours.encode(text) == expected, f"{pre} bos={add_bos} {text!r}: ours {ours.encode(text)} vs {expected}"
     assert (ours.encode("hi")[0] == 1) == add_bos
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+@pytest.mark.parametrize("merges", [True, False], ids=["merges", "merges-from-scores"])
+def test_sentencepiece_tokenizer_rebuilt_from_metadata_matches_transformers(tmp_path, arch, merges):
+    """Llama 2's, Mistral's and Phi-3's kind: "▁" for spaces, byte fallback, BOS added without an add_bos_token
+    flag; the merges from the file, or derived from the scores where llama.cpp leaves them out."""
+    import transformers
+
+    reference = save_tiny_reference(tmp_path, arch)
+    (tmp_path / "tok").mkdir()
+    save_llama2_like_tokenizer(tmp_path / "tok")
+    path = tmp_path / "sp.gguf"
+    write_gguf(path, arch, reference, tmp_path / "tok" / "tokenizer.json", "F32", add_bos=None,
+               tokenizer_model="llama", merges=merges)
+    ours = models.load_tokenizer(path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    rng = random.Random(4)
+    for text in ["USER: What is in the picture? ASSISTANT: A cat.", "  two spaces\nand a newline", "ümlaut ∑ 日本",
+                 "</s> <s>inside <image> x", " leading", sentence(rng, 20)]:
+        expected = theirs(text)["input_ids"]
+        assert ours.encode(text) == expected, f"{arch} {text!r}: ours {ours.encode(text)} vs {expected}"
+        assert ours.decode(expected) == theirs.decode(expected, skip_special_tokens=True), text
+    assert ours.encode("hi")[0] == 1, "BOS: added where the file does not say"
 
 
 @pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason=f"{SMOLLM2_GGUF} not found (../shared provides it)")
