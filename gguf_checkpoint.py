@@ -23,8 +23,13 @@ rotate-half layout (llama.cpp's NEOX rope) and are stored unpermuted.
 
 Supported: the architectures llama (Llama 1/2/3, Mistral, SmolLM2), qwen2, qwen3 and phi3; the tokenizer models
 gpt2 (byte-level BPE: Llama 3, Qwen, SmolLM2) and llama (sentencepiece's BPE: Llama 2, Mistral, Phi-3); the
-quantization types gguf.quants dequantizes (F32, F16, BF16, Q4_0 ... Q8_0, the K-quants, the IQ types). Gemma 3
-files, a Llama 3.1 file's `rope_freqs` and Phi-3's long-context factors are refused by name.
+quantization types gguf.quants dequantizes (F32, F16, BF16, Q4_0 ... Q8_0, the K-quants, the IQ types). A Llama
+3.1 file's `rope_freqs` and Phi-3's long-context factors are refused by name.
+
+Gemma 3 (`gemma3`, text only: llama.cpp writes the vision tower to a separate mmproj file) stores its norms as
+1 + w and leaves out what llama.cpp fixes in code, taken from there: layers sliding in a pattern of 6, the sliding
+layers' RoPE base 10000 (the file's rope scaling is the full layers'), the query scale head_dim^-1/2 (27B, 62
+layers: (hidden / heads)^-1/2); its tokenizer is Gemma's sentencepiece BPE.
 """
 
 import hashlib
@@ -37,7 +42,8 @@ import torch
 
 from checkpoint import UsageError
 
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}  # GGUF -> model_type
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",  # GGUF -> model_type
+                 "gemma3": "gemma3_text"}
 TOKENIZER_MODELS = ("gpt2", "llama")  # byte-level BPE; sentencepiece's BPE (byte fallback)
 UNPACKED_FILES = ("config.json", "tokenizer.json")
 LINK = "model.gguf"  # the unpacked directory's link to the file: what marks a directory as a GGUF's
@@ -48,6 +54,12 @@ BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layer
                "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
                "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+# Gemma 3's four norms a block; llama.cpp stores each of its norms (q_norm, k_norm too) as 1 + w, the scale itself
+GEMMA3_BLOCK_NAMES = {**BLOCK_NAMES, "ffn_norm": "pre_feedforward_layernorm",
+                      "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+GEMMA3_SLIDING_WINDOW_PATTERN = 6  # llama.cpp's for Gemma 3: every 6th layer attends fully
+GEMMA3_LOCAL_ROPE_THETA = 10000.0  # its sliding layers' RoPE base, which the files leave out
+GEMMA3_27B_LAYERS = 62  # llama.cpp scales Gemma 3 27B's queries by (hidden / heads)^-1/2, the others' by head_dim^-1/2
 OUTER_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 # how llama.cpp's `tokenizer.ggml.pre` splits text before its merges (the pre-tokenizer regexes of the hub's
@@ -133,6 +145,13 @@ def config_of(reader, path: Path) -> dict:
               "eos_token_id": meta.get("tokenizer.ggml.eos_token_id")}
     if key("attention.sliding_window"):
         config.update(sliding_window=key("attention.sliding_window"), use_sliding_window=True)
+    if arch == "gemma3":  # what llama.cpp fixes for Gemma 3 rather than storing
+        layers, pattern = config["num_hidden_layers"], GEMMA3_SLIDING_WINDOW_PATTERN
+        config.update(hidden_activation="gelu_pytorch_tanh",
+                      layer_types=["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)],
+                      rope_parameters={"full_attention": rope, "sliding_attention": {"rope_type": "default",
+                                                                                     "rope_theta": GEMMA3_LOCAL_ROPE_THETA}},
+                      query_pre_attn_scalar=hidden // heads if layers == GEMMA3_27B_LAYERS else head_dim)
     return config
 
 
@@ -162,6 +181,22 @@ def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str
         merges += sorted(pairs, key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
     merges.sort(key=lambda pair: (pair[2], len(pair[0]), len(pair[1])), reverse=True)  # stable: ties keep order
     return [(left, right) for left, right, _ in merges]
+
+
+def gemma_tokenizer(tokens: list[str]):
+    """Gemma's sentencepiece BPE as transformers' GemmaTokenizer builds it from a GGUF: no "▁" put before the text,
+    tokens of spaces only respelled with "▁" (the file stores real spaces), the merges derived from the tokens'
+    order in the file (Gemma's scores do not follow it)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    tokens = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    bpe = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)},
+                               merges_from_scores(tokens, [-float(i) for i in range(len(tokens))]),
+                               fuse_unk=True, unk_token="<unk>", byte_fallback=True))
+    bpe.normalizer = normalizers.Replace(" ", "▁")
+    bpe.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    bpe.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return bpe
 
 
 def tokenizer_of(reader, path: Path):
@@ -200,7 +235,9 @@ def tokenizer_of(reader, path: Path):
                                                          pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                                                   use_regex=False)])
         bpe.decoder = decoders.ByteLevel()
-        control = [t for t, kind in zip(tokens, token_types) if kind == CONTROL and set(t) <= alphabet]
+        control = [t for t, t_type in zip(tokens, token_types) if t_type == CONTROL and set(t) <= alphabet]
+    elif meta.get("general.architecture") == "gemma3":
+        bpe = gemma_tokenizer(tokens)
     else:
         scores = reader.fields["tokenizer.ggml.scores"].contents() if not merges else None
         bpe = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges or merges_from_scores(tokens, scores),
@@ -211,12 +248,13 @@ def tokenizer_of(reader, path: Path):
             bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
         bpe.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                          decoders.Strip(" ", 1, 0)])
+    if kind == "llama":
         named = [meta.get(f"tokenizer.ggml.{name}_token_id") for name in ("unknown", "bos", "eos")]
-        control = [t for i, (t, kind) in enumerate(zip(tokens, token_types)) if kind == CONTROL or i in named]
+        control = [t for i, (t, t_type) in enumerate(zip(tokens, token_types)) if t_type == CONTROL or i in named]
         meta.setdefault("tokenizer.ggml.add_bos_token", True)
     bpe.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
     bpe.add_tokens([AddedToken(t, normalized=False, special=False)
-                    for t, kind in zip(tokens, token_types) if kind == USER_DEFINED])
+                    for t, t_type in zip(tokens, token_types) if t_type == USER_DEFINED])
     bos = meta.get("tokenizer.ggml.bos_token_id")
     if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
         bpe.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A",
@@ -234,14 +272,15 @@ def unpermute(W: torch.Tensor, n_head: int) -> torch.Tensor:
     return W.reshape(n_head, W.shape[0] // n_head // 2, 2, *W.shape[1:]).swapaxes(1, 2).reshape(W.shape)
 
 
-def hf_name(name: str) -> str:
+def hf_name(name: str, arch: str) -> str:
     """blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight; token_embd.weight -> model.embed_tokens.weight"""
     stem, _, kind = name.rpartition(".")
+    block_names = GEMMA3_BLOCK_NAMES if arch == "gemma3" else BLOCK_NAMES
     if stem.startswith("blk."):
         _, i, part = stem.split(".", 2)
-        if part not in BLOCK_NAMES:
+        if part not in block_names:
             raise UsageError(f"GGUF tensor {name!r} is not one this reader knows")
-        return f"model.layers.{i}.{BLOCK_NAMES[part]}.{kind}"
+        return f"model.layers.{i}.{block_names[part]}.{kind}"
     if stem not in OUTER_NAMES:
         raise UsageError(f"GGUF tensor {name!r} is not one this reader knows")
     return f"{OUTER_NAMES[stem]}.{kind}"
@@ -261,7 +300,7 @@ def read_tensors(directory: Path):
         except NotImplementedError:
             raise UsageError(f"{path}: tensor {tensor.name} is quantized as {tensor.tensor_type.name}, which gguf "
                              f"{package_version()} cannot dequantize") from None
-        name = hf_name(tensor.name)
+        name = hf_name(tensor.name, arch)
         if arch == "phi3" and ".mlp.up_proj." in name:
             name = name.replace(".mlp.up_proj.", ".mlp.gate_up_proj.")
         W = torch.from_numpy(np.array(W, dtype=np.float32)).reshape(tuple(reversed(tensor.shape.tolist())))
@@ -269,6 +308,8 @@ def read_tensors(directory: Path):
             W = unpermute(W, config["num_attention_heads"])
         elif arch == "llama" and ".self_attn.k_proj." in name:
             W = unpermute(W, config["num_key_value_heads"])
+        elif arch == "gemma3" and name.endswith("norm.weight"):
+            W = W - 1  # stored as the scale 1 + w; the checkpoint's weight is w
         yield name, W
 
 

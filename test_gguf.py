@@ -34,21 +34,27 @@ ARCHS = {
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=128)),  # transformers reads no head_dim: its 128
     "phi3": ("Phi3Config", dict(num_key_value_heads=2, pad_token_id=0)),
+    # transformers reads neither query_pre_attn_scalar nor head_dim's role in it: head_dim 256 makes its default
+    # (256) llama.cpp's rule; six layers, the last attending fully, the others within a window of 16
+    "gemma3": ("Gemma3TextConfig", dict(num_key_value_heads=2, head_dim=256, num_hidden_layers=6, sliding_window=16,
+                                        pad_token_id=0)),
 }
 BLOCK_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
                "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.qkv_proj": "attn_qkv",
                "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
                "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+GEMMA3_BLOCK_NAMES = {**BLOCK_NAMES, "pre_feedforward_layernorm": "ffn_norm",
+                      "post_attention_layernorm": "post_attention_norm", "post_feedforward_layernorm": "post_ffw_norm"}
 OUTER_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
-def gguf_name(key: str) -> str:
+def gguf_name(key: str, arch: str) -> str:
     """model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight, as llama.cpp names it."""
     stem, _, kind = key.rpartition(".")
     if stem.startswith("model.layers."):
         _, _, i, part = stem.split(".", 3)
-        return f"blk.{i}.{BLOCK_NAMES[part]}.{kind}"
+        return f"blk.{i}.{(GEMMA3_BLOCK_NAMES if arch == 'gemma3' else BLOCK_NAMES)[part]}.{kind}"
     return f"{OUTER_NAMES[stem]}.{kind}"
 
 
@@ -81,7 +87,10 @@ def write_gguf(path: Path, arch: str, reference, tokenizer_json: Path, qtype: st
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)  # Gemma 3's: per layer type
+    writer.add_rope_freq_base(rope["rope_theta"])
+    if arch == "gemma3":
+        writer.add_sliding_window(c.sliding_window)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_vocab_size(c.vocab_size)
     bpe = json.loads(tokenizer_json.read_text())
@@ -115,22 +124,25 @@ def write_gguf(path: Path, arch: str, reference, tokenizer_json: Path, qtype: st
         if key == "lm_head.weight" and c.tie_word_embeddings:
             continue
         W = tensor.numpy().astype(np.float32)
+        name = gguf_name(key, arch)
+        if arch == "gemma3" and key.endswith("norm.weight"):
+            W = W + 1  # llama.cpp's Gemma norms: the scale 1 + w
         if arch == "llama" and "self_attn.q_proj" in key:
             W = llama_cpp_permute(W, c.num_attention_heads)
         elif arch == "llama" and "self_attn.k_proj" in key:
             W = llama_cpp_permute(W, c.num_key_value_heads)
         if W.ndim == 1 or qtype == "F32":
-            writer.add_tensor(gguf_name(key), W)
+            writer.add_tensor(name, W)
         elif qtype == "F16":
-            writer.add_tensor(gguf_name(key), W.astype(np.float16))
+            writer.add_tensor(name, W.astype(np.float16))
         elif qtype == "Q8_0":
-            writer.add_tensor(gguf_name(key), gguf.quants.quantize(W, gguf.GGMLQuantizationType.Q8_0),
+            writer.add_tensor(name, gguf.quants.quantize(W, gguf.GGMLQuantizationType.Q8_0),
                               raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:  # Q4_K: random valid blocks where the input width allows (256 per block), F32 elsewhere
             if W.shape[1] % Q4_K_BLOCK:
-                writer.add_tensor(gguf_name(key), W)
+                writer.add_tensor(name, W)
             else:
-                writer.add_tensor(gguf_name(key), random_q4_k(W.shape, rng), raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+                writer.add_tensor(name, random_q4_k(W.shape, rng), raw_dtype=gguf.GGMLQuantizationType.Q4_K)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -160,8 +172,8 @@ def save_tiny_reference(directory: Path, arch: str, **overrides):
                  num_attention_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
                  rms_norm_eps=1e-5), **kw, **overrides}
     torch.manual_seed(0)
-    reference = getattr(transformers, config_class.replace("Config", "ForCausalLM"))(
-        getattr(transformers, config_class)(**kw)).eval()
+    model_class = "Gemma3ForCausalLM" if arch == "gemma3" else config_class.replace("Config", "ForCausalLM")
+    reference = getattr(transformers, model_class)(getattr(transformers, config_class)(**kw)).eval()
     with torch.no_grad():
         for name, p in reference.named_parameters():
             if "norm" in name or name.endswith("bias"):
@@ -192,7 +204,7 @@ def test_gguf_loads_as_transformers_loads_it(tmp_path, arch, qtype):
     path = tmp_path / f"tiny-{arch}-{qtype}.gguf"
     write_gguf(path, arch, reference, tmp_path / "tok" / "tokenizer.json", qtype)
     ours, theirs = models.load_model(path), transformers_gguf(path)
-    assert type(ours.config).__name__ in ("LlamaConfig",) and ours.config.model_type == arch
+    assert ours.config.model_type == {"gemma3": "gemma3_text"}.get(arch, arch)
     ids = random_ids(2, 30, LLAMA_VOCAB)
     assert_close(ours(ids), theirs(ids).logits, FP32_ATOL, f"{arch} {qtype}: logits vs transformers' GGUF loading")
     if qtype == "F32":  # and the weights are the model's own: nothing lost on the way
@@ -217,8 +229,8 @@ def test_tokenizer_rebuilt_from_metadata_matches_transformers(tmp_path, add_bos,
     assert (ours.encode("hi")[0] == 1) == add_bos
 
 
-@pytest.mark.parametrize("arch", ["llama", "phi3"])
-@pytest.mark.parametrize("merges", [True, False], ids=["merges", "merges-from-scores"])
+@pytest.mark.parametrize("arch, merges", [("llama", True), ("llama", False), ("phi3", False), ("gemma3", False)],
+                         ids=["llama-merges", "llama-merges-from-scores", "phi3", "gemma3"])
 def test_sentencepiece_tokenizer_rebuilt_from_metadata_matches_transformers(tmp_path, arch, merges):
     """Llama 2's, Mistral's and Phi-3's kind: "▁" for spaces, byte fallback, BOS added without an add_bos_token
     flag; the merges from the file, or derived from the scores where llama.cpp leaves them out."""
@@ -239,6 +251,7 @@ def test_sentencepiece_tokenizer_rebuilt_from_metadata_matches_transformers(tmp_
         assert ours.encode(text) == expected, f"{arch} {text!r}: ours {ours.encode(text)} vs {expected}"
         assert ours.decode(expected) == theirs.decode(expected, skip_special_tokens=True), text
     assert ours.encode("hi")[0] == 1, "BOS: added where the file does not say"
+    assert ours.encode(" hi") != ours.encode("hi") and ours.encode("a  b") != ours.encode("a b")
 
 
 @pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason=f"{SMOLLM2_GGUF} not found (../shared provides it)")
@@ -291,11 +304,11 @@ def test_truncated_unsupported_and_missing_files_are_one_line(tmp_path, capsys):
     assert_one_line_error(code, err, "truncated.gguf is not a readable GGUF file")
 
     reference = save_tiny_reference(tmp_path, "llama")
-    other = tmp_path / "gemma.gguf"
-    write_gguf(other, "gemma3", reference, tmp_path / "tok" / "tokenizer.json", "F32")
+    other = tmp_path / "falcon.gguf"
+    write_gguf(other, "falcon", reference, tmp_path / "tok" / "tokenizer.json", "F32")
     code, _, err = run_main(["--model", str(other)], capsys)
-    assert_one_line_error(code, err, "GGUF architecture 'gemma3' is not supported (supported: llama, qwen2, qwen3, "
-                                     "phi3)")
+    assert_one_line_error(code, err, "GGUF architecture 'falcon' is not supported (supported: llama, qwen2, qwen3, "
+                                     "phi3, gemma3)")
     code, _, err = run_main(["--model", str(tmp_path / "absent.gguf")], capsys)
     assert_one_line_error(code, err, "absent.gguf not found")
 
