@@ -147,10 +147,11 @@ def config_of(reader, path: Path) -> dict:
         config.update(sliding_window=key("attention.sliding_window"), use_sliding_window=True)
     if arch == "gemma3":  # what llama.cpp fixes for Gemma 3 rather than storing
         layers, pattern = config["num_hidden_layers"], GEMMA3_SLIDING_WINDOW_PATTERN
+        local_rope = {"rope_type": "default", "rope_theta": GEMMA3_LOCAL_ROPE_THETA}
         config.update(hidden_activation="gelu_pytorch_tanh",
-                      layer_types=["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)],
-                      rope_parameters={"full_attention": rope, "sliding_attention": {"rope_type": "default",
-                                                                                     "rope_theta": GEMMA3_LOCAL_ROPE_THETA}},
+                      layer_types=["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                   for i in range(layers)],
+                      rope_parameters={"full_attention": rope, "sliding_attention": local_rope},
                       query_pre_attn_scalar=hidden // heads if layers == GEMMA3_27B_LAYERS else head_dim)
     return config
 
