@@ -18,10 +18,13 @@ from checkpoint import UsageError
 from pruners import prune_model
 from testkit import LLAMA_VOCAB, assert_close, n_diff, random_ids, reference_fasterprune
 
-# fp32, measured on these configs (AVX2 and ATEN_CPU_CAPABILITY=default, 1 thread): logits equal transformers'
-# exactly (max |diff| 0, 6.9e-7 with the final softcap's tanh); cached decoding vs the full forward up to 7.2e-7.
-# The bound leaves over 10x room for other CPUs' kernels, far below what a bug moves (> 1e-2).
+# fp32, measured on these configs (AVX2 and ATEN_CPU_CAPABILITY=default, 1 and 2 threads): logits equal
+# transformers' exactly (max |diff| 0); cached decoding vs the full forward up to 1.05e-6. The bound leaves about 10x
+# room for other CPUs' kernels, far below what a bug moves (> 1e-2).
 FP32_ATOL = 1e-5
+# bf16 / fp16, measured the same way: bf16 1.17e-2 to 1.46e-2, fp16 1.28e-3 to 1.89e-3 (four norms a block, each
+# rounding once); the bounds are about 4x those
+HALF_ATOL = {torch.bfloat16: 0.06, torch.float16: 0.008}
 WINDOW = 16  # shorter than the 40-token inputs: keys fall out of the sliding layers' window
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
 LINEAR_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
@@ -91,6 +94,19 @@ def test_logits_match_transformers(tiny):
     assert [b.self_attn.window for b in model.blocks] == [WINDOW, None, WINDOW, WINDOW]
     ids = random_ids(2, 40, LLAMA_VOCAB)
     assert_close(model(ids), reference(ids).logits, FP32_ATOL, f"{kind} logits")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@torch.no_grad()
+def test_half_precision_matches_transformers(tiny, dtype):
+    import copy
+
+    kind, directory, reference = tiny
+    model = models.load_model(directory, dtype=dtype)
+    assert all(p.dtype == dtype for p in model.parameters())
+    ids = random_ids(2, 40, LLAMA_VOCAB)
+    assert_close(model(ids), copy.deepcopy(reference).to(dtype)(ids).logits, HALF_ATOL[dtype], f"{kind} {dtype}")
 
 
 @pytest.mark.parametrize("layer_types", [LAYER_TYPES, None], ids=["layer_types", "sliding_window_pattern"])
