@@ -2,8 +2,8 @@
 
 This file owns the LLaMA family, a from-scratch re-implementation of Meta's LLaMA decoder (Touvron et al.,
 2023) that reproduces Hugging Face's `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`,
-`Qwen3ForCausalLM` and `Phi3ForCausalLM` logits on the same weights, without importing transformers. It offers the interface of `checkpoint.py`, as
-`opt_model.py` does, so that the pruners and μ-MoE run on it unchanged.
+`Qwen3ForCausalLM` and `Phi3ForCausalLM` logits on the same weights, without importing transformers. It offers the
+interface of `checkpoint.py`, as `opt_model.py` does, so that the pruners and μ-MoE run on it unchanged.
 
     embed:  h = embed_tokens(ids)                                 (no learned positions: RoPE, below)
     block:  h = h + o_proj(attn(RMSNorm(h)))                      q, k rotated by their position
@@ -20,7 +20,7 @@ This file owns the LLaMA family, a from-scratch re-implementation of Meta's LLaM
 The families differ only in their config:
 
     Qwen2      biases on q, k and v
-    Qwen3      no biases; an RMSNorm over each head's features of q and of k (q_norm, k_norm) before RoPE;
+    Qwen3      no biases (but where attention_bias says); an RMSNorm over each head's features of q and of k (q_norm, k_norm) before RoPE;
                head_dim independent of hidden_size / heads
     Phi-3      q, k, v fused in one Linear `qkv_proj` (rows: nh*hs of q, then n_kv*hs of k, then of v) and gate,
                up in `gate_up_proj` (rows: f of gate, then f of up), kept fused as the checkpoint has them and
@@ -141,7 +141,9 @@ class LlamaConfig:
         rope_scaling = () if rope_type == "default" else (("rope_type", rope_type), *sorted(rope.items()))
         layers, layer_types = raw["num_hidden_layers"], tuple(raw.get("layer_types") or ())
         if model_type in ("qwen2", "qwen3"):  # a window only with use_sliding_window, from max_window_layers on
-            qkv_bias, o_bias = model_type == "qwen2" or raw.get("attention_bias", False), False
+            qkv_bias = o_bias = raw.get("attention_bias", False)  # Qwen3: all four or none
+            if model_type == "qwen2":  # biases on q, k, v only
+                qkv_bias, o_bias = True, False
             window = raw.get("sliding_window") if raw.get("use_sliding_window") else None
             if window is not None and not layer_types:
                 first = raw.get("max_window_layers", layers)

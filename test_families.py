@@ -32,12 +32,12 @@ HALF_ATOL = {torch.bfloat16: 0.03, torch.float16: 0.004}
 WINDOW = 16  # the tiny models' sliding window: shorter than the 40-token inputs, so that keys fall out of it
 
 # name -> (transformers config class, overrides): Qwen3 tied with a head_dim of its own, Qwen3 untied with sliding
-# layers from max_window_layers on, Phi-3 with its window (Phi-3-mini-4k's is 2047), Phi-3 with partial RoPE
+# layers from max_window_layers on and attention_bias (on q, k, v and o), Phi-3 with its window (Phi-3-mini-4k's is 2047), Phi-3 with partial RoPE
 # (Phi-4-mini's 0.75), and Mistral, whose window is now modelled too
 TINY = {
     "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=True, bos_token_id=None)),
     "qwen3_sliding": ("Qwen3Config", dict(num_key_value_heads=1, use_sliding_window=True, sliding_window=WINDOW,
-                                          max_window_layers=1, rope_theta=1e6)),
+                                          max_window_layers=1, rope_theta=1e6, attention_bias=True)),
     "phi3": ("Phi3Config", dict(num_key_value_heads=2, sliding_window=WINDOW, pad_token_id=0, eos_token_id=2)),
     "phi3_partial_rope": ("Phi3Config", dict(num_key_value_heads=4, partial_rotary_factor=0.75, pad_token_id=0,
                                              eos_token_id=2, tie_word_embeddings=True)),
@@ -47,7 +47,7 @@ TINY = {
 
 def save_tiny(directory, kind: str, seed: int = 0, **overrides):
     """A random transformers model saved with save_pretrained (transformers 5's config layout), its RMSNorm weights
-    random too, so that a swapped or skipped norm shows; returns it."""
+    and biases random too, so that a swapped or skipped one shows; returns it."""
     import transformers
 
     config_class, kw = TINY[kind]
@@ -58,8 +58,8 @@ def save_tiny(directory, kind: str, seed: int = 0, **overrides):
     reference = getattr(transformers, config_class.replace("Config", "ForCausalLM"))(config).eval()
     with torch.no_grad():
         for name, p in reference.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.randn_like(p) * 0.3 + 1.0)
+            if "norm" in name or name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in name else 0.0))
     reference.save_pretrained(directory)
     return reference
 
