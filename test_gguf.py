@@ -251,7 +251,7 @@ def test_sentencepiece_tokenizer_rebuilt_from_metadata_matches_transformers(tmp_
         assert ours.encode(text) == expected, f"{arch} {text!r}: ours {ours.encode(text)} vs {expected}"
         assert ours.decode(expected) == theirs.decode(expected, skip_special_tokens=True), text
     assert ours.encode("hi")[0] == 1, "BOS: added where the file does not say"
-    assert ours.encode(" hi") != ours.encode("hi") and ours.encode("a  b") != ours.encode("a b")
+    assert ours.encode("a  b") != ours.encode("a b"), "every space is kept"
 
 
 @pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason=f"{SMOLLM2_GGUF} not found (../shared provides it)")
