@@ -9,8 +9,8 @@ here knows a model family:
                 replace it); BlockFn / dense_block: how a loop over blocks runs one block; KVCache and the
                 causal mask of tokens that follow cached ones (shifted_causal_mask); offload (`offloaded`)
     finding     a local directory, or a Hugging Face hub repo downloaded into the standard cache
-                (pytorch_model*.bin converted once to safetensors beside it); offline (`hub_offline`, asked
-                once), the cache alone
+                (pytorch_model*.bin converted once to safetensors beside it), or a GGUF file (gguf_checkpoint.py);
+                offline (`hub_offline`, asked once), the cache alone
     loading     `load_weights`: a checkpoint's tensors assigned into a model built on the meta device,
                 strictly: every key used, none missing, every shape checked
     tokenizers  `Tokenizer`: a `tokenizers` BPE, BOS added as the checkpoint's own tokenizer adds it
@@ -107,15 +107,20 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]  # (B, nh, end, hs)
 
 
-def shifted_causal_mask(T: int, start: int, device=None) -> torch.Tensor | None:
+def shifted_causal_mask(T: int, start: int, device=None, window: int | None = None) -> torch.Tensor | None:
     """The attention mask of T new tokens after `start` cached ones, for F.scaled_dot_product_attention: True
-    where new token i, at position start + i, may attend, keys 0 ... start + i. None where SDPA needs none:
-    one new token sees every key, and a prompt (start = 0) takes SDPA's own is_causal, which aligns the mask
-    top-left and so would be wrong after cached tokens:
+    where new token i, at position start + i, may attend, keys 0 ... start + i; with a sliding `window`, only
+    the last `window` of them, keys start + i - window + 1 ... start + i. None where SDPA needs none (no key
+    falls out of the window): one new token sees every key, and a prompt (start = 0) takes SDPA's own
+    is_causal, which aligns the mask top-left and so would be wrong after cached tokens:
 
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=shifted_causal_mask(T, start, q.device),
-                                           is_causal=T > 1 and not start)
+        mask = shifted_causal_mask(T, start, q.device, window)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
     """
+    if window is not None and start + T > window:
+        query = torch.arange(start, start + T, device=device)[:, None]
+        key = torch.arange(start + T, device=device)[None, :]
+        return (key <= query) & (key > query - window)  # (T, start + T)
     if T == 1 or start == 0:
         return None
     return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)  # (T, start + T)
@@ -194,8 +199,13 @@ def hub_repo_id(name: str) -> str | None:
 
 
 def resolve_checkpoint(name_or_path: str) -> Path:
-    """A directory holding config.json and safetensors weights: the local one given, or a hub download."""
+    """A directory holding config.json and safetensors weights: the local one given, or a hub download; for a
+    .gguf file, the directory gguf_checkpoint.unpack makes of it (config.json, tokenizer.json, a link to the file)."""
     path = Path(name_or_path).expanduser()
+    if str(name_or_path).endswith(".gguf"):
+        import gguf_checkpoint  # (it imports this file)
+
+        return gguf_checkpoint.unpack(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UsageError(f"{path} is not a model directory: it has no config.json")
@@ -334,9 +344,14 @@ def checkpoint_shards(directory: Path) -> list[Path]:
 
 
 def read_checkpoint(directory: Path):
-    """Yield (key, tensor) for every tensor of every shard, one at a time."""
+    """Yield (key, tensor) for every tensor of every shard, one at a time (of an unpacked GGUF: dequantized)."""
     from safetensors import SafetensorError, safe_open
 
+    if (directory / "model.gguf").exists():
+        import gguf_checkpoint  # (it imports this file)
+
+        yield from gguf_checkpoint.read_tensors(directory)
+        return
     for shard in checkpoint_shards(directory):
         if not shard.is_file():
             raise UsageError(f"checkpoint shard {shard} is missing")

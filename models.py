@@ -4,7 +4,9 @@ This file sits above the model files and below everything that loads a model by 
 mumoe's generation CLI). It reads `config.json`'s `model_type` and hands the checkpoint to its family:
 
     opt                       opt_model.py
-    llama, mistral, qwen2     llama_model.py
+    llama, mistral, qwen2,    llama_model.py
+    qwen3, phi3
+    gemma3_text, gemma3       gemma_model.py (a gemma3 checkpoint: its language model, the vision tower skipped)
     llava                     llava_model.py (LLaVA-1.5; the other LLaVA variants are refused by name)
 
 The text commands (eval_ppl.py, eval_tasks.py, generate.py) run a LLaVA's language model on text:
@@ -17,13 +19,14 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
+import gemma_model
 import llama_model
 import llava_model
 import opt_model
 from checkpoint import UsageError, read_config_json, resolve_checkpoint
 
 FAMILIES = {"opt": opt_model, **{model_type: llama_model for model_type in llama_model.MODEL_TYPES},
-            "llava": llava_model}
+            **{model_type: gemma_model for model_type in gemma_model.MODEL_TYPES}, "llava": llava_model}
 
 
 def family(name_or_path):

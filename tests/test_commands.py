@@ -1,5 +1,5 @@
 """Every command on every model family: each one serves a `model_type` or refuses it in one line (exit 2) before
-any work. The text commands (eval_ppl, eval_tasks, the generation command) serve all five types, a LLaVA through
+any work. The text commands (eval_ppl, eval_tasks, the generation command) serve every type, a LLaVA through
 its language model; eval_vqa serves LLaVA and refuses the others by name."""
 
 import json
@@ -7,6 +7,7 @@ import math
 import random
 
 import pytest
+import torch
 
 import eval_ppl
 import eval_tasks
@@ -19,8 +20,27 @@ from kit.tiny_tokenizers import save_llama2_like_tokenizer, save_llama_tokenizer
 
 pytest.importorskip("lm_eval")  # eval_tasks' rows
 
-FAMILIES = ("opt", "llama", "mistral", "qwen2", "llava")
+FAMILIES = ("opt", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "llava")
 TINY_LLAMA_KINDS = {"llama": ("llama_gqa", "<s>"), "mistral": ("mistral", "<s>"), "qwen2": ("qwen2", None)}
+# the newer families: transformers config class, overrides (a sliding window of 8, shorter than the 16-token windows)
+NEWER_KINDS = {"qwen3": ("Qwen3Config", dict(head_dim=24, tie_word_embeddings=True), None),
+               "phi3": ("Phi3Config", dict(sliding_window=8, pad_token_id=0, eos_token_id=2), "<s>"),
+               "gemma3_text": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=8, eos_token_id=2,
+                                                        layer_types=["sliding_attention", "full_attention"]), "<s>")}
+
+
+def save_newer(directory, config_class: str, overrides: dict) -> None:
+    """A tiny random model of a newer family (init std 0.3, so that pruning moves its perplexity), saved as the
+    hub has it."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(**{**dict(
+        vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3), **overrides})
+    model_class = "Gemma3ForCausalLM" if config_class == "Gemma3TextConfig" else config_class.replace("Config",
+                                                                                                       "ForCausalLM")
+    getattr(transformers, model_class)(config).save_pretrained(directory)
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +51,10 @@ def family_models(tmp_path_factory, tiny_with_tokenizer) -> dict:
         directories[model_type] = directory = tmp_path_factory.mktemp(model_type)
         save_llama_tokenizer(directory, bos)
         save_tiny_llama(directory, kind, random_norms=False, initializer_range=0.3)
+    for model_type, (config_class, overrides, bos) in NEWER_KINDS.items():
+        directories[model_type] = directory = tmp_path_factory.mktemp(model_type)
+        save_llama_tokenizer(directory, bos)
+        save_newer(directory, config_class, overrides)
     directories["llava"] = directory = tmp_path_factory.mktemp("llava")
     image_id = save_llama2_like_tokenizer(directory)
     save_tiny_llava(directory, vocab_size=image_id + 1, image_token_index=image_id)

@@ -126,14 +126,6 @@ def test_greedy_generation_matches_transformers(tiny_llama):
     assert ours == theirs, f"{kind}: ours {ours} vs transformers {theirs}"
 
 
-def test_sliding_window_is_refused_beyond_its_length(tmp_path):
-    save_tiny_llama(tmp_path, "mistral", sliding_window=16)
-    model = models.load_model(tmp_path)
-    model(random_ids(1, 16, LLAMA_VOCAB))  # within the window: full attention is the window's attention
-    with pytest.raises(UsageError, match="sliding attention window of 16"):
-        model(random_ids(1, 17, LLAMA_VOCAB))
-
-
 # -----------------------------------------------------------------------------
 # Loading: strict keys, bad configs
 
@@ -144,7 +136,8 @@ def edit_config(directory: Path, **changes) -> None:
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(model_type="gpt_neox"), "model_type 'gpt_neox' is not supported (supported: opt, llama, mistral, qwen2, llava)"),
+    (dict(model_type="gpt_neox"), "model_type 'gpt_neox' is not supported (supported: opt, llama, mistral, qwen2, "
+                                  "qwen3, phi3, gemma3_text, gemma3, llava)"),
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
      "rope_scaling type 'yarn' is not supported (supported: default, linear, llama3)"),
     (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}), "needs 'low_freq_factor'"),
