@@ -70,11 +70,14 @@ def add_select_and_decode(p: argparse.ArgumentParser, decode: bool = True) -> No
 
 
 def add_out_and_resume(p: argparse.ArgumentParser, default: Path | None, what: str) -> None:
-    """--out, the results file (`what` it holds), and --resume, which keeps its finished rows."""
+    """--out, the results file (`what` it holds); --resume, which keeps its finished rows; --force, which may
+    overwrite another command's file or one of other settings."""
     shown = f" (default: {default})" if default else ""
     p.add_argument("--out", type=Path, default=default, metavar="JSON", help=what + shown)
     p.add_argument("--resume", action="store_true", help="keep the finished rows of the --out file (its settings "
                    "must be this run's) and run only the missing ones")
+    p.add_argument("--force", action="store_true", help="overwrite an --out file of another command or of other "
+                   "settings (without it, such a file is refused)")
 
 
 def add_mumoe_routing(p: argparse.ArgumentParser, help: str, many: bool) -> None:

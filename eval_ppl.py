@@ -373,7 +373,7 @@ def run(args) -> list[dict]:
              for c in (args.calib[m] if m in CALIBRATED else [None])
              for r in (args.mumoe_routing if m == "mumoe" else [None])]
 
-    done = finished_rows(args.out, settings) if args.resume else {}
+    done = results_file.rows_to_keep(args.out, args.resume, args.force, lambda: finished_rows(args.out, settings))
     rows = dict(done)  # row_key -> row: the file's finished rows, then this run's
     if distributed.is_main():
         distributed.barrier()  # the input is good and everything is downloaded: the other ranks may start

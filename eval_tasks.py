@@ -258,7 +258,7 @@ def run(args) -> list[dict]:
     plan += [(m, rho, nm, r, s) for rho in args.rho for m in METHODS[1:] if m in args.methods
              for r in (args.mumoe_routing if m == "mumoe" else [None])
              for s in (args.routing_scope if m == "mumoe" else [None])]
-    done = finished_rows(args.out, settings) if args.resume else {}
+    done = results_file.rows_to_keep(args.out, args.resume, args.force, lambda: finished_rows(args.out, settings))
     rows = dict(done)
     tokenizer = family.load_tokenizer(directory)
     if distributed.is_main():

@@ -398,7 +398,7 @@ def run(args) -> list[dict]:
     plan = [("dense", 1.0, None, None)] if "dense" in args.methods else []
     plan += [(m, rho, args.calib if m in CALIBRATED else None, r) for rho in args.rho for m in ROW_ORDER[1:]
              if m in args.methods for r in (args.mumoe_routing if m == "mumoe" else [None])]
-    done = finished_rows(args.out, settings) if args.resume else {}
+    done = results_file.rows_to_keep(args.out, args.resume, args.force, lambda: finished_rows(args.out, settings))
     if distributed.is_main():
         distributed.barrier()  # the input is good and the data is here: the other ranks may start
     distributed.barrier()  # every rank has read --out before rank 0 writes it

@@ -59,6 +59,21 @@ def write_json(path: Path, report: dict, indent: int = 2) -> None:
     os.replace(partial, path)
 
 
+def rows_to_keep(path: Path, resume: bool, force: bool, read: Callable[[], dict]) -> dict[tuple, dict]:
+    """The rows a run starts from: with --resume the finished rows `read()` gives (its refusals included); else
+    none. An existing file that `read()` refuses -- another command's results, or rows of other settings -- is not
+    overwritten without --force: the hours it holds are not lost to a typo in --out."""
+    if resume:
+        return read()
+    if force or not path.is_file():
+        return {}
+    try:
+        read()
+    except UsageError as e:
+        raise UsageError(f"--out would overwrite {str(e).removeprefix('--resume: ')}; --force overwrites it") from None
+    return {}
+
+
 def finished_rows(path: Path, settings: dict, compared: tuple[str, ...], row_key: Callable[[dict], tuple],
                   command: str, differences: Callable[[dict, dict], list[str]] = lambda old, new: [],
                   read_row: Callable[[dict], dict] = lambda row: row, held: str = "rows") -> dict[tuple, dict]:

@@ -434,6 +434,22 @@ def test_resume_runs_only_the_missing_rows(tiny_with_tokenizer, cli_data, tmp_pa
     assert [r for r in after if r["method"] != "magnitude"] == before, "a finished row changed"
 
 
+def test_another_results_file_is_not_overwritten_without_force(tiny_with_tokenizer, cli_data, tmp_path, capsys):
+    """An --out of another command (eval_tasks' rows) or of other settings is refused before any work, left as it
+    was; --force overwrites it; a rerun with the same settings overwrites its own file."""
+    out = tmp_path / "r.json"
+    argv = cli_args(tiny_with_tokenizer, cli_data, "--datasets", "ptb", "--methods", "dense", "--out", str(out))
+    tasks_file = json.dumps({"settings": {"model": "opt-125m", "tasks": ["boolq"]}, "results": [{"method": "dense"}]})
+    out.write_text(tasks_file)
+    code, stdout, err = run_main(argv, capsys)
+    assert_one_line_error(code, err, "--out would overwrite", "--force overwrites it")
+    assert out.read_text() == tasks_file and "Dense" not in stdout
+    assert run_main(argv + ["--force"], capsys)[0] == 0 and '"ptb"' in out.read_text()
+    code, _, err = run_main(argv + ["--seed", "1"], capsys)
+    assert_one_line_error(code, err, "--out would overwrite", "seed 0 there, 1 here")
+    assert run_main(argv, capsys)[0] == 0, "the same settings again: a rerun overwrites its own file"
+
+
 def test_resume_with_other_settings_names_them(tiny_with_tokenizer, cli_data, tmp_path, capsys):
     out = tmp_path / "r.json"
     argv = cli_args(tiny_with_tokenizer, cli_data, "--datasets", "ptb", "--methods", "dense", "--out", str(out))
