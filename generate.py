@@ -5,9 +5,9 @@
 
 The prompt is routed once (mumoe.generate), then the new tokens decode with its experts, packed where the
 packed kernel runs (--decode, mumoe.decode_path: packed_experts' on the CPU, triton_experts' on CUDA), and
-the memory that the prompt's experts hold is printed (mumoe.experts_bytes). Timings: after one short warm-up generation of each (one-off
-costs such as the allocator's first pages, the threads' start or loading the kernel would otherwise count against
-whichever runs first), the dense and the μ-MoE generations alternate --repeats times and the medians are printed,
+the memory that the prompt's experts hold is printed (mumoe.experts_bytes). Timings: after one short warm-up
+generation of each (one-off costs such as the allocator's first pages, the threads' start or loading the kernel
+would otherwise count against whichever runs first), the dense and the μ-MoE generations alternate --repeats times and the medians are printed,
 so that a burst of load from another process slows both alike. The MAC count beneath is mumoe.count_macs's.
 """
 

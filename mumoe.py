@@ -62,7 +62,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import KVCache, LinearFn, UsageError, dense_linear
-from packed_experts import PackedLinear, kernel_problem, pack, packed_linear
+from packed_experts import kernel_problem, pack, packed_linear
 from pruners import SELECTS, check_rho, prune_count, wanda_gated_weight
 
 # -----------------------------------------------------------------------------
