@@ -13,13 +13,13 @@ Layout. Rows go in blocks of ROWS = 16 (the last block padded with empty rows), 
                                              group, in a group row by row, in a row columns ascending
     starts  (blocks + 1,) int64              block b's values are values[starts[b] : starts[b + 1]]
 
-          group 0 (32 columns)     group 1                 ...
-        +------------------------+------------------------+
-  row 0 | 1 0 0 1 1 0 ... bits[b,0,0] | ...               |      values of block b:
-  row 1 | 0 1 1 0 0 1 ... bits[b,0,1] | ...               |      [ row 0's kept in group 0 | row 1's kept in
-  ...   |                        |                        |        group 0 | ... | row 15's | row 0's kept in
-  row 15|                        |                        |        group 1 | ... ]
-        +------------------------+------------------------+
+                 group 0 (32 columns)    group 1                     values of block b, one stream:
+               +-----------------------+-----------------------+
+      row 0    | 1 0 0 1 1 0 ...  (word bits[b, 0, 0])         |     [ row 0's kept in group 0,
+      row 1    | 0 1 1 0 0 1 ...  (word bits[b, 0, 1])         |       row 1's kept in group 0, ...,
+      ...      |                       |                       |       row 15's kept in group 0,
+      row 15   |                       |                       |       row 0's kept in group 1, ... ]
+               +-----------------------+-----------------------+
 
 so a weight costs 1/8 byte of mask and, if kept, its value's bytes: a step reads rho · 2 + 1/8 bytes per weight in
 float16 instead of 2 (0.56 of dense at rho 0.5), rho · 4 + 1/8 in float32. A block's values for one group are one
@@ -44,7 +44,7 @@ TRITON_INTERPRET in the environment before triton is imported: a process that im
     pack(W_gated, bias, keep)          W ⊙ M (d_out, d_in) on its device -> PackedLinear, in W's dtype
     packed_bytes(d_out, d_in, kept, dtype)  what that costs (the bytes a decode step reads of it)
     packed_linear(x, packed)           the kernel: x (..., d_in) -> (..., d_out)
-    packed_linear_reference(x, packed) the same product in plain PyTorch from the packed form (the tests' oracle)
+    packed_linear_reference(x, packed) the same product in plain PyTorch from the packed form (unpack: W ⊙ M back)
     kernel_problem(device, dtype)      None where the kernel runs (CUDA with triton), else why not, in one line
 
 Triton is an optional dependency (it comes with CUDA builds of torch on Linux): without it this file still
