@@ -13,13 +13,13 @@ Layout. Rows go in blocks of ROWS = 16 (the last block padded with empty rows), 
                                              group, in a group row by row, in a row columns ascending
     starts  (blocks + 1,) int64              block b's values are values[starts[b] : starts[b + 1]]
 
-                 group 0 (32 columns)    group 1                     values of block b, one stream:
-               +-----------------------+-----------------------+
-      row 0    | 1 0 0 1 1 0 ...  (word bits[b, 0, 0])         |     [ row 0's kept in group 0,
-      row 1    | 0 1 1 0 0 1 ...  (word bits[b, 0, 1])         |       row 1's kept in group 0, ...,
-      ...      |                       |                       |       row 15's kept in group 0,
-      row 15   |                       |                       |       row 0's kept in group 1, ... ]
-               +-----------------------+-----------------------+
+                group 0 (32 columns)   group 1 (32 columns)     values of block b, one stream:
+              +----------------------+----------------------+
+      row 0   | 1001101. bits[b,0,0] | 0110... bits[b,1,0]  |    [ row 0's kept in group 0,
+      row 1   | 0110010. bits[b,0,1] | 1100... bits[b,1,1]  |      row 1's kept in group 0, ...,
+      ...     |                      |                      |      row 15's kept in group 0,
+      row 15  | ...     bits[b,0,15] | ...    bits[b,1,15]  |      row 0's kept in group 1, ... ]
+              +----------------------+----------------------+
 
 so a weight costs 1/8 byte of mask and, if kept, its value's bytes: a step reads rho · 2 + 1/8 bytes per weight in
 float16 instead of 2 (0.56 of dense at rho 0.5), rho · 4 + 1/8 in float32. A block's values for one group are one
