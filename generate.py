@@ -4,9 +4,10 @@
     python generate.py --model llava-1.5-7b --image cat.jpg --prompt "What is in the picture?" --rho 0.5
 
 The prompt is routed once (mumoe.generate), then the new tokens decode with its experts, packed where the
-packed kernel runs (--decode, mumoe.decode_path). Timings: after one short warm-up generation of each (one-off
-costs such as the allocator's first pages, the threads' start or loading the kernel would otherwise count against
-whichever runs first), the dense and the μ-MoE generations alternate --repeats times and the medians are printed,
+packed kernel runs (--decode, mumoe.decode_path: packed_experts' on the CPU, triton_experts' on CUDA), and
+the memory that the prompt's experts hold is printed (mumoe.experts_bytes). Timings: after one short warm-up
+generation of each (one-off costs such as the allocator's first pages, the threads' start or loading the kernel
+would otherwise count against whichever runs first), the dense and the μ-MoE generations alternate --repeats times and the medians are printed,
 so that a burst of load from another process slows both alike. The MAC count beneath is mumoe.count_macs's.
 """
 
@@ -28,7 +29,8 @@ from checkpoint import DTYPES, UsageError, check_device
 from command_line import (ArgumentParser, active_ratio, add_mumoe_prefix, add_mumoe_routing, add_select_and_decode,
                           add_threads, default_dtype, positive_int)
 from models import load_model, load_tokenizer, read_config
-from packed_experts import kernel_problem, packed_bytes
+import triton_experts
+from packed_experts import kernel_problem
 from pruners import default_select, prune_count
 
 REPEATS = 3  # alternating dense and μ-MoE generations, whose medians are printed
@@ -131,13 +133,17 @@ def main(argv=None) -> None:
     routing_s = mumoe_s["prompt"] - dense_s["prompt"]
     print(f"routing on the prompt, once: {routing_s:.3f} s (the μ-MoE prompt pass minus the dense one"
           + (", the images' encoding excluded)" if images else ")"))
-    if decoding == "packed":
-        packed = sum(packed_bytes(*layer.weight.shape, kept[layer]) for layer in decoder_linears)
-        print(f"decode: packed experts (packed_experts' kernel), {packed / (4 * total):.0%} of the decoder Linears' "
-              f"dense bytes; packing them took {mumoe_s['pack']:.3f} s")
+    if decoding in mumoe.PACKED_PATHS:
+        kernel = "packed_experts' kernel" if decoding == "packed" else "triton_experts' Triton kernel"
+        print(f"decode: packed experts ({kernel}); packing them took {mumoe_s['pack']:.3f} s")
     else:
-        reason = "--decode masked" if args.decode == "masked" else kernel_problem(device, dtype)
+        problem = triton_experts.kernel_problem if device.type == "cuda" else kernel_problem
+        reason = "--decode masked" if args.decode == "masked" else problem(device, dtype)
         print(f"decode: the masked W ⊙ M, as many bytes as dense ({reason})")
+    linear_bytes = sum(layer.weight.numel() * layer.weight.element_size() for layer in decoder_linears)
+    held = mumoe_s["experts_bytes"]
+    print(f"memory per routed prompt: its experts hold {held / 2 ** 20:.3g} MiB, {held / linear_bytes:.0%} of the "
+          f"decoder Linears' {linear_bytes / 2 ** 20:.3g} MiB (beside the model)")
     if len(mumoe_new) > 1 and len(dense_new) > 1:
         dense_step = dense_s["decode"] / (len(dense_new) - 1)
         mumoe_step = mumoe_s["decode"] / (len(mumoe_new) - 1)

@@ -34,7 +34,9 @@ first N tokens only, a strictly causal variant.
     count_macs(model, T, moe)        the analytical MAC count, ours or the paper's convention
     route_prompt(model, ids, cache)  route prompts once, filling the KV cache: their experts for later tokens
     decode_experts(chosen, path)     the Linear later tokens run through: the experts packed (packed_experts'
-                                     kernel reads only the kept weights) or the masked W ⊙ M; decode_path picks
+                                     kernel on the CPU, triton_experts' on CUDA, read only the kept weights) or
+                                     the masked W ⊙ M; decode_path picks
+    experts_bytes(chosen)            the bytes a routed prompt's experts hold
     generate(model, ids, n, moe)     greedy decoding with a KV cache, routed once on the prompt (ids, or the
                                      prompt embedded: a LLaVA's, its image features spliced in)
 
@@ -46,7 +48,7 @@ d·d' to score, about d·d' to select (introselect is linear on average) and d·
 the dense pass, routing is (3/T + 1/d') -- 0.3% at T = 2048, d' = 768 -- so the MACs fall almost as
 rho. In wall time the selection is what costs: pruners.wanda_gated_weight fuses it on the CPU. A decode step
 reads every weight once, so it costs bytes: the dense W ⊙ M reads what W does, the packed experts rho · 4 + 1/8
-bytes per weight instead of 4 (packed_experts).
+bytes per weight instead of 4 (packed_experts); on CUDA rho · 2 + 1/8 instead of 2 in float16 (triton_experts).
 
 Everything here works on any model with checkpoint.py's interface (OPT, LLaMA, a vision-language model's
 language model): it sees blocks, their `linears()` and hidden states, never a model family.
@@ -61,7 +63,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import KVCache, LinearFn, UsageError, dense_linear
-from packed_experts import PackedLinear, kernel_problem, pack, packed_linear
+from packed_experts import kernel_problem, pack, packed_linear
 from pruners import SELECTS, check_rho, prune_count, wanda_gated_weight
 
 # -----------------------------------------------------------------------------
@@ -256,54 +258,89 @@ def chosen_experts(chosen: dict) -> LinearFn:
 # Decoding with a prompt's experts: masked (W ⊙ M, dense) or packed (only the kept weights)
 
 DECODES = ("auto", "packed", "masked")
+PACKED_PATHS = ("packed", "triton")  # decode_path's answers that read packed experts: the CPU's, CUDA's kernel
 
 
 def decode_path(decode: str, device, dtype: torch.dtype) -> str:
-    """Which product later tokens run through: "packed" (packed_experts' kernel, which reads only the kept
-    weights) or "masked" (the dense W ⊙ M, zeros included). "auto" takes the packed kernel where it runs and
-    the masked product, the same numbers, elsewhere; "packed" where it cannot run is a UsageError saying why."""
+    """Which product later tokens run through: "packed" (packed_experts' kernel on the CPU), "triton"
+    (triton_experts' kernel on CUDA), both reading only the kept weights, or "masked" (the dense W ⊙ M, zeros
+    included). decode "auto" takes the device's packed kernel where it runs and the masked product, the same
+    tokens, elsewhere; "packed" where it cannot run is a UsageError saying why."""
     if decode not in DECODES:
         raise UsageError(f"decode must be one of {DECODES}, got {decode!r}")
     if decode == "masked":
         return "masked"
-    problem = kernel_problem(device, dtype)
+    if torch.device(device).type == "cuda":
+        import triton_experts  # here only: triton takes 0.4 s to import, which the CPU never needs
+
+        path, problem = "triton", triton_experts.kernel_problem(device, dtype)
+        problem = problem and f"the packed decode kernel on CUDA is triton_experts': {problem}"
+    else:
+        path, problem = "packed", kernel_problem(device, dtype)
     if problem is not None and decode == "packed":
         raise UsageError(f"--decode packed cannot run here: {problem}")
-    return "masked" if problem is not None else "packed"
+    return "masked" if problem is not None else path
 
 
-def pack_experts(chosen: dict) -> dict[nn.Linear, list[PackedLinear]]:
-    """`chosen` (per nn.Linear, each prompt's W ⊙ M_b) -> per nn.Linear, each prompt's experts packed."""
-    return {layer: [pack(W_b, layer.bias) for W_b in experts] for layer, experts in chosen.items()}
+def packer(path: str):
+    """The packing of `path`'s kernel (one of PACKED_PATHS): (W ⊙ M, bias) -> the packed experts, on W's device."""
+    if path == "triton":
+        import triton_experts
+
+        return triton_experts.pack
+    return pack
 
 
-def packed_experts(packed: dict) -> LinearFn:
+def is_packed(experts: list) -> bool:
+    """Whether one Linear's experts in `chosen` are packed already (route_prompt(pack_with=...)), not W ⊙ M."""
+    return not torch.is_tensor(experts[0])
+
+
+def pack_experts(chosen: dict, path: str = "packed") -> dict[nn.Linear, list]:
+    """`chosen` (per nn.Linear, each prompt's W ⊙ M_b) -> per nn.Linear, each prompt's experts packed for `path`."""
+    pack_one = packer(path)
+    return {layer: [pack_one(W_b, layer.bias) for W_b in experts] for layer, experts in chosen.items()}
+
+
+def packed_experts(packed: dict, path: str = "packed") -> LinearFn:
     """The Linear that gates with packed experts (`pack_experts`): y_b = x_b (W ⊙ M_b)^T + bias, reading only the
-    kept weights. One prompt's experts serve every sequence of the batch (continuations of one context)."""
+    kept weights, by `path`'s kernel. One prompt's experts serve every sequence of the batch (continuations of
+    one context)."""
+    if path == "triton":
+        import triton_experts
 
     def gate_packed(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        product = triton_experts.packed_linear if path == "triton" else packed_linear
         experts = packed[layer]
         if len(experts) == 1:
-            return packed_linear(x, experts[0])  # (B, T, d_out), every sequence with these experts
+            return product(x, experts[0])  # (B, T, d_out), every sequence with these experts
         if len(experts) != x.shape[0]:
             raise ValueError(f"{len(experts)} prompts' experts for a batch of {x.shape[0]} prompts")
-        return torch.stack([packed_linear(x_b, P_b) for x_b, P_b in zip(x, experts)])
+        return torch.stack([product(x_b, P_b) for x_b, P_b in zip(x, experts)])
 
     return gate_packed
 
 
 def decode_experts(chosen: dict, path: str) -> LinearFn:
-    """The Linear that later tokens run through with the experts the prompt chose: `path` "packed" packs them
-    (then `chosen`'s W ⊙ M may go), "masked" multiplies W ⊙ M itself. One prompt's experts serve every sequence
-    of the batch in both."""
-    if path == "packed":
-        return packed_experts(pack_experts(chosen))
+    """The Linear that later tokens run through with the experts the prompt chose: `path` "packed" or "triton"
+    packs them if route_prompt has not (then `chosen`'s W ⊙ M may go), "masked" multiplies W ⊙ M itself. One
+    prompt's experts serve every sequence of the batch in all."""
+    if path in PACKED_PATHS:
+        packed = chosen if all(is_packed(experts) for experts in chosen.values()) else pack_experts(chosen, path)
+        return packed_experts(packed, path)
 
     def gate_masked(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         experts = [W.to(x.device) for W in chosen[layer]]  # (an offloaded block's come along)
         return gate(layer, x, experts * x.shape[0] if len(experts) == 1 else experts)
 
     return gate_masked
+
+
+def experts_bytes(chosen: dict) -> int:
+    """The bytes a routed prompt's experts hold (`route_prompt`'s `chosen`): each W ⊙ M's, or its packed form's.
+    (The dense model's `chosen` is W itself, no copy: it holds nothing more than the model.)"""
+    return sum(e.numel() * e.element_size() if torch.is_tensor(e) else e.nbytes
+               for experts in chosen.values() for e in experts)
 
 
 @torch.no_grad()
@@ -399,12 +436,16 @@ def count_macs(model, tokens: int, moe: MuMoE, convention: str = "ours") -> MacC
 
 
 @torch.no_grad()
-def route_prompt(model, prompts: torch.Tensor, cache: list[KVCache], moe: MuMoE = DENSE) -> tuple[torch.Tensor, dict]:
+def route_prompt(model, prompts: torch.Tensor, cache: list[KVCache], moe: MuMoE = DENSE,
+                 pack_with=None) -> tuple[torch.Tensor, dict]:
     """Run prompts, token ids (B, T) or embedded already (B, T, hidden), once, block by block, each routed on
     itself, filling the empty `cache`.
 
     Returns the hidden states leaving the last block (B, T, hidden) and `chosen`: per nn.Linear, each prompt's
     gated weights W ⊙ M_b, with which later tokens run through the cache (`chosen_experts(chosen)`).
+    `pack_with`: (W ⊙ M, bias) -> packed experts (`packer(path)`). Each block's Linears are then packed right after
+    the block's gated pass and their W ⊙ M dropped, so that one block's W ⊙ M at most exists at a time, never a
+    second copy of the model; `chosen` holds the packed experts (`decode_experts` reads them as they are).
     """
     chosen = {}
     run = routed_block(moe, chosen=chosen)
@@ -413,7 +454,8 @@ def route_prompt(model, prompts: torch.Tensor, cache: list[KVCache], moe: MuMoE 
         x = run(block, x, block_cache)
         home = next(block.parameters()).device  # the CPU, after its turn, for a model offloaded block by block
         for layer in block.linears().values():  # the experts wait where their block waits
-            chosen[layer] = [W.to(home) for W in chosen[layer]]
+            chosen[layer] = [W.to(home) if pack_with is None else pack_with(W.to(home), layer.bias)
+                             for W in chosen[layer]]
     return x, chosen
 
 
@@ -427,12 +469,14 @@ def generate(model, prompt, max_new_tokens: int, moe: MuMoE = DENSE, eos_id=None
     routing each block's dense statistics pass runs first, then its gated pass, which fills the block's cache.
     The gated pass leaves every Linear's gated weights W ⊙ M in `chosen`, and each new token runs through the
     cache with exactly those weights, neither the masks nor W ⊙ M ever rebuilt. `decode` (see `decode_path`):
-    "packed" packs them once and a step reads only the kept weights; "masked" multiplies the dense W ⊙ M, a step
-    costing what a dense step costs; "auto" packs where packed_experts' kernel runs. Both give the same tokens.
+    "packed" packs each block's W ⊙ M right after its gated pass (the CPU's kernel, or CUDA's Triton kernel) and
+    a step reads only the kept weights; "masked" keeps the dense W ⊙ M, a second copy of the decoder Linears, a
+    step costing what a dense step costs; "auto" packs where a packed kernel runs. All give the same tokens.
     The new tokens do not change the routing, as if the decode were routed on the prompt alone at every step
     (`moe.prefix`: on its first `prefix` tokens only).
     `timings`: a dict that receives the seconds spent up to the first new token ("prompt": routing, the prompt
-    pass, the first token), on packing the experts ("pack") and on the other tokens ("decode").
+    pass, the first token), on packing the experts ("pack") and on the other tokens ("decode"), and the bytes
+    the prompt's experts hold while the tokens decode ("experts_bytes", `experts_bytes`; 0 for the dense model).
     `prompt`: token ids (a list), or a prompt embedded already (1, T, hidden): a LLaVA prompt with its image
     features, routed like any other. `stop`: a function of the new ids so far that returns True to end decoding there (e.g. at a stop string).
     """
@@ -452,15 +496,24 @@ def generate(model, prompt, max_new_tokens: int, moe: MuMoE = DENSE, eos_id=None
     start = time.perf_counter()
     cache = model.new_cache(T + max_new_tokens - 1)  # the last new token is never fed back
     prompts = prompt if embedded else torch.tensor([prompt], device=device)  # (1, T[, hidden])
-    x, chosen = route_prompt(model, prompts, cache, moe)
+    packing = []  # seconds, each Linear's
+
+    def timed_pack(W_gated, bias):
+        began = time.perf_counter()
+        packed = packer(path)(W_gated, bias)
+        packing.append(time.perf_counter() - began)
+        return packed
+
+    packs = path in PACKED_PATHS and max_new_tokens > 1  # only if a token will use them
+    x, chosen = route_prompt(model, prompts, cache, moe, pack_with=timed_pack if packs else None)
+    held = 0 if path == "dense" else experts_bytes(chosen)
     logits = model.head(x[:, -1:])  # (1, 1, vocab): only the last position picks the next token
     next_id = logits[:, -1].argmax(dim=-1, keepdim=True)  # (1, 1)
     new = [next_id.item()]
     prompt_done = time.perf_counter()
     eos = set(eos_id) if isinstance(eos_id, (list, tuple, set)) else {eos_id}
     done = new[-1] in eos or len(new) >= max_new_tokens or (stop and stop(new))
-    # the prompt's W ⊙ M, built once by the pass above; packed only if a token will use them
-    experts = dense_linear if path == "dense" else decode_experts(chosen, path if not done else "masked")
+    experts = dense_linear if path == "dense" or done else decode_experts(chosen, path)  # chosen by the pass above
     del chosen
     pack_done = time.perf_counter()
     while not done:
@@ -469,6 +522,6 @@ def generate(model, prompt, max_new_tokens: int, moe: MuMoE = DENSE, eos_id=None
         new.append(next_id.item())
         done = new[-1] in eos or len(new) >= max_new_tokens or (stop and stop(new))
     if timings is not None:
-        packing = pack_done - prompt_done if path == "packed" and len(new) > 1 else 0.0
-        timings.update(prompt=prompt_done - start, pack=packing, decode=time.perf_counter() - pack_done)
+        timings.update(prompt=prompt_done - start - sum(packing), pack=sum(packing) + pack_done - prompt_done,
+                       decode=time.perf_counter() - pack_done, experts_bytes=held)
     return new

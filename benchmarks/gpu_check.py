@@ -18,12 +18,16 @@ does not stop the others (a failed step is recorded with its error, and the exit
                 W ⊙ M elsewhere, which on CUDA is today's only path); the path that ran is recorded
     eval        eval_ppl.py on a tiny random OPT in float16 with --offload, every method, a --data-dir of
                 random sentences: the perplexities (finite) and the run's time (the step's seconds)
+    triton      the prompt's experts packed for CUDA and read by triton_experts' Triton kernel: a decode step
+                (64 cached tokens, float16) packed / dense on an OPT-125M-shaped model and one LLaMA-7B block at
+                rho 0.6, 0.5, 0.4 and 2:4, with the bytes limit (the packed step's bytes over dense's) and the GB/s
+                of each; the memory per routed prompt (mumoe.experts_bytes, and CUDA's peak allocated memory during
+                a 256-token prompt's routing beyond dense's, over the decoder Linears' bytes); the generation of
+                256 + 64 tokens on the Triton path, tokens/s against dense
 
 `--dry-run` runs the same steps on the CPU at tiny sizes in float32 and skips what needs CUDA (the tests:
-CI runs them anyway), so that CI can check that the script has not rotted (test_distributed.py).
-
-Imports: torch, safetensors, opt_model, pruners, mumoe, bench_mumoe's random model; test_mumoe's tiny tokenizer
-builder (tokenizers, in requirements.txt) for the eval step.
+CI runs them anyway), so that CI can check that the script has not rotted (test_distributed.py); its triton step
+runs the kernel through Triton's interpreter where triton is installed, the masked product where it is not.
 """
 
 import argparse
@@ -44,17 +48,25 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # the helpers the tests share
 sys.path.insert(0, str(REPO / "benchmarks"))
 import mumoe  # noqa: E402
+import triton_experts  # noqa: E402
+from bench_decode import CACHED, OPT_125M, SETTINGS, llama_7b_block, step_bytes, stepper  # noqa: E402
+from checkpoint import dense_linear  # noqa: E402
 from kit.data import random_ids  # noqa: E402
 from kit.timing import forward_modes, median_and_spread, timed  # noqa: E402
 from kit.tiny_models import random_opt, save_random_opt  # noqa: E402
+from llama_model import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from opt_model import OPTConfig  # noqa: E402
 from pruners import default_select  # noqa: E402
 
 REPEATS = 5
-# per step, seconds: 460 in all, under the 8 minutes a lent GPU is asked for
-TIME_LIMITS = {"tests": 200, "selection": 100, "forward": 60, "generate": 60, "eval": 40}
+# per step, seconds: 470 in all, under the 8 minutes a lent GPU is asked for (the triton step's 60 are a guess
+# until a GPU has run it: Triton compiles one kernel per dtype, bias and tokens per pass on first use)
+TIME_LIMITS = {"tests": 180, "selection": 90, "forward": 50, "generate": 50, "eval": 40, "triton": 60}
 # the tests whose name or parameters say CUDA, offload or half precision: where a GPU changes what runs
 TINY = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4)  # --dry-run's model
+TINY_LLAMA = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=4, head_dim=16, vocab_size=256, max_position_embeddings=256)
+TRITON_TARGET = 0.75  # packed / dense decode step at rho 0.5 in float16 on a LLaMA-7B block (issue 34)
 
 
 def subprocess_step(command: list[str], limit: int) -> dict:
@@ -143,11 +155,74 @@ def evaluate(args, device, work: Path) -> dict:
     return dict(dtype=report["settings"]["dtype"], ppl=ppl)
 
 
+@torch.no_grad()
+def triton(args, device, work: Path) -> dict:
+    path = mumoe.decode_path("auto", device, args.dtype)  # "triton" on CUDA where the kernel runs
+    if args.dry_run and triton_experts.TRITON_MISSING is None:
+        path = "triton"  # on CPU tensors: Triton's interpreter, slow, so the dry run's sizes are tiny
+    if args.dry_run:  # one setting, the interpreter runs a few products a second
+        llama = LlamaForCausalLM(TINY_LLAMA).requires_grad_(False).eval()
+        models, settings, prompt, new = {"opt tiny": random_opt(TINY), "llama tiny": llama}, ["rho 0.5"], 8, 3
+    else:
+        models, settings = {"opt-125m": random_opt(OPT_125M), "llama-7b block": llama_7b_block()}, SETTINGS
+        prompt, new = 256, 64
+    steps, memory = [], {}
+    for name, model in models.items():
+        model = model.to(device, args.dtype)
+        vocab = model.config.vocab_size
+        prompts, next_ids = random_ids(1, CACHED, vocab, seed=1).to(device), random_ids(1, 1, vocab, seed=2).to(device)
+        for label in settings:
+            rho, nm = SETTINGS[label]
+            cache = model.new_cache(CACHED + 1)
+            pack = mumoe.packer(path) if path in mumoe.PACKED_PATHS else None
+            _, chosen = mumoe.route_prompt(model, prompts, cache, mumoe.MuMoE(rho, nm=nm), pack_with=pack)
+            seconds = timed({"dense": stepper(model, dense_linear, cache, next_ids),
+                             "packed": stepper(model, mumoe.decode_experts(chosen, path), cache, next_ids)},
+                            args.repeats, device)
+            med = {k: statistics.median(v) for k, v in seconds.items()}
+            dense_bytes, packed_bytes = step_bytes(model, None), step_bytes(model, chosen)
+            steps.append(dict(model=name, setting=label, path=path, packed_over_dense=med["packed"] / med["dense"],
+                              bytes_limit=packed_bytes / dense_bytes, dense_gbps=dense_bytes / med["dense"] / 1e9,
+                              packed_gbps=packed_bytes / med["packed"] / 1e9,
+                              target=TRITON_TARGET if (name, label) == ("llama-7b block", "rho 0.5") else None,
+                              seconds={k: median_and_spread(v) for k, v in seconds.items()}))
+            del chosen, cache
+        if "opt" in name:  # the memory per routed prompt and a generation, on the OPT-shaped model
+            memory, generation = routed_prompt_memory(model, prompt, new, device, args.dtype)
+    return dict(dtype=str(args.dtype), path=path, steps=steps, memory=memory, generation=generation)
+
+
+def routed_prompt_memory(model, prompt_tokens: int, new: int, device, dtype) -> tuple[dict, dict]:
+    """A generation of `new` tokens after a `prompt_tokens` prompt, dense and μ-MoE at rho 0.5, decoded as
+    --decode auto does (the Triton kernel on CUDA; on the CPU of the dry run, packed_experts' or masked): the bytes
+    the prompt's experts hold, CUDA's peak allocated memory beyond dense's (on CUDA), and tokens/s."""
+    prompt = random_ids(1, prompt_tokens, model.config.vocab_size, seed=3)[0].tolist()
+    linears = sum(layer.weight.nbytes for block in model.blocks for layer in block.linears().values())
+    memory, figures, timings = {"path": mumoe.decode_path("auto", device, dtype)}, {}, {}
+    for name, moe in (("dense", mumoe.DENSE), ("mumoe", mumoe.MuMoE(0.5))):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        new_ids = mumoe.generate(model, prompt, new, moe, timings=timings)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            memory[f"{name}_peak_bytes"] = torch.cuda.max_memory_allocated()
+        figures[f"{name}_seconds"] = time.perf_counter() - start
+        figures[f"{name}_tokens_per_s"] = len(new_ids) / figures[f"{name}_seconds"]
+        memory[f"{name}_experts_bytes"] = timings["experts_bytes"]
+    memory.update(decoder_linears_bytes=linears, experts_over_linears=memory["mumoe_experts_bytes"] / linears)
+    if device.type == "cuda":
+        memory["extra_peak_over_linears"] = (memory["mumoe_peak_bytes"] - memory["dense_peak_bytes"]) / linears
+    return memory, dict(prompt=prompt_tokens, new=new, **figures)
+
+
 def eval_label(row: dict) -> str:
     return " ".join(str(row[k]) for k in ("method", "rho", "calib") if row.get(k) is not None)
 
 
-STEPS = {"tests": tests, "selection": selection, "forward": forward, "generate": generate, "eval": evaluate}
+STEPS = {"tests": tests, "selection": selection, "forward": forward, "generate": generate, "eval": evaluate,
+         "triton": triton}
 NEEDS_CUDA = {"tests"}  # skipped by --dry-run; the others run there on the CPU at tiny sizes
 
 

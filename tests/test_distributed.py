@@ -324,3 +324,5 @@ def test_gpu_check_dry_run(tmp_path):
     assert set(steps["generate"]["figures"]) == {"dense", "mumoe block", "mumoe linear"}
     assert len(steps["eval"]["ppl"]) == 5 and all(p > 1 for row in steps["eval"]["ppl"].values() for p in row.values())
     assert any(key.endswith("kthvalue") for key in steps["selection"]["ms"])
+    memory = steps["triton"]["memory"]  # the packed experts hold rho · 4 + 1/8 bytes a weight of W's 4, the masked 4
+    assert steps["triton"]["steps"] and (memory["path"] != "packed" or 0.5 < memory["experts_over_linears"] < 0.6), memory

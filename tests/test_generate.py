@@ -39,8 +39,10 @@ def test_command_names_the_packed_path_and_its_bytes(tiny_with_tokenizer, capsys
     assert code == 0, err
     decode = [line for line in out.splitlines() if line.startswith("decode: ")]
     assert len(decode) == 1 and "packed experts" in decode[0] and "packing them took" in decode[0], out
-    # rows of 32 or 64 inputs: (16 or 32 kept values · 4 + 4 or 8 mask bytes + 8 / 4 of a block's start) / (4 · d_in)
-    assert "55% of the decoder Linears' dense bytes" in decode[0], decode[0]
+    # rows of 32 or 64 inputs: (16 or 32 kept values · 4 + 4 or 8 mask bytes + 8 / 4 of a block's start) / (4 · d_in),
+    # and PAD values after each Linear's: measured, as the prompt's experts hold them
+    memory = [line for line in out.splitlines() if line.startswith("memory per routed prompt: ")]
+    assert len(memory) == 1 and "56% of the decoder Linears'" in memory[0], out
     assert "a decode step: dense" in out and ", packing 0.0" in out, out
 
 
@@ -50,6 +52,7 @@ def test_command_runs_masked_where_the_kernel_cannot(tiny_with_tokenizer, capsys
             "--repeats", "1"]
     code, masked_out, err = run_generate(argv + ["--decode", "masked"], capsys)
     assert code == 0 and "decode: the masked W ⊙ M, as many bytes as dense (--decode masked)" in masked_out, err
+    assert "100% of the decoder Linears'" in masked_out, masked_out  # W ⊙ M: a copy
     monkeypatch.setattr(packed_experts, "compiled_kernel", lambda *flags: (None, "no C compiler found (test)"))
     code, auto_out, err = run_generate(argv, capsys)
     assert code == 0, err
