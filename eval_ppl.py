@@ -132,9 +132,11 @@ def calib_token(text: str) -> tuple[str | None, tuple[str, ...]]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(prog="eval_ppl.py", description="Perplexity of dense, pruned and μ-MoE OPT models "
-                       "on WikiText-2, PTB and C4, by the SparseGPT/Wanda protocol.")
-    p.add_argument("--model", required=True, help="opt-125m ... opt-66b, a hub id, or a local model directory")
+    p = ArgumentParser(prog="eval_ppl.py", description="Perplexity of dense, pruned and μ-MoE models (OPT, the "
+                       "LLaMA family, Gemma 3, a LLaVA's language model) on WikiText-2, PTB and C4, by the "
+                       "SparseGPT/Wanda protocol.")
+    p.add_argument("--model", required=True, help="opt-125m ... opt-66b, a hub id, a local model directory or a "
+                   ".gguf file")
     sparsity = p.add_mutually_exclusive_group()
     sparsity.add_argument("--rho", type=active_ratio, nargs="+", help="active-weight ratio(s), in (0, 1] (default: 0.5)")
     sparsity.add_argument("--nm", type=nm_pattern, metavar="N:M", help="prune N of every M consecutive weights of "
