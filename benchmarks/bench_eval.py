@@ -34,10 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the library, its thread policy first
+import thread_policy  # noqa: E402,F401  how torch's OpenMP threads wait: set before torch loads it
+import torch  # noqa: E402
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import eval_ppl  # noqa: E402
 import mumoe  # noqa: E402
 from opt_model import OPTConfig, load_model  # noqa: E402

@@ -22,9 +22,10 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the library, its thread policy first
+import thread_policy  # noqa: E402,F401  how torch's OpenMP threads wait: set before torch loads it
+import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the helpers the tests share
 import llava_model  # noqa: E402
 from kit.timing import timed  # noqa: E402

@@ -24,7 +24,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the library, its thread policy first
+import thread_policy  # noqa: E402,F401  how torch's OpenMP threads wait: set before torch loads it
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))

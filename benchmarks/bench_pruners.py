@@ -26,9 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the library, its thread policy first
+import thread_policy  # noqa: E402,F401  how torch's OpenMP threads wait: set before torch loads it
+import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the helpers the tests share
 from opt_model import OPTConfig, OPTForCausalLM  # noqa: E402
 from pruners import SELECTS, prune_lowest, prune_model, sparsegpt_prune, wanda_mask, wanda_score  # noqa: E402
