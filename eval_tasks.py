@@ -34,6 +34,7 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load torch (seconds
 import thread_policy  # noqa: F401  before torch: libgomp reads how its threads wait when torch loads it
 
 import argparse
+import logging
 import os
 import time
 from contextlib import nullcontext
@@ -139,15 +140,18 @@ def task_manager(tasks: list[str], include_path: Path | None):
 def check_task_data(tasks: list[str], manager, offline: str) -> None:
     """Offline: every task's documents load from the datasets cache or a local file, or a UsageError in one line,
     before any model is found (lm-eval loads them again, from the same cache, when it evaluates)."""
-    from lm_eval.tasks import get_task_dict
-
+    lm_eval_log = logging.getLogger("lm_eval")
+    level = lm_eval_log.level
+    lm_eval_log.setLevel(logging.ERROR)  # its notes on each task's defaults: the run itself prints them again
     try:
-        get_task_dict(tasks, manager)
+        manager.load(tasks)
     except Exception as e:  # datasets' errors for a hub dataset offline vary with its version: any is the same story
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"the data of {' '.join(tasks)} cannot be loaded: the hub is offline ({offline}) and it is "
                          f"not in the datasets cache ({reason}); offline, run tasks with local data, such as "
                          "--include-path tasks/ptb_lastword --tasks ptb_lastword_mc") from None
+    finally:
+        lm_eval_log.setLevel(level)
 
 
 def metric(task_result: dict) -> str:
