@@ -44,6 +44,8 @@ Where the kernel cannot run (no C compiler, a CPU without AVX2, CUDA tensors, a 
 `kernel_problem` says why in one line, and the masked dense product runs instead (mumoe.decode_path).
 
     pack(W_gated, bias)                   W ⊙ M (d_out, d_in) -> PackedLinear (by the compiled kernel too)
+    route_and_pack(W, sqnorms, rho, nm)   W and a prompt's input norms -> its experts packed, in one pass: μ-MoE's
+                                          scores, exact selection and packing fused, no W ⊙ M built
     packed_bytes(d_out, d_in, kept)       what that costs in memory, and what a decode step reads of it
     packed_linear(x, packed)              the kernel: x (..., d_in) -> (..., d_out)
     unpack(packed)                        the packed form -> W ⊙ M again, in plain PyTorch
@@ -62,6 +64,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from pruners import check_nm, check_rho, prune_count
 
 GROUP = 16  # columns per mask group: one AVX-512 register of float32 (AVX2 takes each half in turn)
 ROWS = 4  # rows per block: walked side by side, independent chains of loads and sums, one load of x for all
@@ -121,6 +125,45 @@ def pack(W_gated: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinea
     return PackedLinear(bits, values, starts, d_out, d_in, bias)
 
 
+def route_and_pack(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, nm=None,
+                   bias: torch.Tensor | None = None) -> PackedLinear:
+    """μ-MoE's router, selection and packing in one pass: `pack(pruners.wanda_gated_weight(W, x_sqnorm, rho, nm=nm),
+    bias)`, the same masks, bits and values, without the scores or W ⊙ M ever in memory.
+
+    W (d_out, d_in) and x_sqnorm (d_in,) = ||X_j||² over the prompt, float32 on the CPU. The compiled pass scores a
+    block of rows, S_ij = |W_ij| · ||X_j|| (the norms' square roots taken here, as pruners.wanda_score takes them),
+    keeps each row's d_in - int(d_in (1 - rho)) largest (the smallest pruned, ties to the lower index: pruners'
+    prune_lowest), or with nm = (N, M) all but the N smallest of every M, and writes the kept W_ij into the stream.
+    """
+    lib = loaded_kernel()
+    check_float32_cpu(W, "W", ndim=2)
+    check_float32_cpu(x_sqnorm, "the input norms", ndim=1)
+    check_rho(rho)
+    d_out, d_in = W.shape
+    if x_sqnorm.shape[0] != d_in:
+        raise ValueError(f"input norms of {x_sqnorm.shape[0]} features for W of {d_in} columns")
+    if bias is not None:
+        check_float32_cpu(bias, "the bias", ndim=1)
+        if bias.shape[0] != d_out:
+            raise ValueError(f"a bias of {bias.shape[0]} for {d_out} rows")
+    if nm is not None:
+        check_nm(nm, d_in)
+    (N, M), k = nm or (0, 0), prune_count(d_in, rho) if nm is None else 0
+    kept = d_in - k if nm is None else d_in // M * (M - N)
+    W, norms = W.detach().contiguous(), x_sqnorm.detach().sqrt().contiguous()  # wanda_score's float32 ops
+    blocks, groups = -(-d_out // ROWS), -(-d_in // GROUP)
+    capacity = ROWS * kept  # a block's values at most
+    bits = torch.empty(blocks, groups * ROWS * 2, dtype=torch.uint8)
+    values = torch.empty(blocks * capacity + PAD, dtype=torch.float32)
+    counts, starts = torch.empty(blocks, dtype=torch.int64), torch.empty(blocks + 1, dtype=torch.int64)
+    lib.route_and_pack(W.data_ptr(), norms.data_ptr(), d_out, d_in, k, N, M, bits.data_ptr(), values.data_ptr(),
+                       capacity, counts.data_ptr(), torch.get_num_threads())
+    lib.route_and_pack_starts(values.data_ptr(), blocks, capacity, counts.data_ptr(), starts.data_ptr(), PAD)
+    end = int(starts[-1]) + PAD
+    values = values if end == values.numel() else values[:end].clone()  # padding rows or kept zeros left room
+    return PackedLinear(bits, values, starts, d_out, d_in, bias)
+
+
 def unpack(packed: PackedLinear) -> torch.Tensor:
     """The packed form -> W ⊙ M (d_out, d_in) again, in plain PyTorch: moves values only, so it is exact."""
     blocks, groups = packed.bits.shape[0], -(-packed.d_in // GROUP)
@@ -167,6 +210,10 @@ def build(extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str | 
     lib.packed_linear.restype = None
     lib.count_kept.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
     lib.pack_blocks.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
+    lib.route_and_pack.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.route_and_pack.restype = None
+    lib.route_and_pack_starts.argtypes = [ptr, i64, i64, ptr, ptr, i64]
+    lib.route_and_pack_starts.restype = None
     return lib, None
 
 
