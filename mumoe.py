@@ -60,7 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import KVCache, LinearFn, UsageError, dense_linear
-from packed_experts import PackedLinear, kernel_problem, pack, packed_linear
+from packed_experts import PackedLinear, kernel_problem, pack, packed_linear, route_and_pack
 from pruners import SELECTS, check_rho, prune_count, wanda_gated_weight
 
 # -----------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def gate(layer: nn.Linear, X: torch.Tensor, experts, counter: Counter | None = N
 
 
 def micro_experts(moe: MuMoE, stats: dict | None = None, chosen: dict | None = None,
-                  counter: Counter | None = None) -> LinearFn:
+                  counter: Counter | None = None, path: str = "masked") -> LinearFn:
     """The μ-MoE Linear, a drop-in for `dense_linear`: `block(x, linear=micro_experts(MuMoE(0.5)))`.
 
     Each call routes every prompt of its input x (B, T, d_in) and gates the Linear with the result:
@@ -134,6 +134,8 @@ def micro_experts(moe: MuMoE, stats: dict | None = None, chosen: dict | None = N
     `chosen`: a dict that receives, per nn.Linear, the gated weights [W ⊙ M_b for each prompt b], e.g.
     to decode later tokens with the prompt's experts (`chosen_experts`). `counter`: a Counter that gets,
     per nn.Linear, the MACs done with nonzero weights, nnz(W ⊙ M_b) · T summed over prompts.
+    `path` "packed" (with `chosen`): the experts are routed, selected and packed in one pass (`route_experts`) and
+    the gate is the packed product itself, W ⊙ M never built; `chosen` receives the packed experts.
     """
     rho, select, prefix, nm = moe.rho, moe.select, moe.prefix, moe.nm
     last = {"x": None, "sqnorms": None}  # q, k and v read one tensor: its norms are computed once
@@ -154,8 +156,10 @@ def micro_experts(moe: MuMoE, stats: dict | None = None, chosen: dict | None = N
             last.update(x=x, sqnorms=sqnorms)
         else:
             sqnorms = last["sqnorms"]
-        if chosen is not None:  # kept for later tokens: each prompt's W ⊙ M_b in memory of its own
-            chosen[layer] = experts = [wanda_gated_weight(W, s_b, rho, select, nm) for s_b in sqnorms]
+        if chosen is not None:  # kept for later tokens, in the form they decode with
+            chosen[layer] = experts = route_experts(layer, sqnorms, moe, path)
+            if path == "packed":
+                return packed_gate(x, experts)
         else:  # used once: built one prompt at a time into one tensor, a fresh one costs page faults
             if W.shape not in scratch:
                 scratch[W.shape] = torch.empty_like(W)
@@ -163,6 +167,16 @@ def micro_experts(moe: MuMoE, stats: dict | None = None, chosen: dict | None = N
         return gate(layer, x, experts, counter)
 
     return routed_linear
+
+
+def route_experts(layer: nn.Linear, sqnorms: torch.Tensor, moe: MuMoE, path: str) -> list:
+    """A Linear's experts for each prompt, routed on its (B, d_in) input norms ||X_j||², in the form `path` decodes
+    with: "masked", each prompt's W ⊙ M_b (pruners.wanda_gated_weight); "packed", each prompt's experts packed
+    straight from W and the norms (packed_experts.route_and_pack: the same masks, no W ⊙ M built)."""
+    W = layer.weight
+    if path == "packed":
+        return [route_and_pack(W, s_b, moe.rho, moe.nm, layer.bias) for s_b in sqnorms]
+    return [wanda_gated_weight(W, s_b, moe.rho, moe.select, moe.nm) for s_b in sqnorms]
 
 
 def block_statistics(block: nn.Module, x: torch.Tensor, prefix: int | None = None) -> dict:
@@ -185,7 +199,7 @@ def block_statistics(block: nn.Module, x: torch.Tensor, prefix: int | None = Non
     return stats
 
 
-def routed_block(moe: MuMoE, chosen: dict | None = None, counter: Counter | None = None):
+def routed_block(moe: MuMoE, chosen: dict | None = None, counter: Counter | None = None, path: str = "masked"):
     """(block, x) -> the block's output for x (B, T, hidden), each prompt routed on itself.
 
         routing="block"   the block's Linears route on the statistics of a dense pass of the block over the
@@ -193,12 +207,12 @@ def routed_block(moe: MuMoE, chosen: dict | None = None, counter: Counter | None
         routing="linear"  each Linear routes on the input it receives in the gated pass itself: one pass,
                           nothing dense
 
-    `chosen` and `counter` are `micro_experts`'. `run(block, x, cache)` fills the block's KVCache in the
+    `chosen`, `counter` and `path` are `micro_experts`'. `run(block, x, cache)` fills the block's KVCache in the
     gated pass (the statistics pass leaves it alone): how `generate` routes the prompt.
     """
     prefix = moe.prefix
     stats = {} if moe.routing == "block" and not moe.dense else None  # each block's statistics, as it runs
-    linear = micro_experts(moe, stats, chosen, counter)
+    linear = micro_experts(moe, stats, chosen, counter, path)
 
     def run(block: nn.Module, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         if prefix is not None and prefix > x.shape[1]:
@@ -242,8 +256,19 @@ def decode_path(decode: str, device, dtype: torch.dtype) -> str:
 
 
 def pack_experts(chosen: dict) -> dict[nn.Linear, list[PackedLinear]]:
-    """`chosen` (per nn.Linear, each prompt's W ⊙ M_b) -> per nn.Linear, each prompt's experts packed."""
-    return {layer: [pack(W_b, layer.bias) for W_b in experts] for layer, experts in chosen.items()}
+    """`chosen` (per nn.Linear, each prompt's W ⊙ M_b, or its experts packed already) -> each prompt's experts
+    packed."""
+    return {layer: [W_b if isinstance(W_b, PackedLinear) else pack(W_b, layer.bias) for W_b in experts]
+            for layer, experts in chosen.items()}
+
+
+def packed_gate(x: torch.Tensor, experts: list[PackedLinear]) -> torch.Tensor:
+    """y_b = x_b (W ⊙ M_b)^T + bias with each prompt's packed experts; one prompt's serve every sequence of x."""
+    if len(experts) == 1:
+        return packed_linear(x, experts[0])  # (B, T, d_out), every sequence with these experts
+    if len(experts) != x.shape[0]:
+        raise ValueError(f"{len(experts)} prompts' experts for a batch of {x.shape[0]} prompts")
+    return torch.stack([packed_linear(x_b, P_b) for x_b, P_b in zip(x, experts)])
 
 
 def packed_experts(packed: dict) -> LinearFn:
@@ -251,20 +276,15 @@ def packed_experts(packed: dict) -> LinearFn:
     kept weights. One prompt's experts serve every sequence of the batch (continuations of one context)."""
 
     def gate_packed(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        experts = packed[layer]
-        if len(experts) == 1:
-            return packed_linear(x, experts[0])  # (B, T, d_out), every sequence with these experts
-        if len(experts) != x.shape[0]:
-            raise ValueError(f"{len(experts)} prompts' experts for a batch of {x.shape[0]} prompts")
-        return torch.stack([packed_linear(x_b, P_b) for x_b, P_b in zip(x, experts)])
+        return packed_gate(x, packed[layer])
 
     return gate_packed
 
 
 def decode_experts(chosen: dict, path: str) -> LinearFn:
-    """The Linear that later tokens run through with the experts the prompt chose: `path` "packed" packs them
-    (then `chosen`'s W ⊙ M may go), "masked" multiplies W ⊙ M itself. One prompt's experts serve every sequence
-    of the batch in both."""
+    """The Linear that later tokens run through with the experts the prompt chose: `path` "packed" reads them
+    packed (packing any W ⊙ M in `chosen`, which may then go), "masked" multiplies W ⊙ M itself. One prompt's
+    experts serve every sequence of the batch in both."""
     if path == "packed":
         return packed_experts(pack_experts(chosen))
 
@@ -368,21 +388,25 @@ def count_macs(model, tokens: int, moe: MuMoE, convention: str = "ours") -> MacC
 
 
 @torch.no_grad()
-def route_prompt(model, prompts: torch.Tensor, cache: list[KVCache], moe: MuMoE = DENSE) -> tuple[torch.Tensor, dict]:
+def route_prompt(model, prompts: torch.Tensor, cache: list[KVCache], moe: MuMoE = DENSE,
+                 path: str = "masked") -> tuple[torch.Tensor, dict]:
     """Run prompts, token ids (B, T) or embedded already (B, T, hidden), once, block by block, each routed on
     itself, filling the empty `cache`.
 
     Returns the hidden states leaving the last block (B, T, hidden) and `chosen`: per nn.Linear, each prompt's
-    gated weights W ⊙ M_b, with which later tokens run through the cache (`chosen_experts(chosen)`).
+    experts, with which later tokens run through the cache (`decode_experts(chosen, path)`), in the form the
+    decode `path` reads: "masked", the gated weights W ⊙ M_b; "packed", the experts packed as each Linear is
+    routed (`route_experts`), and the prompt's gated pass runs on the packed experts too, so that no W ⊙ M is
+    ever built (the dense model, rho = 1, keeps W itself).
     """
     chosen = {}
-    run = routed_block(moe, chosen=chosen)
+    run = routed_block(moe, chosen=chosen, path=path)
     x = prompts if prompts.is_floating_point() else model.embed(prompts)
     for block, block_cache in zip(model.blocks, cache):
         x = run(block, x, block_cache)
         home = next(block.parameters()).device  # the CPU, after its turn, for a model offloaded block by block
         for layer in block.linears().values():  # the experts wait where their block waits
-            chosen[layer] = [W.to(home) for W in chosen[layer]]
+            chosen[layer] = [W.to(home) if torch.is_tensor(W) else W for W in chosen[layer]]
     return x, chosen
 
 
@@ -394,14 +418,16 @@ def generate(model, prompt, max_new_tokens: int, moe: MuMoE = DENSE, eos_id=None
 
     The prompt runs once, block by block, routed on itself with `moe`'s settings (DENSE: the dense model). With block
     routing each block's dense statistics pass runs first, then its gated pass, which fills the block's cache.
-    The gated pass leaves every Linear's gated weights W ⊙ M in `chosen`, and each new token runs through the
-    cache with exactly those weights, neither the masks nor W ⊙ M ever rebuilt. `decode` (see `decode_path`):
-    "packed" packs them once and a step reads only the kept weights; "masked" multiplies the dense W ⊙ M, a step
-    costing what a dense step costs; "auto" packs where packed_experts' kernel runs. Both give the same tokens.
+    The gated pass leaves every Linear's experts in `chosen`, and each new token runs through the cache with
+    exactly those, the masks never rebuilt. `decode` (see `decode_path`): "packed" routes, selects and packs each
+    Linear's experts in one pass as the prompt reaches it (route_prompt), the prompt's gated pass and every step
+    reading only the kept weights; "masked" builds and multiplies the dense W ⊙ M, a step costing what a dense
+    step costs; "auto" packs where packed_experts' kernel runs. Both give the same tokens.
     The new tokens do not change the routing, as if the decode were routed on the prompt alone at every step
     (`moe.prefix`: on its first `prefix` tokens only).
-    `timings`: a dict that receives the seconds spent up to the first new token ("prompt": routing, the prompt
-    pass, the first token), on packing the experts ("pack") and on the other tokens ("decode").
+    `timings`: a dict that receives the seconds spent up to the first new token ("prompt": routing, selection,
+    packing where the decode is packed, the prompt pass, the first token), after it on readying the experts for the
+    decode ("pack": nothing left to do since packing joined the routing) and on the other tokens ("decode").
     `prompt`: token ids (a list), or a prompt embedded already (1, T, hidden): a LLaVA prompt with its image
     features, routed like any other. `stop`: a function of the new ids so far that returns True to end decoding there (e.g. at a stop string).
     """
@@ -421,15 +447,15 @@ def generate(model, prompt, max_new_tokens: int, moe: MuMoE = DENSE, eos_id=None
     start = time.perf_counter()
     cache = model.new_cache(T + max_new_tokens - 1)  # the last new token is never fed back
     prompts = prompt if embedded else torch.tensor([prompt], device=device)  # (1, T[, hidden])
-    x, chosen = route_prompt(model, prompts, cache, moe)
+    x, chosen = route_prompt(model, prompts, cache, moe, path if path != "dense" else "masked")
     logits = model.head(x[:, -1:])  # (1, 1, vocab): only the last position picks the next token
     next_id = logits[:, -1].argmax(dim=-1, keepdim=True)  # (1, 1)
     new = [next_id.item()]
     prompt_done = time.perf_counter()
     eos = set(eos_id) if isinstance(eos_id, (list, tuple, set)) else {eos_id}
     done = new[-1] in eos or len(new) >= max_new_tokens or (stop and stop(new))
-    # the prompt's W ⊙ M, built once by the pass above; packed only if a token will use them
-    experts = dense_linear if path == "dense" else decode_experts(chosen, path if not done else "masked")
+    # the prompt's experts, chosen (and packed) once by the pass above
+    experts = dense_linear if path == "dense" else decode_experts(chosen, path)
     del chosen
     pack_done = time.perf_counter()
     while not done:
@@ -438,6 +464,5 @@ def generate(model, prompt, max_new_tokens: int, moe: MuMoE = DENSE, eos_id=None
         new.append(next_id.item())
         done = new[-1] in eos or len(new) >= max_new_tokens or (stop and stop(new))
     if timings is not None:
-        packing = pack_done - prompt_done if path == "packed" and len(new) > 1 else 0.0
-        timings.update(prompt=prompt_done - start, pack=packing, decode=time.perf_counter() - pack_done)
+        timings.update(prompt=prompt_done - start, pack=pack_done - prompt_done, decode=time.perf_counter() - pack_done)
     return new

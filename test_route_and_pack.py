@@ -120,3 +120,59 @@ def test_route_and_pack_refuses_what_it_would_misread():
                               ((W, sqnorms, 0.5, (2, 5)), pruners.UsageError, "divisible")]:
         with pytest.raises(error, match=what):
             route_and_pack(*args)
+
+
+# -----------------------------------------------------------------------------
+# Where μ-MoE uses it: a prompt routed for a packed decode never builds W ⊙ M, and "auto" takes that path
+
+
+def tiny_llama(tmp_path):
+    import llama_model
+    from testkit import save_tiny_llama
+
+    save_tiny_llama(tmp_path, "llama_gqa")
+    return llama_model.load_model(tmp_path)
+
+
+@needs_kernel
+@pytest.mark.parametrize("routing", ["block", "linear"])
+def test_a_packed_route_builds_no_masked_weights(tmp_path, routing, monkeypatch):
+    """route_prompt for a packed decode: every Linear's experts come from route_and_pack (same masks as the masked
+    route's, same bytes), the prompt's gated pass runs on them, and wanda_gated_weight (W ⊙ M) never runs."""
+    import mumoe
+    from mumoe import MuMoE, route_prompt
+
+    model, ids = tiny_llama(tmp_path), torch.tensor([[5, 9, 23, 17, 40, 2, 77, 31, 8]])
+    moe = MuMoE(0.5, routing=routing)
+    _, masked = route_prompt(model, ids, model.new_cache(9), moe, "masked")
+    monkeypatch.setattr(mumoe, "wanda_gated_weight", None)  # a call to it fails
+    x_packed, packed = route_prompt(model, ids, model.new_cache(9), moe, "packed")
+    for layer, experts in masked.items():
+        assert_same_packed(packed[layer][0], pack(experts[0], layer.bias), f"{routing} routing, a {tuple(layer.weight.shape)}")
+    assert x_packed.shape == (1, 9, model.config.hidden_size)
+
+
+@needs_kernel
+def test_auto_takes_the_packed_path_where_the_kernel_runs(tmp_path, monkeypatch):
+    """decode="auto" where the kernel runs: the packed route and the packed steps run (a decode_path that answered
+    "masked" for auto would give the same tokens and pass every other test), in generate and in lm_harness."""
+    import mumoe
+    from lm_harness import HarnessLM
+    from mumoe import MuMoE, decode_path, generate
+
+    assert decode_path("auto", "cpu", torch.float32) == "packed"
+    model, calls = tiny_llama(tmp_path), []
+    for name in ("route_and_pack", "packed_linear"):
+        monkeypatch.setattr(mumoe, name, lambda *a, f=getattr(mumoe, name), name=name: calls.append(name) or f(*a))
+    generate(model, [5, 9, 23, 17], 3, MuMoE(0.5), decode="auto")
+    assert {"route_and_pack", "packed_linear"} <= set(calls), f"auto generated without the packed path: {set(calls)}"
+    calls.clear()
+
+    class Tokenizer:  # HarnessLM reads what the tokenizer puts before any text; the requests here are token ids
+        def encode(self, text):
+            return []
+
+    lm = HarnessLM(model, Tokenizer(), batch_size=1, moe=MuMoE(0.5), decode="auto")
+    lm._loglikelihood_tokens([(None, [5, 9, 23, 17], [40, 2, 77])])
+    assert lm.decode_path == "packed" and {"route_and_pack", "packed_linear"} <= set(calls), (
+        f"lm_harness's auto decode: path {lm.decode_path}, calls {set(calls)}")
