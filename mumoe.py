@@ -60,7 +60,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import KVCache, LinearFn, UsageError, dense_linear
-from packed_experts import PackedLinear, kernel_problem, pack, packed_linear, route_and_pack
+from packed_experts import (ROWS, PackedLinear, concatenate, kernel_problem, pack, packed_linear, part,
+                            route_and_pack)
 from pruners import SELECTS, check_rho, prune_count, wanda_gated_weight
 
 # -----------------------------------------------------------------------------
@@ -273,9 +274,48 @@ def packed_gate(x: torch.Tensor, experts: list[PackedLinear]) -> torch.Tensor:
 
 def packed_experts(packed: dict) -> LinearFn:
     """The Linear that gates with packed experts (`pack_experts`): y_b = x_b (W ⊙ M_b)^T + bias, reading only the
-    kept weights. One prompt's experts serve every sequence of the batch (continuations of one context)."""
+    kept weights. One prompt's experts serve every sequence of the batch (continuations of one context).
+
+    The Linears that a block calls one after another on one tensor (q, k and v; gate and up) run as one product
+    from the second step on: the first step notes which they are, and their experts are concatenated then
+    (packed_experts.concatenate; each keeps a view of its rows), so a step makes fewer, longer kernel calls.
+    """
+    learning, seen, run = True, set(), {"x": None, "layers": []}  # the current run of Linears reading one tensor
+    groups = {}  # first Linear of a group -> the group, in call order
+    waiting = {}  # Linear -> (the tensor it was computed for, its output), by its group's product
+
+    def close_run():
+        members = run["layers"]
+        if len(members) > 1 and all(len(packed[layer]) == 1 and layer.out_features % ROWS == 0 for layer in members):
+            whole = concatenate([packed[layer][0] for layer in members])
+            groups[members[0]] = (members, whole)
+            start = 0
+            for layer in members:  # each keeps a view of its rows: the memory is held once
+                packed[layer] = [part(whole, slice(start, start + layer.out_features))]
+                start += layer.out_features
+        run.update(x=None, layers=[])
 
     def gate_packed(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        nonlocal learning
+        if layer in waiting:
+            x_computed, y = waiting.pop(layer)
+            if x_computed is x:
+                return y
+        if learning and layer in seen:  # a second step begins: every Linear has been called once
+            close_run()
+            learning = False
+        if learning:
+            seen.add(layer)
+            if run["x"] is not x:
+                close_run()
+                run["x"] = x
+            run["layers"].append(layer)
+        elif layer in groups:
+            members, whole = groups[layer]
+            outputs = packed_linear(x, whole).split([member.out_features for member in members], dim=-1)
+            for member, y in zip(members[1:], outputs[1:]):
+                waiting[member] = (x, y)
+            return outputs[0]
         return packed_gate(x, packed[layer])
 
     return gate_packed

@@ -176,3 +176,35 @@ def test_auto_takes_the_packed_path_where_the_kernel_runs(tmp_path, monkeypatch)
     lm._loglikelihood_tokens([(None, [5, 9, 23, 17], [40, 2, 77])])
     assert lm.decode_path == "packed" and {"route_and_pack", "packed_linear"} <= set(calls), (
         f"lm_harness's auto decode: path {lm.decode_path}, calls {set(calls)}")
+
+
+# -----------------------------------------------------------------------------
+# Fewer calls: the Linears that read one input run as one product
+
+
+@needs_kernel
+@pytest.mark.parametrize("biases", [(True, True, True), (False, False, False), (True, False, True)],
+                         ids=["biases", "no bias", "some biases"])
+def test_one_product_for_linears_of_one_input_equals_theirs(biases, threads):
+    """q, k and v (GQA: k and v narrower) packed as one: its output is theirs side by side, bit for bit (each row's
+    sum is the same arithmetic), and each part taken back out of the whole gives its own product again."""
+    from packed_experts import concatenate, part
+
+    gen = torch.Generator().manual_seed(11)
+    d_in, widths = 72, (48, 16, 16)
+    parts = []
+    for width, bias in zip(widths, biases):
+        W, sqnorms = torch.randn(width, d_in, generator=gen), torch.rand(d_in, generator=gen)
+        parts.append(route_and_pack(W, sqnorms, 0.4, None, torch.randn(width, generator=gen) if bias else None))
+    whole = concatenate(parts)
+    x = torch.randn(2, 3, d_in, generator=gen)
+    separate = [packed_linear(x, P) for P in parts]
+    assert torch.equal(packed_linear(x, whole), torch.cat(separate, dim=-1)), "the fused product differs from q|k|v"
+    start = 0
+    for P, y in zip(parts, separate):
+        back = part(whole, slice(start, start + P.d_out))
+        assert torch.equal(packed_linear(x, back), y), f"rows {start}:{start + P.d_out} taken back differ"
+        assert torch.equal(unpack(back), unpack(P)), f"rows {start}:{start + P.d_out} unpack to another W ⊙ M"
+        start += P.d_out
+    with pytest.raises(ValueError, match="whole blocks"):
+        concatenate([route_and_pack(torch.randn(6, d_in), torch.rand(d_in), 0.5), parts[0]])
