@@ -148,7 +148,7 @@ def test_a_packed_route_builds_no_masked_weights(tmp_path, routing, monkeypatch)
     monkeypatch.setattr(mumoe, "wanda_gated_weight", None)  # a call to it fails
     x_packed, packed = route_prompt(model, ids, model.new_cache(9), moe, "packed")
     for layer, experts in masked.items():
-        assert_same_packed(packed[layer][0], pack(experts[0], layer.bias), f"{routing} routing, a {tuple(layer.weight.shape)}")
+        assert_same_packed(packed[layer][0], pack(experts[0], layer.bias), f"{routing}, {tuple(layer.weight.shape)}")
     assert x_packed.shape == (1, 9, model.config.hidden_size)
 
 
