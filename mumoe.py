@@ -135,8 +135,8 @@ def micro_experts(moe: MuMoE, stats: dict | None = None, chosen: dict | None = N
     `chosen`: a dict that receives, per nn.Linear, the gated weights [W ⊙ M_b for each prompt b], e.g.
     to decode later tokens with the prompt's experts (`chosen_experts`). `counter`: a Counter that gets,
     per nn.Linear, the MACs done with nonzero weights, nnz(W ⊙ M_b) · T summed over prompts.
-    `path` "packed" (with `chosen`): the experts are routed, selected and packed in one pass (`route_experts`) and
-    the gate is the packed product itself, W ⊙ M never built; `chosen` receives the packed experts.
+    `path` "packed" (with `chosen`): the experts are routed, selected and packed in one pass (`route_expert`), the
+    gate multiplying the W ⊙ M that pass writes into a scratch matrix; `chosen` receives the packed experts.
     """
     rho, select, prefix, nm = moe.rho, moe.select, moe.prefix, moe.nm
     last = {"x": None, "sqnorms": None}  # q, k and v read one tensor: its norms are computed once
@@ -158,9 +158,17 @@ def micro_experts(moe: MuMoE, stats: dict | None = None, chosen: dict | None = N
         else:
             sqnorms = last["sqnorms"]
         if chosen is not None:  # kept for later tokens, in the form they decode with
-            chosen[layer] = experts = route_experts(layer, sqnorms, moe, path)
-            if path == "packed":
-                return packed_gate(x, experts)
+            chosen[layer] = experts = []
+
+            def routed():  # each prompt's experts noted, and the W ⊙ M_b its own gated product reads
+                for s_b in sqnorms:
+                    if path == "packed" and W.shape not in scratch:
+                        scratch[W.shape] = torch.empty_like(W)
+                    expert, W_b = route_expert(layer, s_b, moe, path, scratch.get(W.shape))
+                    experts.append(expert)
+                    yield W_b
+
+            return gate(layer, x, routed(), counter)
         else:  # used once: built one prompt at a time into one tensor, a fresh one costs page faults
             if W.shape not in scratch:
                 scratch[W.shape] = torch.empty_like(W)
@@ -170,14 +178,17 @@ def micro_experts(moe: MuMoE, stats: dict | None = None, chosen: dict | None = N
     return routed_linear
 
 
-def route_experts(layer: nn.Linear, sqnorms: torch.Tensor, moe: MuMoE, path: str) -> list:
-    """A Linear's experts for each prompt, routed on its (B, d_in) input norms ||X_j||², in the form `path` decodes
-    with: "masked", each prompt's W ⊙ M_b (pruners.wanda_gated_weight); "packed", each prompt's experts packed
-    straight from W and the norms (packed_experts.route_and_pack: the same masks, no W ⊙ M built)."""
+def route_expert(layer: nn.Linear, sqnorms: torch.Tensor, moe: MuMoE, path: str, scratch=None) -> tuple:
+    """A Linear's experts for one prompt, routed on its (d_in,) input norms ||X_j||² -> (the experts in the form
+    `path` decodes with, the W ⊙ M the prompt's own gated product reads). "masked": W ⊙ M itself
+    (pruners.wanda_gated_weight), both. "packed": the experts packed straight from W and the norms in one pass
+    (packed_experts.route_and_pack: the same masks), W ⊙ M written into `scratch` in that pass, a matrix that the
+    next Linear of this shape overwrites: the prompt's W ⊙ M is never held for every Linear at once."""
     W = layer.weight
     if path == "packed":
-        return [route_and_pack(W, s_b, moe.rho, moe.nm, layer.bias) for s_b in sqnorms]
-    return [wanda_gated_weight(W, s_b, moe.rho, moe.select, moe.nm) for s_b in sqnorms]
+        return route_and_pack(W, sqnorms, moe.rho, moe.nm, layer.bias, out=scratch), scratch
+    W_gated = wanda_gated_weight(W, sqnorms, moe.rho, moe.select, moe.nm)
+    return W_gated, W_gated
 
 
 def block_statistics(block: nn.Module, x: torch.Tensor, prefix: int | None = None) -> dict:
@@ -436,8 +447,9 @@ def route_prompt(model, prompts: torch.Tensor, cache: list[KVCache], moe: MuMoE 
     Returns the hidden states leaving the last block (B, T, hidden) and `chosen`: per nn.Linear, each prompt's
     experts, with which later tokens run through the cache (`decode_experts(chosen, path)`), in the form the
     decode `path` reads: "masked", the gated weights W ⊙ M_b; "packed", the experts packed as each Linear is
-    routed (`route_experts`), and the prompt's gated pass runs on the packed experts too, so that no W ⊙ M is
-    ever built (the dense model, rho = 1, keeps W itself).
+    routed (`route_expert`), its W ⊙ M written for the gated product into a scratch matrix that the next Linear of
+    its shape reuses, so that the prompt's W ⊙ M is never held for every Linear at once (the dense model, rho = 1,
+    keeps W itself).
     """
     chosen = {}
     run = routed_block(moe, chosen=chosen, path=path)

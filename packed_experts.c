@@ -231,6 +231,20 @@ static uint32_t kth_smallest_key(const uint32_t *keys, int64_t n, int64_t k, uin
     return from[0];  /* every candidate left has all the digits of the k-th: equals it */
 }
 
+/* the n <= GROUP columns of a row of W ⊙ M at `out`: w where m keeps it, 0 elsewhere (nothing written past n) */
+static inline void store_gated(float *out, const float *w, unsigned m, int64_t n) {
+    unsigned columns = n >= GROUP ? 0xffffu : (1u << n) - 1;
+#ifdef __AVX512F__
+    _mm512_mask_storeu_ps(out, (__mmask16)columns, _mm512_maskz_loadu_ps((__mmask16)m, w));
+#else
+    for (int h = 0; h < HALVES; h++) {
+        __m256i keep = _mm256_loadu_si256((const __m256i *)lanes[m >> (h * LANES) & LANE_BITS]);
+        __m256i inside = _mm256_loadu_si256((const __m256i *)lanes[columns >> (h * LANES) & LANE_BITS]);
+        _mm256_maskstore_ps(out + h * LANES, inside, _mm256_maskload_ps(w + h * LANES, keep));
+    }
+#endif
+}
+
 /* for the GROUP keys at `keys` (the row's scratch, zeros after its end): bits of those > t, and of those == t */
 static inline unsigned compare_keys(const uint32_t *keys, uint32_t t, unsigned *equal) {
 #ifdef __AVX512F__
@@ -280,9 +294,10 @@ static void select_row(const uint32_t *keys, int64_t d_in, int64_t k, int64_t N,
 
 /* W (d_out, d_in), norms (d_in,) -> bits (as pack_blocks writes them) and each block's values at values + b · capacity
    (capacity: what a block keeps at most, ROWS rows' kept count); counts[b]: how many it wrote (fewer where a kept W_ij
-   is 0, which pack leaves out too). route_and_pack_starts then closes the gaps. */
+   is 0, which pack leaves out too). route_and_pack_starts then closes the gaps. `gated`, if not NULL, (d_out, d_in):
+   receives W ⊙ M too, for the prompt's own gated product (a scratch matrix reused Linear after Linear). */
 void route_and_pack(const float *W, const float *norms, int64_t d_out, int64_t d_in, int64_t k, int64_t N, int64_t M,
-                    uint16_t *bits, float *values, int64_t capacity, int64_t *counts, int threads) {
+                    uint16_t *bits, float *values, int64_t capacity, int64_t *counts, float *gated, int threads) {
     int64_t groups = (d_in + GROUP - 1) / GROUP, blocks = (d_out + ROWS - 1) / ROWS, stride = groups * GROUP;
     #pragma omp parallel num_threads(threads)
     {
@@ -311,6 +326,7 @@ void route_and_pack(const float *W, const float *norms, int64_t d_out, int64_t d
                     int64_t i = b * ROWS + r, j0 = g * GROUP;
                     unsigned m = i < d_out ? keep[r * groups + g] & kept_bits(W + i * d_in + j0, d_in - j0) : 0;
                     bits_b[g * ROWS + r] = (uint16_t)m;
+                    if (gated && i < d_out) store_gated(gated + i * d_in + j0, W + i * d_in + j0, m, d_in - j0);
                     store_kept(v, W + i * d_in + j0, m, values + (b + 1) * capacity - v);
                     v += __builtin_popcount(m);
                 }

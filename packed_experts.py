@@ -135,7 +135,7 @@ def pack(W_gated: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinea
 
 
 def route_and_pack(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, nm=None,
-                   bias: torch.Tensor | None = None) -> PackedLinear:
+                   bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> PackedLinear:
     """μ-MoE's router, selection and packing in one pass: `pack(pruners.wanda_gated_weight(W, x_sqnorm, rho, nm=nm),
     bias)`, the same masks, bits and values, without the scores or W ⊙ M ever in memory.
 
@@ -143,6 +143,8 @@ def route_and_pack(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, nm=None,
     block of rows, S_ij = |W_ij| · ||X_j|| (the norms' square roots taken here, as pruners.wanda_score takes them),
     keeps each row's d_in - int(d_in (1 - rho)) largest (the smallest pruned, ties to the lower index: pruners'
     prune_lowest), or with nm = (N, M) all but the N smallest of every M, and writes the kept W_ij into the stream.
+    `out`: a contiguous float32 tensor like W that receives W ⊙ M as well, in the same pass (the prompt's own gated
+    product reads it: one scratch matrix reused Linear after Linear, never one per Linear).
     """
     lib = loaded_kernel()
     check_float32_cpu(W, "W", ndim=2)
@@ -157,6 +159,10 @@ def route_and_pack(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, nm=None,
             raise ValueError(f"a bias of {bias.shape[0]} for {d_out} rows")
     if nm is not None:
         check_nm(nm, d_in)
+    if out is not None:
+        check_float32_cpu(out, "out", ndim=2)
+        if out.shape != W.shape or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {tuple(W.shape)} tensor, got {tuple(out.shape)}")
     (N, M), k = nm or (0, 0), prune_count(d_in, rho) if nm is None else 0
     kept = d_in - k if nm is None else d_in // M * (M - N)
     W, norms = W.detach().contiguous(), x_sqnorm.detach().sqrt().contiguous()  # wanda_score's float32 ops
@@ -166,7 +172,7 @@ def route_and_pack(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, nm=None,
     values = torch.empty(blocks * capacity + PAD, dtype=torch.float32)
     counts, starts = torch.empty(blocks, dtype=torch.int64), torch.empty(blocks + 1, dtype=torch.int64)
     lib.route_and_pack(W.data_ptr(), norms.data_ptr(), d_out, d_in, k, N, M, bits.data_ptr(), values.data_ptr(),
-                       capacity, counts.data_ptr(), torch.get_num_threads())
+                       capacity, counts.data_ptr(), None if out is None else out.data_ptr(), torch.get_num_threads())
     lib.route_and_pack_starts(values.data_ptr(), blocks, capacity, counts.data_ptr(), starts.data_ptr(), PAD)
     end = int(starts[-1]) + PAD
     values = values if end == values.numel() else values[:end].clone()  # padding rows or kept zeros left room
@@ -219,7 +225,7 @@ def build(extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str | 
     lib.packed_linear.restype = None
     lib.count_kept.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
     lib.pack_blocks.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
-    lib.route_and_pack.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.route_and_pack.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ctypes.c_int]
     lib.route_and_pack.restype = None
     lib.route_and_pack_starts.argtypes = [ptr, i64, i64, ptr, ptr, i64]
     lib.route_and_pack_starts.restype = None

@@ -193,11 +193,10 @@ def test_greedy_generation_packed_equals_masked(tiny_models, name, rho, nm, rout
     packed = generate(model, prompt, 16, MuMoE(rho, routing=routing, nm=nm), decode="packed", timings=timings)
     assert packed == masked, f"{name}: packed decode {packed} vs masked {masked}"
     linears, blocks = sum(len(block.linears()) for block in model.blocks), len(model.blocks)
-    # the prompt's gated pass and the first step: one product per Linear; then q/k/v and gate/up (fc1 alone in OPT)
-    # as one each: 4 products per block and step, OPT and LLaMA alike
-    assert len(products) == 2 * linears + 14 * 4 * blocks, (
-        f"{len(products)} packed products for the prompt and 15 steps of {linears} Linears in {blocks} blocks")
-    assert products[0][-2] == (len(prompt) if isinstance(prompt, list) else prompt.shape[1]), "the prompt's gated pass"
+    # the first step: one product per Linear; then q/k/v and gate/up (fc1 alone in OPT) as one each: 4 products
+    # per block and step, OPT and LLaMA alike
+    assert len(products) == linears + 14 * 4 * blocks, (
+        f"{len(products)} packed products for 15 steps of {linears} Linears in {blocks} blocks")
     assert len(set(masked)) > 2, f"{name}: a degenerate test, the tokens repeat: {masked}"
     assert set(timings) == {"prompt", "pack", "decode"}, timings
 

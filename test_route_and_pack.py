@@ -85,9 +85,12 @@ def test_route_and_pack_equals_route_then_pack(build, d_out, d_in, rho, nm, kind
     b = torch.randn(d_out, generator=torch.Generator().manual_seed(1)) if bias else None
     W_gated = pruners.wanda_gated_weight(W, sqnorms, rho, "sort", nm)  # today's route -> W ⊙ M
     expected = pack(W_gated, b)
-    got = route_and_pack(W, sqnorms, rho, nm, b)
+    out = torch.full_like(W, float("nan"))  # every entry must be written
+    got = route_and_pack(W, sqnorms, rho, nm, b, out=out if bias else None)
     what = f"{build or 'native'}, {d_out}x{d_in}, rho {rho}, nm {nm}, {kind}"
     assert_same_packed(got, expected, what)
+    if bias:  # W ⊙ M written in the same pass, for the prompt's own gated product
+        assert torch.equal(out, W_gated), f"{what}: the W ⊙ M written beside the packing differs"
     assert torch.equal(unpack(got), W_gated), f"{what}: the fused experts unpack to another W ⊙ M"
     x = torch.randn(3, d_in, generator=torch.Generator().manual_seed(2))
     assert torch.equal(packed_linear(x, got), packed_linear(x, expected)), f"{what}: products differ"
@@ -163,7 +166,8 @@ def test_auto_takes_the_packed_path_where_the_kernel_runs(tmp_path, monkeypatch)
     assert decode_path("auto", "cpu", torch.float32) == "packed"
     model, calls = tiny_llama(tmp_path), []
     for name in ("route_and_pack", "packed_linear"):
-        monkeypatch.setattr(mumoe, name, lambda *a, f=getattr(mumoe, name), name=name: calls.append(name) or f(*a))
+        noted = getattr(mumoe, name)
+        monkeypatch.setattr(mumoe, name, lambda *a, f=noted, name=name, **k: calls.append(name) or f(*a, **k))
     generate(model, [5, 9, 23, 17], 3, MuMoE(0.5), decode="auto")
     assert {"route_and_pack", "packed_linear"} <= set(calls), f"auto generated without the packed path: {set(calls)}"
     calls.clear()
