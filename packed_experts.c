@@ -35,13 +35,15 @@ static inline vec expand(const float *v, unsigned m) { return _mm512_maskz_expan
 typedef __m256 vec;
 #define zero() _mm256_setzero_ps()
 #define fma(a, b, c) _mm256_fmadd_ps(a, b, c)
-static int32_t permutation[256][8];  /* mask byte -> for each lane, which of the next 8 values goes there */
+static int32_t permutation[256][8];  /* mask byte -> for each lane, which of the next 8 values goes there, or, where
+                                        the lane is pruned, INT32_MIN: the permutation reads the low 3 bits only,
+                                        the blend after it the sign */
 static int32_t lanes[256][8];        /* mask byte -> all ones in its kept lanes */
 static int32_t compression[256][8];  /* mask byte -> for the p-th lane, which lane holds the p-th kept value */
 __attribute__((constructor)) static void build_tables(void) {
     for (int m = 0; m < 256; m++)
         for (int j = 0, p = 0; j < 8; j++) {
-            permutation[m][j] = (m >> j & 1) ? p : 0;
+            permutation[m][j] = (m >> j & 1) ? p : INT32_MIN;
             lanes[m][j] = (m >> j & 1) ? -1 : 0;
             compression[m][j] = 0;
             if (m >> j & 1) compression[m][p] = j;
@@ -53,8 +55,9 @@ static inline vec load_x(const float *x, int n) {
     return _mm256_maskload_ps(x, _mm256_loadu_si256((const __m256i *)lanes[(1 << (n > 0 ? n : 0)) - 1]));
 }
 static inline vec expand(const float *v, unsigned m) {  /* reads 8 values: the buffer ends in PAD zeros */
-    __m256 w = _mm256_permutevar8x32_ps(_mm256_loadu_ps(v), _mm256_loadu_si256((const __m256i *)permutation[m]));
-    return _mm256_and_ps(w, _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)lanes[m])));
+    __m256i to = _mm256_loadu_si256((const __m256i *)permutation[m]);
+    __m256 w = _mm256_permutevar8x32_ps(_mm256_loadu_ps(v), to);
+    return _mm256_blendv_ps(w, _mm256_setzero_ps(), _mm256_castsi256_ps(to));  /* pruned lanes (sign set): 0 */
 }
 static inline float hsum(__m256 a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
