@@ -32,6 +32,7 @@ first N tokens only, a strictly causal variant.
     mumoe_logits(model, ids, moe)    (B, T) ids (or embedded prompts) -> (B, T, vocab) logits, each routed on itself
     count_macs(model, T, moe)        the analytical MAC count, ours or the paper's convention
     route_prompt(model, ids, cache)  route prompts once, filling the KV cache: their experts for later tokens
+                                     (packed as routed, in one pass, where the decode is packed: route_expert)
     decode_experts(chosen, path)     the Linear later tokens run through: the experts packed (packed_experts'
                                      kernel reads only the kept weights) or the masked W ⊙ M; decode_path picks
     generate(model, ids, n, moe)     greedy decoding with a KV cache, routed once on the prompt (ids, or the
@@ -43,7 +44,8 @@ Complexity (the paper's argument). A dense Linear with d inputs and d' outputs c
 T tokens. μ-MoE costs rho·d·d'·T for the active experts, plus routing: d·T for the norms ||X_j||²,
 d·d' to score, about d·d' to select (introselect is linear on average) and d·d' to gate. Relative to
 the dense pass, routing is (3/T + 1/d') -- 0.3% at T = 2048, d' = 768 -- so the MACs fall almost as
-rho. In wall time the selection is what costs: pruners.wanda_gated_weight fuses it on the CPU. A decode step
+rho. In wall time the selection is what costs: pruners.wanda_gated_weight fuses it on the CPU, and
+packed_experts.route_and_pack fuses it with the packing where the decode is packed. A decode step
 reads every weight once, so it costs bytes: the dense W ⊙ M reads what W does, the packed experts rho · 4 + 1/8
 bytes per weight instead of 4 (packed_experts).
 
