@@ -196,6 +196,38 @@ void pack_blocks(const float *W, int64_t d_out, int64_t d_in, uint16_t *bits, fl
 static const int RADIX_SHIFT[RADIX_PASSES] = {20, 12, 4, 0}, RADIX_BITS[RADIX_PASSES] = {12, 8, 8, 4};
 #define FEW_CANDIDATES 16  /* then the k-th is found by counting, each candidate against the others */
 
+/* the keys of from[0..n) whose digit (key >> shift & digits) is `bin`, in order, to candidates (which may be
+   `from` itself: each is written at or before where it was read) -> how many */
+static int64_t keep_in_bin(const uint32_t *from, int64_t n, int shift, uint32_t digits, uint32_t bin,
+                           uint32_t *candidates) {
+    int64_t m = 0, i = 0;
+#ifdef __AVX512F__
+    __m512i digit_mask = _mm512_set1_epi32((int)digits), bin_v = _mm512_set1_epi32((int)bin);
+    for (; i + 16 <= n; i += 16) {
+        __m512i k = _mm512_loadu_si512(from + i);
+        __m512i digit = _mm512_and_si512(_mm512_srli_epi32(k, (unsigned)shift), digit_mask);
+        __mmask16 in = _mm512_cmpeq_epi32_mask(digit, bin_v);
+        _mm512_mask_compressstoreu_epi32(candidates + m, in, k);
+        m += __builtin_popcount(in);
+    }
+#else
+    __m256i digit_mask = _mm256_set1_epi32((int)digits), bin_v = _mm256_set1_epi32((int)bin);
+    __m128i count = _mm_cvtsi32_si128(shift);
+    for (; i + 8 <= n; i += 8) {
+        __m256i k = _mm256_loadu_si256((const __m256i *)(from + i));
+        __m256i digit = _mm256_and_si256(_mm256_srl_epi32(k, count), digit_mask);
+        __m256i in = _mm256_cmpeq_epi32(digit, bin_v);
+        for (unsigned b = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(in)); b; b &= b - 1)
+            candidates[m++] = from[i + __builtin_ctz(b)];
+    }
+#endif
+    for (; i < n; i++) {
+        candidates[m] = from[i];
+        m += (from[i] >> shift & digits) == bin;
+    }
+    return m;
+}
+
 /* the k-th smallest (k >= 1) of keys[0..n); *ties_pruned: how many of the keys equal to it are among the k */
 static uint32_t kth_smallest_key(const uint32_t *keys, int64_t n, int64_t k, uint32_t *candidates, uint32_t *histogram,
                                  int64_t *ties_pruned) {
@@ -223,12 +255,8 @@ static uint32_t kth_smallest_key(const uint32_t *keys, int64_t n, int64_t k, uin
         int64_t in_bin = histogram[bin];
         memset(histogram + lo, 0, (hi - lo + 1) * sizeof(uint32_t));
         if (in_bin == n) continue;  /* every candidate is in the bin (all tied so far): nothing to drop */
-        int64_t m = 0;
-        for (int64_t i = 0; i < n; i++) {  /* without a branch: which keys stay is unpredictable */
-            candidates[m] = from[i];
-            m += (from[i] >> shift & digits) == bin;
-        }
-        from = candidates, n = m;
+        n = keep_in_bin(from, n, shift, digits, bin, candidates);
+        from = candidates;
     }
     *ties_pruned = k;
     return from[0];  /* every candidate left has all the digits of the k-th: equals it */
