@@ -135,7 +135,9 @@ def main(argv=None) -> None:
           + (", the images' encoding excluded)" if images else ")"))
     if decoding in mumoe.PACKED_PATHS:
         kernel = "packed_experts' kernel" if decoding == "packed" else "triton_experts' Triton kernel"
-        print(f"decode: packed experts ({kernel}); packing them took {mumoe_s['pack']:.3f} s")
+        how = ("routed, selected and packed in one pass as the prompt ran (in the routing above)"
+               if decoding == "packed" else "each Linear packed as soon as it was routed")
+        print(f"decode: packed experts ({kernel}), {how}")
     else:
         problem = triton_experts.kernel_problem if device.type == "cuda" else kernel_problem
         reason = "--decode masked" if args.decode == "masked" else problem(device, dtype)
@@ -147,12 +149,13 @@ def main(argv=None) -> None:
     if len(mumoe_new) > 1 and len(dense_new) > 1:
         dense_step = dense_s["decode"] / (len(dense_new) - 1)
         mumoe_step = mumoe_s["decode"] / (len(mumoe_new) - 1)
-        extra = routing_s + mumoe_s["pack"]
+        extra = routing_s + mumoe_s["pack"]  # the up-front cost: all μ-MoE does before its first step beyond dense
         ahead = (f"μ-MoE is ahead after {max(0, extra) / (dense_step - mumoe_step):.0f} new tokens"
                  if mumoe_step < dense_step else "μ-MoE does not catch up: its steps are not faster")
         print(f"a decode step: dense {1e3 * dense_step:.1f} ms, μ-MoE {1e3 * mumoe_step:.1f} ms "
-              f"({mumoe_step / dense_step:.2f}x); routing and packing cost {extra / dense_step:.1f} dense steps: "
-              f"{ahead}")
+              f"({mumoe_step / dense_step:.2f}x)\nup-front cost (routing, selection"
+              + (" and packing" if decoding == "packed" else "") + f" beyond the dense prompt pass): "
+              f"{extra / dense_step:.1f} dense decode steps; break-even: {ahead}")
     print(f"active weights: {active:,} of {total:,} in the decoder Linears ({active / total:.2%}); "
           f"embeddings and lm_head dense")
     T_all = T + len(mumoe_new)
@@ -184,8 +187,6 @@ def speed(n_new: int, timings: dict) -> str:
     """One line on how fast `generate` went: tokens/s overall, and after the prompt."""
     total = timings["prompt"] + timings["pack"] + timings["decode"]
     line = f"[{n_new} new tokens in {total:.2f} s: {n_new / total:.1f} tokens/s; prompt {timings['prompt']:.3f} s"
-    if timings["pack"]:
-        line += f", packing {timings['pack']:.3f} s"
     if n_new > 1:  # the first token comes with the prompt pass
         line += f", then {(n_new - 1) / timings['decode']:.1f} tokens/s"
     return line + "]"

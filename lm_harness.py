@@ -182,7 +182,8 @@ class HarnessLM(TemplateLM):
         for context, group in tqdm(by_context.items(), disable=disable_tqdm, desc="μ-MoE contexts"):
             longest = max(len(windows[i][1]) for i in group)
             cache = self.model.new_cache(len(context) + longest - 1)  # the last continuation token is never read
-            x, chosen = route_prompt(self.model, torch.tensor([context], device=self.device), cache, self.moe)
+            x, chosen = route_prompt(self.model, torch.tensor([context], device=self.device), cache, self.moe,
+                                     self.decode_path)  # packed as routed where the decode is packed
             self.routed += 1
             first = F.log_softmax(self.model.head(x[:, -1:]).float(), dim=-1)[0]  # (1, vocab): the first token's
             longer = [i for i in group if len(windows[i][1]) > 1]

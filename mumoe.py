@@ -33,6 +33,7 @@ first N tokens only, a strictly causal variant.
     mumoe_logits(model, ids, moe)    (B, T) ids (or embedded prompts) -> (B, T, vocab) logits, each routed on itself
     count_macs(model, T, moe)        the analytical MAC count, ours or the paper's convention
     route_prompt(model, ids, cache)  route prompts once, filling the KV cache: their experts for later tokens
+                                     (packed as routed, in one pass, where the decode is packed: route_expert)
     decode_experts(chosen, path)     the Linear later tokens run through: the experts packed (packed_experts'
                                      kernel on the CPU, triton_experts' on CUDA, read only the kept weights) or
                                      the masked W ⊙ M; decode_path picks
@@ -46,7 +47,8 @@ Complexity (the paper's argument). A dense Linear with d inputs and d' outputs c
 T tokens. μ-MoE costs rho·d·d'·T for the active experts, plus routing: d·T for the norms ||X_j||²,
 d·d' to score, about d·d' to select (introselect is linear on average) and d·d' to gate. Relative to
 the dense pass, routing is (3/T + 1/d') -- 0.3% at T = 2048, d' = 768 -- so the MACs fall almost as
-rho. In wall time the selection is what costs: pruners.wanda_gated_weight fuses it on the CPU. A decode step
+rho. In wall time the selection is what costs: pruners.wanda_gated_weight fuses it on the CPU, and
+packed_experts.route_and_pack fuses it with the packing where the decode is packed. A decode step
 reads every weight once, so it costs bytes: the dense W ⊙ M reads what W does, the packed experts rho · 4 + 1/8
 bytes per weight instead of 4 (packed_experts); on CUDA rho · 2 + 1/8 instead of 2 in float16 (triton_experts).
 
@@ -63,7 +65,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import KVCache, LinearFn, UsageError, dense_linear
-from packed_experts import kernel_problem, pack, packed_linear
+from packed_experts import (ROWS, PackedLinear, concatenate, kernel_problem, pack, packed_linear, part,
+                            route_and_pack)
 from pruners import SELECTS, check_rho, prune_count, wanda_gated_weight
 
 # -----------------------------------------------------------------------------
@@ -144,7 +147,7 @@ def gate(layer: nn.Linear, X: torch.Tensor, experts, counter: Counter | None = N
 
 
 def micro_experts(moe: MuMoE, stats: dict | None = None, chosen: dict | None = None,
-                  counter: Counter | None = None) -> LinearFn:
+                  counter: Counter | None = None, path: str = "masked") -> LinearFn:
     """The μ-MoE Linear, a drop-in for `dense_linear`: `block(x, linear=micro_experts(MuMoE(0.5)))`.
 
     For each prompt b of its input x (B, T, d_in) it does what `reference_linear` does -- the norms ||X_j||², each
@@ -154,9 +157,10 @@ def micro_experts(moe: MuMoE, stats: dict | None = None, chosen: dict | None = N
                     ||X_j||², those (the "block" routing, see `routed_block`); q, k and v read one tensor, so
                     its norms are computed once
       experts       pruners.wanda_gated_weight builds W ⊙ M_b in one fused pass (moe.select: the kernel; moe.nm:
-                    an N:M pattern instead of rho). `chosen`: a dict that receives, per nn.Linear, the gated
-                    weights [W ⊙ M_b for each prompt b], e.g. to decode later tokens with the prompt's experts
-                    (`chosen_experts`); without it each W ⊙ M_b is written into one scratch tensor, used once
+                    an N:M pattern instead of rho), written into one scratch tensor and used once. `chosen`: a
+                    dict that receives, per nn.Linear, each prompt's experts for later tokens, in the form the
+                    decode `path` reads (`route_expert`: W ⊙ M_b for "masked"; packed for "packed", in the same
+                    compiled pass that routes and selects, or "triton")
       gate          `gate`; `counter`: a Counter that gets, per nn.Linear, the MACs done with nonzero weights,
                     nnz(W ⊙ M_b) · T summed over prompts
       rho = 1       the dense Linear itself, no routing
@@ -173,14 +177,22 @@ def micro_experts(moe: MuMoE, stats: dict | None = None, chosen: dict | None = N
             last.update(x=x, sqnorms=input_sqnorms(x, prefix))
         return last["sqnorms"]
 
-    def experts(W: torch.Tensor, sqnorms: torch.Tensor):
-        """W ⊙ M_b for each prompt b: a list kept for later tokens, else built one prompt at a time into one
-        tensor (a fresh one costs page faults)."""
-        if chosen is not None:
-            return [wanda_gated_weight(W, s_b, rho, select, nm) for s_b in sqnorms]
-        if W.shape not in scratch:
+    def experts(layer: nn.Linear, sqnorms: torch.Tensor):
+        """W ⊙ M_b for each prompt b in turn, the gate's weights, built into one scratch tensor (a fresh one costs
+        page faults); with `chosen`, each prompt's experts noted there too, in the form the decode reads."""
+        W = layer.weight
+        if W.shape not in scratch and (chosen is None or path == "packed"):
             scratch[W.shape] = torch.empty_like(W)
-        return (wanda_gated_weight(W, s_b, rho, select, nm, out=scratch[W.shape]) for s_b in sqnorms)
+        if chosen is None:
+            return (wanda_gated_weight(W, s_b, rho, select, nm, out=scratch[W.shape]) for s_b in sqnorms)
+        chosen[layer] = kept = []
+
+        def noted():
+            for s_b in sqnorms:
+                expert, W_b = route_expert(layer, s_b, moe, path, scratch.get(W.shape))
+                kept.append(expert)
+                yield W_b
+        return noted()
 
     def routed_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if prefix is not None and prefix > x.shape[1]:
@@ -190,12 +202,25 @@ def micro_experts(moe: MuMoE, stats: dict | None = None, chosen: dict | None = N
             if chosen is not None:
                 chosen[layer] = [W] * x.shape[0]
             return gate(layer, x, [W] * x.shape[0], counter) if counter is not None else dense_linear(layer, x)
-        gated = experts(W, router_input(layer, x))
-        if chosen is not None:
-            chosen[layer] = gated
-        return gate(layer, x, gated, counter)
+        return gate(layer, x, experts(layer, router_input(layer, x)), counter)
 
     return routed_linear
+
+
+def route_expert(layer: nn.Linear, sqnorms: torch.Tensor, moe: MuMoE, path: str, scratch=None) -> tuple:
+    """A Linear's experts for one prompt, routed on its (d_in,) input norms ||X_j||² -> (the experts in the form
+    `path` decodes with, the W ⊙ M the prompt's own gated product reads). "masked": W ⊙ M itself
+    (pruners.wanda_gated_weight), both. "packed": the experts packed straight from W and the norms in one pass
+    (packed_experts.route_and_pack: the same masks), W ⊙ M written into `scratch` in that pass, a matrix that the
+    next Linear of this shape overwrites: the prompt's W ⊙ M is never held for every Linear at once. "triton":
+    W ⊙ M packed for CUDA's kernel (triton_experts.pack) as soon as it is built, for the gated product only."""
+    W = layer.weight
+    if path == "packed":
+        return route_and_pack(W, sqnorms, moe.rho, moe.nm, layer.bias, out=scratch), scratch
+    W_gated = wanda_gated_weight(W, sqnorms, moe.rho, moe.select, moe.nm)
+    if path == "triton":
+        return packer(path)(W_gated, layer.bias), W_gated
+    return W_gated, W_gated
 
 
 def block_statistics(block: nn.Module, x: torch.Tensor, prefix: int | None = None) -> dict:
@@ -218,7 +243,7 @@ def block_statistics(block: nn.Module, x: torch.Tensor, prefix: int | None = Non
     return stats
 
 
-def routed_block(moe: MuMoE, chosen: dict | None = None, counter: Counter | None = None):
+def routed_block(moe: MuMoE, chosen: dict | None = None, counter: Counter | None = None, path: str = "masked"):
     """(block, x) -> the block's output for x (B, T, hidden), each prompt routed on itself.
 
         routing="block"   the block's Linears route on the statistics of a dense pass of the block over the
@@ -226,12 +251,12 @@ def routed_block(moe: MuMoE, chosen: dict | None = None, counter: Counter | None
         routing="linear"  each Linear routes on the input it receives in the gated pass itself: one pass,
                           nothing dense
 
-    `chosen` and `counter` are `micro_experts`'. `run(block, x, cache)` fills the block's KVCache in the
+    `chosen`, `counter` and `path` are `micro_experts`'. `run(block, x, cache)` fills the block's KVCache in the
     gated pass (the statistics pass leaves it alone): how `generate` routes the prompt.
     """
     prefix = moe.prefix
     stats = {} if moe.routing == "block" and not moe.dense else None  # each block's statistics, as it runs
-    linear = micro_experts(moe, stats, chosen, counter)
+    linear = micro_experts(moe, stats, chosen, counter, path)
 
     def run(block: nn.Module, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         if prefix is not None and prefix > x.shape[1]:
@@ -291,43 +316,86 @@ def packer(path: str):
     return pack
 
 
-def is_packed(experts: list) -> bool:
-    """Whether one Linear's experts in `chosen` are packed already (route_prompt(pack_with=...)), not W ⊙ M."""
-    return not torch.is_tensor(experts[0])
+def packed_gate(x: torch.Tensor, experts: list, product=None) -> torch.Tensor:
+    """y_b = x_b (W ⊙ M_b)^T + bias with each prompt's packed experts, by `product` (packed_experts' kernel if not
+    given); one prompt's experts serve every sequence of x."""
+    product = product or packed_linear
+    if len(experts) == 1:
+        return product(x, experts[0])  # (B, T, d_out), every sequence with these experts
+    if len(experts) != x.shape[0]:
+        raise ValueError(f"{len(experts)} prompts' experts for a batch of {x.shape[0]} prompts")
+    return torch.stack([product(x_b, P_b) for x_b, P_b in zip(x, experts)])
 
 
 def pack_experts(chosen: dict, path: str = "packed") -> dict[nn.Linear, list]:
-    """`chosen` (per nn.Linear, each prompt's W ⊙ M_b) -> per nn.Linear, each prompt's experts packed for `path`."""
+    """`chosen` (per nn.Linear, each prompt's W ⊙ M_b, or its experts packed already) -> per nn.Linear, each
+    prompt's experts packed for `path`."""
     pack_one = packer(path)
-    return {layer: [pack_one(W_b, layer.bias) for W_b in experts] for layer, experts in chosen.items()}
+    return {layer: [pack_one(W_b, layer.bias) if torch.is_tensor(W_b) else W_b for W_b in experts]
+            for layer, experts in chosen.items()}
 
 
 def packed_experts(packed: dict, path: str = "packed") -> LinearFn:
     """The Linear that gates with packed experts (`pack_experts`): y_b = x_b (W ⊙ M_b)^T + bias, reading only the
     kept weights, by `path`'s kernel. One prompt's experts serve every sequence of the batch (continuations of
-    one context)."""
+    one context).
+
+    On the CPU, the Linears that a block calls one after another on one tensor (q, k and v; gate and up) run as one
+    product from the second step on: the first step notes which they are, and their experts are concatenated then
+    (packed_experts.concatenate; each keeps a view of its rows), so a step makes fewer, longer kernel calls.
+    """
     if path == "triton":
         import triton_experts
 
+        return lambda layer, x: packed_gate(x, packed[layer], triton_experts.packed_linear)
+
+    learning, seen, run = True, set(), {"x": None, "layers": []}  # the current run of Linears reading one tensor
+    groups = {}  # first Linear of a group -> the group, in call order
+    waiting = {}  # Linear -> (the tensor it was computed for, its output), by its group's product
+
+    def close_run():
+        members = run["layers"]
+        if len(members) > 1 and all(len(packed[layer]) == 1 and layer.out_features % ROWS == 0 for layer in members):
+            whole = concatenate([packed[layer][0] for layer in members])
+            groups[members[0]] = (members, whole)
+            start = 0
+            for layer in members:  # each keeps a view of its rows: the memory is held once
+                packed[layer] = [part(whole, slice(start, start + layer.out_features))]
+                start += layer.out_features
+        run.update(x=None, layers=[])
+
     def gate_packed(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        product = triton_experts.packed_linear if path == "triton" else packed_linear
-        experts = packed[layer]
-        if len(experts) == 1:
-            return product(x, experts[0])  # (B, T, d_out), every sequence with these experts
-        if len(experts) != x.shape[0]:
-            raise ValueError(f"{len(experts)} prompts' experts for a batch of {x.shape[0]} prompts")
-        return torch.stack([product(x_b, P_b) for x_b, P_b in zip(x, experts)])
+        nonlocal learning
+        if layer in waiting:
+            x_computed, y = waiting.pop(layer)
+            if x_computed is x:
+                return y
+        if learning and layer in seen:  # a second step begins: every Linear has been called once
+            close_run()
+            learning = False
+        if learning:
+            seen.add(layer)
+            if run["x"] is not x:
+                close_run()
+                run["x"] = x
+            run["layers"].append(layer)
+        elif layer in groups:
+            members, whole = groups[layer]
+            outputs = packed_linear(x, whole).split([member.out_features for member in members], dim=-1)
+            for member, y in zip(members[1:], outputs[1:]):
+                waiting[member] = (x, y)
+            return outputs[0]
+        return packed_gate(x, packed[layer])
 
     return gate_packed
 
 
 def decode_experts(chosen: dict, path: str) -> LinearFn:
     """The Linear that later tokens run through with the experts the prompt chose: `path` "packed" or "triton"
-    packs them if route_prompt has not (then `chosen`'s W ⊙ M may go), "masked" multiplies W ⊙ M itself. One
+    reads them packed (packing any W ⊙ M in `chosen`, which may then go), "masked" multiplies W ⊙ M itself. One
     prompt's experts serve every sequence of the batch in all."""
     if path in PACKED_PATHS:
-        packed = chosen if all(is_packed(experts) for experts in chosen.values()) else pack_experts(chosen, path)
-        return packed_experts(packed, path)
+        return packed_experts(pack_experts(chosen, path), path)
 
     def gate_masked(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         experts = [W.to(x.device) for W in chosen[layer]]  # (an offloaded block's come along)
@@ -437,25 +505,24 @@ def count_macs(model, tokens: int, moe: MuMoE, convention: str = "ours") -> MacC
 
 @torch.no_grad()
 def route_prompt(model, prompts: torch.Tensor, cache: list[KVCache], moe: MuMoE = DENSE,
-                 pack_with=None) -> tuple[torch.Tensor, dict]:
+                 path: str = "masked") -> tuple[torch.Tensor, dict]:
     """Run prompts, token ids (B, T) or embedded already (B, T, hidden), once, block by block, each routed on
     itself, filling the empty `cache`.
 
     Returns the hidden states leaving the last block (B, T, hidden) and `chosen`: per nn.Linear, each prompt's
-    gated weights W ⊙ M_b, with which later tokens run through the cache (`chosen_experts(chosen)`).
-    `pack_with`: (W ⊙ M, bias) -> packed experts (`packer(path)`). Each block's Linears are then packed right after
-    the block's gated pass and their W ⊙ M dropped, so that one block's W ⊙ M at most exists at a time, never a
-    second copy of the model; `chosen` holds the packed experts (`decode_experts` reads them as they are).
+    experts, with which later tokens run through the cache (`decode_experts(chosen, path)`), in the form the
+    decode `path` reads: "masked", the gated weights W ⊙ M_b; "packed" (or "triton"), the experts packed as each
+    Linear is routed (`route_expert`), so that the prompt's W ⊙ M is never held for every Linear at once, never a
+    second copy of the model (the dense model, rho = 1, keeps W itself).
     """
     chosen = {}
-    run = routed_block(moe, chosen=chosen)
+    run = routed_block(moe, chosen=chosen, path=path)
     x = prompts if prompts.is_floating_point() else model.embed(prompts)
     for block, block_cache in zip(model.blocks, cache):
         x = run(block, x, block_cache)
         home = next(block.parameters()).device  # the CPU, after its turn, for a model offloaded block by block
         for layer in block.linears().values():  # the experts wait where their block waits
-            chosen[layer] = [W.to(home) if pack_with is None else pack_with(W.to(home), layer.bias)
-                             for W in chosen[layer]]
+            chosen[layer] = [W.to(home) if torch.is_tensor(W) else W for W in chosen[layer]]
     return x, chosen
 
 
@@ -467,16 +534,18 @@ def generate(model, prompt, max_new_tokens: int, moe: MuMoE = DENSE, eos_id=None
 
     The prompt runs once, block by block, routed on itself with `moe`'s settings (DENSE: the dense model). With block
     routing each block's dense statistics pass runs first, then its gated pass, which fills the block's cache.
-    The gated pass leaves every Linear's gated weights W ⊙ M in `chosen`, and each new token runs through the
-    cache with exactly those weights, neither the masks nor W ⊙ M ever rebuilt. `decode` (see `decode_path`):
-    "packed" packs each block's W ⊙ M right after its gated pass (the CPU's kernel, or CUDA's Triton kernel) and
-    a step reads only the kept weights; "masked" keeps the dense W ⊙ M, a second copy of the decoder Linears, a
-    step costing what a dense step costs; "auto" packs where a packed kernel runs. All give the same tokens.
+    The gated pass leaves every Linear's experts in `chosen`, and each new token runs through the cache with
+    exactly those, the masks never rebuilt. `decode` (see `decode_path`): "packed" routes, selects and packs each
+    Linear's experts in one pass as the prompt reaches it (route_prompt; on CUDA, "triton" packs each Linear's
+    W ⊙ M as soon as it is routed), and a step reads only the kept weights; "masked" builds and keeps the dense
+    W ⊙ M, a second copy of the decoder Linears, a step costing what a dense step costs; "auto" packs where a
+    packed kernel runs. All give the same tokens.
     The new tokens do not change the routing, as if the decode were routed on the prompt alone at every step
     (`moe.prefix`: on its first `prefix` tokens only).
-    `timings`: a dict that receives the seconds spent up to the first new token ("prompt": routing, the prompt
-    pass, the first token), on packing the experts ("pack") and on the other tokens ("decode"), and the bytes
-    the prompt's experts hold while the tokens decode ("experts_bytes", `experts_bytes`; 0 for the dense model).
+    `timings`: a dict that receives the seconds spent up to the first new token ("prompt": routing, selection,
+    packing where the decode is packed, the prompt pass, the first token), after it on readying the experts for the
+    decode ("pack": what packing is left) and on the other tokens ("decode"), and the bytes the prompt's experts
+    hold while the tokens decode ("experts_bytes", `experts_bytes`; 0 for the dense model).
     `prompt`: token ids (a list), or a prompt embedded already (1, T, hidden): a LLaVA prompt with its image
     features, routed like any other. `stop`: a function of the new ids so far that returns True to end decoding there (e.g. at a stop string).
     """
@@ -496,16 +565,8 @@ def generate(model, prompt, max_new_tokens: int, moe: MuMoE = DENSE, eos_id=None
     start = time.perf_counter()
     cache = model.new_cache(T + max_new_tokens - 1)  # the last new token is never fed back
     prompts = prompt if embedded else torch.tensor([prompt], device=device)  # (1, T[, hidden])
-    packing = []  # seconds, each Linear's
-
-    def timed_pack(W_gated, bias):
-        began = time.perf_counter()
-        packed = packer(path)(W_gated, bias)
-        packing.append(time.perf_counter() - began)
-        return packed
-
     packs = path in PACKED_PATHS and max_new_tokens > 1  # only if a token will use them
-    x, chosen = route_prompt(model, prompts, cache, moe, pack_with=timed_pack if packs else None)
+    x, chosen = route_prompt(model, prompts, cache, moe, path if packs else "masked")
     held = 0 if path == "dense" else experts_bytes(chosen)
     logits = model.head(x[:, -1:])  # (1, 1, vocab): only the last position picks the next token
     next_id = logits[:, -1].argmax(dim=-1, keepdim=True)  # (1, 1)
@@ -522,6 +583,6 @@ def generate(model, prompt, max_new_tokens: int, moe: MuMoE = DENSE, eos_id=None
         new.append(next_id.item())
         done = new[-1] in eos or len(new) >= max_new_tokens or (stop and stop(new))
     if timings is not None:
-        timings.update(prompt=prompt_done - start - sum(packing), pack=sum(packing) + pack_done - prompt_done,
-                       decode=time.perf_counter() - pack_done, experts_bytes=held)
+        timings.update(prompt=prompt_done - start, pack=pack_done - prompt_done, decode=time.perf_counter() - pack_done,
+                       experts_bytes=held)
     return new

@@ -5,7 +5,10 @@
    has it) or -mno-avx512f (the AVX2 path), -fopenmp: the threads are torch's own libgomp pool. */
 
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #if !defined(__AVX2__) || !defined(__FMA__)
 #error "the packed decode kernel needs AVX2 and FMA"
@@ -32,13 +35,18 @@ static inline vec expand(const float *v, unsigned m) { return _mm512_maskz_expan
 typedef __m256 vec;
 #define zero() _mm256_setzero_ps()
 #define fma(a, b, c) _mm256_fmadd_ps(a, b, c)
-static int32_t permutation[256][8];  /* mask byte -> for each lane, which of the next 8 values goes there */
+static int32_t permutation[256][8];  /* mask byte -> for each lane, which of the next 8 values goes there, or, where
+                                        the lane is pruned, INT32_MIN: the permutation reads the low 3 bits only,
+                                        the blend after it the sign */
 static int32_t lanes[256][8];        /* mask byte -> all ones in its kept lanes */
+static int32_t compression[256][8];  /* mask byte -> for the p-th lane, which lane holds the p-th kept value */
 __attribute__((constructor)) static void build_tables(void) {
     for (int m = 0; m < 256; m++)
         for (int j = 0, p = 0; j < 8; j++) {
-            permutation[m][j] = (m >> j & 1) ? p : 0;
+            permutation[m][j] = (m >> j & 1) ? p : INT32_MIN;
             lanes[m][j] = (m >> j & 1) ? -1 : 0;
+            compression[m][j] = 0;
+            if (m >> j & 1) compression[m][p] = j;
             p += m >> j & 1;
         }
 }
@@ -47,8 +55,9 @@ static inline vec load_x(const float *x, int n) {
     return _mm256_maskload_ps(x, _mm256_loadu_si256((const __m256i *)lanes[(1 << (n > 0 ? n : 0)) - 1]));
 }
 static inline vec expand(const float *v, unsigned m) {  /* reads 8 values: the buffer ends in PAD zeros */
-    __m256 w = _mm256_permutevar8x32_ps(_mm256_loadu_ps(v), _mm256_loadu_si256((const __m256i *)permutation[m]));
-    return _mm256_and_ps(w, _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)lanes[m])));
+    __m256i to = _mm256_loadu_si256((const __m256i *)permutation[m]);
+    __m256 w = _mm256_permutevar8x32_ps(_mm256_loadu_ps(v), to);
+    return _mm256_blendv_ps(w, _mm256_setzero_ps(), _mm256_castsi256_ps(to));  /* pruned lanes (sign set): 0 */
 }
 static inline float hsum(__m256 a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -112,8 +121,30 @@ static inline unsigned kept_bits(const float *w, int64_t n) {  /* bit j: w[j] !=
     return _mm512_cmp_ps_mask(load_x(w, (int)(n < GROUP ? n : GROUP)), _mm512_setzero_ps(), _CMP_NEQ_UQ);
 #else
     unsigned m = 0;
-    for (int j = 0; j < GROUP && j < n; j++) m |= (unsigned)(w[j] != 0.0f) << j;
+    for (int h = 0; h < HALVES; h++)
+        m |= (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(load_x(w + h * LANES, (int)n - h * LANES), _mm256_setzero_ps(),
+                                                        _CMP_NEQ_UQ)) << (h * LANES);
     return m;
+#endif
+}
+
+/* the values of w[0..GROUP) whose bits are set in m, side by side at v; `room`: floats writable from v on */
+static inline void store_kept(float *v, const float *w, unsigned m, int64_t room) {
+#ifdef __AVX512F__
+    (void)room;
+    if (m) _mm512_mask_compressstoreu_ps(v, (__mmask16)m, _mm512_maskz_loadu_ps((__mmask16)m, w));
+#else  /* each half's kept values moved to its front, the whole vector stored (the next half's values overwrite
+          what lies past them) where there is room for it; one at a time at the end of a block */
+    for (int h = 0; h < HALVES; h++, w += LANES) {
+        unsigned byte = m >> (h * LANES) & LANE_BITS;
+        if (room >= LANES) {
+            __m256i to_front = _mm256_loadu_si256((const __m256i *)compression[byte]);
+            _mm256_storeu_ps(v, _mm256_permutevar8x32_ps(_mm256_maskload_ps(w, _mm256_loadu_si256(
+                                 (const __m256i *)lanes[byte])), to_front));
+        } else
+            for (unsigned b = byte; b; b &= b - 1) v[__builtin_popcount(byte & ((b & -b) - 1))] = w[__builtin_ctz(b)];
+        v += __builtin_popcount(byte), room -= __builtin_popcount(byte);
+    }
 #endif
 }
 
@@ -140,14 +171,210 @@ void pack_blocks(const float *W, int64_t d_out, int64_t d_in, uint16_t *bits, fl
                 int64_t i = b * ROWS + r, j0 = g * GROUP;
                 unsigned m = i < d_out ? kept_bits(W + i * d_in + j0, d_in - j0) : 0;  /* padding rows: empty */
                 bits_b[g * ROWS + r] = (uint16_t)m;
-#ifdef __AVX512F__
-                if (m)  /* the row's kept values of the group, side by side */
-                    _mm512_mask_compressstoreu_ps(v, (__mmask16)m, _mm512_maskz_loadu_ps((__mmask16)m, W + i * d_in + j0));
+                store_kept(v, W + i * d_in + j0, m, values + starts[b + 1] - v);  /* the kept values, side by side */
                 v += __builtin_popcount(m);
-#else
-                for (int j = 0; j < GROUP; j++)
-                    if (m >> j & 1) *v++ = W[i * d_in + j0 + j];
-#endif
             }
     }
+}
+
+
+/* μ-MoE's router, selection and packing in one pass (packed_experts.route_and_pack): from W (d_out, d_in) and the
+   prompt's input norms ||X_j|| (d_in,), each row's scores S_ij = |W_ij| · ||X_j|| (one float32 product, as
+   pruners.wanda_score computes them), its top experts kept exactly as pruners.wanda_mask keeps them (the k smallest
+   scores pruned, ties to the lower index; or N of every M), and the kept W_ij written straight into the packed
+   stream. A thread holds one block's ROWS rows of scores at a time: no score matrix, no W ⊙ M.
+
+   Non-negative floats order as their bit patterns do, so the selection runs on uint32 keys: a radix select finds
+   the k-th smallest key t of a row by its digits, high to low (RADIX_BITS), each pass counting the candidates
+   left in a histogram and keeping those in the bin that holds the k-th; what is left of k at the end is how many
+   of the keys equal to t are pruned (the lowest-index ones). */
+
+#define HISTOGRAM_BINS 4096
+#define RADIX_PASSES 4
+/* a key's digits, high to low: the first takes the exponent and 3 bits of mantissa (a row's scores span few
+   exponents, so few of its bins are used), the others at most 256 bins to walk: few candidates are left */
+static const int RADIX_SHIFT[RADIX_PASSES] = {20, 12, 4, 0}, RADIX_BITS[RADIX_PASSES] = {12, 8, 8, 4};
+#define FEW_CANDIDATES 16  /* then the k-th is found by counting, each candidate against the others */
+
+/* the keys of from[0..n) whose digit (key >> shift & digits) is `bin`, in order, to candidates (which may be
+   `from` itself: each is written at or before where it was read) -> how many */
+static int64_t keep_in_bin(const uint32_t *from, int64_t n, int shift, uint32_t digits, uint32_t bin,
+                           uint32_t *candidates) {
+    int64_t m = 0, i = 0;
+#ifdef __AVX512F__
+    __m512i digit_mask = _mm512_set1_epi32((int)digits), bin_v = _mm512_set1_epi32((int)bin);
+    for (; i + 16 <= n; i += 16) {
+        __m512i k = _mm512_loadu_si512(from + i);
+        __m512i digit = _mm512_and_si512(_mm512_srli_epi32(k, (unsigned)shift), digit_mask);
+        __mmask16 in = _mm512_cmpeq_epi32_mask(digit, bin_v);
+        _mm512_mask_compressstoreu_epi32(candidates + m, in, k);
+        m += __builtin_popcount(in);
+    }
+#else
+    __m256i digit_mask = _mm256_set1_epi32((int)digits), bin_v = _mm256_set1_epi32((int)bin);
+    __m128i count = _mm_cvtsi32_si128(shift);
+    for (; i + 8 <= n; i += 8) {
+        __m256i k = _mm256_loadu_si256((const __m256i *)(from + i));
+        __m256i digit = _mm256_and_si256(_mm256_srl_epi32(k, count), digit_mask);
+        __m256i in = _mm256_cmpeq_epi32(digit, bin_v);
+        for (unsigned b = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(in)); b; b &= b - 1)
+            candidates[m++] = from[i + __builtin_ctz(b)];
+    }
+#endif
+    for (; i < n; i++) {
+        candidates[m] = from[i];
+        m += (from[i] >> shift & digits) == bin;
+    }
+    return m;
+}
+
+/* the k-th smallest (k >= 1) of keys[0..n); *ties_pruned: how many of the keys equal to it are among the k */
+static uint32_t kth_smallest_key(const uint32_t *keys, int64_t n, int64_t k, uint32_t *candidates, uint32_t *histogram,
+                                 int64_t *ties_pruned) {
+    const uint32_t *from = keys;
+    for (int pass = 0; pass < RADIX_PASSES; pass++) {
+        if (n <= FEW_CANDIDATES)
+            for (int64_t i = 0; i < n; i++) {  /* from[i] is the k-th if k - 1 of them are below it, ties counted */
+                int64_t below = 0, equal = 0;
+                for (int64_t j = 0; j < n; j++) below += from[j] < from[i], equal += from[j] == from[i];
+                if (below < k && k <= below + equal) {
+                    *ties_pruned = k - below;
+                    return from[i];
+                }
+            }
+        int shift = RADIX_SHIFT[pass];
+        uint32_t digits = (1u << RADIX_BITS[pass]) - 1, lo = digits, hi = 0;
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t d = from[i] >> shift & digits;
+            histogram[d]++;
+            lo = d < lo ? d : lo;
+            hi = d > hi ? d : hi;
+        }
+        uint32_t bin = lo;
+        while (k > histogram[bin]) k -= histogram[bin++];  /* the keys of lower bins are all pruned */
+        int64_t in_bin = histogram[bin];
+        memset(histogram + lo, 0, (hi - lo + 1) * sizeof(uint32_t));
+        if (in_bin == n) continue;  /* every candidate is in the bin (all tied so far): nothing to drop */
+        n = keep_in_bin(from, n, shift, digits, bin, candidates);
+        from = candidates;
+    }
+    *ties_pruned = k;
+    return from[0];  /* every candidate left has all the digits of the k-th: equals it */
+}
+
+/* the n <= GROUP columns of a row of W ⊙ M at `out`: w where m keeps it, 0 elsewhere (nothing written past n) */
+static inline void store_gated(float *out, const float *w, unsigned m, int64_t n) {
+    unsigned columns = n >= GROUP ? 0xffffu : (1u << n) - 1;
+#ifdef __AVX512F__
+    _mm512_mask_storeu_ps(out, (__mmask16)columns, _mm512_maskz_loadu_ps((__mmask16)m, w));
+#else
+    for (int h = 0; h < HALVES; h++) {
+        __m256i keep = _mm256_loadu_si256((const __m256i *)lanes[m >> (h * LANES) & LANE_BITS]);
+        __m256i inside = _mm256_loadu_si256((const __m256i *)lanes[columns >> (h * LANES) & LANE_BITS]);
+        _mm256_maskstore_ps(out + h * LANES, inside, _mm256_maskload_ps(w + h * LANES, keep));
+    }
+#endif
+}
+
+/* for the GROUP keys at `keys` (the row's scratch, zeros after its end): bits of those > t, and of those == t */
+static inline unsigned compare_keys(const uint32_t *keys, uint32_t t, unsigned *equal) {
+#ifdef __AVX512F__
+    __m512i k = _mm512_loadu_si512(keys), tv = _mm512_set1_epi32((int)t);
+    *equal = _mm512_cmpeq_epi32_mask(k, tv);
+    return _mm512_cmpgt_epi32_mask(k, tv);  /* keys < 2^31 (|S| has no sign): signed order is theirs */
+#else
+    unsigned greater = 0, eq = 0;
+    __m256i tv = _mm256_set1_epi32((int)t);
+    for (int h = 0; h < HALVES; h++) {
+        __m256i k = _mm256_loadu_si256((const __m256i *)(keys + h * LANES));
+        greater |= (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(k, tv))) << (h * LANES);
+        eq |= (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(k, tv))) << (h * LANES);
+    }
+    *equal = eq;
+    return greater;
+#endif
+}
+
+/* One row's kept-expert bits, group by group (keep[g], GROUP columns each): its keys > t, and of those == t all but
+   the first ties_pruned; or, with M > 0, in each M columns all but the N smallest (ties: lower index first). */
+static void select_row(const uint32_t *keys, int64_t d_in, int64_t k, int64_t N, int64_t M, uint32_t *candidates,
+                       uint32_t *histogram, uint16_t *keep) {
+    int64_t groups = (d_in + GROUP - 1) / GROUP;
+    if (M > 0) {
+        memset(keep, 0, groups * sizeof(uint16_t));
+        for (int64_t j0 = 0; j0 < d_in; j0 += M)
+            for (int64_t j = j0; j < j0 + M; j++) {
+                int64_t rank = 0;  /* how many of its M come before it in the order (score, index) */
+                for (int64_t l = j0; l < j0 + M; l++) rank += keys[l] < keys[j] || (keys[l] == keys[j] && l < j);
+                if (rank >= N) keep[j / GROUP] |= (uint16_t)(1u << (j % GROUP));
+            }
+        return;
+    }
+    int64_t ties_pruned = 0;
+    uint32_t t = k > 0 ? kth_smallest_key(keys, d_in, k, candidates, histogram, &ties_pruned) : 0;
+    for (int64_t g = 0; g < groups; g++) {
+        int64_t n = d_in - g * GROUP;
+        unsigned columns = n >= GROUP ? 0xffffu : (1u << n) - 1, equal;
+        unsigned m = k > 0 ? compare_keys(keys + g * GROUP, t, &equal) : (equal = 0, columns);
+        for (equal &= columns; equal; equal &= equal - 1)  /* ties at t, lowest index first: the first are pruned */
+            if (ties_pruned > 0) ties_pruned--;
+            else m |= equal & -equal;
+        keep[g] = (uint16_t)(m & columns);
+    }
+}
+
+/* W (d_out, d_in), norms (d_in,) -> bits (as pack_blocks writes them) and each block's values at values + b · capacity
+   (capacity: what a block keeps at most, ROWS rows' kept count); counts[b]: how many it wrote (fewer where a kept W_ij
+   is 0, which pack leaves out too). route_and_pack_starts then closes the gaps. `gated`, if not NULL, (d_out, d_in):
+   receives W ⊙ M too, for the prompt's own gated product (a scratch matrix reused Linear after Linear). */
+void route_and_pack(const float *W, const float *norms, int64_t d_out, int64_t d_in, int64_t k, int64_t N, int64_t M,
+                    uint16_t *bits, float *values, int64_t capacity, int64_t *counts, float *gated, int threads) {
+    int64_t groups = (d_in + GROUP - 1) / GROUP, blocks = (d_out + ROWS - 1) / ROWS, stride = groups * GROUP;
+    #pragma omp parallel num_threads(threads)
+    {
+        uint32_t *keys = calloc(ROWS * stride + d_in, sizeof(uint32_t)), *candidates = keys + ROWS * stride;
+        uint32_t *histogram = calloc(HISTOGRAM_BINS, sizeof(uint32_t));  /* left all zeros after each use */
+        uint16_t *keep = malloc(ROWS * groups * sizeof(uint16_t));
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            for (int r = 0; r < ROWS; r++) {
+                int64_t i = b * ROWS + r;
+                if (i >= d_out) {  /* padding rows: empty */
+                    memset(keep + r * groups, 0, groups * sizeof(uint16_t));
+                    continue;
+                }
+                uint32_t *keys_r = keys + r * stride;
+                for (int64_t j = 0; j < d_in; j++) {  /* S_ij = |W_ij| · ||X_j||, as its bits */
+                    float s = fabsf(W[i * d_in + j]) * norms[j];
+                    memcpy(keys_r + j, &s, sizeof s);
+                }
+                select_row(keys_r, d_in, k, N, M, candidates, histogram, keep + r * groups);
+            }
+            float *v = values + b * capacity;
+            uint16_t *bits_b = bits + b * groups * ROWS;
+            for (int64_t g = 0; g < groups; g++)
+                for (int r = 0; r < ROWS; r++) {
+                    int64_t i = b * ROWS + r, j0 = g * GROUP;
+                    unsigned m = i < d_out ? keep[r * groups + g] & kept_bits(W + i * d_in + j0, d_in - j0) : 0;
+                    bits_b[g * ROWS + r] = (uint16_t)m;
+                    if (gated && i < d_out) store_gated(gated + i * d_in + j0, W + i * d_in + j0, m, d_in - j0);
+                    store_kept(v, W + i * d_in + j0, m, values + (b + 1) * capacity - v);
+                    v += __builtin_popcount(m);
+                }
+            counts[b] = v - (values + b * capacity);
+        }
+        free(keys), free(histogram), free(keep);
+    }
+}
+
+/* starts (blocks + 1,) from route_and_pack's counts, each block's values moved down to close the gaps its
+   neighbours left (none unless a kept weight was 0), and `pad` zeros after the last one */
+void route_and_pack_starts(float *values, int64_t blocks, int64_t capacity, const int64_t *counts, int64_t *starts,
+                           int64_t pad) {
+    starts[0] = 0;
+    for (int64_t b = 0; b < blocks; b++) {
+        if (starts[b] != b * capacity) memmove(values + starts[b], values + b * capacity, counts[b] * sizeof(float));
+        starts[b + 1] = starts[b] + counts[b];
+    }
+    memset(values + starts[blocks], 0, pad * sizeof(float));
 }

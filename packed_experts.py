@@ -44,8 +44,11 @@ Where the kernel cannot run (no C compiler, a CPU without AVX2, CUDA tensors, a 
 `kernel_problem` says why in one line, and the masked dense product runs instead (mumoe.decode_path).
 
     pack(W_gated, bias)                   W ⊙ M (d_out, d_in) -> PackedLinear (by the compiled kernel too)
+    route_and_pack(W, sqnorms, rho, nm)   W and a prompt's input norms -> its experts packed, in one pass: μ-MoE's
+                                          scores, exact selection and packing fused, no W ⊙ M built
     packed_bytes(d_out, d_in, kept)       what that costs in memory, and what a decode step reads of it
     packed_linear(x, packed)              the kernel: x (..., d_in) -> (..., d_out)
+    concatenate(parts), part(packed, rows) Linears that read one input as one PackedLinear (one call), and back
     unpack(packed)                        the packed form -> W ⊙ M again, in plain PyTorch
     kernel_problem(device, dtype)         None where the kernel runs, else why not
 """
@@ -57,11 +60,13 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from pruners import check_nm, check_rho, prune_count
 
 GROUP = 16  # columns per mask group: one AVX-512 register of float32 (AVX2 takes each half in turn)
 ROWS = 4  # rows per block: walked side by side, independent chains of loads and sums, one load of x for all
@@ -86,6 +91,14 @@ class PackedLinear:
     d_out: int
     d_in: int
     bias: torch.Tensor | None
+
+    @cached_property
+    def pointers(self) -> tuple:
+        """What the kernel reads, as the addresses it takes: bits, values, starts, bias (or None), computed once."""
+        if self.bias is not None and not self.bias.is_contiguous():
+            raise ValueError("the packed experts' bias must be contiguous: the kernel reads it by its address")
+        return (self.bits.data_ptr(), self.values.data_ptr(), self.starts.data_ptr(),
+                None if self.bias is None else self.bias.data_ptr())
 
     @property
     def nbytes(self) -> int:
@@ -118,7 +131,52 @@ def pack(W_gated: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinea
     bits = torch.empty(blocks, groups * ROWS * 2, dtype=torch.uint8)
     values = torch.zeros(int(starts[-1]) + PAD, dtype=torch.float32)
     lib.pack_blocks(W_gated.data_ptr(), d_out, d_in, bits.data_ptr(), values.data_ptr(), starts.data_ptr(), threads)
-    return PackedLinear(bits, values, starts, d_out, d_in, bias)
+    return PackedLinear(bits, values, starts, d_out, d_in, None if bias is None else bias.detach().contiguous())
+
+
+def route_and_pack(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, nm=None,
+                   bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> PackedLinear:
+    """μ-MoE's router, selection and packing in one pass: `pack(pruners.wanda_gated_weight(W, x_sqnorm, rho, nm=nm),
+    bias)`, the same masks, bits and values, without the scores or W ⊙ M ever in memory.
+
+    W (d_out, d_in) and x_sqnorm (d_in,) = ||X_j||² over the prompt, float32 on the CPU. The compiled pass scores a
+    block of rows, S_ij = |W_ij| · ||X_j|| (the norms' square roots taken here, as pruners.wanda_score takes them),
+    keeps each row's d_in - int(d_in (1 - rho)) largest (the smallest pruned, ties to the lower index: pruners'
+    prune_lowest), or with nm = (N, M) all but the N smallest of every M, and writes the kept W_ij into the stream.
+    `out`: a contiguous float32 tensor like W that receives W ⊙ M as well, in the same pass (the prompt's own gated
+    product reads it: one scratch matrix reused Linear after Linear, never one per Linear).
+    """
+    lib = loaded_kernel()
+    check_float32_cpu(W, "W", ndim=2)
+    check_float32_cpu(x_sqnorm, "the input norms", ndim=1)
+    check_rho(rho)
+    d_out, d_in = W.shape
+    if x_sqnorm.shape[0] != d_in:
+        raise ValueError(f"input norms of {x_sqnorm.shape[0]} features for W of {d_in} columns")
+    if bias is not None:
+        check_float32_cpu(bias, "the bias", ndim=1)
+        if bias.shape[0] != d_out:
+            raise ValueError(f"a bias of {bias.shape[0]} for {d_out} rows")
+    if nm is not None:
+        check_nm(nm, d_in)
+    if out is not None:
+        check_float32_cpu(out, "out", ndim=2)
+        if out.shape != W.shape or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {tuple(W.shape)} tensor, got {tuple(out.shape)}")
+    (N, M), k = nm or (0, 0), prune_count(d_in, rho) if nm is None else 0
+    kept = d_in - k if nm is None else d_in // M * (M - N)
+    W, norms = W.detach().contiguous(), x_sqnorm.detach().sqrt().contiguous()  # wanda_score's float32 ops
+    blocks, groups = -(-d_out // ROWS), -(-d_in // GROUP)
+    capacity = ROWS * kept  # a block's values at most
+    bits = torch.empty(blocks, groups * ROWS * 2, dtype=torch.uint8)
+    values = torch.empty(blocks * capacity + PAD, dtype=torch.float32)
+    counts, starts = torch.empty(blocks, dtype=torch.int64), torch.empty(blocks + 1, dtype=torch.int64)
+    lib.route_and_pack(W.data_ptr(), norms.data_ptr(), d_out, d_in, k, N, M, bits.data_ptr(), values.data_ptr(),
+                       capacity, counts.data_ptr(), None if out is None else out.data_ptr(), torch.get_num_threads())
+    lib.route_and_pack_starts(values.data_ptr(), blocks, capacity, counts.data_ptr(), starts.data_ptr(), PAD)
+    end = int(starts[-1]) + PAD
+    values = values if end == values.numel() else values[:end].clone()  # padding rows or kept zeros left room
+    return PackedLinear(bits, values, starts, d_out, d_in, None if bias is None else bias.detach().contiguous())
 
 
 def unpack(packed: PackedLinear) -> torch.Tensor:
@@ -167,6 +225,10 @@ def build(extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str | 
     lib.packed_linear.restype = None
     lib.count_kept.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
     lib.pack_blocks.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
+    lib.route_and_pack.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ctypes.c_int]
+    lib.route_and_pack.restype = None
+    lib.route_and_pack_starts.argtypes = [ptr, i64, i64, ptr, ptr, i64]
+    lib.route_and_pack_starts.restype = None
     return lib, None
 
 
@@ -208,16 +270,47 @@ def kernel_problem(device=None, dtype=torch.float32) -> str | None:
 
 
 def packed_linear(x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
-    """x (..., d_in) float32 -> x (W ⊙ M)^T + b (..., d_out), reading only the packed experts."""
-    lib = loaded_kernel()
-    check_float32_cpu(x, "x")
+    """x (..., d_in) float32 -> x (W ⊙ M)^T + b (..., d_out), reading only the packed experts.
+
+    A decode step makes one call per Linear (or per Linears sharing an input, `concatenate`), so the call itself is
+    kept short: the experts' addresses are computed once (PackedLinear.pointers), x is copied only if it is not
+    contiguous, and y is written in place of a reshape."""
+    kernel = loaded_kernel().packed_linear
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        check_float32_cpu(x, "x")
     if x.shape[-1] != packed.d_in:
         raise ValueError(f"x has {x.shape[-1]} features, the packed experts {packed.d_in}")
-    shape = x.shape
-    x = x.reshape(-1, packed.d_in).contiguous()  # (n, d_in): every token of the batch shares these experts
-    y = torch.empty(x.shape[0], packed.d_out, dtype=x.dtype)
-    bias = packed.bias.contiguous() if packed.bias is not None else None
-    lib.packed_linear(x.data_ptr(), x.shape[0], packed.d_in, packed.bits.data_ptr(), packed.values.data_ptr(),
-                      packed.starts.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
-                      packed.d_out, torch.get_num_threads())
-    return y.reshape(*shape[:-1], packed.d_out)
+    if not x.is_contiguous():
+        x = x.contiguous()  # (..., d_in) read as (n, d_in): every token of the batch shares these experts
+    y = x.new_empty((*x.shape[:-1], packed.d_out))
+    kernel(x.data_ptr(), x.numel() // packed.d_in, packed.d_in, *packed.pointers, y.data_ptr(), packed.d_out,
+           torch.get_num_threads())
+    return y
+
+
+def concatenate(parts: list[PackedLinear]) -> PackedLinear:
+    """Linears that read one input (q, k and v; gate and up), their experts packed, -> one PackedLinear whose
+    output is theirs side by side: one kernel call instead of several. Each part's rows are whole blocks
+    (d_out a multiple of ROWS), so the streams follow one another unchanged, each block's start moved by what
+    comes before it."""
+    if any(P.d_out % ROWS or P.d_in != parts[0].d_in for P in parts):
+        raise ValueError("only Linears of one input whose rows fill whole blocks are concatenated")
+    values = torch.cat([P.values[: P.starts[-1]] for P in parts] + [torch.zeros(PAD)])
+    ends = torch.tensor([0] + [int(P.starts[-1]) for P in parts]).cumsum(dim=0)
+    starts = torch.cat([parts[0].starts[:1]] + [P.starts[1:] + end for P, end in zip(parts, ends)])
+    has_bias = [P.bias is not None for P in parts]
+    bias = None if not any(has_bias) else torch.cat([P.bias if P.bias is not None else torch.zeros(P.d_out)
+                                                     for P in parts])
+    return PackedLinear(torch.cat([P.bits for P in parts]), values, starts, sum(P.d_out for P in parts),
+                        parts[0].d_in, bias)
+
+
+def part(packed: PackedLinear, rows: slice) -> PackedLinear:
+    """The experts of rows [rows.start, rows.stop) of `packed` (whole blocks), sharing its memory: what each Linear
+    keeps of a concatenation, so that the parts and the whole are not held twice. Its values run on into the next
+    part's, where the kernel's last full-width load may read (and mask out) what PAD zeros would give."""
+    b0, b1 = rows.start // ROWS, rows.stop // ROWS
+    s0, s1 = int(packed.starts[b0]), int(packed.starts[b1])
+    bias = None if packed.bias is None else packed.bias[rows]
+    return PackedLinear(packed.bits[b0:b1], packed.values[s0 : s1 + PAD], packed.starts[b0 : b1 + 1] - s0,
+                        rows.stop - rows.start, packed.d_in, bias)

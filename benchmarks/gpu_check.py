@@ -176,8 +176,7 @@ def triton(args, device, work: Path) -> dict:
         for label in settings:
             rho, nm = SETTINGS[label]
             cache = model.new_cache(CACHED + 1)
-            pack = mumoe.packer(path) if path in mumoe.PACKED_PATHS else None
-            _, chosen = mumoe.route_prompt(model, prompts, cache, mumoe.MuMoE(rho, nm=nm), pack_with=pack)
+            _, chosen = mumoe.route_prompt(model, prompts, cache, mumoe.MuMoE(rho, nm=nm), path)
             seconds = timed({"dense": stepper(model, dense_linear, cache, next_ids),
                              "packed": stepper(model, mumoe.decode_experts(chosen, path), cache, next_ids)},
                             args.repeats, device)

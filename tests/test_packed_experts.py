@@ -192,10 +192,13 @@ def test_greedy_generation_packed_equals_masked(tiny_models, name, rho, nm, rout
     monkeypatch.setattr(mumoe, "packed_linear", lambda x, P: products.append(x.shape) or packed_linear(x, P))
     packed = generate(model, prompt, 16, MuMoE(rho, routing=routing, nm=nm), decode="packed", timings=timings)
     assert packed == masked, f"{name}: packed decode {packed} vs masked {masked}"
-    linears = sum(len(block.linears()) for block in model.blocks)
-    assert len(products) == 15 * linears, f"{len(products)} packed products for 15 steps of {linears} Linears"
+    linears, blocks = sum(len(block.linears()) for block in model.blocks), len(model.blocks)
+    # the first step: one product per Linear; then q/k/v and gate/up (fc1 alone in OPT) as one each: 4 products
+    # per block and step, OPT and LLaMA alike
+    assert len(products) == linears + 14 * 4 * blocks, (
+        f"{len(products)} packed products for 15 steps of {linears} Linears in {blocks} blocks")
     assert len(set(masked)) > 2, f"{name}: a degenerate test, the tokens repeat: {masked}"
-    assert set(timings) == {"prompt", "pack", "decode", "experts_bytes"} and timings["pack"] > 0, timings
+    assert set(timings) == {"prompt", "pack", "decode", "experts_bytes"}, timings
 
 
 @needs_kernel
@@ -243,6 +246,7 @@ def test_auto_falls_back_to_masked_with_the_same_tokens(tiny_models, monkeypatch
     monkeypatch.setattr(packed_experts, "compiled_kernel", lambda *flags: (None, "no C compiler found (test)"))
     assert decode_path("auto", "cpu", torch.float32) == "masked"
     monkeypatch.setattr(mumoe, "pack", None)  # the fallback must not touch the packed form at all
+    monkeypatch.setattr(mumoe, "route_and_pack", None)
     assert generate(model, prompt, 12, MuMoE(0.5), decode="auto") == masked
     with pytest.raises(UsageError, match="--decode packed cannot run here: no C compiler found"):
         generate(model, prompt, 12, MuMoE(0.5), decode="packed")

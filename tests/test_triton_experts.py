@@ -222,28 +222,24 @@ def test_greedy_generation_triton_equals_masked(tiny_models, name, rho, nm, rout
     assert 0.5 < held < 0.62 and timings["pack"] > 0, f"packed experts hold {held:.2f} of W ⊙ M's bytes, {timings}"
 
 
-@pytest.mark.parametrize("path", ["triton", "packed"])
-def test_routing_keeps_one_block_of_gated_weights_at_most(tiny_models, path):
-    """route_prompt(pack_with=...): when a block's Linears are packed, no earlier block's W ⊙ M is alive any more,
-    and none is once routing is done: never a second copy of the model (on the CPU, packed_experts' pack)."""
-    if path == "packed" and (DEVICE.type != "cpu" or packed_experts.kernel_problem() is not None):
-        pytest.skip(f"packed_experts' kernel serves CPU tensors, here: {packed_experts.kernel_problem(DEVICE)}")
+def test_routing_keeps_one_linear_of_gated_weights_at_most(tiny_models, monkeypatch):
+    """route_prompt(path="triton"): each Linear's W ⊙ M is packed as soon as it is routed, and when the next one is
+    packed no earlier one is alive any more: never a second copy of the model. (The CPU's packed route builds no
+    W ⊙ M at all: test_packed_experts.)"""
     model, prompt = tiny_models["llama (GQA)"]
-    block_of = {layer: i for i, block in enumerate(model.blocks) for layer in block.linears().values()}
-    alive = []  # (block, a weak reference to a W ⊙ M handed to pack)
+    linears = [layer for block in model.blocks for layer in block.linears().values()]
+    alive = []  # a weak reference to each W ⊙ M handed to pack
 
     def pack_noting(W_gated, bias):
-        block = next(block for layer, block in block_of.items()  # the Linear whose kept weights these are
-                     if layer.weight.shape == W_gated.shape and torch.equal(W_gated, layer.weight * (W_gated != 0)))
-        earlier = [b for b, ref in alive if b < block and ref() is not None]
-        assert not earlier, f"packing block {block}, the W ⊙ M of block(s) {sorted(set(earlier))} is still alive"
-        alive.append((block, weakref.ref(W_gated)))
-        return mumoe.packer(path)(W_gated, bias)
+        assert all(ref() is None for ref in alive), f"packing Linear {len(alive)}, an earlier W ⊙ M is still alive"
+        alive.append(weakref.ref(W_gated))
+        return triton_experts.pack(W_gated, bias)
 
+    monkeypatch.setattr(mumoe, "packer", lambda path: pack_noting)
     cache = model.new_cache(len(prompt))
-    _, chosen = route_prompt(model, torch.tensor([prompt], device=DEVICE), cache, MuMoE(0.5), pack_with=pack_noting)
-    assert len(alive) == len(block_of) and all(ref() is None for _, ref in alive), "a W ⊙ M outlived routing"
-    assert all(mumoe.is_packed(experts) for experts in chosen.values()), "chosen holds W ⊙ M, not packed experts"
+    _, chosen = route_prompt(model, torch.tensor([prompt], device=DEVICE), cache, MuMoE(0.5), "triton")
+    assert len(alive) == len(linears) and all(ref() is None for ref in alive), "a W ⊙ M outlived routing"
+    assert not any(torch.is_tensor(e) for experts in chosen.values() for e in experts), "chosen holds a W ⊙ M"
 
 
 def test_decode_path_answers_triton_on_cuda_where_it_runs(monkeypatch):
