@@ -105,9 +105,12 @@ def test_devices_refused_under_torchrun(monkeypatch):
     assert distributed.start("cpu") == torch.device("cpu"), "--device cpu on a node with GPUs: gloo, on the CPU"
 
 
+RUN_SETTINGS = ("threads", "thread_policy")  # how this process used the cores (ranks take one thread each)
+
+
 def without_timings(report: dict) -> dict:
-    """The report less what differs between two runs of the same rows: the rows' times, and --out."""
-    settings = {k: v for k, v in report["settings"].items() if k != "out"}
+    """The report less what differs between two runs of the same rows: the rows' times, --out and the threads."""
+    settings = {k: v for k, v in report["settings"].items() if k not in ("out", *RUN_SETTINGS)}
     return dict(settings=settings, results=[{k: v for k, v in row.items() if k != "seconds"}
                                             for row in report["results"]])
 

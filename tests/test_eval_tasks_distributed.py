@@ -118,7 +118,8 @@ def routings(log: list[dict]) -> list[tuple]:
 
 def without_timings(report: dict) -> dict:
     """The report less what differs between runs of the same rows: the rows' times, --out and --offload."""
-    settings = {k: v for k, v in report["settings"].items() if k not in ("out", "offload")}
+    settings = {k: v for k, v in report["settings"].items()
+                if k not in ("out", "offload", "threads", "thread_policy")}  # (ranks take one thread each)
     return dict(settings=settings, results=[{k: v for k, v in row.items() if k != "seconds"}
                                             for row in report["results"]])
 

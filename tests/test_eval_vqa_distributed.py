@@ -60,7 +60,8 @@ def answers_by_rank(tmp_path: Path) -> dict[str, list[str]]:
 
 def without_timings(report: dict) -> dict:
     """The report less what differs between two runs of the same rows: the rows' times, --out, --resume, --offload."""
-    settings = {k: v for k, v in report["settings"].items() if k not in ("out", "resume", "offload")}
+    settings = {k: v for k, v in report["settings"].items()
+                if k not in ("out", "resume", "offload", "threads", "thread_policy")}  # (ranks take one thread each)
     return dict(settings=settings, questions=report["questions"],
                 results=[{k: v for k, v in row.items() if k != "seconds"} for row in report["results"]])
 
