@@ -115,14 +115,15 @@ def embed(model, question: Question, ids: list[int], device, dtype) -> torch.Ten
 
 @torch.no_grad()
 def answer(model, tokenizer, question: Question, ids: list[int], max_new_tokens: int, rho: float = 1.0,
-           routing: str = "block", select: str | None = None, device=None, dtype=None, decode: str = "auto") -> str:
+           routing: str = "block", select: str | None = None, device=None, dtype=None, decode: str = "auto",
+           timings: dict | None = None) -> str:
     """The model's answer to one question: greedy, decoded without special tokens, stripped (as LLaVA's
     scripts do). rho < 1: μ-MoE, the prompt routed on itself, its answer decoded with its experts as `decode` says
-    (mumoe.decode_path)."""
+    (mumoe.decode_path). `timings`: mumoe.generate's, the bytes the prompt's experts held among them."""
     x = embed(model, question, ids, device, dtype)
     lm = model.language_model
     new = mumoe.generate(lm, x, max_new_tokens, mumoe.MuMoE(rho, routing=routing, select=select),
-                         eos_id=lm.config.eos_token_id, decode=decode)
+                         eos_id=lm.config.eos_token_id, decode=decode, timings=timings)
     return tokenizer.decode(new).strip()
 
 
@@ -160,12 +161,14 @@ def calibration_questions(questions: list[Question], nsamples: int, seed: int,
 
 
 def summary(predictions: list[dict], questions: dict[str, Question]) -> dict:
-    """Accuracy in percent over the questions answered so far, and over those with an image."""
+    """Accuracy in percent over the questions answered so far, and over those with an image; the most memory a
+    routed prompt's experts held beside the model (mumoe.experts_bytes)."""
     scores = [p["score"] for p in predictions]
     with_image = [p["score"] for p in predictions if questions[p["id"]].image is not None]
     return {"accuracy": 100 * sum(scores) / len(scores) if scores else math.nan,
             "accuracy_image": 100 * sum(with_image) / len(with_image) if with_image else math.nan,
-            "answered": len(scores), "answered_image": len(with_image)}
+            "answered": len(scores), "answered_image": len(with_image),
+            "experts_bytes_max": max((p.get("experts_bytes", 0) for p in predictions), default=0)}
 
 
 def label(row: dict) -> str:
@@ -453,9 +456,11 @@ def run(args) -> list[dict]:
                     round_questions = todo[first : first + per_round]
                     mine = []
                     for q in round_questions[distributed.shard(len(round_questions))]:
+                        spent = {}
                         prediction = answer(model, tokenizer, q, ids[q.task, q.id], args.max_new_tokens, routed_rho,
-                                            routing or "block", args.select, device, dtype, args.decode)
-                        mine.append({"id": q.id, "prediction": prediction, "score": vqa_tasks.score(q, prediction)})
+                                            routing or "block", args.select, device, dtype, args.decode, spent)
+                        mine.append({"id": q.id, "prediction": prediction, "score": vqa_tasks.score(q, prediction),
+                                     "experts_bytes": spent["experts_bytes"]})  # beside the model: 0 when dense
                         predictions.append(mine[-1])  # on rank 0, saved with the row
                         row["seconds"] += time.time() - start
                         start = time.time()

@@ -18,7 +18,9 @@ command prints; `settings()` is what a results file records. Standard library on
 
 import os
 
-SPIN_COUNT = 10_000  # turns a waiting thread spins before it sleeps: ~10 µs here; libgomp's default is 300,000
+SPIN_COUNT = 1_000  # turns a waiting thread spins before it sleeps (~1 µs); libgomp's default is 300,000. Chosen by
+                   # benchmarks/bench_threads.py: 10,000 left a packed decode step 2.7x slower beside a busy process,
+                   # 0 (OMP_WAIT_POLICY=PASSIVE) cost it 8-11% on the quiet machine; 1,000 keeps both (docs/speed.md)
 # Any of these set by the user means the user chose how threads wait or how many there are: we leave it all alone
 USER_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_DYNAMIC", "MKL_NUM_THREADS")
 
@@ -28,13 +30,13 @@ if not USERS:
 
 
 def policy() -> dict[str, str]:
-    """The variables in force and whose they are: {"GOMP_SPINCOUNT": "10000", "by": "mumoe"} or the user's own."""
+    """The variables in force and whose they are: {"GOMP_SPINCOUNT": "1000", "by": "mumoe"} or the user's own."""
     return {**USERS, "by": "user"} if USERS else {"GOMP_SPINCOUNT": str(SPIN_COUNT), "by": "mumoe"}
 
 
 def use_threads(threads: int | None) -> str:
     """torch's intra-op threads: `threads` if given (--threads), else torch's own choice. Returns the line that
-    says what runs, e.g. "threads: 2 (OpenMP waits: GOMP_SPINCOUNT=10000, mumoe's policy)"."""
+    says what runs, e.g. "threads: 2 (GOMP_SPINCOUNT=1000: mumoe's policy)"."""
     import torch
 
     if threads is not None:

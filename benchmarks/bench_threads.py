@@ -9,6 +9,7 @@ candidates, each set in the environment of a fresh process (libgomp reads it onc
     default      torch's own: OpenMP's spinning wait, every core
     passive      OMP_WAIT_POLICY=PASSIVE: a waiting thread sleeps at once
     spin10k      GOMP_SPINCOUNT=10000: spin ~10 µs, then sleep
+    spin1k       GOMP_SPINCOUNT=1000: spin ~1 µs, then sleep
     one-thread   OMP_NUM_THREADS=1: no waiting at all, one core's speed
     mumoe        whatever thread_policy.py sets when a command starts (the policy chosen from these figures)
 
@@ -43,6 +44,7 @@ CANDIDATES = {
     "default": {},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
     "spin10k": {"GOMP_SPINCOUNT": "10000"},
+    "spin1k": {"GOMP_SPINCOUNT": "1000"},
     "one-thread": {"OMP_NUM_THREADS": "1"},
     "mumoe": None,  # thread_policy.py's own choice, set in the child before torch loads
 }
@@ -123,7 +125,8 @@ def run_child(candidate: str, busy: bool, repeats: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in POLICY_VARIABLES}
     env.update(CANDIDATES[candidate] or {})
     argv = [sys.executable, __file__, "--child", str(repeats)] + (["--policy"] if CANDIDATES[candidate] is None else [])
-    loop = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    spin = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"  # ends if this script does
+    loop = subprocess.Popen([sys.executable, "-c", spin]) if busy else None
     try:
         done = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=REPO)
     finally:

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 import eval_vqa
+import models
+import packed_experts
 import vqa_tasks
 from kit.checks import assert_one_line_error
 from kit.commands import vqa_command
@@ -182,6 +184,16 @@ def test_every_method_runs_and_the_accuracy_is_the_rescored_predictions(vqa_llav
     for row in report["results"]:
         assert row["complete"] and [p["id"] for p in row["predictions"]] == [q["id"] for q in report["questions"]]
         assert (row["accuracy"], row["accuracy_image"]) == pytest.approx(rescored(report)[eval_vqa.row_key(row)])
+    # memory per routed prompt: only μ-MoE's prompts hold experts beside the model, packed where the kernel runs
+    # (rho + 1/32 of the Linears' bytes, with each block's padding and start) and W ⊙ M's whole bytes where not
+    language_model = models.load_model(vqa_llava).language_model
+    linear_bytes = sum(layer.weight.nbytes for block in language_model.blocks for layer in block.linears().values())
+    for row in report["results"]:
+        held = max(p["experts_bytes"] for p in row["predictions"]) / linear_bytes
+        assert row["experts_bytes_max"] == held * linear_bytes, eval_vqa.label(row)
+        expected = (0.0, 0.0) if row["method"] != "mumoe" else (
+            (row["rho"], row["rho"] + 0.1) if packed_experts.kernel_problem() is None else (1.0, 1.0))
+        assert expected[0] <= held <= expected[1], f"{eval_vqa.label(row)} rho {row['rho']}: {held:.3f} of the bytes"
     # the pruned rows answer differently from the dense one (the model really was pruned / routed)
     dense = [p["prediction"] for p in report["results"][0]["predictions"]]
     for row in report["results"][1:]:
