@@ -336,9 +336,13 @@ def test_each_pruned_row_starts_from_the_checkpoint(vqa_llava, data_dir, tmp_pat
 def test_summary_counts_all_questions_and_those_with_an_image():
     questions = {str(i): vqa_tasks.Question("scienceqa", str(i), "", "", b"png" if i < 3 else None, "A", 2)
                  for i in range(5)}
-    predictions = [{"id": str(i), "prediction": "", "score": s} for i, s in enumerate([1.0, 0.0, 1.0, 1.0, 0.0])]
+    predictions = [{"id": str(i), "prediction": "", "score": s, "experts_bytes": 100 * i}
+                   for i, s in enumerate([1.0, 0.0, 1.0, 1.0, 0.0])]
     assert eval_vqa.summary(predictions, questions) == {"accuracy": 60.0, "accuracy_image": pytest.approx(200 / 3),
-                                                        "answered": 5, "answered_image": 3}
+                                                        "answered": 5, "answered_image": 3, "experts_bytes_max": 400}
+    for p in predictions:  # a file written before the experts' bytes were recorded
+        del p["experts_bytes"]
+    assert eval_vqa.summary(predictions, questions)["experts_bytes_max"] == 0
 
 
 def table_rows(calib: str) -> list[dict]:
