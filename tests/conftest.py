@@ -88,3 +88,12 @@ def hub_online(monkeypatch):
 
     for module in (checkpoint, corpora, vqa_tasks):
         monkeypatch.setattr(module, "hub_offline", lambda: None)
+
+
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def threads(request):
+    """The packed kernels split rows over torch's threads: alone, and split in two (row blocks of 4 and a remainder)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)

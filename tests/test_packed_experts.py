@@ -40,15 +40,6 @@ PRODUCT_RTOL = 1e-6
 HARNESS_ATOL, HARNESS_RTOL = 1e-5, 1e-6
 
 
-@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
-def threads(request):
-    """The kernel splits rows over torch's threads: alone, and split in two (row blocks of 4 and a remainder)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def routed(W: torch.Tensor, rho: float, nm=None, seed=0, tied=False) -> torch.Tensor:
     """W ⊙ M with Wanda's mask on random input norms (μ-MoE's router); `tied`: every score of a row ties."""
     norms = torch.rand(W.shape[1], generator=torch.Generator().manual_seed(seed)) + 0.1

@@ -20,14 +20,6 @@ AVX512 = "avx512f" in packed_experts.cpu_flags().split()
 BUILDS = [(), ("-mno-avx512f",)] if AVX512 else [()]
 
 
-@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def weights_and_norms(d_out: int, d_in: int, kind: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """W and a prompt's ||X_j||², with the cases a selection can get wrong:
     "random"  distinct scores, one dead input (||X_j|| = 0: its column scores 0 in every row) and one W_ij = 0
