@@ -53,7 +53,9 @@ class UsageError(ValueError):
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def check_device(device) -> torch.device:
+def check_device(device: str | None) -> torch.device:
+    """--device, checked; every command's default (None): CUDA when present, else the CPU."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
     except RuntimeError as e:  # torch.device("gpu") and the like

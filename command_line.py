@@ -222,7 +222,8 @@ def start_run(args) -> tuple[torch.device, torch.dtype, str]:
 def main_of(prog: str, argv, parse_args, run, saved) -> int:
     """An evaluation command's main: `run(parse_args(argv))`, during which Ctrl-C raises KeyboardInterrupt
     (ctrl_c.raises). A UsageError ends in one line and exit code 2, a lost rank as distributed.failed_elsewhere
-    says, Ctrl-C in one line -- `saved(args)` (what --out holds) and the command line that goes on from it with
+    says, Ctrl-C (or any error after a press: a native call may turn the interrupt into one of its own) in one line
+    -- `saved(args)` (what --out holds) and the command line that goes on from it with
     --resume -- and exit code 130. The ranks stop whatever happens."""
     distributed.silence_other_ranks()
     args = parse_args(argv)
@@ -233,7 +234,9 @@ def main_of(prog: str, argv, parse_args, run, saved) -> int:
         return distributed.fail(f"{prog}: error: {e}", 2)
     except distributed.RanksLost as e:  # another rank failed or was interrupted, and said so
         return distributed.failed_elsewhere(e, prog)
-    except KeyboardInterrupt:
+    except BaseException as e:  # Ctrl-C: a KeyboardInterrupt, or the error a native call made of it
+        if not (isinstance(e, KeyboardInterrupt) or ctrl_c.PRESSED.is_set()):
+            raise
         again = (sys.argv[1:] if argv is None else argv) + ([] if args.resume else ["--resume"])
         return distributed.fail(f"\ninterrupted: {saved(args)}; to go on: {distributed.launcher()} {prog} "
                                 f"{shlex.join(again)}", INTERRUPTED)

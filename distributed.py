@@ -74,7 +74,7 @@ def start(device: str | None) -> torch.device:
     Default device: CUDA when present, else the CPU. Under torchrun CUDA means cuda:LOCAL_RANK, one GPU per
     rank, so a node needs as many GPUs as ranks; with --device cpu the ranks share the CPU (gloo), which
     works on a node with GPUs too. Every rank checks the same things, so a refusal is the same on all."""
-    device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(device)
     if not launched():
         return device
     if not dist.is_initialized():

@@ -31,10 +31,7 @@ import thread_policy  # noqa: F401  before torch: libgomp reads how its threads 
 import argparse
 import json
 import math
-import shlex
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -47,11 +44,11 @@ import models
 import mumoe
 import pruners
 from checkpoint import BlockFn, UsageError, dense_block, resolve_checkpoint
-from command_line import (CALIBRATED, INTERRUPTED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE,
+from command_line import (CALIBRATED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE,
                           ArgumentParser, active_ratio, add_device_options, add_mumoe_prefix, add_mumoe_routing,
                           add_out_and_resume, add_select_and_decode, available_memory, check_calibration_memory,
-                          check_nm_fits, default_dtype, in_plan_order, nm_active_ratio, nm_name, nm_pattern,
-                          positive_int, window_length)
+                          check_nm_fits, default_dtype, in_plan_order, main_of, nm_active_ratio, nm_name,
+                          nm_pattern, positive_int, window_length)
 from corpora import (DATASETS, DEFAULT_CALIB, DEFAULT_DATASETS, EVAL_SPLIT, LABELS, MAX_DEFAULT_SEQLEN,
                      calibration_windows, evaluation_ids, load_rows, save_rows, windows)
 import results_file
@@ -283,45 +280,16 @@ def not_finite(row: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    distributed.silence_other_ranks()
-    args = parse_args(argv)
-    CTRL_C.clear()
-    previous = signal.signal(signal.SIGINT, note_ctrl_c)
-    try:
-        run(args)
-    except UsageError as e:
-        return distributed.fail(f"eval_ppl.py: error: {e}", 2)
-    except distributed.RanksLost as e:  # another rank failed or was interrupted, and said so
-        return distributed.failed_elsewhere(e, "eval_ppl.py")
-    except BaseException as e:  # Ctrl-C: a KeyboardInterrupt, or the error a native call made of it
-        if not (isinstance(e, KeyboardInterrupt) or CTRL_C.is_set()):
-            raise
-        return distributed.fail(interrupted(args, sys.argv[1:] if argv is None else argv), INTERRUPTED)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        distributed.stop()
-    return 0
+    return main_of("eval_ppl.py", argv, parse_args, run, rows_saved)
 
 
-# Ctrl-C raises KeyboardInterrupt wherever Python is; inside a native call (safetensors reading a tensor) the
-# call may turn it into an error of its own, so that the press itself is noted, and any error after it is it
-CTRL_C = threading.Event()
-
-
-def note_ctrl_c(signum, frame):
-    CTRL_C.set()
-    signal.default_int_handler(signum, frame)
-
-
-def interrupted(args, argv: list[str]) -> str:
-    """Ctrl-C's one line: how many rows the --out file holds, and the command that goes on from them."""
+def rows_saved(args) -> str:
+    """What Ctrl-C's line says is kept: how many rows the --out file holds."""
     try:
         saved = len(json.loads(args.out.read_text(encoding="utf-8"))["results"])
     except (OSError, ValueError, KeyError, TypeError):
         saved = 0
-    again = argv + ([] if args.resume else ["--resume"])
-    return (f"interrupted: {saved} rows saved in {args.out}; to go on: {distributed.launcher()} eval_ppl.py "
-            f"{shlex.join(again)}")
+    return f"{saved} rows saved in {args.out}"
 
 
 def run(args) -> list[dict]:

@@ -25,9 +25,9 @@ import torch
 
 import llava_model
 import mumoe
-from checkpoint import DTYPES, UsageError, check_device
-from command_line import (ArgumentParser, active_ratio, add_mumoe_prefix, add_mumoe_routing, add_select_and_decode,
-                          add_threads, default_dtype, positive_int)
+from checkpoint import UsageError, check_device
+from command_line import (ArgumentParser, active_ratio, add_device_options, add_mumoe_prefix, add_mumoe_routing,
+                          add_select_and_decode, default_dtype, positive_int)
 from models import load_model, load_tokenizer, read_config
 import triton_experts
 from packed_experts import kernel_problem
@@ -37,7 +37,7 @@ REPEATS = 3  # alternating dense and μ-MoE generations, whose medians are print
 WARMUP_TOKENS = 2  # a warm-up generation's length: the prompt pass and one decode step, with each path's kernels
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = ArgumentParser(prog="generate.py", description="Generate greedily with the dense model and with μ-MoE.")
     parser.add_argument("--model", required=True, help="opt-125m ... opt-66b, llava-1.5-7b, a hub id (OPT, LLaMA, "
                         "Mistral, Qwen2, LLaVA-1.5), or a local directory")
@@ -55,9 +55,7 @@ def main(argv=None) -> None:
     add_select_and_decode(parser)
     parser.add_argument("--repeats", type=positive_int, default=REPEATS,
                         help=f"generations of each, alternating, whose median times are printed (default {REPEATS})")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 otherwise")
-    add_threads(parser)
+    add_device_options(parser)
     args = parser.parse_args(argv)
 
     try:
@@ -115,10 +113,10 @@ def main(argv=None) -> None:
             mumoe_new = mumoe.generate(model, routed_prompt, args.max_new_tokens, timings=mumoe_runs[-1], **routed)
     except UsageError as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
 
     dense_s, mumoe_s = medians(dense_runs), medians(mumoe_runs)
-    select = args.select or default_select(args.device)
+    select = args.select or default_select(device)
     shown = text if vision else args.prompt
     print(f"prompt ({T} tokens" + (f", {llava.config.image_tokens} per image" if images else "") + f"): {shown!r}")
     print(f"times: the medians of {args.repeats} generations of each, alternating, after a warm-up of each")
@@ -176,6 +174,7 @@ def main(argv=None) -> None:
         print(f"  vision tower ({len(encoder.blocks)} layers, {tokens} tokens) and projector, {n} image(s): "
               + (f"dense {si(n * vision_dense)}, μ-MoE {si(n * vision_routed)} (--route-vision)" if args.route_vision
                  else f"{si(n * vision_dense)}, dense in both (--route-vision routes it)"))
+    return 0
 
 
 def medians(runs: list[dict]) -> dict:
@@ -201,4 +200,4 @@ def si(n: float) -> str:
 
 
 if __name__ == "__main__":
-    ctrl_c.end("generate.py", main() or 0)
+    ctrl_c.end("generate.py", main())

@@ -13,7 +13,7 @@ import eval_ppl
 import eval_tasks
 import eval_vqa
 import generate
-from kit.commands import cli_args
+from kit.commands import cli_args, run_command
 from kit.data import sentence, write_multiple_choice_task
 from kit.tiny_models import save_tiny_llama, save_tiny_llava
 from kit.tiny_tokenizers import save_llama2_like_tokenizer, save_llama_tokenizer
@@ -73,11 +73,6 @@ def task_setup(tmp_path_factory):
     return tasks, rows
 
 
-def exit_code(main, argv) -> int:
-    try:
-        return main(argv) or 0
-    except SystemExit as e:  # argparse, and the generation command's errors
-        return e.code
 
 
 def results_of(path) -> list[dict]:
@@ -89,7 +84,8 @@ def test_eval_ppl_serves(model_type, family_models, cli_data, tmp_path, capsys):
     out = tmp_path / "ppl.json"
     argv = cli_args(family_models[model_type], cli_data, "--rho", "0.5", "--methods", "dense", "wanda", "mumoe",
                     "--calib", "ptb", "--datasets", "ptb", "--out", str(out))
-    assert exit_code(eval_ppl.main, argv) == 0, capsys.readouterr().err[-2000:]
+    code, _, err = run_command(eval_ppl.main, argv, capsys)
+    assert code == 0, err[-2000:]
     rows = {r["method"]: r["ppl"]["ptb"] for r in results_of(out)}
     assert set(rows) == {"dense", "wanda", "mumoe"} and all(math.isfinite(p) and p > 1 for p in rows.values()), rows
     assert abs(rows["mumoe"] / rows["dense"] - 1) > 1e-3, f"μ-MoE at rho 0.5 is the dense model: {rows}"
@@ -102,15 +98,16 @@ def test_eval_tasks_serves(model_type, family_models, task_setup, tmp_path, caps
     argv = ["--model", str(family_models[model_type]), "--include-path", str(tasks), "--tasks", "tiny_mc",
             "--methods", "dense", "wanda", "mumoe", "--rho", "0.5", "--calib", "ptb", "--data-dir", str(rows),
             "--nsamples", "2", "--seqlen", "32", "--out", str(out)]
-    assert exit_code(eval_tasks.main, argv) == 0, capsys.readouterr().err[-2000:]
+    code, _, err = run_command(eval_tasks.main, argv, capsys)
+    assert code == 0, err[-2000:]
     assert [r["method"] for r in results_of(out)] == ["dense", "wanda", "mumoe"]
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_generation_command_serves(model_type, family_models, capsys):
     argv = ["--model", str(family_models[model_type]), "--rho", "0.5", "--prompt", "the cat", "--max-new-tokens", "3"]
-    assert exit_code(generate.main, argv) == 0, capsys.readouterr().err[-2000:]
-    out = capsys.readouterr().out
+    code, out, err = run_command(generate.main, argv, capsys)
+    assert code == 0, err[-2000:]
     assert "--- dense:" in out and "--- μ-MoE, rho = 0.5" in out, out
 
 
@@ -118,7 +115,7 @@ def test_generation_command_serves(model_type, family_models, capsys):
 def test_eval_vqa_refuses_a_text_model_by_name(model_type, family_models, tmp_path, capsys):
     argv = ["--model", str(family_models[model_type]), "--task", "scienceqa", "--data-dir", str(tmp_path),
             "--out", str(tmp_path / "vqa.json")]
-    assert exit_code(eval_vqa.main, argv) == 2
-    err = capsys.readouterr().err
+    code, _, err = run_command(eval_vqa.main, argv, capsys)
+    assert code == 2
     assert err.count("\n") == 1 and f"is a {model_type!r} model" in err and "LLaVA-1.5" in err, err
     assert not (tmp_path / "vqa.json").exists()

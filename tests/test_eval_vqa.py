@@ -15,7 +15,7 @@ import models
 import packed_experts
 import vqa_tasks
 from kit.checks import assert_one_line_error
-from kit.commands import vqa_command
+from kit.commands import run_command, vqa_command
 from kit.data import textvqa_rows, write_parquet
 from vqa_tasks import scienceqa_letter, vqa_accuracy
 
@@ -32,13 +32,10 @@ def fake_model_dir(tmp_path: Path, model_type: str) -> Path:
     return directory
 
 
-def run_command(capsys, *argv) -> tuple[int, str]:
-    """eval_vqa's exit code and its stderr; argparse's errors exit through SystemExit."""
-    try:
-        code = eval_vqa.main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
+def run_vqa(capsys, *argv) -> tuple[int, str]:
+    """eval_vqa's exit code and its stderr."""
+    code, _, err = run_command(eval_vqa.main, [str(a) for a in argv], capsys)
+    return code, err
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -49,7 +46,7 @@ def run_command(capsys, *argv) -> tuple[int, str]:
     (["--task", "textvqa", "--methods", "sparse"], "--methods: invalid choice: 'sparse'"),
 ])
 def test_bad_arguments(capsys, tmp_path, argv, fragment):
-    code, err = run_command(capsys, "--model", tmp_path, *argv)
+    code, err = run_vqa(capsys, "--model", tmp_path, *argv)
     assert_one_line_error(code, err, fragment)
 
 
@@ -59,14 +56,14 @@ def test_bad_arguments(capsys, tmp_path, argv, fragment):
     ("bert", ["model_type 'bert' is not supported"]),
 ])
 def test_a_model_that_is_not_llava_is_refused(capsys, tmp_path, data_dir, model_type, fragments):
-    code, err = run_command(capsys, "--model", fake_model_dir(tmp_path, model_type), "--task", "textvqa",
+    code, err = run_vqa(capsys, "--model", fake_model_dir(tmp_path, model_type), "--task", "textvqa",
                             "--data-dir", data_dir, "--out", tmp_path / "out.json")
     assert_one_line_error(code, err, *fragments)
 
 
 def test_a_parquet_file_without_a_column_is_named(capsys, tmp_path):
     bad = write_parquet(tmp_path / "data" / "textvqa" / "validation.parquet", textvqa_rows(3), drop=["ocr_tokens"])
-    code, err = run_command(capsys, "--model", fake_model_dir(tmp_path, "llava"), "--task", "textvqa",
+    code, err = run_vqa(capsys, "--model", fake_model_dir(tmp_path, "llava"), "--task", "textvqa",
                             "--methods", "dense", "--data-dir", tmp_path / "data", "--out", tmp_path / "out.json")
     assert_one_line_error(code, err, str(bad), "no column ocr_tokens")
 
@@ -75,20 +72,20 @@ def test_a_file_that_is_not_parquet_is_named(capsys, tmp_path):
     bad = tmp_path / "data" / "scienceqa" / "test.parquet"
     bad.parent.mkdir(parents=True)
     bad.write_text("not parquet")
-    code, err = run_command(capsys, "--model", fake_model_dir(tmp_path, "llava"), "--task", "scienceqa",
+    code, err = run_vqa(capsys, "--model", fake_model_dir(tmp_path, "llava"), "--task", "scienceqa",
                             "--methods", "dense", "--data-dir", tmp_path / "data", "--out", tmp_path / "out.json")
     assert_one_line_error(code, err, str(bad), "not a readable parquet file")
 
 
 def test_missing_data_is_named(capsys, tmp_path, data_dir):
     (data_dir / "scienceqa" / "test-00000-of-00001.parquet").unlink()
-    code, err = run_command(capsys, "--model", fake_model_dir(tmp_path, "llava"), "--task", "textvqa",
+    code, err = run_vqa(capsys, "--model", fake_model_dir(tmp_path, "llava"), "--task", "textvqa",
                             "--data-dir", data_dir, "--out", tmp_path / "out.json")  # calibrated on ScienceQA
     assert_one_line_error(code, err, "no scienceqa data in --data-dir", "holds no .parquet file")
 
 
 def test_too_few_calibration_prompts_is_refused(capsys, tmp_path, data_dir):
-    code, err = run_command(capsys, "--model", fake_model_dir(tmp_path, "llava"), "--task", "textvqa",
+    code, err = run_vqa(capsys, "--model", fake_model_dir(tmp_path, "llava"), "--task", "textvqa",
                             "--data-dir", data_dir, "--out", tmp_path / "out.json")  # 6 of 9 have an image
     assert_one_line_error(code, err, "--nsamples 128", "only 6 with an image", "--nsamples 6 or less")
 
@@ -104,7 +101,7 @@ def break_image(data_dir: Path, task: str, row: int) -> None:
 
 def test_an_image_that_does_not_decode_is_named_by_row(capsys, tmp_path, data_dir):
     break_image(data_dir, "textvqa", 2)
-    code, err = run_command(capsys, "--model", fake_model_dir(tmp_path, "llava"), "--task", "textvqa",
+    code, err = run_vqa(capsys, "--model", fake_model_dir(tmp_path, "llava"), "--task", "textvqa",
                             "--methods", "dense", "--data-dir", data_dir, "--out", tmp_path / "out.json")
     assert_one_line_error(code, err, "textvqa question 102", "validation-00000-of-00002.parquet, row 2",
                           "does not decode", "--skip-bad-rows")
@@ -120,7 +117,7 @@ def test_skip_bad_rows_leaves_the_question_out_and_reports_it(data_dir):
 
 def test_an_unwritable_out_is_refused(capsys, tmp_path, data_dir):
     (tmp_path / "file").write_text("")
-    code, err = run_command(capsys, "--model", fake_model_dir(tmp_path, "llava"), "--task", "textvqa",
+    code, err = run_vqa(capsys, "--model", fake_model_dir(tmp_path, "llava"), "--task", "textvqa",
                             "--data-dir", data_dir, "--out", tmp_path / "file" / "out.json")
     assert_one_line_error(code, err, "--out", "cannot be written")
 
@@ -293,10 +290,10 @@ def test_resume_refuses_other_settings(vqa_llava, data_dir, tmp_path, capsys):
     argv = vqa_command(vqa_llava, data_dir, out, "--task", "textvqa", "--methods", "dense", "--limit", "2")
     assert eval_vqa.main(argv) == 0
     capsys.readouterr()
-    code, err = run_command(capsys, *argv, "--resume", "--max-new-tokens", "3")
+    code, err = run_vqa(capsys, *argv, "--resume", "--max-new-tokens", "3")
     assert_one_line_error(code, err, "--resume", "max_new_tokens 6 there, 3 here")
     write_parquet(data_dir / "textvqa" / "validation-00001-of-00002.parquet", textvqa_rows(8, seed=1)[5:])
-    code, err = run_command(capsys, *argv, "--resume")
+    code, err = run_vqa(capsys, *argv, "--resume")
     assert_one_line_error(code, err, "--resume", "other textvqa files (by sha256)")
 
 

@@ -25,6 +25,7 @@ from checkpoint import UsageError
 from lm_harness import HarnessLM
 from mumoe import ROUTINGS, MuMoE, mumoe_logits
 from kit.checks import assert_one_line_error
+from kit.commands import run_command
 from kit.data import sentence, write_multiple_choice_task
 from kit.tiny_models import save_opt_for_hflm
 
@@ -393,11 +394,7 @@ def test_command_nm(command_setup, tmp_path, capsys):
 def test_command_bad_input(command_setup, tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.setattr(models, "family", lambda *a: pytest.fail("a model was looked for before the input was checked"))
     argv = command(command_setup, tmp_path / "tasks.json") + args
-    try:
-        code = eval_tasks.main(argv)
-    except SystemExit as e:  # argparse
-        code = e.code
-    err = capsys.readouterr().err
+    code, _, err = run_command(eval_tasks.main, argv, capsys)
     assert_one_line_error(code, err, message)
 
 

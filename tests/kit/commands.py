@@ -15,21 +15,20 @@ def run_main(argv, capsys) -> tuple[int, str, str]:
     """Run eval_ppl.main in this process: (exit code, stdout, stderr)."""
     import eval_ppl  # a command: imported only by the tests that run it
 
-    try:
-        code = eval_ppl.main(argv)
-    except SystemExit as e:  # argparse
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_command(eval_ppl.main, argv, capsys)
 
 
 def run_generate(argv, capsys) -> tuple[int, str, str]:
     """Run generate.main in this process: (exit code, stdout, stderr)."""
     import generate  # a command: imported only by the tests that run it
 
+    return run_command(generate.main, argv, capsys)
+
+
+def run_command(main, argv, capsys) -> tuple[int, str, str]:
+    """A command's main in this process: (exit code, stdout, stderr); argparse's errors exit through SystemExit."""
     try:
-        generate.main(argv)
-        code = 0
+        code = main(argv)
     except SystemExit as e:
         code = e.code
     out, err = capsys.readouterr()
