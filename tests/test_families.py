@@ -19,9 +19,10 @@ import llama_model
 import models
 import mumoe
 from pruners import prune_model
-from kit.checks import assert_close, n_diff
+from kit.checks import (assert_cached_logits_equal_the_full_forward, assert_close,
+                         assert_greedy_generation_matches, n_diff)
 from kit.data import random_ids, sentence
-from kit.references import reference_fasterprune
+from kit.references import assert_pruned_as_the_algorithms
 from kit.tiny_models import LLAMA_VOCAB
 from kit.tiny_tokenizers import save_llama_tokenizer
 
@@ -123,27 +124,14 @@ def test_hub_config_layout_loads_the_same_model(tiny, tmp_path):
     assert torch.equal(ours(ids), theirs(ids)), f"{kind}: the hub layout gives other logits"
 
 
-@torch.no_grad()
 def test_cached_logits_equal_the_full_forward(tiny):
     kind, directory, _ = tiny
-    model = models.load_model(directory)
-    ids = random_ids(2, 40, LLAMA_VOCAB)
-    full = model(ids)
-    cache = model.new_cache(40, batch=2)
-    stepped = [model(ids[:, :20], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(20, 37)]
-    stepped.append(model(ids[:, 37:40], cache=cache))  # three at once after 37 cached: the window's mask shifted
-    assert_close(torch.cat(stepped, dim=1), full, FP32_ATOL, f"{kind}: cached decoding vs the full forward")
+    assert_cached_logits_equal_the_full_forward(models.load_model(directory), LLAMA_VOCAB, FP32_ATOL, kind)
 
 
-@torch.no_grad()
 def test_greedy_generation_matches_transformers(tiny):
     kind, directory, reference = tiny
-    model = models.load_model(directory)
-    prompt = random_ids(1, 12, LLAMA_VOCAB, seed=3)
-    ours = mumoe.generate(model, prompt[0].tolist(), 30, eos_id=None)  # to position 42, past the window
-    theirs = reference.generate(prompt, max_new_tokens=30, do_sample=False, use_cache=True, eos_token_id=None,
-                                pad_token_id=0)[0, 12:].tolist()
-    assert ours == theirs, f"{kind}: ours {ours} vs transformers {theirs}"
+    assert_greedy_generation_matches(models.load_model(directory), reference, LLAMA_VOCAB, kind)
 
 
 def test_window_is_the_configs(tmp_path):
@@ -271,44 +259,12 @@ def test_fused_linear_routes_as_its_parts(phi3_and_twin, routing):
 # The pruners on Qwen3 and Phi-3 against the published algorithms on hooked statistics
 
 
-def hooked_statistics(reference, block_index, names, calib_ids):
-    """Wanda's and SparseGPT's statistics of one block's Linears, from plain forward hooks on the transformers
-    model: x_sqnorm = mean over windows of sum_t x_tj^2, H = (2/N) sum X^T X."""
-    block = reference.model.layers[block_index]
-    inputs = {name: [] for name in names}
-    hooks = [block.get_submodule(name).register_forward_hook(
-        lambda module, args, out, name=name: inputs[name].append(args[0].reshape(-1, args[0].shape[-1])))
-        for name in names]
-    with torch.no_grad():
-        for ids in calib_ids:
-            reference(ids[None])
-    for hook in hooks:
-        hook.remove()
-    n = len(calib_ids)
-    return {name: (sum(X.pow(2).sum(0) for X in Xs) / n, 2 / n * sum(X.T @ X for X in Xs))
-            for name, Xs in inputs.items()}
-
-
 @pytest.mark.parametrize("kind", ["qwen3", "phi3"])
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_prune_model_equals_the_algorithms_on_hooked_statistics(tmp_path, kind, method):
     reference = save_tiny(tmp_path, kind)
     model, calib_ids = models.load_model(tmp_path), random_ids(4, 24, LLAMA_VOCAB, seed=12)  # 24 > the window
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    names = list(model.blocks[0].linears())
     prune_model(model, calib_ids, method, 0.5, progress=False)
-    pruned = model.state_dict()
-    for b in range(len(model.blocks)):
-        for name, (x_sqnorm, H) in hooked_statistics(reference, b, names, calib_ids).items():
-            key = f"model.layers.{b}.{name}.weight"
-            W = original[key]
-            if method == "wanda":  # Wanda's lib/prune.py: |W| * sqrt(scaler_row), a stable sort per row
-                S = W.abs() * x_sqnorm.sqrt()
-                pruned_idx = torch.sort(S, dim=-1, stable=True)[1][:, : int(W.shape[1] * 0.5)]
-                expected = W.clone().scatter_(1, pruned_idx, 0)
-            else:
-                expected = reference_fasterprune(W, H, 0.5)
-            zeros, worst = n_diff(pruned[key] == 0, expected == 0), (pruned[key] - expected).abs().max().item()
-            assert zeros == 0 and worst <= 1e-4, (f"{kind} {method} block {b} {name}: {zeros} zeros differ, "
-                                                  f"max |Δ| {worst:.3g} from the algorithm on hooked statistics")
-            reference.get_parameter(key).data.copy_(pruned[key])  # block b + 1 sees the pruned block b
+    assert_pruned_as_the_algorithms(original, model.state_dict(), reference, calib_ids, method, 0.5,
+                                    list(model.blocks[0].linears()), kind)

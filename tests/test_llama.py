@@ -26,10 +26,10 @@ import models
 import mumoe
 from checkpoint import UsageError
 from pruners import prune_model
-from kit.checks import assert_close, assert_each_visits, assert_one_line_error, n_diff, record_moves
+from kit.checks import assert_close, assert_each_visits, assert_one_line_error, record_moves
 from kit.commands import report_of, run_main
 from kit.data import REPO, random_ids, sentence
-from kit.references import reference_fasterprune
+from kit.references import assert_pruned_as_the_algorithms
 from kit.tiny_models import LLAMA_VOCAB, TINY_LLAMAS, save_tiny_llama
 from kit.tiny_tokenizers import save_llama_tokenizer
 
@@ -222,23 +222,6 @@ def gqa_llama(tmp_path_factory):
     return reference, directory, random_ids(4, 24, LLAMA_VOCAB, seed=12)
 
 
-def hooked_statistics(reference, block_index, calib_ids):
-    """Wanda's and SparseGPT's statistics of one block's Linears, written out independently: plain forward hooks on
-    the transformers model, one window at a time: x_sqnorm = mean over windows of sum_t x_tj^2, H = (2/N) sum X^T X."""
-    block = reference.model.layers[block_index]
-    inputs = {name: [] for name in LINEAR_NAMES}
-    hooks = [block.get_submodule(name).register_forward_hook(
-        lambda module, args, out, name=name: inputs[name].append(args[0].reshape(-1, args[0].shape[-1])))
-        for name in LINEAR_NAMES]
-    with torch.no_grad():
-        for ids in calib_ids:
-            reference(ids[None])
-    for hook in hooks:
-        hook.remove()
-    n = len(calib_ids)
-    return {name: (sum(X.pow(2).sum(0) for X in Xs) / n, 2 / n * sum(X.T @ X for X in Xs)) for name, Xs in inputs.items()}
-
-
 @pytest.mark.parametrize("method", ("wanda", "sparsegpt"))
 def test_prune_model_equals_the_algorithms_on_hooked_statistics(gqa_llama, method):
     reference, directory, calib_ids = gqa_llama
@@ -248,20 +231,7 @@ def test_prune_model_equals_the_algorithms_on_hooked_statistics(gqa_llama, metho
     report = prune_model(model, calib_ids, method, 0.5, progress=False)
     assert sorted(report) == sorted(f"model.layers.{b}.{n}" for b in range(3) for n in LINEAR_NAMES)
     pruned = model.state_dict()
-    for b in range(3):
-        for name, (x_sqnorm, H) in hooked_statistics(reference, b, calib_ids).items():
-            key = f"model.layers.{b}.{name}.weight"
-            W = original[key]
-            if method == "wanda":  # Wanda's lib/prune.py: |W| * sqrt(scaler_row), a stable sort per row
-                S = W.abs() * x_sqnorm.sqrt()
-                pruned_idx = torch.sort(S, dim=-1, stable=True)[1][:, : int(W.shape[1] * 0.5)]
-                expected = W.clone().scatter_(1, pruned_idx, 0)
-            else:  # SparseGPT's fasterprune, transcribed in test_mumoe
-                expected = reference_fasterprune(W, H, 0.5)
-            zeros_diff, maxdiff = n_diff(pruned[key] == 0, expected == 0), (pruned[key] - expected).abs().max().item()
-            assert zeros_diff == 0 and maxdiff <= 1e-4, (f"{method} block {b} {name}: {zeros_diff} zeros differ, "
-                                                         f"max |Δ| {maxdiff:.3g} from the algorithm on hooked statistics")
-            reference.get_parameter(key).data.copy_(pruned[key])  # block b + 1 sees the pruned block b
+    assert_pruned_as_the_algorithms(original, pruned, reference, calib_ids, method, 0.5, LINEAR_NAMES, "gqa llama")
     untouched = [k for k in original if not any(k == f"model.layers.{b}.{n}.weight" for b in range(3)
                                                 for n in LINEAR_NAMES)]
     assert all(torch.equal(original[k], pruned[k]) for k in untouched), "embeddings, norms and lm_head stay dense"

@@ -1,5 +1,6 @@
 """Checks whose failure messages explain themselves: tensors within a tolerance (the worst entry named), a user
-error as one line and exit code 2, the lines a command said, and the traces an offload leaves on the CPU.
+error as one line and exit code 2, the lines a command said, the traces an offload leaves on the CPU, and a
+model's cached decoding and greedy generation against its full forward and transformers'.
 """
 
 import re
@@ -84,3 +85,31 @@ def assert_one_block_at_a_time(events: list[tuple[str, nn.Module]], least: int, 
     paired = all(events[i][1] is events[i + 1][1] for i in range(0, len(events), 2))
     assert kinds == ["visit", "leave"] * (len(kinds) // 2) and paired, f"{what}: a block was not brought back at once"
     assert kinds.count("visit") >= least, f"{what}: {kinds.count('visit')} block turns, expected {least} at least"
+
+
+@torch.no_grad()
+def assert_cached_logits_equal_the_full_forward(model, vocab: int, atol: float, what: str) -> None:
+    """40 tokens: 20 at once, then one at a time to 37, then three at once (the causal mask shifted by a filled
+    cache, and past a 16-token window where the model has one); the same logits as one full forward, within atol."""
+    from kit.data import random_ids
+
+    ids = random_ids(2, 40, vocab)
+    full = model(ids)
+    cache = model.new_cache(40, batch=2)
+    stepped = [model(ids[:, :20], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(20, 37)]
+    stepped.append(model(ids[:, 37:40], cache=cache))
+    assert_close(torch.cat(stepped, dim=1), full, atol, f"{what}: cached decoding vs the full forward")
+
+
+@torch.no_grad()
+def assert_greedy_generation_matches(model, reference, vocab: int, what: str) -> None:
+    """30 greedy tokens after a 12-token prompt (to position 42, past a 16-token window): mumoe.generate's tokens
+    are transformers' `generate`'s."""
+    import mumoe
+    from kit.data import random_ids
+
+    prompt = random_ids(1, 12, vocab, seed=3)
+    ours = mumoe.generate(model, prompt[0].tolist(), 30, eos_id=None)
+    theirs = reference.generate(prompt, max_new_tokens=30, do_sample=False, use_cache=True, eos_token_id=None,
+                                pad_token_id=0)[0, 12:].tolist()
+    assert ours == theirs, f"{what}: ours {ours} vs transformers {theirs}"

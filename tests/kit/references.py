@@ -4,6 +4,8 @@ of rows whose k-th smallest score is tied (the rows an exact-k selection must re
 
 import torch
 
+from kit.checks import n_diff
+
 
 def reference_fasterprune(W, H, sparsity, prunen=0, prunem=0, blocksize=128, percdamp=.01, exact=True):
     """IST-DASLab/sparsegpt fasterprune, line for line, less quantization and logging. One change, unless
@@ -55,3 +57,43 @@ def reference_fasterprune(W, H, sparsity, prunen=0, prunem=0, blocksize=128, per
 def tied_rows(S: torch.Tensor, k: int) -> int:
     """Rows with more than k scores <= their k-th smallest: the rows the exact-k tie step redoes."""
     return int(((S <= torch.kthvalue(S, k, dim=1).values[:, None]).sum(dim=1) > k).sum())
+
+
+def hooked_statistics(reference, block_index: int, names: list[str], calib_ids) -> dict:
+    """Wanda's and SparseGPT's statistics of one block's Linears, written out independently: plain forward hooks on
+    the transformers model, one window at a time: x_sqnorm = mean over windows of sum_t x_tj^2, H = (2/N) sum X^T X."""
+    block = reference.model.layers[block_index]
+    inputs = {name: [] for name in names}
+    hooks = [block.get_submodule(name).register_forward_hook(
+        lambda module, args, out, name=name: inputs[name].append(args[0].reshape(-1, args[0].shape[-1])))
+        for name in names]
+    with torch.no_grad():
+        for ids in calib_ids:
+            reference(ids[None])
+    for hook in hooks:
+        hook.remove()
+    n = len(calib_ids)
+    return {name: (sum(X.pow(2).sum(0) for X in Xs) / n, 2 / n * sum(X.T @ X for X in Xs)) for name, Xs in inputs.items()}
+
+
+def assert_pruned_as_the_algorithms(original: dict, pruned: dict, reference, calib_ids, method: str, rho: float,
+                                    names: list[str], what: str) -> None:
+    """Each decoder Linear of `pruned` (a state dict) is the published algorithm run on statistics hooked from
+    `reference` (a transformers model of the `original` weights), block after block, each block's statistics taken
+    with the blocks before it pruned: Wanda's lib/prune.py (|W| · sqrt(scaler_row), a stable sort per row) or
+    SparseGPT's fasterprune. The same zeros, values within 1e-4."""
+    for b in range(len(reference.model.layers)):
+        for name, (x_sqnorm, H) in hooked_statistics(reference, b, names, calib_ids).items():
+            key = f"model.layers.{b}.{name}.weight"
+            W = original[key]
+            if method == "wanda":
+                S = W.abs() * x_sqnorm.sqrt()
+                pruned_idx = torch.sort(S, dim=-1, stable=True)[1][:, : int(W.shape[1] * (1 - rho))]
+                expected = W.clone().scatter_(1, pruned_idx, 0)
+            else:
+                expected = reference_fasterprune(W, H, 1 - rho)
+            zeros = n_diff(pruned[key] == 0, expected == 0)
+            worst = (pruned[key] - expected).abs().max().item()
+            assert zeros == 0 and worst <= 1e-4, (f"{what} {method} block {b} {name}: {zeros} zeros differ, "
+                                                  f"max |Δ| {worst:.3g} from the algorithm on hooked statistics")
+            reference.get_parameter(key).data.copy_(pruned[key])  # block b + 1 sees the pruned block b
