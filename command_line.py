@@ -203,10 +203,10 @@ def default_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name] if name else torch.float16 if device.type == "cuda" else torch.float32
 
 
-def start_run(args) -> tuple[torch.device, torch.dtype, str]:
+def start_run(args) -> tuple[torch.device, torch.dtype, str | None]:
     """An evaluation command's first checks, on every rank: its device (joining the other ranks under torchrun),
     --offload, --out writable (by rank 0, the one that writes and that goes first), and --decode where it cannot
-    run: before any model is found. Returns (device, dtype, the decode path)."""
+    run: before any model is found. Returns (device, dtype, the decode path: None for a command without one)."""
     device = distributed.start(args.device)
     print(thread_policy.use_threads(args.threads))
     if args.offload:
@@ -216,7 +216,7 @@ def start_run(args) -> tuple[torch.device, torch.dtype, str]:
     dtype = default_dtype(args.dtype, device)
     if distributed.is_main():  # the one rank that writes
         check_writable(args.out, "--out")
-    return device, dtype, mumoe.decode_path(args.decode, device, dtype)
+    return device, dtype, mumoe.decode_path(args.decode, device, dtype) if "decode" in vars(args) else None
 
 
 def main_of(prog: str, argv, parse_args, run, saved) -> int:

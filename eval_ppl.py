@@ -47,8 +47,8 @@ from checkpoint import BlockFn, UsageError, dense_block, resolve_checkpoint
 from command_line import (CALIBRATED, MAGNITUDE_GROUP, METHODS, NAMES, SPARSEGPT_BLOCKSIZE,
                           ArgumentParser, active_ratio, add_device_options, add_mumoe_prefix, add_mumoe_routing,
                           add_out_and_resume, add_select_and_decode, available_memory, check_calibration_memory,
-                          check_nm_fits, default_dtype, in_plan_order, main_of, nm_active_ratio, nm_name,
-                          nm_pattern, positive_int, window_length)
+                          check_nm_fits, in_plan_order, main_of, nm_active_ratio, nm_name,
+                          nm_pattern, positive_int, start_run, window_length)
 from corpora import (DATASETS, DEFAULT_CALIB, DEFAULT_DATASETS, EVAL_SPLIT, LABELS, MAX_DEFAULT_SEQLEN,
                      calibration_windows, evaluation_ids, load_rows, save_rows, windows)
 import results_file
@@ -293,13 +293,7 @@ def rows_saved(args) -> str:
 
 
 def run(args) -> list[dict]:
-    device = distributed.start(args.device)
-    print(thread_policy.use_threads(args.threads))
-    if not distributed.is_main():
-        distributed.barrier()  # rank 0 checks the input and downloads the model and data first; then the others
-    dtype = default_dtype(args.dtype, device)
-    if distributed.is_main():  # the one rank that writes
-        check_writable(args.out, "--out")
+    device, dtype, _ = start_run(args)  # rank 0 checks the input and downloads the model and data first
     if args.plot and distributed.is_main():
         check_writable(args.plot, "--plot")
     directory = resolve_checkpoint(args.model)

@@ -5,44 +5,94 @@ for the others by spinning, 300,000 turns by default, before it sleeps. On a qui
 When another process holds one of the cores, the spinning thread takes the time slice its partner needs to finish,
 and every parallel region waits for the scheduler: a decode step of SmolLM2's packed experts, ~200 parallel regions,
 turned 7x slower than on the quiet machine beside one busy process. Waiting threads that spin only briefly, then
-sleep, keep the quiet machine's speed and give the cores back when they are shared
+sleep, give the cores back when they are shared; but a sleeping thread costs a wake-up at the next region, and
+where that is dear (a virtual machine) the quiet machine loses up to 1.6x. So the spin follows the cores: how busy
+other processes keep them is read from /proc/stat over WINDOW seconds when this module is imported
 (benchmarks/bench_threads.py measures each candidate, quiet and busy: docs/speed.md).
 
 So a command imports this module before torch (libgomp reads its environment once, when torch loads it):
 
-    GOMP_SPINCOUNT = SPIN_COUNT     unless the user has set any of USER_VARIABLES: then theirs, as they are
+    GOMP_SPINCOUNT = SPIN_SHARED    if other processes keep >= SHARED_AT of this process's cores busy
+                     SPIN_QUIET     otherwise (or where /proc/stat cannot tell)
+                     unless the user has set any of USER_VARIABLES: then theirs, as they are
 
 `use_threads(n)` applies `--threads N` (torch's own count otherwise: the machine's cores) and returns the line a
 command prints; `settings()` is what a results file records. Standard library only, until `use_threads`.
 """
 
 import os
+import time
 
-SPIN_COUNT = 1_000  # turns a waiting thread spins before it sleeps (~1 µs); libgomp's default is 300,000. Chosen by
-                   # benchmarks/bench_threads.py: 10,000 left a packed decode step 2.7x slower beside a busy process,
-                   # 0 (OMP_WAIT_POLICY=PASSIVE) cost it 8-11% on the quiet machine; 1,000 keeps both (docs/speed.md)
+SPIN_QUIET = 10_000  # turns a waiting thread spins before it sleeps when the cores are free at the start
+SPIN_SHARED = 1_000  # ... when another process already keeps one busy; libgomp's own default is 300,000
+SHARED_AT = 0.5      # cores kept busy by others (over WINDOW, /proc/stat) from which the cores count as shared
+WINDOW = 0.05        # seconds of /proc/stat watched at import
+# Chosen by benchmarks/bench_threads.py (docs/speed.md), on an AMD EPYC (AVX2) and an Intel Xeon (AVX-512), 2 cores:
+# no one count keeps both machines' speed quiet and busy. Waking a sleeping thread is cheap on the EPYC and costly on
+# the Xeon (a virtual machine): 1,000 turns cost the Xeon's quiet decode step 1.4-1.6x, while 10,000 left a busy
+# packed decode step at 2.7x on both. So the count follows what the cores do when the command starts.
 # Any of these set by the user means the user chose how threads wait or how many there are: we leave it all alone
 USER_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_DYNAMIC", "MKL_NUM_THREADS")
 
+
+def busy_elsewhere(window: float = WINDOW) -> float | None:
+    """How many of this process's CPUs other processes kept busy over `window` seconds (this one sleeps meanwhile),
+    from /proc/stat's per-CPU times; None where there is no /proc/stat (not Linux)."""
+    def times() -> dict[int, tuple[int, int]]:  # cpu -> (all jiffies, idle ones)
+        sample = {}
+        with open("/proc/stat") as stat:
+            for line in stat:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                    jiffies = [int(f) for f in fields[:8]]  # user nice system idle iowait irq softirq steal
+                    sample[int(name[3:])] = (sum(jiffies), jiffies[3] + jiffies[4])
+        return sample
+
+    try:
+        cpus = os.sched_getaffinity(0)
+        before = times()
+        time.sleep(window)
+        after = times()
+    except (OSError, ValueError, AttributeError):
+        return None
+    busy = 0.0
+    for cpu, (total, idle) in after.items():
+        elapsed = total - before.get(cpu, (total, idle))[0]
+        if elapsed > 0:
+            busy += 1 - (idle - before[cpu][1]) / elapsed
+    return busy
+
+
 USERS = {name: os.environ[name] for name in USER_VARIABLES if name in os.environ}
+def spin_count(busy: float | None) -> int:
+    """The turns a waiting thread spins, given how many cores other processes keep busy (None: unknown)."""
+    return SPIN_SHARED if busy is not None and busy >= SHARED_AT else SPIN_QUIET
+
+
+BUSY = None if USERS else busy_elsewhere()
+SPIN_COUNT = spin_count(BUSY)
 if not USERS:
     os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
 
 
 def policy() -> dict[str, str]:
-    """The variables in force and whose they are: {"GOMP_SPINCOUNT": "1000", "by": "mumoe"} or the user's own."""
-    return {**USERS, "by": "user"} if USERS else {"GOMP_SPINCOUNT": str(SPIN_COUNT), "by": "mumoe"}
+    """The variables in force and whose they are: {"GOMP_SPINCOUNT": "10000", "by": "mumoe", "busy_elsewhere": 0.0}
+    (the cores other processes kept busy at the start) or the user's own."""
+    if USERS:
+        return {**USERS, "by": "user"}
+    return {"GOMP_SPINCOUNT": str(SPIN_COUNT), "by": "mumoe", "busy_elsewhere": None if BUSY is None else round(BUSY, 2)}
 
 
 def use_threads(threads: int | None) -> str:
     """torch's intra-op threads: `threads` if given (--threads), else torch's own choice. Returns the line that
-    says what runs, e.g. "threads: 2 (GOMP_SPINCOUNT=1000: mumoe's policy)"."""
+    says what runs, e.g. "threads: 2 (GOMP_SPINCOUNT=10000: mumoe's policy: the cores are free at the start)"."""
     import torch
 
     if threads is not None:
         torch.set_num_threads(threads)
-    variables = ", ".join(f"{k}={v}" for k, v in policy().items() if k != "by")
-    whose = "yours" if USERS else "mumoe's policy"
+    variables = ", ".join(f"{k}={v}" for k, v in policy().items() if k not in ("by", "busy_elsewhere"))
+    whose = "yours" if USERS else ("mumoe's policy: " + ("the cores are shared" if SPIN_COUNT == SPIN_SHARED else
+                                                           "the cores are free") + " at the start")
     return f"threads: {torch.get_num_threads()} ({variables}: {whose})"
 
 

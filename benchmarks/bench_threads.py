@@ -8,7 +8,9 @@ candidates, each set in the environment of a fresh process (libgomp reads it onc
 
     default      torch's own: OpenMP's spinning wait, every core
     passive      OMP_WAIT_POLICY=PASSIVE: a waiting thread sleeps at once
-    spin10k      GOMP_SPINCOUNT=10000: spin ~10 µs, then sleep
+    spin30k      GOMP_SPINCOUNT=30000
+    spin10k      GOMP_SPINCOUNT=10000
+    spin3k       GOMP_SPINCOUNT=3000
     spin1k       GOMP_SPINCOUNT=1000: spin ~1 µs, then sleep
     one-thread   OMP_NUM_THREADS=1: no waiting at all, one core's speed
     mumoe        whatever thread_policy.py sets when a command starts (the policy chosen from these figures)
@@ -43,7 +45,9 @@ REPO = Path(__file__).resolve().parent.parent
 CANDIDATES = {
     "default": {},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "spin30k": {"GOMP_SPINCOUNT": "30000"},
     "spin10k": {"GOMP_SPINCOUNT": "10000"},
+    "spin3k": {"GOMP_SPINCOUNT": "3000"},
     "spin1k": {"GOMP_SPINCOUNT": "1000"},
     "one-thread": {"OMP_NUM_THREADS": "1"},
     "mumoe": None,  # thread_policy.py's own choice, set in the child before torch loads
@@ -51,6 +55,7 @@ CANDIDATES = {
 POLICY_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
 WORKLOADS = ("decode dense", "decode packed", "prompt 2048", "wanda block", "sparsegpt block", "mumoe routing")
 BUSY_TARGET, QUIET_TARGET = 2.5, 1.05
+BUSY_FIRST = 0.5  # seconds the busy process runs before a candidate starts
 
 
 # -----------------------------------------------------------------------------
@@ -127,6 +132,7 @@ def run_child(candidate: str, busy: bool, repeats: int) -> dict:
     argv = [sys.executable, __file__, "--child", str(repeats)] + (["--policy"] if CANDIDATES[candidate] is None else [])
     spin = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"  # ends if this script does
     loop = subprocess.Popen([sys.executable, "-c", spin]) if busy else None
+    time.sleep(BUSY_FIRST if busy else 0)  # the machine is busy when the candidate starts (thread_policy looks)
     try:
         done = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=REPO)
     finally:

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import command_line
 import corpora
 import eval_ppl
 import mumoe
@@ -235,7 +236,9 @@ def ppl_of(report: dict) -> list[tuple]:
 
 
 @pytest.mark.cuda
-def test_command_is_deterministic_with_or_without_offload(tiny_with_tokenizer, cli_data, tmp_path, capsys):
+def test_command_is_deterministic_with_or_without_offload(tiny_with_tokenizer, cli_data, tmp_path, capsys,
+                                                          monkeypatch):
+    monkeypatch.setattr(command_line, "check_offload", lambda device: None)  # the CPU stands in for a GPU
     argv = cli_args(tiny_with_tokenizer, cli_data, "--methods", "dense", "wanda", "mumoe", "--calib", "ptb",
                     "--rho", "0.4", "--out")
     offloaded = [ppl_of(report_of(argv + [str(tmp_path / f"{run}.json"), "--offload"], capsys)) for run in "ab"]
@@ -306,6 +309,7 @@ BAD_INPUTS = {
     "prefix longer than a window": (["--mumoe-prefix", "17"], "prefix"),
     "prefix that leaves nothing to score": (["--mumoe-prefix", "16"], "leaves no token to score"),
     "unknown device": (["--device", "gpu"], "unknown device 'gpu'"),
+    "offload with nothing to offload to": (["--offload"], "nothing to offload to"),  # cli_args: --device cpu
     "unknown routing": (["--mumoe-routing", "dense"], "invalid choice: 'dense'"),
     "a window of one token": (["--seqlen", "1"], "at least 2 tokens"),
     "N:M with N = M": (["--nm", "4:4"], "0 < N < M"),

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,12 +32,14 @@ def python(code: str, env: dict) -> str:
 
 
 def test_the_policy_is_set_unless_the_user_chose():
-    code = "import os, thread_policy; print(os.environ.get('GOMP_SPINCOUNT'), thread_policy.policy()['by'])"
-    assert python(code, clean_environment()) == f"{thread_policy.SPIN_COUNT} mumoe"
+    code = ("import os, thread_policy; print(os.environ.get('GOMP_SPINCOUNT'), thread_policy.policy()['by'], "
+            "thread_policy.spin_count(thread_policy.BUSY))")
+    spin, by, chosen = python(code, clean_environment()).split()
+    assert by == "mumoe" and spin == chosen and int(spin) in (thread_policy.SPIN_QUIET, thread_policy.SPIN_SHARED)
     for name, value in [("OMP_WAIT_POLICY", "PASSIVE"), ("OMP_NUM_THREADS", "1"), ("GOMP_SPINCOUNT", "5")]:
-        shown = python(code, clean_environment(**{name: value}))
+        shown = python(code, clean_environment(**{name: value})).split()[:2]
         expected = value if name == "GOMP_SPINCOUNT" else "None"
-        assert shown == f"{expected} user", f"with {name}={value} set by the user: {shown}"
+        assert shown == [expected, "user"], f"with {name}={value} set by the user: {shown}"
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -62,3 +65,32 @@ def test_threads_are_applied_and_recorded(tiny_with_tokenizer, cli_data, tmp_pat
     assert settings["threads"] == 1 and settings["thread_policy"] == thread_policy.policy(), settings
     code, _, err = run_main(argv[:-1] + ["0"], capsys)
     assert code == 2 and "--threads: expected a positive integer, got 0" in err, err
+
+
+def test_the_spin_follows_how_busy_the_cores_are():
+    """Another process keeping a core busy when a command starts: the short spin; free cores (or no /proc/stat to
+    tell): the longer one, which keeps a quiet machine's speed where waking a thread is dear."""
+    assert thread_policy.spin_count(None) == thread_policy.SPIN_QUIET
+    assert thread_policy.spin_count(0.0) == thread_policy.SPIN_QUIET
+    assert thread_policy.spin_count(thread_policy.SHARED_AT - 0.01) == thread_policy.SPIN_QUIET
+    assert thread_policy.spin_count(thread_policy.SHARED_AT) == thread_policy.SPIN_SHARED
+    assert thread_policy.spin_count(1.0) == thread_policy.SPIN_SHARED
+    assert thread_policy.SPIN_SHARED < thread_policy.SPIN_QUIET
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc/stat (Linux)")
+def test_busy_processes_are_seen():
+    """A process spinning on each of this process's cores keeps them all busy: busy_elsewhere sees nearly all of
+    them (the window is longer here than a command's, for the jiffies' 10 ms grain)."""
+    cores = len(os.sched_getaffinity(0))
+    loop = "import time\nend = time.time() + 30\nwhile time.time() < end: pass"
+    spinning = [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(cores)]
+    try:
+        time.sleep(0.3)  # their interpreters started and spinning
+        busy = thread_policy.busy_elsewhere(window=0.5)
+    finally:
+        for spin in spinning:
+            spin.kill()
+            spin.wait()
+    assert busy is not None and cores - 0.5 <= busy <= cores + 0.01, f"{cores} spinning processes, seen as {busy}"
+    assert thread_policy.spin_count(busy) == thread_policy.SPIN_SHARED
