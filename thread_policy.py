@@ -23,14 +23,15 @@ command prints; `settings()` is what a results file records. Standard library on
 import os
 import time
 
-SPIN_QUIET = 10_000  # turns a waiting thread spins before it sleeps when the cores are free at the start
+SPIN_QUIET = 30_000  # turns a waiting thread spins before it sleeps when the cores are free at the start
 SPIN_SHARED = 1_000  # ... when another process already keeps one busy; libgomp's own default is 300,000
 SHARED_AT = 0.5      # cores kept busy by others (over WINDOW, /proc/stat) from which the cores count as shared
 WINDOW = 0.05        # seconds of /proc/stat watched at import
 # Chosen by benchmarks/bench_threads.py (docs/speed.md), on an AMD EPYC (AVX2) and an Intel Xeon (AVX-512), 2 cores:
-# no one count keeps both machines' speed quiet and busy. Waking a sleeping thread is cheap on the EPYC and costly on
-# the Xeon (a virtual machine): 1,000 turns cost the Xeon's quiet decode step 1.4-1.6x, while 10,000 left a busy
-# packed decode step at 2.7x on both. So the count follows what the cores do when the command starts.
+# no one count keeps both machines' speed quiet and busy. Waking a sleeping thread is cheap on the EPYC and dear on
+# the Xeon (a virtual machine): 1,000 turns cost the Xeon's quiet decode step 1.7-1.8x (10,000: 1.2x; 30,000: 1.0x),
+# while beside a busy process 1,000 keeps every workload within 2x and 30,000 lets it reach 4.6x (torch's default:
+# 13x). So the count follows what the cores do when the command starts; load that comes later meets 30,000.
 # Any of these set by the user means the user chose how threads wait or how many there are: we leave it all alone
 USER_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_DYNAMIC", "MKL_NUM_THREADS")
 
@@ -76,7 +77,7 @@ if not USERS:
 
 
 def policy() -> dict[str, str]:
-    """The variables in force and whose they are: {"GOMP_SPINCOUNT": "10000", "by": "mumoe", "busy_elsewhere": 0.0}
+    """The variables in force and whose they are: {"GOMP_SPINCOUNT": "30000", "by": "mumoe", "busy_elsewhere": 0.0}
     (the cores other processes kept busy at the start) or the user's own."""
     if USERS:
         return {**USERS, "by": "user"}
@@ -85,7 +86,7 @@ def policy() -> dict[str, str]:
 
 def use_threads(threads: int | None) -> str:
     """torch's intra-op threads: `threads` if given (--threads), else torch's own choice. Returns the line that
-    says what runs, e.g. "threads: 2 (GOMP_SPINCOUNT=10000: mumoe's policy: the cores are free at the start)"."""
+    says what runs, e.g. "threads: 2 (GOMP_SPINCOUNT=30000: mumoe's policy: the cores are free at the start)"."""
     import torch
 
     if threads is not None:

@@ -63,9 +63,9 @@ BUSY_FIRST = 0.5  # seconds the busy process runs before a candidate starts
 
 
 def child(repeats: int, use_policy: bool) -> dict:
+    sys.path.insert(0, str(REPO))
     if use_policy:
         import thread_policy  # noqa: F401  before torch: its environment is what libgomp reads
-    sys.path.insert(0, str(REPO))
     import torch
 
     from checkpoint import dense_linear
@@ -163,7 +163,8 @@ def main():
         for candidate in args.candidates:
             for busy in (False, True):
                 got = run_child(candidate, busy, args.repeats)
-                environments[candidate] = got["environment"] | {"threads": got["threads"]}
+                mode = f"{candidate} {'busy' if busy else 'quiet'}"  # thread_policy's choice depends on it
+                environments.setdefault(mode, []).append(got["environment"] | {"threads": got["threads"]})
                 for w in WORKLOADS:
                     times[candidate, busy][w] += got["seconds"][w]
                 print(f"round {r + 1}/{args.rounds} {candidate} {'busy' if busy else 'quiet'}: "
