@@ -98,7 +98,17 @@ def use_threads(threads: int | None) -> str:
 
 
 def settings() -> dict:
-    """For a results file: the thread count and the policy in force."""
+    """For a results file: the thread count, the policy in force, and the CPU they ran on."""
     import torch
 
-    return {"threads": torch.get_num_threads(), "thread_policy": policy()}
+    return {"threads": torch.get_num_threads(), "thread_policy": policy(), "cpu": cpu_name()}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), e.g. "AMD EPYC 7B13": figures and a pruned model's last digits depend on it."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+                        "unknown")
+    except OSError:
+        return "unknown"

@@ -202,10 +202,10 @@ def main():
     problem = kernel_problem("cpu", torch.float32)
     if problem is not None:
         sys.exit(f"bench_decode.py: {problem}")
-    torch.set_num_threads(args.threads)
+    print(thread_policy.use_threads(args.threads))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; medians of {args.repeats} steps "
           f"alternating dense / masked / packed", flush=True)
-    report = {"threads": args.threads, "repeats": args.repeats, "cached_tokens": CACHED, "steps": [],
+    report = {**thread_policy.settings(), "repeats": args.repeats, "cached_tokens": CACHED, "steps": [],
               "generation": [], "batch": []}
 
     def save():

@@ -184,19 +184,15 @@ def main():
                        for w, s in by_workload.items()}
         print(f"{label:22s}" + "".join(f"{median(s) * 1e3:8.1f} ({median(s) / base[w]:4.2f}x)"
                                        for w, s in by_workload.items()))
+    sys.path.insert(0, str(REPO))
+    from thread_policy import cpu_name  # (its spin choice in this process's environment is no child's: run_child)
+
     report = {"cpu": cpu_name(), "cores": os.cpu_count(), "rounds": args.rounds, "repeats": args.repeats,
               "environments": environments, "rows": rows}
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")
     os.replace(tmp, args.out)
     print(f"\nwritten: {args.out}")
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 if __name__ == "__main__":
