@@ -58,7 +58,7 @@ cannot run.
     concatenate(parts), part(packed, rows) Linears that read one input as one PackedLinear (one call), and back
     unpack(packed)                        the packed form -> W ⊙ M again, in plain PyTorch
     kernel_problem(device, dtype)         None where the kernel runs, else why not
-    streamed_linear(x, W, bias)           the dense product of a few tokens, W streamed once: x (..., d_in) -> (..., d_out)
+    streamed_linear(x, W, bias)           the dense product of a few tokens, W read once: x (..., d_in) -> (..., d_out)
     decode_linear(layer, x)               checkpoint.dense_linear's drop-in for decoding: streamed_linear where it runs
 """
 
@@ -344,7 +344,7 @@ def streamed_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None 
         raise ValueError(f"x has {x.shape[-1]} features, W {d_in} columns")
     n = x.numel() // d_in
     if not 1 <= n <= TOKENS_PER_PASS:
-        raise ValueError(f"the streamed product takes 1 to {TOKENS_PER_PASS} tokens, got {n}: more are a matrix product")
+        raise ValueError(f"the streamed product takes 1 to {TOKENS_PER_PASS} tokens, got {n} (more: a matrix product)")
     if not W.is_contiguous():
         raise ValueError("W must be contiguous: the kernel reads its rows by their address")
     if bias is not None:
