@@ -173,6 +173,18 @@ def test_streamed_product_equals_linear(build, d_out, d_in, T, bias, threads, mo
         assert_product_close(streamed_linear(x, W, b), x, W, b, f"streamed, batch of 2 x {T} tokens")
 
 
+@needs_kernel
+@pytest.mark.parametrize("threads", [2], indirect=True, ids=["2 threads"])
+def test_two_threads_each_sum_their_own_rows(threads):
+    """Many short rows, 4 tokens, 2 threads taking runs of blocks side by side: a partial sum that the threads share
+    instead of each holding its own is overwritten by the other thread (planted, it failed every run)."""
+    generator = torch.Generator().manual_seed(7)
+    W, b, x = (torch.randn(40_000, 16, generator=generator), torch.randn(40_000, generator=generator),
+               torch.randn(TOKENS_PER_PASS, 16, generator=generator))
+    for attempt in range(3):
+        assert_product_close(streamed_linear(x, W, b), x, W, b, f"2 threads, attempt {attempt}")
+
+
 def test_streamed_product_under_avx2_aten_equals_linear(tmp_path):
     """A CPU with AVX2 only: the kernel's AVX2 build against F.linear as torch and MKL compute it there
     (ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2), in a fresh process, 1 and 2 threads."""
