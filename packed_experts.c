@@ -127,6 +127,8 @@ void packed_linear(const float *x, int64_t n, int64_t d_in, const uint16_t *bits
    between two products (thread_policy's short spin) starts tens of µs after the calling one, which meanwhile
    reads on instead of waiting for it at the end (measured in docs/packed_decode.md). */
 #define DENSE_ROWS 4
+#define PREFETCH_BYTES 8192  /* how far ahead of each row's loads its lines are asked into L2: 8 KB measured best of
+                              2-32 KB; without it lm_head read 8% slower than F.linear, with it 5-10% faster */
 #define CHUNK_BYTES 32768
 
 #define DENSE_KERNEL(R, NT)                                                                                   \
@@ -139,6 +141,7 @@ static void dense_##R##_##NT(const float *x, int64_t d_in, const float *W, float
         vec xv[NT];                                                                                           \
         for (int t = 0; t < NT; t++) xv[t] = load_x(x + t * d_in + j, n);                                     \
         for (int r = 0; r < R; r++) {                                                                         \
+            _mm_prefetch((const char *)(W + r * d_in + j) + PREFETCH_BYTES, _MM_HINT_T1);                     \
             vec w = load_x(W + r * d_in + j, n);                                                              \
             for (int t = 0; t < NT; t++) acc[r][t] = fma(w, xv[t], acc[r][t]);                                \
         }                                                                                                     \
