@@ -336,9 +336,10 @@ def streamed_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None 
     """x (..., d_in) float32, at most TOKENS_PER_PASS tokens in all -> x W^T + b (..., d_out), W (d_out, d_in) read
     once, front to back, by the compiled kernel (its equation and layout in packed_experts.c)."""
     kernel = loaded_kernel().streamed_linear
-    if x.dtype != torch.float32 or x.device.type != "cpu":
+    if x.dtype != torch.float32 or not x.is_cpu:  # (is_cpu: a decode step makes ~200 calls, device.type costs more)
         check_float32_cpu(x, "x")
-    check_float32_cpu(W, "W", ndim=2)
+    if W.dtype != torch.float32 or not W.is_cpu or W.ndim != 2:
+        check_float32_cpu(W, "W", ndim=2)
     d_out, d_in = W.shape
     if x.shape[-1] != d_in:
         raise ValueError(f"x has {x.shape[-1]} features, W {d_in} columns")
@@ -365,7 +366,7 @@ def decode_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     (kernel_problem), through the Linear itself. Used for every shape: on SmolLM2's, the kernel read the decoder
     Linears at 1.5-2.5x F.linear's GB/s and lm_head at F.linear's (docs/packed_decode.md)."""
     W = layer.weight
-    if (0 < x.numel() <= TOKENS_PER_PASS * W.shape[1] and x.device.type == "cpu" and x.dtype == W.dtype == torch.float32
+    if (0 < x.numel() <= TOKENS_PER_PASS * W.shape[1] and x.is_cpu and x.dtype == W.dtype == torch.float32
             and W.is_contiguous() and compiled_kernel()[1] is None):
         return streamed_linear(x, W, layer.bias)
     return layer(x)
