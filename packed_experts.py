@@ -363,8 +363,10 @@ def streamed_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None 
 def decode_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """The dense Linear of a decode step, checkpoint.dense_linear's drop-in: a few tokens (at most TOKENS_PER_PASS in
     all) in float32 on the CPU run through streamed_linear, everything else, and everywhere the kernel cannot run
-    (kernel_problem), through the Linear itself. Used for every shape: on SmolLM2's, the kernel read the decoder
-    Linears at 1.5-2.5x F.linear's GB/s and lm_head at F.linear's (docs/packed_decode.md)."""
+    (kernel_problem), through the Linear itself. Used for every shape, as measured on SmolLM2's (benchmarks/
+    bench_head.py, docs/packed_decode.md): with mumoe's thread policy the kernel read each decoder Linear at
+    1.04-1.7x F.linear's GB/s and lm_head 2% above it (2x with 4 tokens), the dense step taking 0.87x eager's time;
+    with torch's threads spinning F.linear was 1-12% faster on the one-token decoder Linears, the step 0.96x."""
     W = layer.weight
     if (0 < x.numel() <= TOKENS_PER_PASS * W.shape[1] and x.is_cpu and x.dtype == W.dtype == torch.float32
             and W.is_contiguous() and compiled_kernel()[1] is None):
