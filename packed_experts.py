@@ -343,7 +343,7 @@ def streamed_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None 
     d_out, d_in = W.shape
     if x.shape[-1] != d_in:
         raise ValueError(f"x has {x.shape[-1]} features, W {d_in} columns")
-    n = x.numel() // d_in
+    n = x.numel() // d_in if d_in else 0
     if not 1 <= n <= TOKENS_PER_PASS:
         raise ValueError(f"the streamed product takes 1 to {TOKENS_PER_PASS} tokens, got {n} (more: a matrix product)")
     if not W.is_contiguous():
