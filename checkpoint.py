@@ -22,7 +22,9 @@ Every language model offers the same interface, which is all that the method fil
     model.blocks            the decoder blocks (nn.ModuleList); model.blocks_key names them in the checkpoint
     block.linears()         the prunable Linears of a block, by checkpoint name, in the order they run
     block(x, linear, cache) one block over hidden states x (B, T, hidden); cache: that block's KVCache
-    model.head(x)           hidden states leaving the last block -> logits (B, T, vocab)
+    model.head(x, linear)   hidden states leaving the last block -> logits (B, T, vocab); `linear` runs lm_head
+                            (dense_linear by default; a decode step's packed_experts.decode_linear)
+    model(ids, linear, cache, head_linear)  embed, every block, head: the forward pass, or a decode step
     model.new_cache(n, B)   an empty KV cache (one KVCache per block) for n tokens of B sequences
     model.outer_modules()   every module but the blocks (embeddings, final norm, lm_head): what offload moves
 

@@ -260,8 +260,8 @@ class Gemma3ForCausalLM(nn.Module):
         W = self.model.embed_tokens.weight
         return self.model.embed_tokens(input_ids) * torch.tensor(self.config.hidden_size ** 0.5, dtype=W.dtype)
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        return softcap(self.lm_head(self.model.norm(x)), self.config.final_logit_softcapping)
+    def head(self, x: torch.Tensor, linear: LinearFn = dense_linear) -> torch.Tensor:
+        return softcap(linear(self.lm_head, self.model.norm(x)), self.config.final_logit_softcapping)
 
 
 # -----------------------------------------------------------------------------

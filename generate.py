@@ -140,6 +140,9 @@ def main(argv=None) -> int:
         problem = triton_experts.kernel_problem if device.type == "cuda" else kernel_problem
         reason = "--decode masked" if args.decode == "masked" else problem(device, dtype)
         print(f"decode: the masked W ⊙ M, as many bytes as dense ({reason})")
+    problem = kernel_problem(device, dtype)
+    print("decode, dense products (lm_head; the dense model's Linears): "
+          + ("packed_experts' streamed kernel" if problem is None else f"F.linear ({problem})"))
     linear_bytes = sum(layer.weight.numel() * layer.weight.element_size() for layer in decoder_linears)
     held = mumoe_s["experts_bytes"]
     print(f"memory per routed prompt: its experts hold {held / 2 ** 20:.3g} MiB, {held / linear_bytes:.0%} of the "

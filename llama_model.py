@@ -358,9 +358,9 @@ class LlamaForCausalLM(nn.Module):
         if tokens > c.max_position_embeddings:
             raise UsageError(f"{tokens} tokens exceed max_position_embeddings={c.max_position_embeddings}")
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Hidden states (B, T, hidden) leaving the last block -> logits (B, T, vocab)."""
-        return self.lm_head(self.model.norm(x))
+    def head(self, x: torch.Tensor, linear: LinearFn = dense_linear) -> torch.Tensor:
+        """Hidden states (B, T, hidden) leaving the last block -> logits (B, T, vocab), lm_head run by `linear`."""
+        return linear(self.lm_head, self.model.norm(x))
 
     def new_cache(self, capacity: int, batch: int = 1) -> list[KVCache]:
         """An empty KV cache for up to `capacity` tokens per sequence: one KVCache per block."""
@@ -369,13 +369,14 @@ class LlamaForCausalLM(nn.Module):
         return [KVCache(batch, c.num_key_value_heads, capacity, c.head_dim, W.device, W.dtype) for _ in self.blocks]
 
     def forward(self, input_ids: torch.Tensor, linear: LinearFn = dense_linear,
-                cache: list[KVCache] | None = None) -> torch.Tensor:
+                cache: list[KVCache] | None = None, head_linear: LinearFn = dense_linear) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab). With a cache (`new_cache`), input_ids are the tokens that
-        follow the cached ones (all of the prompt first, then one token per call) and join the cache."""
+        follow the cached ones (all of the prompt first, then one token per call) and join the cache. `linear` runs
+        the blocks' Linears, `head_linear` lm_head (dense either way unless given)."""
         x = self.embed(input_ids, cache[0].length if cache else 0)
         for i, block in enumerate(self.blocks):
             x = block(x, linear, cache[i] if cache else None)
-        return self.head(x)
+        return self.head(x, head_linear)
 
 
 # -----------------------------------------------------------------------------

@@ -65,7 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import KVCache, LinearFn, UsageError, dense_linear
-from packed_experts import (ROWS, PackedLinear, concatenate, kernel_problem, pack, packed_linear, part,
+from packed_experts import (ROWS, PackedLinear, concatenate, decode_linear, kernel_problem, pack, packed_linear, part,
                             route_and_pack)
 from pruners import SELECTS, check_rho, prune_count, wanda_gated_weight
 
@@ -539,7 +539,9 @@ def generate(model, prompt, max_new_tokens: int, moe: MuMoE = DENSE, eos_id=None
     Linear's experts in one pass as the prompt reaches it (route_prompt; on CUDA, "triton" packs each Linear's
     W ⊙ M as soon as it is routed), and a step reads only the kept weights; "masked" builds and keeps the dense
     W ⊙ M, a second copy of the decoder Linears, a step costing what a dense step costs; "auto" packs where a
-    packed kernel runs. All give the same tokens.
+    packed kernel runs. All give the same tokens. The products a step keeps dense (lm_head, and every Linear of the
+    dense model) run through packed_experts.decode_linear: W read once by its compiled kernel, F.linear where that
+    cannot run.
     The new tokens do not change the routing, as if the decode were routed on the prompt alone at every step
     (`moe.prefix`: on its first `prefix` tokens only).
     `timings`: a dict that receives the seconds spent up to the first new token ("prompt": routing, selection,
@@ -568,17 +570,17 @@ def generate(model, prompt, max_new_tokens: int, moe: MuMoE = DENSE, eos_id=None
     packs = path in PACKED_PATHS and max_new_tokens > 1  # only if a token will use them
     x, chosen = route_prompt(model, prompts, cache, moe, path if packs else "masked")
     held = 0 if path == "dense" else experts_bytes(chosen)
-    logits = model.head(x[:, -1:])  # (1, 1, vocab): only the last position picks the next token
+    logits = model.head(x[:, -1:], decode_linear)  # (1, 1, vocab): only the last position picks the next token
     next_id = logits[:, -1].argmax(dim=-1, keepdim=True)  # (1, 1)
     new = [next_id.item()]
     prompt_done = time.perf_counter()
     eos = set(eos_id) if isinstance(eos_id, (list, tuple, set)) else {eos_id}
     done = new[-1] in eos or len(new) >= max_new_tokens or (stop and stop(new))
-    experts = dense_linear if path == "dense" or done else decode_experts(chosen, path)  # chosen by the pass above
+    experts = decode_linear if path == "dense" or done else decode_experts(chosen, path)  # chosen by the pass above
     del chosen
     pack_done = time.perf_counter()
     while not done:
-        logits = model(next_id, experts, cache)  # (1, 1, vocab): one token, at position cache length
+        logits = model(next_id, experts, cache, decode_linear)  # (1, 1, vocab): one token, at position cache length
         next_id = logits[:, -1].argmax(dim=-1, keepdim=True)
         new.append(next_id.item())
         done = new[-1] in eos or len(new) >= max_new_tokens or (stop and stop(new))

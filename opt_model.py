@@ -200,13 +200,14 @@ class OPTForCausalLM(nn.Module):
         positions = torch.arange(start, start + T, device=input_ids.device) + POSITION_OFFSET
         return x + dec.embed_positions(positions)
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Hidden states (B, T, hidden) leaving the last block -> logits (B, T, vocab)."""
+    def head(self, x: torch.Tensor, linear: LinearFn = dense_linear) -> torch.Tensor:
+        """Hidden states (B, T, hidden) leaving the last block -> logits (B, T, vocab), project_out and lm_head run
+        by `linear`."""
         if self.config.has_final_layer_norm:
             x = self.decoder.final_layer_norm(x)
         if self.config.projects_embeddings:
-            x = self.decoder.project_out(x)
-        return self.lm_head(x)
+            x = linear(self.decoder.project_out, x)
+        return linear(self.lm_head, x)
 
     def new_cache(self, capacity: int, batch: int = 1) -> list[KVCache]:
         """An empty KV cache for up to `capacity` tokens per sequence: one KVCache per block."""
@@ -216,14 +217,15 @@ class OPTForCausalLM(nn.Module):
         return [KVCache(batch, c.num_attention_heads, capacity, c.head_dim, W.device, W.dtype) for _ in self.blocks]
 
     def forward(self, input_ids: torch.Tensor, linear: LinearFn = dense_linear,
-                cache: list[KVCache] | None = None) -> torch.Tensor:
+                cache: list[KVCache] | None = None, head_linear: LinearFn = dense_linear) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab). With a cache (`new_cache`), input_ids are the tokens that
-        follow the cached ones (the prompt first, then one or more tokens per call) and join the cache."""
+        follow the cached ones (the prompt first, then one or more tokens per call) and join the cache. `linear` runs
+        the blocks' Linears, `head_linear` the head's (dense either way unless given)."""
         start = cache[0].length if cache else 0
         x = self.embed(input_ids, start)
         for i, block in enumerate(self.blocks):
             x = block(x, linear, cache[i] if cache else None)
-        return self.head(x)
+        return self.head(x, head_linear)
 
 
 # -----------------------------------------------------------------------------

@@ -114,6 +114,67 @@ void packed_linear(const float *x, int64_t n, int64_t d_in, const uint16_t *bits
     }
 }
 
+/* The dense product of a few tokens, y = x W^T + b, W (d_out, d_in) row-major: what a decode step's dense Linears
+   (lm_head, every Linear of the dense model) cost is reading W once, so W is read front to back in blocks of
+   DENSE_ROWS consecutive rows (one block: DENSE_ROWS · d_in floats, one stream), and each load of W serves the
+   n <= TOKENS_PER_PASS tokens:
+
+       acc_rt += W[i0 + r, j : j + LANES] * x[t, j : j + LANES]     j = 0, LANES, ... (the last columns masked)
+       y[t, i0 + r] = sum(acc_rt) + b_{i0 + r}
+
+   The rows past the last whole block go one at a time. The threads take runs of blocks as they come (OpenMP's
+   guided schedule: half of what is left, shrinking to CHUNK_BYTES), not one fixed half each: a thread asleep
+   between two products (thread_policy's short spin) starts tens of µs after the calling one, which meanwhile
+   reads on instead of waiting for it at the end (measured in docs/packed_decode.md). */
+#define DENSE_ROWS 4
+#define PREFETCH_BYTES 8192  /* how far ahead of each row's loads its lines are asked into L2: the best of 2-32 KB
+                              measured (lm_head, alone in a loop: 8% below F.linear's GB/s without, 5-10% above) */
+#define CHUNK_BYTES 32768  /* the smallest run a thread takes, 3 blocks of 576 columns (runs of 4 beat runs of 16) */
+
+#define DENSE_KERNEL(R, NT)                                                                                   \
+static void dense_##R##_##NT(const float *x, int64_t d_in, const float *W, float *sums) {                  \
+    vec acc[R][NT];                                                                                           \
+    for (int r = 0; r < R; r++)                                                                               \
+        for (int t = 0; t < NT; t++) acc[r][t] = zero();                                                      \
+    for (int64_t j = 0; j < d_in; j += LANES) {                                                               \
+        int n = d_in - j < LANES ? (int)(d_in - j) : LANES;                                                   \
+        vec xv[NT];                                                                                           \
+        for (int t = 0; t < NT; t++) xv[t] = load_x(x + t * d_in + j, n);                                     \
+        for (int r = 0; r < R; r++) {                                                                         \
+            _mm_prefetch((const char *)(W + r * d_in + j) + PREFETCH_BYTES, _MM_HINT_T1);                     \
+            vec w = load_x(W + r * d_in + j, n);                                                              \
+            for (int t = 0; t < NT; t++) acc[r][t] = fma(w, xv[t], acc[r][t]);                                \
+        }                                                                                                     \
+    }                                                                                                         \
+    for (int r = 0; r < R; r++)                                                                               \
+        for (int t = 0; t < NT; t++) sums[r * TOKENS_PER_PASS + t] = hsum(acc[r][t]);                         \
+}
+
+DENSE_KERNEL(4, 1) DENSE_KERNEL(4, 2) DENSE_KERNEL(4, 3) DENSE_KERNEL(4, 4)
+DENSE_KERNEL(1, 1) DENSE_KERNEL(1, 2) DENSE_KERNEL(1, 3) DENSE_KERNEL(1, 4)
+typedef void (*dense_kernel)(const float *, int64_t, const float *, float *);
+static const dense_kernel DENSE_BLOCK[TOKENS_PER_PASS + 1] = {0, dense_4_1, dense_4_2, dense_4_3, dense_4_4};
+static const dense_kernel DENSE_ROW[TOKENS_PER_PASS + 1] = {0, dense_1_1, dense_1_2, dense_1_3, dense_1_4};
+
+/* y (n, d_out) = x (n, d_in) W^T + bias, 1 <= n <= TOKENS_PER_PASS (the caller checks: more tokens are a matrix
+   product, for BLAS) */
+void streamed_linear(const float *x, int64_t n, int64_t d_in, const float *W, const float *bias, float *y,
+                     int64_t d_out, int threads) {
+    int64_t blocks = d_out / DENSE_ROWS, units = blocks + d_out % DENSE_ROWS;  /* whole blocks, then single rows */
+    int64_t chunk = CHUNK_BYTES / (DENSE_ROWS * d_in * (int64_t)sizeof(float));
+    chunk = chunk > 1 ? chunk : 1;
+    #pragma omp parallel for schedule(guided, chunk) num_threads(threads)
+    for (int64_t u = 0; u < units; u++) {
+        float sums[DENSE_ROWS * TOKENS_PER_PASS];
+        int whole = u < blocks;
+        int64_t i0 = whole ? u * DENSE_ROWS : blocks * DENSE_ROWS + (u - blocks);
+        (whole ? DENSE_BLOCK : DENSE_ROW)[n](x, d_in, W + i0 * d_in, sums);
+        for (int r = 0; r < (whole ? DENSE_ROWS : 1); r++)
+            for (int t = 0; t < n; t++)
+                y[t * d_out + i0 + r] = sums[r * TOKENS_PER_PASS + t] + (bias ? bias[i0 + r] : 0.0f);
+    }
+}
+
 /* Packing, two passes over W ⊙ M (d_out, d_in): how many weights each block keeps (counts[b]), then, once the
    caller has summed them into starts, each block's mask bits and kept values in (group, row, column) order. */
 static inline unsigned kept_bits(const float *w, int64_t n) {  /* bit j: w[j] != 0, for the n <= GROUP columns */

@@ -43,6 +43,13 @@ with ctypes; the boundary checks what it hands over (float32, the CPU, the packe
 Where the kernel cannot run (no C compiler, a CPU without AVX2, CUDA tensors, a dtype other than float32),
 `kernel_problem` says why in one line, and the masked dense product runs instead (mumoe.decode_path).
 
+The same file holds the dense product of a few tokens, y = x W^T + b (streamed_linear): what lm_head and every
+Linear of the dense model cost in a decode step is reading W once, and torch's one-token F.linear reads the small
+decoder Linears well below the machine's streaming rate (docs/packed_decode.md has the figures). The kernel reads
+W front to back in blocks of 4 rows, each loaded vector of W serving every token, the threads taking runs of blocks
+as they come. `decode_linear` is the Linear a decode step calls with it (mumoe.generate), F.linear where it
+cannot run.
+
     pack(W_gated, bias)                   W ⊙ M (d_out, d_in) -> PackedLinear (by the compiled kernel too)
     route_and_pack(W, sqnorms, rho, nm)   W and a prompt's input norms -> its experts packed, in one pass: μ-MoE's
                                           scores, exact selection and packing fused, no W ⊙ M built
@@ -51,6 +58,8 @@ Where the kernel cannot run (no C compiler, a CPU without AVX2, CUDA tensors, a 
     concatenate(parts), part(packed, rows) Linears that read one input as one PackedLinear (one call), and back
     unpack(packed)                        the packed form -> W ⊙ M again, in plain PyTorch
     kernel_problem(device, dtype)         None where the kernel runs, else why not
+    streamed_linear(x, W, bias)           the dense product of a few tokens, W read once: x (..., d_in) -> (..., d_out)
+    decode_linear(layer, x)               checkpoint.dense_linear's drop-in for decoding: streamed_linear where it runs
 """
 
 import ctypes
@@ -65,6 +74,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from pruners import check_nm, check_rho, prune_count
 
@@ -229,6 +239,8 @@ def build(extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str | 
     lib.route_and_pack.restype = None
     lib.route_and_pack_starts.argtypes = [ptr, i64, i64, ptr, ptr, i64]
     lib.route_and_pack_starts.restype = None
+    lib.streamed_linear.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ctypes.c_int]
+    lib.streamed_linear.restype = None
     return lib, None
 
 
@@ -314,3 +326,49 @@ def part(packed: PackedLinear, rows: slice) -> PackedLinear:
     bias = None if packed.bias is None else packed.bias[rows]
     return PackedLinear(packed.bits[b0:b1], packed.values[s0 : s1 + PAD], packed.starts[b0 : b1 + 1] - s0,
                         rows.stop - rows.start, packed.d_in, bias)
+
+
+# -----------------------------------------------------------------------------
+# The dense product of a few tokens, for the Linears a decode step keeps dense
+
+
+def streamed_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., d_in) float32, at most TOKENS_PER_PASS tokens in all -> x W^T + b (..., d_out), W (d_out, d_in) read
+    once, front to back, by the compiled kernel (its equation and layout in packed_experts.c)."""
+    kernel = loaded_kernel().streamed_linear
+    if x.dtype != torch.float32 or not x.is_cpu:  # (is_cpu: a decode step makes ~200 calls, device.type costs more)
+        check_float32_cpu(x, "x")
+    if W.dtype != torch.float32 or not W.is_cpu or W.ndim != 2:
+        check_float32_cpu(W, "W", ndim=2)
+    d_out, d_in = W.shape
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x has {x.shape[-1]} features, W {d_in} columns")
+    n = x.numel() // d_in if d_in else 0
+    if not 1 <= n <= TOKENS_PER_PASS:
+        raise ValueError(f"the streamed product takes 1 to {TOKENS_PER_PASS} tokens, got {n} (more: a matrix product)")
+    if not W.is_contiguous():
+        raise ValueError("W must be contiguous: the kernel reads its rows by their address")
+    if bias is not None:
+        check_float32_cpu(bias, "the bias", ndim=1)
+        if bias.shape[0] != d_out or not bias.is_contiguous():
+            raise ValueError(f"the bias must be a contiguous ({d_out},) tensor, got {tuple(bias.shape)}")
+    if not x.is_contiguous():
+        x = x.contiguous()  # (..., d_in) read as (n, d_in)
+    y = x.new_empty((*x.shape[:-1], d_out))
+    kernel(x.data_ptr(), n, d_in, W.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), d_out,
+           torch.get_num_threads())
+    return y
+
+
+def decode_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The dense Linear of a decode step, checkpoint.dense_linear's drop-in: a few tokens (at most TOKENS_PER_PASS in
+    all) in float32 on the CPU run through streamed_linear, everything else, and everywhere the kernel cannot run
+    (kernel_problem), through the Linear itself. Used for every shape, as measured on SmolLM2's (benchmarks/
+    bench_head.py, docs/packed_decode.md): with mumoe's thread policy the kernel read each decoder Linear at
+    1.04-1.7x F.linear's GB/s and lm_head 2% above it (2x with 4 tokens), the dense step taking 0.87x eager's time;
+    with torch's threads spinning F.linear was 1-12% faster on the one-token decoder Linears, the step 0.96x."""
+    W = layer.weight
+    if (0 < x.numel() <= TOKENS_PER_PASS * W.shape[1] and x.is_cpu and x.dtype == W.dtype == torch.float32
+            and W.is_contiguous() and compiled_kernel()[1] is None):
+        return streamed_linear(x, W, layer.bias)
+    return layer(x)

@@ -20,9 +20,10 @@ import mumoe
 import packed_experts
 import pruners
 from checkpoint import UsageError
+from checkpoint import dense_linear
 from mumoe import MuMoE, decode_path, generate, route_prompt
 from opt_model import OPTConfig, OPTForCausalLM
-from packed_experts import GROUP, ROWS, pack, packed_linear, unpack
+from packed_experts import GROUP, ROWS, TOKENS_PER_PASS, decode_linear, pack, packed_linear, streamed_linear, unpack
 from kit.tiny_models import IMAGE_ID, save_tiny_llama, save_tiny_llava
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,7 +34,10 @@ AVX512 = "avx512f" in packed_experts.cpu_flags().split()
 BUILDS = [(), ("-mno-avx512f",)] if AVX512 else [()]
 
 # Each output is a dot product of up to d_in terms summed in another order than F.linear's: measured on the shapes
-# below, |packed - masked| <= 1.3e-7 · sum_j |x_j W_ij| (fp32 epsilon is 6e-8). A bug moves an output by a term.
+# below, |packed - masked| <= 1.3e-7 · sum_j |x_j W_ij| (fp32 epsilon is 6e-8), and the streamed dense product's
+# |streamed - F.linear| <= 2.0e-7 of sum_j |x_j W_ij| + |b_i| (1 to 4 tokens, the shapes of its tests and up to
+# 130 x 1536; both builds, 1 and 2 threads, and with ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2): 1e-6
+# leaves 5x. A bug moves an output by a term.
 PRODUCT_RTOL = 1e-6
 # Log-likelihood sums of -16 to -65 here, packed vs masked decode: measured 7.6e-6 at most, 2 fp32 steps of a sum
 # near -48 (its ulp is 3.8e-6). A bias left out or a wrong row moves a sum by far more than 1e-3.
@@ -49,9 +53,9 @@ def routed(W: torch.Tensor, rho: float, nm=None, seed=0, tied=False) -> torch.Te
 
 
 def assert_product_close(y: torch.Tensor, x: torch.Tensor, W_gated: torch.Tensor, bias, what: str) -> None:
-    """y against F.linear(x, W ⊙ M, bias), each output's error measured against sum_j |x_j W_ij|."""
+    """y against F.linear(x, W ⊙ M, bias), each output's error measured against sum_j |x_j W_ij| + |b_i|."""
     expected = F.linear(x, W_gated, bias)
-    scale = F.linear(x.abs(), W_gated.abs()) + 1e-30
+    scale = F.linear(x.abs(), W_gated.abs(), None if bias is None else bias.abs()) + 1e-30
     worst = ((y - expected).abs() / scale).max().item()
     assert y.shape == expected.shape, f"{what}: shape {tuple(y.shape)}, expected {tuple(expected.shape)}"
     assert worst <= PRODUCT_RTOL, (f"{what}: error {worst:.2e} of sum |x W| (bound {PRODUCT_RTOL}); first outputs "
@@ -136,6 +140,116 @@ def test_tokens_beyond_one_pass_and_large_rows(threads):
     W_gated = routed(torch.randn(70, 1000), 0.5)
     x = torch.randn(11, 1000)
     assert_product_close(packed_linear(x, pack(W_gated)), x, W_gated, None, "11 tokens")
+
+
+# -----------------------------------------------------------------------------
+# The dense product of a few tokens (streamed_linear), against F.linear
+
+STREAMED_SHAPES = [  # (d_out, d_in)
+    (1, 1),
+    (3, 7),       # fewer rows than a block (4), fewer columns than AVX2's 8
+    (5, 16),      # one whole AVX-512 vector; one row past the block
+    (7, 17),      # a tail of 1 column, 3 rows past the block
+    (13, 37),     # a tail of 5 columns (AVX2: of 5 after 4 vectors of 8)
+    (67, 577),    # many blocks, taken by both threads in runs; a tail of 1 column
+    (1031, 96),   # runs of many blocks (CHUNK_BYTES over 4 rows of 96); 3 rows past the last block
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("build", BUILDS, ids=lambda flags: "avx2" if flags else "native")
+@pytest.mark.parametrize("d_out, d_in", STREAMED_SHAPES)
+@pytest.mark.parametrize("T", range(1, TOKENS_PER_PASS + 1))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no bias"])
+def test_streamed_product_equals_linear(build, d_out, d_in, T, bias, threads, monkeypatch):
+    monkeypatch.setattr(packed_experts, "compiled_kernel", lambda: packed_experts.build(build))
+    generator = torch.Generator().manual_seed(d_out * d_in + T)
+    W = torch.randn(d_out, d_in, generator=generator)
+    b = torch.randn(d_out, generator=generator) if bias else None
+    x = torch.randn(T, d_in, generator=generator)
+    assert_product_close(streamed_linear(x, W, b), x, W, b, f"streamed {build or 'native'}, T={T}")
+    if T <= 2:  # (B, T, d_in): the tokens of every sequence, as a decode step of a batch hands them over
+        x = torch.randn(2, T, d_in, generator=generator)
+        assert_product_close(streamed_linear(x, W, b), x, W, b, f"streamed, batch of 2 x {T} tokens")
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [2], indirect=True, ids=["2 threads"])
+def test_two_threads_each_sum_their_own_rows(threads):
+    """Many short rows, 4 tokens, 2 threads taking runs of blocks side by side: a partial sum that the threads share
+    instead of each holding its own is overwritten by the other thread (planted, it failed every run)."""
+    generator = torch.Generator().manual_seed(7)
+    W, b, x = (torch.randn(40_000, 16, generator=generator), torch.randn(40_000, generator=generator),
+               torch.randn(TOKENS_PER_PASS, 16, generator=generator))
+    for attempt in range(3):
+        assert_product_close(streamed_linear(x, W, b), x, W, b, f"2 threads, attempt {attempt}")
+
+
+@needs_kernel
+def test_streamed_product_under_avx2_aten_equals_linear():
+    """A CPU with AVX2 only: the kernel's AVX2 build against F.linear as torch and MKL compute it there
+    (ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2), in a fresh process, 1 and 2 threads."""
+    code = f"""
+import torch, torch.nn.functional as F
+import packed_experts
+packed_experts.compiled_kernel = lambda: packed_experts.build(("-mno-avx512f",) if {AVX512} else ())
+worst = 0.0
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    for d_out, d_in in {STREAMED_SHAPES}:
+        for T in range(1, {TOKENS_PER_PASS} + 1):
+            g = torch.Generator().manual_seed(d_out + d_in + T)
+            W, b = torch.randn(d_out, d_in, generator=g), torch.randn(d_out, generator=g)
+            x = torch.randn(T, d_in, generator=g)
+            error = (packed_experts.streamed_linear(x, W, b) - F.linear(x, W, b)).abs()
+            worst = max(worst, (error / F.linear(x.abs(), W.abs(), b.abs())).max().item())
+print(torch.backends.cpu.get_cpu_capability(), worst)
+"""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    capability, worst = run.stdout.split()
+    assert capability == "AVX2", f"torch ran with {capability}, not AVX2"
+    assert float(worst) <= PRODUCT_RTOL, f"AVX2: error {float(worst):.2e} of sum |x W| + |b| (bound {PRODUCT_RTOL})"
+
+
+@needs_kernel
+def test_the_streamed_boundary_refuses_what_it_would_misread():
+    """C reads raw pointers: a float64 x or W, a tensor of the wrong width, a W whose rows are not where its shape
+    says (a transposed view), a bias of the wrong length, or more tokens than one pass: each a clear error."""
+    W, x = torch.randn(8, 32), torch.randn(2, 32)
+    for x_, W_, b, what in [(x.double(), W, None, "float32"), (x, W.double(), None, "float32"),
+                            (torch.randn(2, 16), W, None, "features"), (x, torch.randn(32, 8).t(), None, "contiguous"),
+                            (x, W[0], None, "dimensions"), (x, W, torch.zeros(7), r"\(8,\) tensor"),
+                            (torch.randn(TOKENS_PER_PASS + 1, 32), W, None, "1 to 4 tokens")]:
+        with pytest.raises(ValueError, match=what):
+            streamed_linear(x_, W_, b)
+
+
+def counting(monkeypatch) -> list:
+    """The shapes of x that packed_experts.streamed_linear is called with from here on."""
+    calls, kernel = [], packed_experts.streamed_linear
+    monkeypatch.setattr(packed_experts, "streamed_linear",
+                        lambda x, W, b=None: calls.append(x.shape) or kernel(x, W, b))
+    return calls
+
+
+@needs_kernel
+def test_decode_linear_streams_few_float32_tokens_only(monkeypatch):
+    """decode_linear takes the kernel for 1 to TOKENS_PER_PASS float32 CPU tokens, and the Linear itself for more
+    tokens, another dtype, or where the kernel cannot run: the same numbers either way."""
+    layer = torch.nn.Linear(40, 12).requires_grad_(False)
+    calls = counting(monkeypatch)
+    for shape in [(1, 1, 40), (1, TOKENS_PER_PASS, 40), (2, 2, 40), (1, TOKENS_PER_PASS + 1, 40)]:
+        x = torch.randn(shape)
+        assert_product_close(decode_linear(layer, x), x, layer.weight, layer.bias, f"decode_linear, x {shape}")
+    assert calls == [(1, 1, 40), (1, TOKENS_PER_PASS, 40), (2, 2, 40)], f"the kernel ran for {calls}"
+    half = torch.nn.Linear(40, 12).to(torch.bfloat16)
+    assert decode_linear(half, torch.randn(1, 1, 40, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    monkeypatch.setattr(packed_experts, "compiled_kernel", lambda *flags: (None, "no C compiler found (test)"))
+    x = torch.randn(1, 1, 40)
+    assert torch.equal(decode_linear(layer, x), layer(x)), "the fallback is the Linear itself"
+    assert len(calls) == 3, "the kernel ran where it cannot"
 
 
 # -----------------------------------------------------------------------------
@@ -225,6 +339,33 @@ def test_lm_harness_loglikelihoods_packed_equal_masked(tmp_path):
         scores[decode] = [logprob for logprob, _ in lm._loglikelihood_tokens(requests)]
     assert torch.allclose(torch.tensor(scores["packed"]), torch.tensor(scores["masked"]), HARNESS_RTOL, HARNESS_ATOL), (
         f"log-likelihoods packed {scores['packed']} vs masked {scores['masked']}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", ["opt", "llama (GQA)", "llava"])
+def test_dense_decode_streams_every_product_with_eager_tokens(tiny_models, name, monkeypatch):
+    """The dense model's decode: every block Linear and lm_head of each step through the streamed kernel, the greedy
+    tokens those of eager F.linear (the kernel made unavailable: decode_linear's fallback), each step's logits within
+    1e-5 of eager's."""
+    model, prompt = tiny_models[name]
+    calls = counting(monkeypatch)
+    streamed = generate(model, prompt, 16)
+    linears = sum(len(block.linears()) for block in model.blocks)
+    assert len(calls) == 1 + 15 * (linears + 1), (  # the first token's head, then every Linear and the head a step
+        f"{len(calls)} streamed products for 15 steps of {linears} Linears and lm_head")
+    assert all(shape[:-1] == (1, 1) for shape in calls), f"products of more than one token: {set(calls)}"
+    steps = {}
+    for linear in (decode_linear, dense_linear):
+        cache = model.new_cache(30)
+        route_prompt(model, torch.tensor([[3, 8, 13, 21]]), cache, MuMoE(1.0))
+        steps[linear] = torch.cat([model(torch.tensor([[t]]), linear, cache, linear) for t in (5, 17, 9, 40)], dim=1)
+    assert (steps[decode_linear] - steps[dense_linear]).abs().max() < 1e-5, "the streamed decode moved the logits"
+    before = len(calls)
+    monkeypatch.setattr(packed_experts, "compiled_kernel", lambda *flags: (None, "no C compiler found (test)"))
+    eager = generate(model, prompt, 16)
+    assert streamed == eager, f"{name}: streamed decode {streamed} vs eager {eager}"
+    assert len(set(eager)) > 2, f"{name}: a degenerate test, the tokens repeat: {eager}"
+    assert len(calls) == before, "the kernel ran where it cannot"
 
 
 # -----------------------------------------------------------------------------
