@@ -124,7 +124,7 @@ void packed_linear(const float *x, int64_t n, int64_t d_in, const uint16_t *bits
 
    The rows past the last whole block go one at a time. The threads take runs of blocks as they come (OpenMP's
    guided schedule: half of what is left, shrinking to CHUNK_BYTES), not one fixed half each: a thread asleep
-   between two products (thread_policy's short spin) starts tens of µs after the calling one, which meanwhile
+   between two products (after thread_policy's short spin, on shared cores) starts tens of µs after the calling one, which meanwhile
    reads on instead of waiting for it at the end (measured in docs/packed_decode.md). */
 #define DENSE_ROWS 4
 #define PREFETCH_BYTES 8192  /* how far ahead of each row's loads its lines are asked into L2: the best of 2-32 KB

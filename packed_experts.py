@@ -364,9 +364,10 @@ def decode_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """The dense Linear of a decode step, checkpoint.dense_linear's drop-in: a few tokens (at most TOKENS_PER_PASS in
     all) in float32 on the CPU run through streamed_linear, everything else, and everywhere the kernel cannot run
     (kernel_problem), through the Linear itself. Used for every shape, as measured on SmolLM2's (benchmarks/
-    bench_head.py, docs/packed_decode.md): with mumoe's thread policy the kernel read each decoder Linear at
-    1.04-1.7x F.linear's GB/s and lm_head 2% above it (2x with 4 tokens), the dense step taking 0.87x eager's time;
-    with torch's threads spinning F.linear was 1-12% faster on the one-token decoder Linears, the step 0.96x."""
+    bench_head.py, docs/packed_decode.md, an Intel Xeon): with threads that sleep after a short spin (thread_policy's
+    choice on shared cores) the kernel read each decoder Linear at 1.04-1.7x F.linear's GB/s and lm_head 2% above it
+    (2x with 4 tokens), the dense step taking 0.87x eager's time; with threads spinning (its choice on free cores)
+    F.linear was 1-12% faster on the one-token decoder Linears, and the step still 0.96x eager's."""
     W = layer.weight
     if (0 < x.numel() <= TOKENS_PER_PASS * W.shape[1] and x.is_cpu and x.dtype == W.dtype == torch.float32
             and W.is_contiguous() and compiled_kernel()[1] is None):

@@ -22,9 +22,8 @@ import pruners
 from checkpoint import UsageError
 from checkpoint import dense_linear
 from mumoe import MuMoE, decode_path, generate, route_prompt
-from opt_model import OPTConfig, OPTForCausalLM
 from packed_experts import GROUP, ROWS, TOKENS_PER_PASS, decode_linear, pack, packed_linear, streamed_linear, unpack
-from kit.tiny_models import IMAGE_ID, save_tiny_llama, save_tiny_llava
+from kit.tiny_models import decoding_models, decoding_opt
 
 REPO = Path(__file__).resolve().parent.parent
 PROBLEM = packed_experts.kernel_problem()
@@ -256,35 +255,9 @@ def test_decode_linear_streams_few_float32_tokens_only(monkeypatch):
 # Decoding with packed experts: generation and lm_harness, against the masked W ⊙ M
 
 
-def tiny_opt() -> OPTForCausalLM:
-    torch.manual_seed(0)
-    config = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
-                       max_position_embeddings=64, word_embed_proj_dim=32)
-    model = OPTForCausalLM(config).requires_grad_(False).eval()
-    for block in model.blocks:  # weights of std 2/sqrt(d_in): every block matters to the greedy tokens
-        for layer in block.linears().values():
-            layer.weight.normal_(0, 2.0 / layer.in_features ** 0.5)
-            layer.bias.normal_(0, 0.1)  # a bias the packed Linear must add
-    return model
-
-
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    """name -> (our language model, a prompt: ids or an embedded LLaVA prompt with its image features)."""
-    import llama_model
-    import llava_model
-
-    ids = torch.randint(3, 100, (12,), generator=torch.Generator().manual_seed(3)).tolist()
-    llama_dir = tmp_path_factory.mktemp("llama_gqa")
-    save_tiny_llama(llama_dir, "llama_gqa")
-    llama = llama_model.load_model(llama_dir)
-    llava_dir = tmp_path_factory.mktemp("llava")
-    save_tiny_llava(llava_dir)
-    llava = llava_model.load_llava(llava_dir)
-    with torch.no_grad():
-        pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(2))  # the tiny tower's size
-        embedded = llava.embed_prompt(torch.tensor([[1, IMAGE_ID, *ids[:6]]]), pixels)
-    return {"opt": (tiny_opt(), ids), "llama (GQA)": (llama, ids), "llava": (llava.language_model, embedded)}
+    return decoding_models(tmp_path_factory.mktemp)
 
 
 @needs_kernel
@@ -328,7 +301,7 @@ def test_lm_harness_loglikelihoods_packed_equal_masked(tmp_path):
         def encode(self, text):
             return [0]
 
-    model = tiny_opt()
+    model = decoding_opt()
     gen = torch.Generator().manual_seed(5)
     context = torch.randint(3, 128, (10,), generator=gen).tolist()
     requests = [(None, context, torch.randint(3, 128, (n,), generator=gen).tolist()) for n in (1, 3, 6, 4, 2)]

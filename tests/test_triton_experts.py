@@ -23,8 +23,7 @@ import pruners  # noqa: E402
 import triton_experts  # noqa: E402
 from checkpoint import UsageError  # noqa: E402
 from mumoe import MuMoE, decode_path, generate, route_prompt  # noqa: E402
-from opt_model import OPTConfig, OPTForCausalLM  # noqa: E402
-from kit.tiny_models import IMAGE_ID, save_tiny_llama, save_tiny_llava  # noqa: E402
+from kit.tiny_models import decoding_models, decoding_opt  # noqa: E402
 from triton_experts import GROUP, ROWS, pack, packed_linear, packed_linear_reference, unpack  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: Triton's interpreter
@@ -171,34 +170,9 @@ def test_boundary_checks_say_what_is_wrong():
 # μ-MoE decoding through the Triton kernel: packed while routing, the masked path's tokens
 
 
-def tiny_opt() -> OPTForCausalLM:
-    torch.manual_seed(0)
-    config = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
-                       max_position_embeddings=64, word_embed_proj_dim=32)
-    model = OPTForCausalLM(config).requires_grad_(False).eval()
-    for block in model.blocks:  # weights of std 2/sqrt(d_in): every block matters to the greedy tokens
-        for layer in block.linears().values():
-            layer.weight.normal_(0, 2.0 / layer.in_features ** 0.5)
-            layer.bias.normal_(0, 0.1)  # a bias the packed Linear must add
-    return model
-
-
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    """name -> (our language model on DEVICE, a prompt: ids or an embedded LLaVA prompt with its image features)."""
-    import llama_model
-    import llava_model
-
-    ids = torch.randint(3, 100, (12,), generator=torch.Generator().manual_seed(3)).tolist()
-    llama_dir, llava_dir = tmp_path_factory.mktemp("llama_gqa"), tmp_path_factory.mktemp("llava")
-    save_tiny_llama(llama_dir, "llama_gqa")
-    save_tiny_llava(llava_dir)
-    llava = llava_model.load_llava(llava_dir, DEVICE)
-    with torch.no_grad():
-        pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(2)).to(DEVICE)  # the tiny tower's
-        embedded = llava.embed_prompt(torch.tensor([[1, IMAGE_ID, *ids[:6]]], device=DEVICE), pixels)
-    return {"opt": (tiny_opt().to(DEVICE), ids), "llama (GQA)": (llama_model.load_model(llama_dir, DEVICE), ids),
-            "llava": (llava.language_model, embedded)}
+    return decoding_models(tmp_path_factory.mktemp, DEVICE)
 
 
 @pytest.mark.cuda
@@ -272,7 +246,7 @@ def test_lm_harness_loglikelihoods_triton_equal_masked():
         def encode(self, text):
             return [0]
 
-    model = tiny_opt().to(DEVICE)
+    model = decoding_opt().to(DEVICE)
     gen = torch.Generator().manual_seed(5)
     context = torch.randint(3, 128, (10,), generator=gen).tolist()
     requests = [(None, context, torch.randint(3, 128, (n,), generator=gen).tolist()) for n in (1, 3, 4)]

@@ -212,3 +212,39 @@ def save_random_opt(directory: Path, config: OPTConfig) -> None:
     state = random_opt(config).state_dict()
     save_file({f"model.{k}": v for k, v in state.items() if k != "lm_head.weight"}, directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps(dict(asdict(config), model_type="opt")))
+
+
+# -----------------------------------------------------------------------------
+# The three models the decoding tests run (packed, Triton, streamed): an OPT with biases, a GQA LLaMA, a LLaVA
+
+
+def decoding_opt() -> OPTForCausalLM:
+    """A tiny OPT whose Linears have weights of std 2/sqrt(d_in), so that every block matters to the greedy tokens,
+    and random biases, which a packed or streamed Linear must add."""
+    torch.manual_seed(0)
+    config = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                       max_position_embeddings=64, word_embed_proj_dim=32)
+    model = OPTForCausalLM(config).requires_grad_(False).eval()
+    for block in model.blocks:
+        for layer in block.linears().values():
+            layer.weight.normal_(0, 2.0 / layer.in_features ** 0.5)
+            layer.bias.normal_(0, 0.1)
+    return model
+
+
+def decoding_models(mktemp, device="cpu") -> dict:
+    """name -> (our language model on `device`, a prompt: ids, or an embedded LLaVA prompt with its image features);
+    `mktemp(name)` gives a fresh directory (pytest's tmp_path_factory.mktemp)."""
+    import llama_model
+    import llava_model
+
+    ids = torch.randint(3, 100, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+    llama_dir, llava_dir = mktemp("llama_gqa"), mktemp("llava")
+    save_tiny_llama(llama_dir, "llama_gqa")
+    save_tiny_llava(llava_dir)
+    llava = llava_model.load_llava(llava_dir, device)
+    with torch.no_grad():
+        pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(2)).to(device)  # the tower's size
+        embedded = llava.embed_prompt(torch.tensor([[1, IMAGE_ID, *ids[:6]]], device=device), pixels)
+    return {"opt": (decoding_opt().to(device), ids), "llama (GQA)": (llama_model.load_model(llama_dir, device), ids),
+            "llava": (llava.language_model, embedded)}
