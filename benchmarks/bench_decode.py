@@ -38,11 +38,10 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the helpers the tests share
 import models  # noqa: E402
-from checkpoint import dense_linear  # noqa: E402
 from llama_model import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from mumoe import MuMoE, decode_experts, generate, packed_experts, route_prompt  # noqa: E402
 from opt_model import OPTConfig  # noqa: E402
-from packed_experts import kernel_problem  # noqa: E402
+from packed_experts import decode_linear, kernel_problem  # noqa: E402
 from results_file import write_json  # noqa: E402
 from kit.data import random_ids  # noqa: E402
 from kit.timing import median_and_spread, timed  # noqa: E402
@@ -94,11 +93,12 @@ def streaming_read(nbytes: int):
 
 
 def stepper(model, linear, cache, next_ids):
-    """One decode step through `cache` (left as it was: the cache keeps its CACHED tokens)."""
+    """One decode step through `cache` (left as it was: the cache keeps its CACHED tokens), lm_head through
+    decode_linear as mumoe.generate runs it."""
     lengths = [c.length for c in cache]
 
     def step():
-        model(next_ids, linear, cache)
+        model(next_ids, linear, cache, decode_linear)
         for c, n in zip(cache, lengths):
             c.length = n
 
@@ -120,7 +120,7 @@ def bench_steps(name: str, model, repeats: int, batch: int = 1, settings=SETTING
         _, experts = route_prompt(model, prompts, model.new_cache(CACHED + 1, batch), MuMoE(rho, nm=nm), "packed")
         pack_s = time.perf_counter() - start  # the whole routed prompt pass, packing included
         dense_bytes, packed_bytes = step_bytes(model, None), step_bytes(model, experts)
-        seconds = timed({"dense": stepper(model, dense_linear, cache, next_ids),
+        seconds = timed({"dense": stepper(model, decode_linear, cache, next_ids),  # generate's dense step
                          "masked": stepper(model, masked, cache, next_ids),
                          "packed": stepper(model, packed_experts(experts), cache, next_ids),
                          "stream": streaming_read(packed_bytes)}, repeats)
