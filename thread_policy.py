@@ -64,16 +64,20 @@ def busy_elsewhere(window: float = WINDOW) -> float | None:
     return busy
 
 
-USERS = {name: os.environ[name] for name in USER_VARIABLES if name in os.environ}
 def spin_count(busy: float | None) -> int:
     """The turns a waiting thread spins, given how many cores other processes keep busy (None: unknown)."""
     return SPIN_SHARED if busy is not None and busy >= SHARED_AT else SPIN_QUIET
 
 
+MARK = "MUMOE_GOMP_SPINCOUNT"  # what this module set, so that a process started from a command (a test's command,
+                              # a benchmark's child) reads it as ours, not the user's, and looks at the cores itself
+if "GOMP_SPINCOUNT" in os.environ and os.environ.get("GOMP_SPINCOUNT") == os.environ.get(MARK):
+    del os.environ["GOMP_SPINCOUNT"]
+USERS = {name: os.environ[name] for name in USER_VARIABLES if name in os.environ}
 BUSY = None if USERS else busy_elsewhere()
 SPIN_COUNT = spin_count(BUSY)
 if not USERS:
-    os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+    os.environ["GOMP_SPINCOUNT"] = os.environ[MARK] = str(SPIN_COUNT)
 
 
 def policy() -> dict[str, str]:

@@ -67,6 +67,16 @@ def test_threads_are_applied_and_recorded(tiny_with_tokenizer, cli_data, tmp_pat
     assert code == 2 and "--threads: expected a positive integer, got 0" in err, err
 
 
+def test_a_process_started_by_a_command_chooses_for_itself():
+    """The spin count this module set is passed on in the environment to the processes a command starts; they read
+    it as mumoe's, not the user's, and look at the cores themselves."""
+    code = "import os, thread_policy; print(thread_policy.policy()['by'], os.environ['GOMP_SPINCOUNT'])"
+    ours = python(code, clean_environment(GOMP_SPINCOUNT="30000", MUMOE_GOMP_SPINCOUNT="30000")).split()
+    assert ours[0] == "mumoe" and int(ours[1]) in (thread_policy.SPIN_QUIET, thread_policy.SPIN_SHARED), ours
+    theirs = python(code, clean_environment(GOMP_SPINCOUNT="5", MUMOE_GOMP_SPINCOUNT="30000")).split()
+    assert theirs == ["user", "5"], theirs
+
+
 def test_the_spin_follows_how_busy_the_cores_are():
     """Another process keeping a core busy when a command starts: the short spin; free cores (or no /proc/stat to
     tell): the longer one, which keeps a quiet machine's speed where waking a thread is dear."""
