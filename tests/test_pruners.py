@@ -13,7 +13,7 @@ from checkpoint import UsageError
 from opt_model import load_model
 from pruners import magnitude_mask, prune_lowest, prune_model, sparsegpt_prune, wanda_mask, wanda_score
 from kit.checks import OFFLOAD_DEVICES, assert_each_visits, n_diff, record_moves
-from kit.references import reference_fasterprune
+from kit.references import hooked_statistics, reference_fasterprune
 from kit.tiny_models import save_tiny_opt
 
 
@@ -345,25 +345,6 @@ def tokens_by_features(x):
     return x.reshape(-1, x.shape[-1])  # transformers' OPT feeds fc1/fc2 (T, d), the projections (1, T, d)
 
 
-def hf_block_stats(hf, block_index, calib_ids):
-    """Per Linear of one block, gathered with plain forward hooks on the oracle, one window at a time:
-    x_sqnorm = mean over windows of sum_t x_tj^2, and H = (2 / windows) sum_t x_t x_t^T."""
-    block = hf.model.decoder.layers[block_index]
-    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")
-    inputs = {name: [] for name in names}
-    hooks = [block.get_submodule(name).register_forward_hook(
-        lambda module, args, out, name=name: inputs[name].append(tokens_by_features(args[0])))
-        for name in names]
-    with torch.no_grad():
-        for ids in calib_ids:
-            hf(ids[None])
-    for hook in hooks:
-        hook.remove()
-    n = len(calib_ids)
-    return {name: (sum(X.pow(2).sum(0) for X in Xs) / n, 2 / n * sum(X.T @ X for X in Xs))
-            for name, Xs in inputs.items()}
-
-
 @pytest.mark.parametrize("method", ("wanda", "sparsegpt"))
 def test_prune_model_equals_pruners_on_hooked_statistics(tiny_opt, method):
     hf, directory, calib_ids = tiny_opt
@@ -373,7 +354,8 @@ def test_prune_model_equals_pruners_on_hooked_statistics(tiny_opt, method):
     prune_model(model, calib_ids, method, 0.5, progress=False)
     pruned = model.state_dict()
     for b in range(3):
-        stats = hf_block_stats(hf, b, calib_ids)
+        stats = hooked_statistics(hf, hf.model.decoder.layers[b], ["self_attn.q_proj", "self_attn.k_proj",
+                                  "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"], calib_ids)
         for name, (x_sqnorm, H) in stats.items():
             key = f"decoder.layers.{b}.{name}.weight"
             if method == "wanda":
@@ -437,7 +419,7 @@ def record_pruner_calls(monkeypatch) -> list[dict]:
 
 def linear_inputs(block, hidden: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
     """Each Linear's input (T, d_in) in every window of `hidden`, by name, from a dense pass of `block`: our own
-    model's numbers (hf_block_stats hooks the oracle, whose half-precision activations round differently)."""
+    model's numbers (hooked_statistics hooks the oracle, whose half-precision activations round differently)."""
     inputs = {name: [] for name in block.linears()}
     name_of = {layer: name for name, layer in block.linears().items()}
 

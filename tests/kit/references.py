@@ -59,10 +59,10 @@ def tied_rows(S: torch.Tensor, k: int) -> int:
     return int(((S <= torch.kthvalue(S, k, dim=1).values[:, None]).sum(dim=1) > k).sum())
 
 
-def hooked_statistics(reference, block_index: int, names: list[str], calib_ids) -> dict:
-    """Wanda's and SparseGPT's statistics of one block's Linears, written out independently: plain forward hooks on
-    the transformers model, one window at a time: x_sqnorm = mean over windows of sum_t x_tj^2, H = (2/N) sum X^T X."""
-    block = reference.model.layers[block_index]
+def hooked_statistics(reference, block, names: list[str], calib_ids) -> dict:
+    """Wanda's and SparseGPT's statistics of the Linears `names` of `block`, one of the transformers model
+    `reference`'s blocks, written out independently: plain forward hooks, one window at a time, each input read as
+    (tokens, features): x_sqnorm = mean over windows of sum_t x_tj^2, H = (2/N) sum X^T X."""
     inputs = {name: [] for name in names}
     hooks = [block.get_submodule(name).register_forward_hook(
         lambda module, args, out, name=name: inputs[name].append(args[0].reshape(-1, args[0].shape[-1])))
@@ -83,7 +83,7 @@ def assert_pruned_as_the_algorithms(original: dict, pruned: dict, reference, cal
     with the blocks before it pruned: Wanda's lib/prune.py (|W| · sqrt(scaler_row), a stable sort per row) or
     SparseGPT's fasterprune. The same zeros, values within 1e-4."""
     for b in range(len(reference.model.layers)):
-        for name, (x_sqnorm, H) in hooked_statistics(reference, b, names, calib_ids).items():
+        for name, (x_sqnorm, H) in hooked_statistics(reference, reference.model.layers[b], names, calib_ids).items():
             key = f"model.layers.{b}.{name}.weight"
             W = original[key]
             if method == "wanda":
