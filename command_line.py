@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 import ctrl_c
+import decode_step
 import distributed
 import mumoe
 import pruners
@@ -59,7 +60,8 @@ def add_threads(p: argparse.ArgumentParser) -> None:
 
 
 def add_select_and_decode(p: argparse.ArgumentParser, decode: bool = True) -> None:
-    """--select, the top-k kernel of Wanda and μ-MoE, and --decode, the product later tokens run through."""
+    """--select, the top-k kernel of Wanda and μ-MoE; --decode, the product later tokens run through, and --step,
+    how their steps run."""
     p.add_argument("--select", choices=pruners.SELECTS, help="top-k selection of Wanda and μ-MoE (identical masks; "
                                                              "default: the fastest on the device)")
     if decode:
@@ -67,6 +69,10 @@ def add_select_and_decode(p: argparse.ArgumentParser, decode: bool = True) -> No
                        help="μ-MoE: the tokens after a routed prompt read its packed experts (packed) or the dense "
                             "W ⊙ M (masked); auto: packed where its kernel runs (float32 on a CPU with AVX2 and a C "
                             "compiler); the same tokens either way")
+        p.add_argument("--step", choices=decode_step.STEPS, default="auto",
+                       help="a decode step of generated tokens: each block one call into C (fused), or the model's "
+                            "own PyTorch forward (eager); auto: fused wherever it runs (the dense and packed decodes "
+                            "on the CPU); the same tokens either way")
 
 
 def add_out_and_resume(p: argparse.ArgumentParser, default: Path | None, what: str) -> None:

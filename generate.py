@@ -101,14 +101,15 @@ def main(argv=None) -> int:
                              f"model's max_position_embeddings={T_max}")
         eos_id = model.config.eos_token_id
         moe = mumoe.MuMoE(args.rho, routing=args.mumoe_routing, select=args.select, prefix=args.mumoe_prefix)
-        routed = dict(moe=moe, eos_id=eos_id, decode=args.decode)
+        routed = dict(moe=moe, eos_id=eos_id, decode=args.decode, step=args.step)
         warmup = min(WARMUP_TOKENS, args.max_new_tokens)  # fits wherever the generations themselves fit
-        mumoe.generate(model, dense_prompt, warmup)
+        mumoe.generate(model, dense_prompt, warmup, step=args.step)
         mumoe.generate(model, routed_prompt, warmup, **routed)
         dense_runs, mumoe_runs = [], []  # each run's seconds on the prompt, packing, and decoding
         for _ in range(args.repeats):
             dense_runs.append({})
-            dense_new = mumoe.generate(model, dense_prompt, args.max_new_tokens, eos_id=eos_id, timings=dense_runs[-1])
+            dense_new = mumoe.generate(model, dense_prompt, args.max_new_tokens, eos_id=eos_id, timings=dense_runs[-1],
+                                       step=args.step)
             mumoe_runs.append({})
             mumoe_new = mumoe.generate(model, routed_prompt, args.max_new_tokens, timings=mumoe_runs[-1], **routed)
     except UsageError as e:
@@ -140,6 +141,9 @@ def main(argv=None) -> int:
         problem = triton_experts.kernel_problem if device.type == "cuda" else kernel_problem
         reason = "--decode masked" if args.decode == "masked" else problem(device, dtype)
         print(f"decode: the masked W ⊙ M, as many bytes as dense ({reason})")
+    if len(mumoe_new) > 1:
+        print("decode step: " + ("fused, each block one call into C (decode_step.py)" if mumoe_s["step"] == "fused"
+                                 else mumoe_s["step"] + ", the model's PyTorch forward"))
     problem = kernel_problem(device, dtype)
     print("decode, dense products (lm_head; the dense model's Linears): "
           + ("packed_experts' streamed kernel" if problem is None else f"F.linear ({problem})"))
@@ -181,8 +185,8 @@ def main(argv=None) -> int:
 
 
 def medians(runs: list[dict]) -> dict:
-    """The median of each timing over the runs."""
-    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    """The median of each timing over the runs (the step that ran: the first run's)."""
+    return {key: statistics.median(run[key] for run in runs) if key != "step" else runs[0][key] for key in runs[0]}
 
 
 def speed(n_new: int, timings: dict) -> str:

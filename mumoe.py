@@ -64,8 +64,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import decode_step
 from checkpoint import KVCache, LinearFn, UsageError, dense_linear
-from packed_experts import (ROWS, PackedLinear, concatenate, decode_linear, kernel_problem, pack, packed_linear, part,
+from packed_experts import (ROWS, concatenate, decode_linear, kernel_problem, pack, packed_linear, part,
                             route_and_pack)
 from pruners import SELECTS, check_rho, prune_count, wanda_gated_weight
 
@@ -528,7 +529,7 @@ def route_prompt(model, prompts: torch.Tensor, cache: list[KVCache], moe: MuMoE 
 
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens: int, moe: MuMoE = DENSE, eos_id=None, timings: dict | None = None,
-             stop=None, decode: str = "auto") -> list[int]:
+             stop=None, decode: str = "auto", step: str = "auto") -> list[int]:
     """Greedy decoding with a KV cache: the new token ids, at most `max_new_tokens`, the last one an end of
     sequence if emitted (`eos_id`: one id, or several, as Llama 3's config.json lists them).
 
@@ -547,7 +548,8 @@ def generate(model, prompt, max_new_tokens: int, moe: MuMoE = DENSE, eos_id=None
     `timings`: a dict that receives the seconds spent up to the first new token ("prompt": routing, selection,
     packing where the decode is packed, the prompt pass, the first token), after it on readying the experts for the
     decode ("pack": what packing is left) and on the other tokens ("decode"), and the bytes the prompt's experts
-    hold while the tokens decode ("experts_bytes", `experts_bytes`; 0 for the dense model).
+    hold while the tokens decode ("experts_bytes", `experts_bytes`; 0 for the dense model), and which step ran
+    ("step": "fused", or "eager (why)").
     `prompt`: token ids (a list), or a prompt embedded already (1, T, hidden): a LLaVA prompt with its image
     features, routed like any other. `stop`: a function of the new ids so far that returns True to end decoding there (e.g. at a stop string).
     """
@@ -564,6 +566,7 @@ def generate(model, prompt, max_new_tokens: int, moe: MuMoE = DENSE, eos_id=None
     device = next(model.parameters()).device
     path = decode_path(decode, device, next(model.parameters()).dtype)  # checked for the dense model too
     path = "dense" if moe.dense else path
+    eager_why = decode_step.chosen_step(step, model, path)  # None: the fused step
     start = time.perf_counter()
     cache = model.new_cache(T + max_new_tokens - 1)  # the last new token is never fed back
     prompts = prompt if embedded else torch.tensor([prompt], device=device)  # (1, T[, hidden])
@@ -576,15 +579,19 @@ def generate(model, prompt, max_new_tokens: int, moe: MuMoE = DENSE, eos_id=None
     prompt_done = time.perf_counter()
     eos = set(eos_id) if isinstance(eos_id, (list, tuple, set)) else {eos_id}
     done = new[-1] in eos or len(new) >= max_new_tokens or (stop and stop(new))
-    experts = decode_linear if path == "dense" or done else decode_experts(chosen, path)  # chosen by the pass above
+    if not done and eager_why is None:  # each block one call into C, with W (dense) or the prompt's packed experts
+        fused = decode_step.FusedStep(model, cache, {layer: layer.weight if path == "dense" else experts[0]
+                                                     for layer, experts in chosen.items()})
+    elif not done:
+        experts = decode_linear if path == "dense" else decode_experts(chosen, path)  # chosen by the pass above
     del chosen
     pack_done = time.perf_counter()
-    while not done:
-        logits = model(next_id, experts, cache, decode_linear)  # (1, 1, vocab): one token, at position cache length
+    while not done:  # one token at a time, at position cache length: (1, 1, vocab)
+        logits = fused(next_id) if eager_why is None else model(next_id, experts, cache, decode_linear)
         next_id = logits[:, -1].argmax(dim=-1, keepdim=True)
         new.append(next_id.item())
         done = new[-1] in eos or len(new) >= max_new_tokens or (stop and stop(new))
     if timings is not None:
         timings.update(prompt=prompt_done - start, pack=pack_done - prompt_done, decode=time.perf_counter() - pack_done,
-                       experts_bytes=held)
+                       experts_bytes=held, step="fused" if eager_why is None else f"eager ({eager_why})")
     return new

@@ -101,11 +101,13 @@ PASS_KERNEL(1) PASS_KERNEL(2) PASS_KERNEL(3) PASS_KERNEL(4)
 typedef void (*pass_kernel)(const float *, int64_t, const uint16_t *, const float *, float *);
 static const pass_kernel PASSES[TOKENS_PER_PASS + 1] = {0, pass_1, pass_2, pass_3, pass_4};
 
-/* y (n, d_out) = x (n, d_in) (W ⊙ M)^T + bias, with W ⊙ M packed as bits, values and starts */
-void packed_linear(const float *x, int64_t n, int64_t d_in, const uint16_t *bits, const float *values,
-                   const int64_t *starts, const float *bias, float *y, int64_t d_out, int threads) {
+/* y (n, d_out) = x (n, d_in) (W ⊙ M)^T + bias, with W ⊙ M packed as bits, values and starts, by the threads of the
+   parallel region it is called in (decode_step.c calls it inside its own; each block's rows are summed by one
+   thread, so the split never changes a digit), without a barrier at the end */
+static void packed_rows(const float *x, int64_t n, int64_t d_in, const uint16_t *bits, const float *values,
+                        const int64_t *starts, const float *bias, float *y, int64_t d_out) {
     int64_t groups = (d_in + GROUP - 1) / GROUP, blocks = (d_out + ROWS - 1) / ROWS;
-    #pragma omp parallel for schedule(static) num_threads(threads)
+    #pragma omp for schedule(static) nowait
     for (int64_t b = 0; b < blocks; b++) {
         float sums[ROWS * TOKENS_PER_PASS];
         int rows = d_out - b * ROWS < ROWS ? (int)(d_out - b * ROWS) : ROWS;  /* the last block's real rows */
@@ -118,6 +120,12 @@ void packed_linear(const float *x, int64_t n, int64_t d_in, const uint16_t *bits
                         sums[r * TOKENS_PER_PASS + t] + (bias ? bias[b * ROWS + r] : 0.0f);
         }
     }
+}
+
+void packed_linear(const float *x, int64_t n, int64_t d_in, const uint16_t *bits, const float *values,
+                   const int64_t *starts, const float *bias, float *y, int64_t d_out, int threads) {
+    #pragma omp parallel num_threads(threads)
+    packed_rows(x, n, d_in, bits, values, starts, bias, y, d_out);
 }
 
 /* The dense product of a few tokens, y = x W^T + b, W (d_out, d_in) row-major: what a decode step's dense Linears
@@ -161,13 +169,13 @@ static const dense_kernel DENSE_BLOCK[TOKENS_PER_PASS + 1] = {0, dense_4_1, dens
 static const dense_kernel DENSE_ROW[TOKENS_PER_PASS + 1] = {0, dense_1_1, dense_1_2, dense_1_3, dense_1_4};
 
 /* y (n, d_out) = x (n, d_in) W^T + bias, 1 <= n <= TOKENS_PER_PASS (the caller checks: more tokens are a matrix
-   product, for BLAS) */
-void streamed_linear(const float *x, int64_t n, int64_t d_in, const float *W, const float *bias, float *y,
-                     int64_t d_out, int threads) {
+   product, for BLAS), by the threads of the parallel region it is called in, without a barrier at the end */
+static void streamed_rows(const float *x, int64_t n, int64_t d_in, const float *W, const float *bias, float *y,
+                          int64_t d_out) {
     int64_t blocks = d_out / DENSE_ROWS, units = blocks + d_out % DENSE_ROWS;  /* whole blocks, then single rows */
     int64_t chunk = CHUNK_BYTES / (DENSE_ROWS * d_in * (int64_t)sizeof(float));
     chunk = chunk > 1 ? chunk : 1;
-    #pragma omp parallel for schedule(guided, chunk) num_threads(threads)
+    #pragma omp for schedule(guided, chunk) nowait
     for (int64_t u = 0; u < units; u++) {
         float sums[DENSE_ROWS * TOKENS_PER_PASS];
         int whole = u < blocks;
@@ -177,6 +185,12 @@ void streamed_linear(const float *x, int64_t n, int64_t d_in, const float *W, co
             for (int t = 0; t < n; t++)
                 y[t * d_out + i0 + r] = sums[r * TOKENS_PER_PASS + t] + (bias ? bias[i0 + r] : 0.0f);
     }
+}
+
+void streamed_linear(const float *x, int64_t n, int64_t d_in, const float *W, const float *bias, float *y,
+                     int64_t d_out, int threads) {
+    #pragma omp parallel num_threads(threads)
+    streamed_rows(x, n, d_in, W, bias, y, d_out);
 }
 
 /* Packing, two passes over W ⊙ M (d_out, d_in): how many weights each block keeps (counts[b]), then, once the

@@ -85,7 +85,8 @@ PAD = GROUP  # zeros after the last value: AVX2's full-width load at the last gr
 COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")  # for this CPU; joins torch's OpenMP
 CACHE_DIR = Path(os.environ.get("MUMOE_CACHE", Path.home() / ".cache" / "mumoe"))
 
-KERNEL_SOURCE = Path(__file__).with_name("packed_experts.c")  # read at build time, part of the cache key
+KERNEL_SOURCE = Path(__file__).with_name("decode_step.c")  # the library's source, read at build time, part of the
+PRODUCTS_SOURCE = Path(__file__).with_name("packed_experts.c")  # cache key; it includes this one, the products
 
 
 # -----------------------------------------------------------------------------
@@ -212,10 +213,10 @@ def build(extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str | 
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None or shutil.which(compiler) is None:
         return None, "no C compiler found (cc, gcc or $CC) to build the packed decode kernel"
-    flags = [*COMPILE_FLAGS, *extra_flags]
+    flags = [*COMPILE_FLAGS, "-iquote", str(PRODUCTS_SOURCE.parent), *extra_flags]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    source = KERNEL_SOURCE.read_text()
-    key = hashlib.sha256("\n".join([source, version, *flags, cpu_flags()]).encode()).hexdigest()[:16]
+    sources = [KERNEL_SOURCE.read_text(), PRODUCTS_SOURCE.read_text()]
+    key = hashlib.sha256("\n".join([*sources, version, *flags, cpu_flags()]).encode()).hexdigest()[:16]
     library = CACHE_DIR / f"packed_experts-{key}.so"
     if not library.exists():
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
@@ -241,6 +242,8 @@ def build(extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str | 
     lib.route_and_pack_starts.restype = None
     lib.streamed_linear.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ctypes.c_int]
     lib.streamed_linear.restype = None
+    lib.decode_block.argtypes = [ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.decode_block.restype = None
     return lib, None
 
 

@@ -386,11 +386,11 @@ def test_missing_or_failing_compiler_is_one_line(tmp_path, compiler, reason):
 
 
 def test_a_compile_error_names_the_file_and_line(tmp_path, monkeypatch):
-    """A broken source: the one line gives the compiler's first error, at its file and line in packed_experts.c."""
-    source = tmp_path / "packed_experts.c"
+    """A broken source: the one line gives the compiler's first error, at its file and line in decode_step.c."""
+    source = tmp_path / "decode_step.c"
     source.write_text(packed_experts.KERNEL_SOURCE.read_text() + "\nthis is not C;\n")
     monkeypatch.setattr(packed_experts, "KERNEL_SOURCE", source)
     monkeypatch.setattr(packed_experts, "CACHE_DIR", tmp_path / "cache")
     lib, problem = packed_experts.build.__wrapped__()
     lines = len(source.read_text().splitlines())
-    assert lib is None and f"packed_experts.c:{lines}:" in problem and "error" in problem, problem
+    assert lib is None and f"decode_step.c:{lines}:" in problem and "error" in problem, problem
