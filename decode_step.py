@@ -62,7 +62,8 @@ def step_problem(model, path: str) -> str | None:
     "triton"), else why not, in a few words."""
     if path not in FUSED_PATHS:
         return f"the fused step multiplies packed experts or W, not the {path} decode's"
-    problem = packed_experts.kernel_problem(next(model.parameters()).device)
+    weight = next(model.parameters())
+    problem = packed_experts.kernel_problem(weight.device, weight.dtype)
     if problem is not None:
         return problem
     return next((problem for problem in map(block_problem, model.blocks) if problem is not None), None)
