@@ -88,6 +88,8 @@ def block_problem(block: nn.Module) -> str | None:
         return "the fused step runs OPT with its LayerNorms before each sub-block, not OPT-350m's after"
     if any(p.dtype != torch.float32 for p in block.parameters()):
         return "the fused step runs float32 weights"
+    if block._forward_pre_hooks or block._forward_hooks:  # checkpoint.offloaded's: the forward moves the block
+        return "the blocks have forward hooks (an offloaded model), which the fused step would not call"
     return None
 
 

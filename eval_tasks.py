@@ -295,7 +295,8 @@ def run(args) -> list[dict]:
         with offloaded(model, device) if args.offload else nullcontext():
             moe = mumoe.MuMoE(rho, routing=routing, select=args.select,
                               nm=args.nm) if method == "mumoe" else mumoe.DENSE
-            lm = HarnessLM(model, tokenizer, args.batch_size, moe, scope or "context", decode=args.decode)
+            lm = HarnessLM(model, tokenizer, args.batch_size, moe, scope or "context", decode=args.decode,
+                           step=args.step)
             output = lm_eval.simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot,
                                              limit=args.limit, task_manager=manager, log_samples=False)
         routed = distributed.total(lm.routed) if method == "mumoe" else None  # every rank's routings

@@ -116,14 +116,15 @@ def embed(model, question: Question, ids: list[int], device, dtype) -> torch.Ten
 @torch.no_grad()
 def answer(model, tokenizer, question: Question, ids: list[int], max_new_tokens: int, rho: float = 1.0,
            routing: str = "block", select: str | None = None, device=None, dtype=None, decode: str = "auto",
-           timings: dict | None = None) -> str:
+           timings: dict | None = None, step: str = "auto") -> str:
     """The model's answer to one question: greedy, decoded without special tokens, stripped (as LLaVA's
     scripts do). rho < 1: μ-MoE, the prompt routed on itself, its answer decoded with its experts as `decode` says
-    (mumoe.decode_path). `timings`: mumoe.generate's, the bytes the prompt's experts held among them."""
+    (mumoe.decode_path), its steps as `step` says (mumoe.generate). `timings`: mumoe.generate's, the bytes the
+    prompt's experts held among them."""
     x = embed(model, question, ids, device, dtype)
     lm = model.language_model
     new = mumoe.generate(lm, x, max_new_tokens, mumoe.MuMoE(rho, routing=routing, select=select),
-                         eos_id=lm.config.eos_token_id, decode=decode, timings=timings)
+                         eos_id=lm.config.eos_token_id, decode=decode, timings=timings, step=step)
     return tokenizer.decode(new).strip()
 
 
@@ -458,7 +459,8 @@ def run(args) -> list[dict]:
                     for q in round_questions[distributed.shard(len(round_questions))]:
                         spent = {}
                         prediction = answer(model, tokenizer, q, ids[q.task, q.id], args.max_new_tokens, routed_rho,
-                                            routing or "block", args.select, device, dtype, args.decode, spent)
+                                            routing or "block", args.select, device, dtype, args.decode, spent,
+                                            args.step)
                         mine.append({"id": q.id, "prediction": prediction, "score": vqa_tasks.score(q, prediction),
                                      "experts_bytes": spent["experts_bytes"]})  # beside the model: 0 when dense
                         predictions.append(mine[-1])  # on rank 0, saved with the row

@@ -37,6 +37,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+import decode_step
 import distributed
 from mumoe import DENSE, MuMoE, decode_experts, decode_path, generate, mumoe_logits, route_prompt
 
@@ -53,11 +54,12 @@ class HarnessLM(TemplateLM):
     forward after one routed context (μ-MoE). `routed` counts the routed passes done: one per distinct context
     (scope "context"), one per distinct request (scope "full"). `decode` ("auto", "packed", "masked", see
     mumoe.decode_path): how the tokens after a routed context (continuations, generated text) use its experts;
-    `decode_path` is the one that runs.
+    `decode_path` is the one that runs. `step` ("auto", "fused", "eager", see mumoe.generate): how generated text's
+    decode steps run.
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 16, moe: MuMoE = DENSE, routing_scope: str = "context",
-                 max_length: int | None = None, decode: str = "auto"):
+                 max_length: int | None = None, decode: str = "auto", step: str = "auto"):
         super().__init__()
         if routing_scope not in SCOPES:
             raise ValueError(f"routing_scope must be one of {SCOPES}, got {routing_scope!r}")
@@ -69,6 +71,8 @@ class HarnessLM(TemplateLM):
         self.max_length = max_length or model.config.max_position_embeddings
         self._device = next(model.parameters()).device
         self.decode, self.decode_path = decode, decode_path(decode, self._device, next(model.parameters()).dtype)
+        self.step = step
+        decode_step.chosen_step(step, model, "dense" if moe.dense else self.decode_path)  # "fused" where it cannot run: now
         self.special_prefix = tokenizer.encode("")  # what the tokenizer puts before any text: [BOS] or nothing
         self.routed = 0
 
@@ -270,7 +274,7 @@ class HarnessLM(TemplateLM):
                 return any(stop in self.tokenizer.decode(new) for stop in until)
 
             new = generate(self.model, ids, max_new, self.moe, eos_id=self.model.config.eos_token_id,
-                           stop=reached_stop if until else None, decode=self.decode)
+                           stop=reached_stop if until else None, decode=self.decode, step=self.step)
             text = self.tokenizer.decode(new)
             for stop in until:
                 text = text.split(stop)[0]

