@@ -14,12 +14,11 @@ import pytest
 import torch
 
 import decode_step
-import llama_model
 import llava_model
 import models
 import mumoe
+import packed_experts
 from checkpoint import UsageError
-from kit.checks import assert_close
 from kit.tiny_models import IMAGE_ID, decoding_opt, random_opt, save_tiny_llama, save_tiny_llava
 from opt_model import OPTConfig
 from packed_experts import compiled_kernel, cpu_flags, decode_linear
@@ -181,3 +180,18 @@ def test_a_full_cache_is_refused(tiny):
         step(torch.tensor([[5]]))
     with pytest.raises(ValueError, match="overflow a KV cache"):
         step(torch.tensor([[5]]))
+
+
+@needs_kernel
+def test_without_the_kernel_the_eager_step_gives_the_same_tokens(tiny, monkeypatch):
+    """No C compiler: auto decodes eager, says the kernel's reason, and gives the fused step's tokens; --step fused is
+    refused with that reason. Catches a fused step attempted without its library, or a reason lost."""
+    model, prompt = tiny[1]["llama (GQA)"]
+    fused = mumoe.generate(model, prompt, STEPS, step="fused")
+    monkeypatch.setattr(packed_experts, "compiled_kernel", lambda: (None, "no C compiler found (planted)"))
+    timings = {}
+    eager = mumoe.generate(model, prompt, STEPS, timings=timings)
+    assert timings["step"] == "eager (no C compiler found (planted))", timings["step"]
+    assert eager == fused, f"eager {eager} vs fused {fused}"
+    with pytest.raises(UsageError, match=r"--step fused cannot run here: no C compiler found \(planted\)"):
+        mumoe.generate(model, prompt, STEPS, step="fused")

@@ -267,16 +267,19 @@ def test_greedy_generation_packed_equals_masked(tiny_models, name, rho, nm, rout
     model, prompt = tiny_models[name]
     timings, products = {}, []
     masked = generate(model, prompt, 16, MuMoE(rho, routing=routing, nm=nm), decode="masked")
+    fused = generate(model, prompt, 16, MuMoE(rho, routing=routing, nm=nm), decode="packed")  # decode_step.py's
+    assert fused == masked, f"{name}: packed decode, fused steps {fused} vs masked {masked}"
     monkeypatch.setattr(mumoe, "packed_linear", lambda x, P: products.append(x.shape) or packed_linear(x, P))
-    packed = generate(model, prompt, 16, MuMoE(rho, routing=routing, nm=nm), decode="packed", timings=timings)
-    assert packed == masked, f"{name}: packed decode {packed} vs masked {masked}"
+    packed = generate(model, prompt, 16, MuMoE(rho, routing=routing, nm=nm), decode="packed", timings=timings,
+                      step="eager")  # the model's forward, each Linear through packed_linear
+    assert packed == masked, f"{name}: packed decode, eager steps {packed} vs masked {masked}"
     linears, blocks = sum(len(block.linears()) for block in model.blocks), len(model.blocks)
     # the first step: one product per Linear; then q/k/v and gate/up (fc1 alone in OPT) as one each: 4 products
     # per block and step, OPT and LLaMA alike
     assert len(products) == linears + 14 * 4 * blocks, (
         f"{len(products)} packed products for 15 steps of {linears} Linears in {blocks} blocks")
     assert len(set(masked)) > 2, f"{name}: a degenerate test, the tokens repeat: {masked}"
-    assert set(timings) == {"prompt", "pack", "decode", "experts_bytes"}, timings
+    assert set(timings) == {"prompt", "pack", "decode", "experts_bytes", "step"}, timings
 
 
 @needs_kernel
@@ -322,7 +325,7 @@ def test_dense_decode_streams_every_product_with_eager_tokens(tiny_models, name,
     1e-5 of eager's."""
     model, prompt = tiny_models[name]
     calls = counting(monkeypatch)
-    streamed = generate(model, prompt, 16)
+    streamed = generate(model, prompt, 16, step="eager")  # the model's forward, each Linear through decode_linear
     linears = sum(len(block.linears()) for block in model.blocks)
     assert len(calls) == 1 + 15 * (linears + 1), (  # the first token's head, then every Linear and the head a step
         f"{len(calls)} streamed products for 15 steps of {linears} Linears and lm_head")

@@ -160,7 +160,7 @@ def test_auto_takes_the_packed_path_where_the_kernel_runs(tmp_path, monkeypatch)
     for name in ("route_and_pack", "packed_linear"):
         noted = getattr(mumoe, name)
         monkeypatch.setattr(mumoe, name, lambda *a, f=noted, name=name, **k: calls.append(name) or f(*a, **k))
-    generate(model, [5, 9, 23, 17], 3, MuMoE(0.5), decode="auto")
+    generate(model, [5, 9, 23, 17], 3, MuMoE(0.5), decode="auto", step="eager")  # the packed steps in Python
     assert {"route_and_pack", "packed_linear"} <= set(calls), f"auto generated without the packed path: {set(calls)}"
     calls.clear()
 
