@@ -19,6 +19,9 @@ The workloads, on SmolLM2-135M's shapes (random weights: the time does not depen
 
     decode dense     one decode step through a 64-token cache, the dense model
     decode packed    the same step with a prompt's experts packed (rho 0.5): the packed kernel, ~200 calls
+    fused dense      the dense step as generate runs it, each block one call into C (decode_step.py): one parallel
+                     region a block, six barriers in it
+    fused packed     the same with the packed experts
     prompt 2048      a 2048-token prompt through 4 of the blocks
     wanda block      Wanda of one block calibrated on 2 windows of 512 tokens (statistics, score, select)
     sparsegpt block  SparseGPT of the same block on the same windows (Hessian, Cholesky, the column sweep)
@@ -29,7 +32,8 @@ that alternate the candidates; each workload's time is a median over rounds and 
 torch's default on the quiet machine measured in the same run. Targets: beside a busy process, every workload at
 <= 2.5x its quiet time (a fair share of 2 cores is 2x); quiet, no workload more than 5% slower than the default.
 
-    python benchmarks/bench_threads.py [--rounds 3] [--repeats 3] [--out docs/threads.json]
+    python benchmarks/bench_threads.py [--rounds 3] [--repeats 3] [--candidates ...] [--workloads ...]
+        [--out docs/threads.json]
 """
 
 import argparse
@@ -53,7 +57,8 @@ CANDIDATES = {
     "mumoe": None,  # thread_policy.py's own choice, set in the child before torch loads
 }
 POLICY_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
-WORKLOADS = ("decode dense", "decode packed", "prompt 2048", "wanda block", "sparsegpt block", "mumoe routing")
+WORKLOADS = ("decode dense", "decode packed", "fused dense", "fused packed", "prompt 2048", "wanda block",
+             "sparsegpt block", "mumoe routing")
 BUSY_TARGET, QUIET_TARGET = 2.5, 1.05
 BUSY_FIRST = 0.5  # seconds the busy process runs before a candidate starts
 
@@ -62,13 +67,14 @@ BUSY_FIRST = 0.5  # seconds the busy process runs before a candidate starts
 # The child: one candidate's process, every workload timed
 
 
-def child(repeats: int, use_policy: bool) -> dict:
+def child(repeats: int, use_policy: bool, workloads: list[str]) -> dict:
     sys.path.insert(0, str(REPO))
     if use_policy:
         import thread_policy  # noqa: F401  before torch: its environment is what libgomp reads
     import torch
 
     from checkpoint import dense_linear
+    from decode_step import FusedStep
     from llama_model import LlamaConfig, LlamaForCausalLM
     from mumoe import MuMoE, decode_experts, mumoe_logits, route_prompt
     from pruners import prune_model
@@ -83,14 +89,15 @@ def child(repeats: int, use_policy: bool) -> dict:
     model, four, one = smollm2_shaped(30), smollm2_shaped(4), smollm2_shaped(1)
     ids = lambda T, seed=1: torch.randint(0, 49152, (1, T), generator=torch.Generator().manual_seed(seed))
 
-    def decode_step(moe: MuMoE, path: str):
+    def decode_step(moe: MuMoE, path: str, fused: bool = False):
         cache = model.new_cache(65)
-        _, chosen = route_prompt(model, ids(64), cache, moe)
+        _, chosen = route_prompt(model, ids(64), cache, moe, "masked" if moe.dense else path)
         linear = dense_linear if moe.dense else decode_experts(chosen, path)
+        run = FusedStep(model, cache, {layer: experts[0] for layer, experts in chosen.items()}) if fused else None
         token = ids(1, seed=2)
 
         def step():
-            model(token, linear, cache)
+            run(token) if fused else model(token, linear, cache)
             for c in cache:  # back to the prompt's 64 tokens: every step is the same step
                 c.length = 64
         return step
@@ -103,13 +110,16 @@ def child(repeats: int, use_policy: bool) -> dict:
     windows = torch.cat([ids(512, seed=s) for s in (3, 4)])  # (2, 512); pruning again what is pruned costs the same
     with torch.no_grad():
         fns = {
-            "decode dense": decode_step(MuMoE(), "dense"),
-            "decode packed": decode_step(MuMoE(0.5), "packed"),
-            "prompt 2048": lambda x=four.embed(ids(2048)): blocks_pass(x),
-            "wanda block": lambda: prune_model(one, windows, "wanda", 0.5, progress=False),
-            "sparsegpt block": lambda: prune_model(one, windows, "sparsegpt", 0.5, progress=False),
-            "mumoe routing": lambda: mumoe_logits(four, ids(512), MuMoE(0.5)),
+            "decode dense": lambda: decode_step(MuMoE(), "dense"),
+            "decode packed": lambda: decode_step(MuMoE(0.5), "packed"),
+            "fused dense": lambda: decode_step(MuMoE(), "dense", fused=True),
+            "fused packed": lambda: decode_step(MuMoE(0.5), "packed", fused=True),
+            "prompt 2048": lambda: lambda x=four.embed(ids(2048)): blocks_pass(x),
+            "wanda block": lambda: lambda: prune_model(one, windows, "wanda", 0.5, progress=False),
+            "sparsegpt block": lambda: lambda: prune_model(one, windows, "sparsegpt", 0.5, progress=False),
+            "mumoe routing": lambda: lambda: mumoe_logits(four, ids(512), MuMoE(0.5)),
         }
+        fns = {name: fns[name]() for name in workloads}  # each workload built only if timed
         seconds = {name: [] for name in fns}
         for name, fn in fns.items():  # a warm-up of each
             fn()
@@ -126,10 +136,11 @@ def child(repeats: int, use_policy: bool) -> dict:
 # The parent: every candidate, quiet and busy, in alternating rounds
 
 
-def run_child(candidate: str, busy: bool, repeats: int) -> dict:
+def run_child(candidate: str, busy: bool, repeats: int, workloads: list[str]) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in POLICY_VARIABLES}
     env.update(CANDIDATES[candidate] or {})
-    argv = [sys.executable, __file__, "--child", str(repeats)] + (["--policy"] if CANDIDATES[candidate] is None else [])
+    argv = [sys.executable, __file__, "--child", str(repeats), "--workloads", *workloads] + (
+        ["--policy"] if CANDIDATES[candidate] is None else [])
     spin = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"  # ends if this script does
     loop = subprocess.Popen([sys.executable, "-c", spin]) if busy else None
     time.sleep(BUSY_FIRST if busy else 0)  # the machine is busy when the candidate starts (thread_policy looks)
@@ -149,34 +160,36 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "threads.json")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--policy", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(child(args.child, args.policy)))
+        print(json.dumps(child(args.child, args.policy, args.workloads)))
         return
 
-    times = {(c, busy): {w: [] for w in WORKLOADS} for c in args.candidates for busy in (False, True)}
+    workloads = args.workloads
+    times = {(c, busy): {w: [] for w in workloads} for c in args.candidates for busy in (False, True)}
     environments = {}
     for r in range(args.rounds):
         for candidate in args.candidates:
             for busy in (False, True):
-                got = run_child(candidate, busy, args.repeats)
+                got = run_child(candidate, busy, args.repeats, workloads)
                 mode = f"{candidate} {'busy' if busy else 'quiet'}"  # thread_policy's choice depends on it
                 environments.setdefault(mode, []).append(got["environment"] | {"threads": got["threads"]})
-                for w in WORKLOADS:
+                for w in workloads:
                     times[candidate, busy][w] += got["seconds"][w]
                 print(f"round {r + 1}/{args.rounds} {candidate} {'busy' if busy else 'quiet'}: "
-                      + ", ".join(f"{w} {statistics.median(got['seconds'][w]) * 1e3:.1f} ms" for w in WORKLOADS),
+                      + ", ".join(f"{w} {statistics.median(got['seconds'][w]) * 1e3:.1f} ms" for w in workloads),
                       flush=True)
 
     median = lambda s: statistics.median(s)
     spread = lambda s: (max(s) - min(s)) / median(s)
-    base = {w: median(times["default", False][w]) for w in WORKLOADS}
+    base = {w: median(times["default", False][w]) for w in workloads}
     print(f"\nmedian ms, and the ratio to torch's default on the quiet machine "
           f"(busy targets <= {BUSY_TARGET}x, quiet <= {QUIET_TARGET}x)")
-    print(f"{'':22s}" + "".join(f"{w:>17s}" for w in WORKLOADS))
+    print(f"{'':22s}" + "".join(f"{w:>17s}" for w in workloads))
     rows = {}
     for (candidate, busy), by_workload in times.items():
         label = f"{candidate} {'busy' if busy else 'quiet'}"
