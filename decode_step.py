@@ -150,46 +150,42 @@ class FusedStep:
                     and product.is_contiguous() and product.shape == layer.weight.shape):
                 raise ValueError("each decoder Linear needs its packed experts or a contiguous float32 W on the CPU")
         self.model, self.cache, self.lib = model, cache, packed_experts.loaded_kernel()
-        self.keep = []  # every tensor the structs point to, alive as long as they are
-        self.tables = {}  # a rotary table per distinct inv_freq: (attention module that computes it, cos, sin)
-        self.blocks = []
-        scratch = 0
-        for block, block_cache in zip(model.blocks, cache):
-            fields = DESCRIBE[type(block).__name__](block)
-            attn = block.self_attn
-            n_head = getattr(attn, "n_head")
-            head_dim = block_cache.k.shape[-1]
-            n_kv = block_cache.k.shape[1]
-            struct = Block(d=x_width(block, fields), n_head=n_head, n_kv=n_kv, head_dim=head_dim, ffn=fields["ffn"],
-                           capacity=block_cache.k.shape[2], window=getattr(attn, "window", None) or 0,
-                           norm=fields["norm"], activation=fields["activation"], gated=fields["gated"],
-                           eps=fields["eps"], scale=fields["scale"])
-            for name in ("norm1_w", "norm1_b", "norm2_w", "norm2_b", "post1_w", "post2_w", "q_norm_w", "k_norm_w"):
-                t = fields.get(name)
-                if t is not None:
-                    t = t.detach().float().contiguous()
-                    self.keep.append(t)
-                setattr(struct, name, address(t))
-            if hasattr(attn, "inv_freq"):
-                key = tuple(attn.inv_freq.tolist())
-                if key not in self.tables:
-                    rd = 2 * attn.inv_freq.numel()
-                    self.tables[key] = (attn, torch.zeros(rd), torch.zeros(rd))
-                _, cos, sin = self.tables[key]
-                struct.rotary_dim, struct.cos, struct.sin = cos.numel(), cos.data_ptr(), sin.data_ptr()
-            struct.k_cache, struct.v_cache = block_cache.k.data_ptr(), block_cache.v.data_ptr()
-            for i, layer in enumerate(fields["qkv"]):
-                struct.qkv[i] = linear_struct(layer, products.get(layer))
-            for i, layer in enumerate(fields["up"]):
-                struct.up[i] = linear_struct(layer, products.get(layer))
-            struct.o, struct.down = linear_struct(fields["o"], products[fields["o"]]), \
-                linear_struct(fields["down"], products[fields["down"]])
-            self.keep += [p for p in products.values()]
-            self.blocks.append(ctypes.byref(struct))
-            self.keep.append(struct)
-            scratch = max(scratch, 2 * struct.d + (2 * n_head + 2 * n_kv) * head_dim + 2 * struct.ffn
-                          + n_head * struct.capacity)
-        self.scratch = torch.empty(scratch)
+        self.keep = [products]  # every tensor the structs point to, alive as long as they are
+        self.tables = {}  # a rotary table per distinct inv_freq: (the attention that computes it, cos, sin)
+        structs = [self.block_struct(block, block_cache, products) for block, block_cache in zip(model.blocks, cache)]
+        self.keep += structs
+        self.blocks = [ctypes.byref(struct) for struct in structs]
+        self.scratch = torch.empty(max(2 * b.d + (2 * b.n_head + 2 * b.n_kv) * b.head_dim + 2 * b.ffn
+                                       + b.n_head * b.capacity for b in structs))  # decode_block's scratch
+
+    def block_struct(self, block: nn.Module, cache: KVCache, products: dict) -> Block:
+        """decode_block's description of `block`: its sizes, norms, rotary table, cache and products."""
+        fields, attn = DESCRIBE[type(block).__name__](block), block.self_attn
+        _, n_kv, capacity, head_dim = cache.k.shape
+        struct = Block(d=fields["o"].out_features, n_head=attn.n_head, n_kv=n_kv, head_dim=head_dim, ffn=fields["ffn"],
+                       capacity=capacity, window=getattr(attn, "window", None) or 0, norm=fields["norm"],
+                       activation=fields["activation"], gated=fields["gated"], eps=fields["eps"], scale=fields["scale"],
+                       k_cache=cache.k.data_ptr(), v_cache=cache.v.data_ptr())
+        for name in ("norm1_w", "norm1_b", "norm2_w", "norm2_b", "post1_w", "post2_w", "q_norm_w", "k_norm_w"):
+            t = fields.get(name)
+            if t is not None:
+                t = t.detach().float().contiguous()
+                self.keep.append(t)
+            setattr(struct, name, address(t))
+        if hasattr(attn, "inv_freq"):  # RoPE (OPT has learned positions, added by its embed)
+            key = tuple(attn.inv_freq.tolist())
+            if key not in self.tables:
+                rd = 2 * attn.inv_freq.numel()
+                self.tables[key] = (attn, torch.zeros(rd), torch.zeros(rd))
+            _, cos, sin = self.tables[key]
+            struct.rotary_dim, struct.cos, struct.sin = cos.numel(), cos.data_ptr(), sin.data_ptr()
+        for i, layer in enumerate(fields["qkv"]):
+            struct.qkv[i] = linear_struct(layer, products.get(layer))
+        for i, layer in enumerate(fields["up"]):
+            struct.up[i] = linear_struct(layer, products.get(layer))
+        struct.o = linear_struct(fields["o"], products[fields["o"]])
+        struct.down = linear_struct(fields["down"], products[fields["down"]])
+        return struct
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
@@ -207,7 +203,3 @@ class FusedStep:
         for block_cache in self.cache:
             block_cache.length = pos + 1
         return self.model.head(x, decode_linear)
-
-
-def x_width(block, fields) -> int:
-    return fields["o"].out_features
