@@ -39,7 +39,8 @@ first N tokens only, a strictly causal variant.
                                      the masked W ⊙ M; decode_path picks
     experts_bytes(chosen)            the bytes a routed prompt's experts hold
     generate(model, ids, n, moe)     greedy decoding with a KV cache, routed once on the prompt (ids, or the
-                                     prompt embedded: a LLaVA's, its image features spliced in)
+                                     prompt embedded: a LLaVA's, its image features spliced in); each step's
+                                     blocks one call into C each where it runs (decode_step.py)
 
 The generation command (dense beside μ-MoE, timed) is generate.py.
 
