@@ -120,7 +120,8 @@ void decode_block(const block_t *B, float *x, int64_t pos, float *scratch, int t
         }
         #pragma omp for schedule(static)
         for (int64_t hd = 0; hd < nh; hd++) {
-            const float *K = B->k_cache + (hd / group) * B->capacity * hs, *V = B->v_cache + (hd / group) * B->capacity * hs;
+            int64_t g = hd / group;  /* the key/value head this query head reads */
+            const float *K = B->k_cache + g * B->capacity * hs, *V = B->v_cache + g * B->capacity * hs;
             float *s = scores + hd * B->capacity, *a = att + hd * hs, top = -INFINITY, sum = 0.0f;
             for (int64_t j = first; j <= pos; j++) {
                 s[j] = dot(q + hd * hs, K + j * hs, hs);

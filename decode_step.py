@@ -41,8 +41,8 @@ class Linear(ctypes.Structure):  # decode_step.c's linear_t
 
 
 class Block(ctypes.Structure):  # decode_step.c's block_t, field for field
-    _fields_ = [*((name, ctypes.c_int64) for name in ("d", "n_head", "n_kv", "head_dim", "rotary_dim", "ffn", "capacity",
-                                                       "window", "norm", "activation", "gated")),
+    _fields_ = [*((name, ctypes.c_int64) for name in ("d", "n_head", "n_kv", "head_dim", "rotary_dim", "ffn",
+                                                       "capacity", "window", "norm", "activation", "gated")),
                 ("eps", ctypes.c_double), ("scale", ctypes.c_double),
                 *((name, ctypes.c_void_p) for name in ("norm1_w", "norm1_b", "norm2_w", "norm2_b", "post1_w", "post2_w",
                                                         "q_norm_w", "k_norm_w", "cos", "sin", "k_cache", "v_cache")),

@@ -72,7 +72,7 @@ class HarnessLM(TemplateLM):
         self._device = next(model.parameters()).device
         self.decode, self.decode_path = decode, decode_path(decode, self._device, next(model.parameters()).dtype)
         self.step = step
-        decode_step.chosen_step(step, model, "dense" if moe.dense else self.decode_path)  # "fused" where it cannot run: now
+        decode_step.chosen_step(step, model, "dense" if moe.dense else self.decode_path)  # fused where it cannot: now
         self.special_prefix = tokenizer.encode("")  # what the tokenizer puts before any text: [BOS] or nothing
         self.routed = 0
 

@@ -139,7 +139,8 @@ def bench_steps(name: str, model, repeats: int, batch: int = 1, settings=SETTING
                       "packed": stepper(model, packed_experts(experts), cache, next_ids),
                       "stream": streaming_read(packed_bytes)}
         if batch == 1:  # generate's steps: each block one call into C
-            candidates["fused dense"] = fused_stepper(model, {layer: layer.weight for layer in experts}, cache, next_ids)
+            weights = {layer: layer.weight for layer in experts}
+            candidates["fused dense"] = fused_stepper(model, weights, cache, next_ids)
             candidates["fused packed"] = fused_stepper(model, {layer: P[0] for layer, P in experts.items()}, cache,
                                                        next_ids)
         seconds = timed(candidates, repeats)
