@@ -13,7 +13,8 @@ kernel's calls), lm_head (with the dense model's Linears: the streamed dense ker
 embedding, norms, RoPE, attention, activations, residuals, and the Python around them), each in ms and, for the
 products, GB/s of the weights they read, beside a streaming read (torch.sum on the same threads) of as many bytes
 as the μ-MoE step reads, in the same run. The fused step's products cannot be timed from Python: what it spends
-beyond the eager step's products is printed, an estimate of its cost outside them.
+outside its Linears is measured as a fused step (rho 0.5, at the same depth) with every block product switched off,
+less lm_head's product timed alone, alternating.
 
 llama.cpp's rows come from ../shared/anchors/llama-cpp/bench (F32, F16, Q8_0 on the same thread count), run by this
 script after ours, when it is built (its README says how: ~10-15 min once); otherwise one line says so.
@@ -37,6 +38,7 @@ import thread_policy  # noqa: E402,F401  how torch's OpenMP threads wait: set be
 import torch  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))  # the helpers the tests share
+import decode_step  # noqa: E402
 import models  # noqa: E402
 import mumoe  # noqa: E402
 import packed_experts  # noqa: E402
@@ -106,6 +108,32 @@ def split_step(model, prompt: list[int], rho: float | None) -> dict:
             "bytes_per_step": (read["packed"] + read["streamed"]) // N_GEN}
 
 
+@torch.no_grad()
+def fused_outside_linears(model, prompt: list[int], repeats: int) -> dict:
+    """ms of a fused step (decode_step.FusedStep, the prompt routed at rho 0.5) outside its Linears: the step with
+    every block product switched off (d_out 0: the blocks' norms, RoPE, cache, attention, activations, residuals and
+    barriers stay), the embedding, RoPE tables and head around them, less lm_head's product alone."""
+    cache = model.new_cache(len(prompt) + 1)
+    _, chosen = mumoe.route_prompt(model, torch.tensor([prompt]), cache, MuMoE(0.5), "packed")
+    step = decode_step.FusedStep(model, cache, {layer: kept[0] for layer, kept in chosen.items()})
+    for block in step.keep:
+        if isinstance(block, decode_step.Block):
+            for linear in (*block.qkv, block.o, *block.up, block.down):
+                linear.d_out = 0
+    token, depth, x = torch.tensor([[5]]), cache[0].length, torch.randn(1, 1, model.config.hidden_size)
+
+    def no_block_products():
+        for c in cache:
+            c.length = depth
+        step(token)
+
+    seconds = timed({"no block products": no_block_products,
+                     "lm_head": lambda: packed_experts.streamed_linear(x, model.lm_head.weight)}, repeats)
+    med = {k: 1e3 * statistics.median(v) for k, v in seconds.items()}
+    return {"step_without_block_products_ms": med["no block products"], "lm_head_ms": med["lm_head"],
+            "outside_linears_ms": med["no block products"] - med["lm_head"]}
+
+
 def llama_cpp(threads: int) -> tuple[list[dict], str]:
     """llama.cpp's rows from the anchor script ([{type, tokens_per_s, spread}]), or none and the reason."""
     cache = Path(os.environ.get("CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -159,15 +187,20 @@ def main() -> None:
         split = row["eager"]
         products_ms = split["packed_ms"] + split["streamed_ms"]
         row["fused"]["step_ms"] = 1e3 / fused["median"]
-        row["fused"]["outside_products_ms"] = row["fused"]["step_ms"] - products_ms  # if its products cost eager's
+        row["fused"]["beyond_eager_products_ms"] = row["fused"]["step_ms"] - products_ms
         report["ours"][name] = row
         gbps = lambda key: f" {split[key]:.1f} GB/s" if split[key] else ""  # noqa: E731
         print(f"{name:15s} fused {fused['median']:5.1f} tokens/s [{fused['min']:.1f}-{fused['max']:.1f}], a step "
-              f"{row['fused']['step_ms']:.1f} ms, {row['fused']['outside_products_ms']:.1f} ms of it beyond the "
+              f"{row['fused']['step_ms']:.1f} ms, {row['fused']['beyond_eager_products_ms']:.1f} ms of it beyond the "
               f"products' eager time\n{'':15s} eager {eager['median']:5.1f} tokens/s [{eager['min']:.1f}-"
               f"{eager['max']:.1f}], a step {split['step_ms']:.1f} ms: packed products {split['packed_ms']:.1f} ms"
               f"{gbps('packed_gbps')}, streamed dense products {split['streamed_ms']:.1f} ms{gbps('streamed_gbps')}, "
               f"the rest {split['rest_ms']:.1f} ms", flush=True)
+    outside = fused_outside_linears(model, prompt, 15)
+    report["fused_outside_linears"] = outside
+    print(f"a fused step outside its Linears: {outside['outside_linears_ms']:.1f} ms (the step with no block products "
+          f"{outside['step_without_block_products_ms']:.1f} ms, less lm_head's product {outside['lm_head_ms']:.1f} ms)",
+          flush=True)
     rows, why = llama_cpp(args.threads)
     report["llama_cpp"] = rows
     for row in rows:
