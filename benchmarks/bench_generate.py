@@ -84,7 +84,7 @@ def main():
     def ours(rho=1.0, routing="block"):
         timings = {}
         new = generate(model, prompt_ids, args.new, MuMoE(rho, routing=routing), timings=timings)
-        return new, dict(timings, total=timings["prompt"] + timings["decode"])
+        return new, dict(timings, total=timings["prompt"] + timings["pack"] + timings["decode"])
 
     def theirs(n):
         start = time.perf_counter()
