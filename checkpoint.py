@@ -11,8 +11,8 @@ here knows a model family:
     finding     a local directory, or a Hugging Face hub repo downloaded into the standard cache
                 (pytorch_model*.bin converted once to safetensors beside it), or a GGUF file (gguf_checkpoint.py);
                 offline (`hub_offline`, asked once), the cache alone
-    loading     `load_weights`: a checkpoint's tensors assigned into a model built on the meta device,
-                strictly: every key used, none missing, every shape checked
+    loading     `load_weights`: a checkpoint's tensors assigned into a model built on the meta device
+                (`empty_modules`), strictly: every key used, none missing, every shape checked
     tokenizers  `Tokenizer`: a `tokenizers` BPE, BOS added as the checkpoint's own tokenizer adds it
 
 Every language model offers the same interface, which is all that the method files and commands use:
@@ -370,6 +370,28 @@ def read_checkpoint(directory: Path):
 def check_dtype(dtype: torch.dtype) -> None:
     if not dtype.is_floating_point:
         raise UsageError(f"dtype {dtype} is not a floating-point type")
+
+
+INITS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+         "xavier_normal_", "ones_", "zeros_", "constant_")  # what nn.Module constructors draw their parameters with
+
+
+@contextmanager
+def empty_modules():
+    """Modules built inside have their parameters on the meta device and uninitialized, for `load_weights` to assign
+    a checkpoint's tensors in their place: nn.init's draws are skipped. On the meta device some of them run through
+    torch's Python reference kernels, whose first use imports torch._dynamo (and triton where it is installed: ~2 s
+    on a 2-core CPU), and a Ctrl-C landing in that import, beneath torch's C++ dispatch, aborted the process
+    (std::terminate, a traceback) instead of ending the command in one line."""
+    saved = {name: getattr(nn.init, name) for name in INITS}
+    for name in INITS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, init in saved.items():
+            setattr(nn.init, name, init)
 
 
 def load_weights(model: nn.Module, directory: Path, rename: Callable[[str], str | None], device, dtype,

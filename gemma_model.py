@@ -36,8 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import llama_model
-from checkpoint import (KVCache, LinearFn, UsageError, check_device, check_dtype, dense_linear, load_weights,
-                        read_config_json, resolve_checkpoint, shifted_causal_mask)
+from checkpoint import (KVCache, LinearFn, UsageError, check_device, check_dtype, dense_linear, empty_modules,
+                        load_weights, read_config_json, resolve_checkpoint, shifted_causal_mask)
 from llama_model import ROPE_TYPES, apply_rotary, inverse_frequencies
 
 MODEL_TYPES = ("gemma3_text", "gemma3")
@@ -292,7 +292,7 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32) -> Gemma3ForCaus
     check_dtype(dtype)
     directory = resolve_checkpoint(str(name_or_path))
     config = Gemma3Config.from_json(directory / "config.json")
-    with torch.device("meta"):
+    with empty_modules():
         model = Gemma3ForCausalLM(config)
     tied = {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
     load_weights(model, directory, checkpoint_name, device, dtype, tied)

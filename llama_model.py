@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import (KVCache, LinearFn, Tokenizer, UsageError, check_device, check_dtype, dense_linear,
-                        load_weights, read_config_json, resolve_checkpoint, shifted_causal_mask)
+                        empty_modules, load_weights, read_config_json, resolve_checkpoint, shifted_causal_mask)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -399,7 +399,7 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32) -> LlamaForCausa
     check_dtype(dtype)
     directory = resolve_checkpoint(str(name_or_path))
     config = LlamaConfig.from_json(directory / "config.json")
-    with torch.device("meta"):
+    with empty_modules():
         model = LlamaForCausalLM(config)
     tied = {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
     load_weights(model, directory, checkpoint_name, device, dtype, tied)

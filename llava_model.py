@@ -56,8 +56,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import llama_model
-from checkpoint import (LinearFn, UsageError, check_device, check_dtype, dense_linear, load_weights, read_config_json,
-                        resolve_checkpoint)
+from checkpoint import (LinearFn, UsageError, check_device, check_dtype, dense_linear, empty_modules, load_weights,
+                        read_config_json, resolve_checkpoint)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -587,7 +587,7 @@ def load_llava(name_or_path, device="cpu", dtype=torch.float32) -> LlavaForCondi
     check_dtype(dtype)
     directory = resolve_checkpoint(str(name_or_path))
     config = LlavaConfig.from_json(directory / "config.json")
-    with torch.device("meta"):
+    with empty_modules():
         model = LlavaForConditionalGeneration(config)
     tied = ({"language_model.lm_head.weight": "language_model.model.embed_tokens.weight"}
             if config.text_config.tie_word_embeddings else {})

@@ -23,7 +23,7 @@ import gemma_model
 import llama_model
 import llava_model
 import opt_model
-from checkpoint import UsageError, read_config_json, resolve_checkpoint
+from checkpoint import UsageError, empty_modules, read_config_json, resolve_checkpoint
 
 FAMILIES = {"opt": opt_model, **{model_type: llama_model for model_type in llama_model.MODEL_TYPES},
             **{model_type: gemma_model for model_type in gemma_model.MODEL_TYPES}, "llava": llava_model}
@@ -52,7 +52,7 @@ def read_config(name_or_path):
 def empty_model(config) -> nn.Module:
     """The model a config describes, on the meta device: its shapes, with no memory and no weights."""
     module = next(f for f in FAMILIES.values() if isinstance(config, f.CONFIG_CLASS))
-    with torch.device("meta"):
+    with empty_modules():
         return module.MODEL_CLASS(config)
 
 

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import (KVCache, LinearFn, Tokenizer, UsageError, check_device, check_dtype, dense_linear,
-                        load_weights, read_config_json, resolve_checkpoint, shifted_causal_mask)
+                        empty_modules, load_weights, read_config_json, resolve_checkpoint, shifted_causal_mask)
 
 
 # -----------------------------------------------------------------------------
@@ -245,7 +245,7 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32) -> OPTForCausalL
     check_dtype(dtype)
     directory = resolve_checkpoint(str(name_or_path))
     config = OPTConfig.from_json(directory / "config.json")
-    with torch.device("meta"):
+    with empty_modules():
         model = OPTForCausalLM(config)
     # transformers saves OPTForCausalLM as model.decoder.*, metaseq as decoder.*
     rename = lambda key: key.removeprefix("model.")

@@ -39,6 +39,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the helpers the tests share
 import decode_step  # noqa: E402
+from checkpoint import empty_modules  # noqa: E402
 import models  # noqa: E402
 from llama_model import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from mumoe import MuMoE, decode_experts, generate, packed_experts, route_prompt  # noqa: E402
@@ -66,7 +67,7 @@ LLAMA_INIT_STD = 0.02
 
 def llama_7b_block() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    with torch.device("meta"):
+    with empty_modules():
         model = LlamaForCausalLM(LLAMA_7B_BLOCK)
     model.to_empty(device="cpu")
     with torch.no_grad():

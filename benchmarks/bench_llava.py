@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the helpers the tests share
 import llava_model  # noqa: E402
+from checkpoint import empty_modules  # noqa: E402
 from kit.timing import timed  # noqa: E402
 
 TEXT_TOKENS = 64  # the prompt's text around the image (LLaVA-1.5's vicuna_v1 prompt with a question is ~60)
@@ -63,7 +64,7 @@ def ours_from(reference, config_json: dict):
     with tempfile.TemporaryDirectory() as directory:
         (Path(directory) / "config.json").write_text(json_module.dumps(config_json))
         config = llava_model.LlavaConfig.from_json(Path(directory) / "config.json")
-    with torch.device("meta"):
+    with empty_modules():
         ours = llava_model.LlavaForConditionalGeneration(config)
     state = {llava_model.our_name(k): v for k, v in reference.state_dict().items()}
     ours.load_state_dict(state, strict=True, assign=True)

@@ -117,3 +117,26 @@ def test_offline_downloads_read_the_cache_only(monkeypatch, tmp_path):
         with pytest.raises(UsageError, match=r"not in the local Hugging Face cache, and the hub is offline \(the test"):
             load()
     assert asked == [True] * 3, f"local_files_only per download: {asked}"
+
+
+def test_loading_a_model_leaves_torch_dynamo_unimported(tmp_path):
+    """Models are built on the meta device with nn.init's draws skipped (checkpoint.empty_modules): a random draw on
+    the meta device imports torch._dynamo (and triton, ~2 s) under torch's C++ dispatch, where a Ctrl-C aborted the
+    process with a traceback (CI, test_ctrl_c's two-rank eval_ppl). Catches a family built under torch.device("meta")
+    alone: checked in a fresh process, for OPT, a LLaMA and Gemma 3."""
+    from kit.tiny_models import save_tiny_llama
+    from test_gemma import save_tiny_gemma
+
+    save_tiny_opt(tmp_path / "opt")
+    save_tiny_llama(tmp_path / "llama")
+    save_tiny_gemma(tmp_path / "gemma")
+    code = f"""
+import sys
+import models
+for name in ("opt", "llama", "gemma"):
+    models.load_model({str(tmp_path)!r} + "/" + name)
+    print(name, "torch._dynamo" in sys.modules)
+"""
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["opt", "False", "llama", "False", "gemma", "False"], run.stdout
