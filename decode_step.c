@@ -32,7 +32,7 @@ typedef struct {  /* one Linear of the step: packed experts (bits not NULL) or a
     int64_t d_out, d_in;  /* d_out 0: absent (Phi-3's fused q/k/v and gate/up fill the first of their parts) */
 } linear_t;
 
-typedef struct {  /* one block, as decode_step.py's BlockStruct mirrors it field for field */
+typedef struct {  /* one block, as decode_step.py's Block mirrors it field for field */
     int64_t d, n_head, n_kv, head_dim, rotary_dim, ffn, capacity, window;  /* window 0: every earlier key */
     int64_t norm, activation, gated;
     double eps, scale;                         /* the norms' epsilon; the factor of q before q k^T */

@@ -581,8 +581,7 @@ def generate(model, prompt, max_new_tokens: int, moe: MuMoE = DENSE, eos_id=None
     eos = set(eos_id) if isinstance(eos_id, (list, tuple, set)) else {eos_id}
     done = new[-1] in eos or len(new) >= max_new_tokens or (stop and stop(new))
     if not done and eager_why is None:  # each block one call into C, with W (dense) or the prompt's packed experts
-        fused = decode_step.FusedStep(model, cache, {layer: layer.weight if path == "dense" else kept[0]
-                                                     for layer, kept in chosen.items()})
+        fused = decode_step.FusedStep(model, cache, {layer: kept[0] for layer, kept in chosen.items()})
     elif not done:
         experts = decode_linear if path == "dense" else decode_experts(chosen, path)  # chosen by the pass above
     del chosen

@@ -37,8 +37,9 @@ gathers) was slower than the dense product itself on LLaMA-7B's MLP shapes: its 
 are bound by instructions, and numba's own thread pool fights torch's for the cores. The bitmap layout needs
 expand (or a byte-indexed permutation), which numba cannot emit, and C compiled with -fopenmp joins the libgomp
 that torch has already loaded, so both share one pool of threads. The source,
-packed_experts.c beside this file, is compiled once per machine (-march=native) into a cache directory, and loaded
-with ctypes; the boundary checks what it hands over (float32, the CPU, the packed width), since C reads raw pointers.
+packed_experts.c beside this file, is compiled once per machine (-march=native) into a cache directory, in one
+library with decode_step.c (the fused decode step, which includes it), and loaded with ctypes; the boundary
+checks what it hands over (float32, the CPU, the packed width), since C reads raw pointers.
 
 Where the kernel cannot run (no C compiler, a CPU without AVX2, CUDA tensors, a dtype other than float32),
 `kernel_problem` says why in one line, and the masked dense product runs instead (mumoe.decode_path).
@@ -207,8 +208,9 @@ def unpack(packed: PackedLinear) -> torch.Tensor:
 
 @cache
 def build(extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str | None]:
-    """Compile packed_experts.c for this CPU (once: the library is cached under CACHE_DIR, keyed by the source, the
-    compiler's version, the flags and the CPU's flags) -> (the loaded library, None), or (None, why it cannot run).
+    """Compile decode_step.c, which includes packed_experts.c, for this CPU (once: the library is cached under
+    CACHE_DIR, keyed by both sources, the compiler's version, the flags and the CPU's flags) -> (the loaded library,
+    None), or (None, why it cannot run).
     `extra_flags` go after COMPILE_FLAGS: the tests build the AVX2 path on an AVX-512 CPU with -mno-avx512f."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None or shutil.which(compiler) is None:
