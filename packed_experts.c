@@ -374,10 +374,123 @@ static inline unsigned compare_keys(const uint32_t *keys, uint32_t t, unsigned *
 #endif
 }
 
+/* One row's keys, the bits of its scores |W_ij| · ||X_j|| (the float32 product pruners.wanda_score computes), at
+   keys[0..d_in) -> the sum of the scores: the next rows' guess at their threshold scales with it */
+static float score_row(const float *w, const float *norms, int64_t d_in, uint32_t *keys) {
+    int64_t j = 0;
+#ifdef __AVX512F__
+    __m512 sum = _mm512_setzero_ps();
+    __m512i magnitude = _mm512_set1_epi32(INT32_MAX);
+    for (; j < d_in; j += GROUP) {
+        __mmask16 in = (__mmask16)(d_in - j >= GROUP ? 0xffffu : (1u << (d_in - j)) - 1);
+        __m512 s = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(
+                                     _mm512_maskz_loadu_ps(in, w + j)), magnitude)), _mm512_maskz_loadu_ps(in, norms + j));
+        _mm512_mask_storeu_epi32(keys + j, in, _mm512_castps_si512(s));
+        sum = _mm512_add_ps(sum, s);
+    }
+    return _mm512_reduce_add_ps(sum);
+#else
+    __m256 sum = _mm256_setzero_ps(), magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(INT32_MAX));
+    for (; j + LANES <= d_in; j += LANES) {
+        __m256 s = _mm256_mul_ps(_mm256_and_ps(_mm256_loadu_ps(w + j), magnitude), _mm256_loadu_ps(norms + j));
+        _mm256_storeu_si256((__m256i *)(keys + j), _mm256_castps_si256(s));
+        sum = _mm256_add_ps(sum, s);
+    }
+    float total = hsum(sum);
+    for (; j < d_in; j++) {
+        float s = fabsf(w[j]) * norms[j];
+        memcpy(keys + j, &s, sizeof s);
+        total += s;
+    }
+    return total;
+#endif
+}
+
+/* keys[0..n) in [lo, hi), in order, to candidates (room for n + GROUP) -> how many; *below: how many are < lo */
+static int64_t bracket(const uint32_t *keys, int64_t n, uint32_t lo, uint32_t hi, uint32_t *candidates,
+                       int64_t *below) {
+    int64_t m = 0, under = 0, i = 0;
+#ifdef __AVX512F__
+    __m512i lo_v = _mm512_set1_epi32((int)lo), hi_v = _mm512_set1_epi32((int)hi);
+    for (; i < n; i += GROUP) {
+        __mmask16 valid = (__mmask16)(n - i >= GROUP ? 0xffffu : (1u << (n - i)) - 1);
+        __m512i k = _mm512_maskz_loadu_epi32(valid, keys + i);
+        __mmask16 low = _mm512_mask_cmplt_epi32_mask(valid, k, lo_v);  /* keys < 2^31: signed order is theirs */
+        __mmask16 in = _mm512_mask_cmplt_epi32_mask(valid & ~low, k, hi_v);
+        _mm512_storeu_si512(candidates + m, _mm512_maskz_compress_epi32(in, k));
+        under += __builtin_popcount(low), m += __builtin_popcount(in);
+    }
+#else
+    __m256i lo_v = _mm256_set1_epi32((int)lo), hi_v = _mm256_set1_epi32((int)hi);
+    for (; i + LANES <= n; i += LANES) {
+        __m256i k = _mm256_loadu_si256((const __m256i *)(keys + i));
+        unsigned low = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(lo_v, k)));
+        unsigned in = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(hi_v, k))) & ~low;
+        _mm256_storeu_si256((__m256i *)(candidates + m),
+                            _mm256_permutevar8x32_epi32(k, _mm256_loadu_si256((const __m256i *)compression[in])));
+        under += __builtin_popcount(low), m += __builtin_popcount(in);
+    }
+    for (; i < n; i++) {
+        candidates[m] = keys[i];
+        under += keys[i] < lo, m += keys[i] >= lo && keys[i] < hi;
+    }
+#endif
+    *below = under;
+    return m;
+}
+
+static inline uint32_t key_of(float s) {
+    uint32_t key;
+    memcpy(&key, &s, sizeof key);
+    return key;
+}
+
+/* What a thread learns from row to row: the threshold over the mean score of the rows before (rows of one matrix
+   have alike shapes of scores, if not alike scales), from which the next row's guess is taken. */
+typedef struct {
+    float ratio;  /* 0: no row yet */
+} guess_t;
+#define GUESS_WIDTH 1.1f   /* the first bracket: the guess / 1.1 .. the guess · 1.1 */
+#define GUESS_WIDER 1.33f  /* where it missed, the next one on that side: as far again, 1.1³ */
+#define GUESS_WEIGHT 0.25f /* of the last row in the ratio carried on */
+
+/* the k-th smallest (k >= 1) of a row's keys[0..n) (*ties_pruned as kth_smallest_key), the same as
+   kth_smallest_key(keys, ...), found faster: a vector pass counts the keys below a bracket around the guess and
+   keeps those inside it, and only those go through the radix select; where the k-th is not in it, a second
+   bracket on the side it missed, then all the keys. */
+static uint32_t kth_smallest_guessed(const uint32_t *keys, int64_t n, int64_t k, float sum, guess_t *guess,
+                                     uint32_t *candidates, uint32_t *histogram, int64_t *ties_pruned) {
+    float mean = sum / (float)n, estimate = guess->ratio * mean;
+    uint32_t t = 0;
+    int found = 0;
+    if (estimate > 0 && estimate < INFINITY) {
+        int64_t below, m = bracket(keys, n, key_of(estimate / GUESS_WIDTH), key_of(estimate * GUESS_WIDTH),
+                                   candidates, &below);
+        if (k <= below)
+            m = bracket(keys, n, key_of(estimate / (GUESS_WIDTH * GUESS_WIDER)), key_of(estimate / GUESS_WIDTH),
+                        candidates, &below);
+        else if (k > below + m)
+            m = bracket(keys, n, key_of(estimate * GUESS_WIDTH), key_of(estimate * (GUESS_WIDTH * GUESS_WIDER)),
+                        candidates, &below);
+        if ((found = below < k && k <= below + m)) {
+            t = kth_smallest_key(candidates, m, k - below, candidates, histogram, ties_pruned);
+            /* every key equal to t is a candidate: its ties among the candidates are all of them */
+        }
+    }
+    if (!found) t = kth_smallest_key(keys, n, k, candidates, histogram, ties_pruned);
+    float threshold;
+    memcpy(&threshold, &t, sizeof threshold);
+    if (mean > 0 && threshold > 0) {
+        float ratio = threshold / mean;
+        guess->ratio = guess->ratio > 0 ? (1 - GUESS_WEIGHT) * guess->ratio + GUESS_WEIGHT * ratio : ratio;
+    }
+    return t;
+}
+
 /* One row's kept-expert bits, group by group (keep[g], GROUP columns each): its keys > t, and of those == t all but
    the first ties_pruned; or, with M > 0, in each M columns all but the N smallest (ties: lower index first). */
-static void select_row(const uint32_t *keys, int64_t d_in, int64_t k, int64_t N, int64_t M, uint32_t *candidates,
-                       uint32_t *histogram, uint16_t *keep) {
+static void select_row(const uint32_t *keys, int64_t d_in, int64_t k, int64_t N, int64_t M, float sum, guess_t *guess,
+                       uint32_t *candidates, uint32_t *histogram, uint16_t *keep) {
     int64_t groups = (d_in + GROUP - 1) / GROUP;
     if (M > 0) {
         memset(keep, 0, groups * sizeof(uint16_t));
@@ -390,7 +503,7 @@ static void select_row(const uint32_t *keys, int64_t d_in, int64_t k, int64_t N,
         return;
     }
     int64_t ties_pruned = 0;
-    uint32_t t = k > 0 ? kth_smallest_key(keys, d_in, k, candidates, histogram, &ties_pruned) : 0;
+    uint32_t t = k > 0 ? kth_smallest_guessed(keys, d_in, k, sum, guess, candidates, histogram, &ties_pruned) : 0;
     for (int64_t g = 0; g < groups; g++) {
         int64_t n = d_in - g * GROUP;
         unsigned columns = n >= GROUP ? 0xffffu : (1u << n) - 1, equal;
@@ -411,9 +524,10 @@ void route_and_pack(const float *W, const float *norms, int64_t d_out, int64_t d
     int64_t groups = (d_in + GROUP - 1) / GROUP, blocks = (d_out + ROWS - 1) / ROWS, stride = groups * GROUP;
     #pragma omp parallel num_threads(threads)
     {
-        uint32_t *keys = calloc(ROWS * stride + d_in, sizeof(uint32_t)), *candidates = keys + ROWS * stride;
+        uint32_t *keys = calloc(ROWS * stride + d_in + GROUP, sizeof(uint32_t)), *candidates = keys + ROWS * stride;
         uint32_t *histogram = calloc(HISTOGRAM_BINS, sizeof(uint32_t));  /* left all zeros after each use */
         uint16_t *keep = malloc(ROWS * groups * sizeof(uint16_t));
+        guess_t guess = {0};
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
             for (int r = 0; r < ROWS; r++) {
@@ -423,11 +537,8 @@ void route_and_pack(const float *W, const float *norms, int64_t d_out, int64_t d
                     continue;
                 }
                 uint32_t *keys_r = keys + r * stride;
-                for (int64_t j = 0; j < d_in; j++) {  /* S_ij = |W_ij| · ||X_j||, as its bits */
-                    float s = fabsf(W[i * d_in + j]) * norms[j];
-                    memcpy(keys_r + j, &s, sizeof s);
-                }
-                select_row(keys_r, d_in, k, N, M, candidates, histogram, keep + r * groups);
+                float sum = score_row(W + i * d_in, norms, d_in, keys_r);
+                select_row(keys_r, d_in, k, N, M, sum, &guess, candidates, histogram, keep + r * groups);
             }
             float *v = values + b * capacity;
             uint16_t *bits_b = bits + b * groups * ROWS;
