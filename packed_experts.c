@@ -273,7 +273,6 @@ void pack_blocks(const float *W, int64_t d_out, int64_t d_in, uint16_t *bits, fl
 /* a key's digits, high to low: the first takes the exponent and 3 bits of mantissa (a row's scores span few
    exponents, so few of its bins are used), the others at most 256 bins to walk: few candidates are left */
 static const int RADIX_SHIFT[RADIX_PASSES] = {20, 12, 4, 0}, RADIX_BITS[RADIX_PASSES] = {12, 8, 8, 4};
-#define FEW_CANDIDATES 16  /* then the k-th is found by counting, each candidate against the others */
 
 /* the keys of from[0..n) whose digit (key >> shift & digits) is `bin`, in order, to candidates (which may be
    `from` itself: each is written at or before where it was read) -> how many */
@@ -307,20 +306,44 @@ static int64_t keep_in_bin(const uint32_t *from, int64_t n, int shift, uint32_t 
     return m;
 }
 
+/* the k-th smallest (1 <= k <= n) of n <= GROUP keys, each counted against all in a vector (keys: room for GROUP,
+   what lies past n is not taken for a key); *ties_pruned: how many of the keys equal to it are among the k */
+static uint32_t kth_of_few(const uint32_t *keys, int64_t n, int64_t k, int64_t *ties_pruned) {
+    unsigned valid = (1u << n) - 1;
+#ifdef __AVX512F__
+    __m512i all = _mm512_maskz_loadu_epi32((__mmask16)valid, keys);
+#else
+    __m256i low = _mm256_loadu_si256((const __m256i *)keys), high = _mm256_loadu_si256((const __m256i *)(keys + LANES));
+#endif
+    for (int64_t i = 0; i < n; i++) {
+#ifdef __AVX512F__
+        __m512i key = _mm512_set1_epi32((int)keys[i]);  /* keys < 2^31: signed order is theirs */
+        int64_t below = __builtin_popcount(_mm512_mask_cmplt_epi32_mask((__mmask16)valid, all, key));
+        int64_t equal = __builtin_popcount(_mm512_mask_cmpeq_epi32_mask((__mmask16)valid, all, key));
+#else
+        __m256i key = _mm256_set1_epi32((int)keys[i]);
+#define BITS(v) (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(v))
+        int64_t below = __builtin_popcount((BITS(_mm256_cmpgt_epi32(key, low)) |
+                                            BITS(_mm256_cmpgt_epi32(key, high)) << LANES) & valid);
+        int64_t equal = __builtin_popcount((BITS(_mm256_cmpeq_epi32(key, low)) |
+                                            BITS(_mm256_cmpeq_epi32(key, high)) << LANES) & valid);
+#undef BITS
+#endif
+        if (below < k && k <= below + equal) {
+            *ties_pruned = k - below;
+            return keys[i];
+        }
+    }
+    *ties_pruned = 0;
+    return keys[0];  /* not reached: one of the keys is the k-th */
+}
+
 /* the k-th smallest (k >= 1) of keys[0..n); *ties_pruned: how many of the keys equal to it are among the k */
 static uint32_t kth_smallest_key(const uint32_t *keys, int64_t n, int64_t k, uint32_t *candidates, uint32_t *histogram,
                                  int64_t *ties_pruned) {
     const uint32_t *from = keys;
     for (int pass = 0; pass < RADIX_PASSES; pass++) {
-        if (n <= FEW_CANDIDATES)
-            for (int64_t i = 0; i < n; i++) {  /* from[i] is the k-th if k - 1 of them are below it, ties counted */
-                int64_t below = 0, equal = 0;
-                for (int64_t j = 0; j < n; j++) below += from[j] < from[i], equal += from[j] == from[i];
-                if (below < k && k <= below + equal) {
-                    *ties_pruned = k - below;
-                    return from[i];
-                }
-            }
+        if (n <= GROUP) return kth_of_few(from, n, k, ties_pruned);
         int shift = RADIX_SHIFT[pass];
         uint32_t digits = (1u << RADIX_BITS[pass]) - 1, lo = digits, hi = 0;
         for (int64_t i = 0; i < n; i++) {
@@ -445,52 +468,66 @@ static inline uint32_t key_of(float s) {
     return key;
 }
 
-/* What a thread learns from row to row: the threshold over the mean score of the rows before (rows of one matrix
-   have alike shapes of scores, if not alike scales), from which the next row's guess is taken. */
+/* What a thread carries from row to row: its scratch, and the threshold over the mean score of the rows before
+   (rows of one matrix have alike shapes of scores, if not alike scales), from which the next row's is guessed. */
 typedef struct {
-    float ratio;  /* 0: no row yet */
-} guess_t;
-#define GUESS_WIDTH 1.1f   /* the first bracket: the guess / 1.1 .. the guess · 1.1 */
-#define GUESS_WIDER 1.33f  /* where it missed, the next one on that side: as far again, 1.1³ */
-#define GUESS_WEIGHT 0.25f /* of the last row in the ratio carried on */
+    uint32_t *candidates, *few;  /* room for a row's keys and GROUP more, each */
+    uint32_t *histogram;         /* HISTOGRAM_BINS zeros, left so after each use */
+    float ratio;                 /* 0: no row yet */
+} selector_t;
+#define GUESS_WIDTH 1.1f    /* the first bracket: the guess / 1.1 .. the guess · 1.1 (SmolLM2: ~88% of rows) */
+#define GUESS_WIDER 1.33f   /* where it missed, the next one on that side, as far again: 1.1³ (~99.5% with it) */
+#define GUESS_WEIGHT 0.25f  /* of the last row in the ratio carried on */
+#define NARROW 6.0f         /* within a bracket: a second one, as wide as ~2 · 6 of its keys */
 
-/* the k-th smallest (k >= 1) of a row's keys[0..n) (*ties_pruned as kth_smallest_key), the same as
-   kth_smallest_key(keys, ...), found faster: a vector pass counts the keys below a bracket around the guess and
-   keeps those inside it, and only those go through the radix select; where the k-th is not in it, a second
-   bracket on the side it missed, then all the keys. */
-static uint32_t kth_smallest_guessed(const uint32_t *keys, int64_t n, int64_t k, float sum, guess_t *guess,
-                                     uint32_t *candidates, uint32_t *histogram, int64_t *ties_pruned) {
-    float mean = sum / (float)n, estimate = guess->ratio * mean;
-    uint32_t t = 0;
-    int found = 0;
-    if (estimate > 0 && estimate < INFINITY) {
-        int64_t below, m = bracket(keys, n, key_of(estimate / GUESS_WIDTH), key_of(estimate * GUESS_WIDTH),
-                                   candidates, &below);
+/* the k-th smallest of a row's keys that lie in the bracket [lo, hi), its m candidates (*ties_pruned as
+   kth_smallest_key): so narrow a bracket holds them about evenly spread, so the k-th lies near lo + (k - 1/2) / m
+   of the way to hi; the few in a bracket about 2 · NARROW of them wide around there are counted against each other,
+   and where that misses, the radix select takes all m */
+static uint32_t kth_in_bracket(selector_t *s, int64_t m, int64_t k, float lo, float hi, int64_t *ties_pruned) {
+    if (m <= GROUP) return kth_of_few(s->candidates, m, k, ties_pruned);
+    float step = (hi - lo) / (float)m, at = lo + ((float)k - 0.5f) * step;
+    int64_t below, few = bracket(s->candidates, m, key_of(at - NARROW * step), key_of(at + NARROW * step), s->few,
+                                 &below);  /* a bound below 0 has the sign bit: below every key */
+    if (below < k && k <= below + few && few <= GROUP) return kth_of_few(s->few, few, k - below, ties_pruned);
+    return kth_smallest_key(s->candidates, m, k, s->candidates, s->histogram, ties_pruned);
+}
+
+/* kth_smallest_key(keys, n, k, ...) of a row (the same key and ties), found faster: a vector pass counts the keys
+   below a bracket around the guess and keeps those inside it, and only those are searched; where the k-th is not
+   inside, a second bracket on the side it missed, then all the keys. `sum`: the row's scores summed. Every key
+   equal to the k-th is inside a bracket that holds it, so its ties are counted there. */
+static uint32_t kth_smallest_guessed(const uint32_t *keys, int64_t n, int64_t k, float sum, selector_t *s,
+                                     int64_t *ties_pruned) {
+    float mean = sum / (float)n, guess = s->ratio * mean;
+    uint32_t t;
+    int64_t below = 0, m = 0;
+    float lo = guess / GUESS_WIDTH, hi = guess * GUESS_WIDTH;
+    if (guess > 0 && guess < INFINITY) {
+        m = bracket(keys, n, key_of(lo), key_of(hi), s->candidates, &below);
         if (k <= below)
-            m = bracket(keys, n, key_of(estimate / (GUESS_WIDTH * GUESS_WIDER)), key_of(estimate / GUESS_WIDTH),
-                        candidates, &below);
+            hi = lo, lo = lo / GUESS_WIDER;
         else if (k > below + m)
-            m = bracket(keys, n, key_of(estimate * GUESS_WIDTH), key_of(estimate * (GUESS_WIDTH * GUESS_WIDER)),
-                        candidates, &below);
-        if ((found = below < k && k <= below + m)) {
-            t = kth_smallest_key(candidates, m, k - below, candidates, histogram, ties_pruned);
-            /* every key equal to t is a candidate: its ties among the candidates are all of them */
-        }
+            lo = hi, hi = hi * GUESS_WIDER;
+        if (k <= below || k > below + m) m = bracket(keys, n, key_of(lo), key_of(hi), s->candidates, &below);
     }
-    if (!found) t = kth_smallest_key(keys, n, k, candidates, histogram, ties_pruned);
+    if (below < k && k <= below + m)
+        t = kth_in_bracket(s, m, k - below, lo, hi, ties_pruned);
+    else
+        t = kth_smallest_key(keys, n, k, s->candidates, s->histogram, ties_pruned);
     float threshold;
     memcpy(&threshold, &t, sizeof threshold);
     if (mean > 0 && threshold > 0) {
         float ratio = threshold / mean;
-        guess->ratio = guess->ratio > 0 ? (1 - GUESS_WEIGHT) * guess->ratio + GUESS_WEIGHT * ratio : ratio;
+        s->ratio = s->ratio > 0 ? (1 - GUESS_WEIGHT) * s->ratio + GUESS_WEIGHT * ratio : ratio;
     }
     return t;
 }
 
 /* One row's kept-expert bits, group by group (keep[g], GROUP columns each): its keys > t, and of those == t all but
    the first ties_pruned; or, with M > 0, in each M columns all but the N smallest (ties: lower index first). */
-static void select_row(const uint32_t *keys, int64_t d_in, int64_t k, int64_t N, int64_t M, float sum, guess_t *guess,
-                       uint32_t *candidates, uint32_t *histogram, uint16_t *keep) {
+static void select_row(const uint32_t *keys, int64_t d_in, int64_t k, int64_t N, int64_t M, float sum, selector_t *s,
+                       uint16_t *keep) {
     int64_t groups = (d_in + GROUP - 1) / GROUP;
     if (M > 0) {
         memset(keep, 0, groups * sizeof(uint16_t));
@@ -503,7 +540,7 @@ static void select_row(const uint32_t *keys, int64_t d_in, int64_t k, int64_t N,
         return;
     }
     int64_t ties_pruned = 0;
-    uint32_t t = k > 0 ? kth_smallest_guessed(keys, d_in, k, sum, guess, candidates, histogram, &ties_pruned) : 0;
+    uint32_t t = k > 0 ? kth_smallest_guessed(keys, d_in, k, sum, s, &ties_pruned) : 0;
     for (int64_t g = 0; g < groups; g++) {
         int64_t n = d_in - g * GROUP;
         unsigned columns = n >= GROUP ? 0xffffu : (1u << n) - 1, equal;
@@ -524,10 +561,10 @@ void route_and_pack(const float *W, const float *norms, int64_t d_out, int64_t d
     int64_t groups = (d_in + GROUP - 1) / GROUP, blocks = (d_out + ROWS - 1) / ROWS, stride = groups * GROUP;
     #pragma omp parallel num_threads(threads)
     {
-        uint32_t *keys = calloc(ROWS * stride + d_in + GROUP, sizeof(uint32_t)), *candidates = keys + ROWS * stride;
-        uint32_t *histogram = calloc(HISTOGRAM_BINS, sizeof(uint32_t));  /* left all zeros after each use */
+        uint32_t *keys = calloc(ROWS * stride + 2 * (d_in + GROUP) + HISTOGRAM_BINS, sizeof(uint32_t));
+        selector_t selector = {keys + ROWS * stride, keys + ROWS * stride + d_in + GROUP,
+                               keys + ROWS * stride + 2 * (d_in + GROUP), 0};
         uint16_t *keep = malloc(ROWS * groups * sizeof(uint16_t));
-        guess_t guess = {0};
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
             for (int r = 0; r < ROWS; r++) {
@@ -538,7 +575,7 @@ void route_and_pack(const float *W, const float *norms, int64_t d_out, int64_t d
                 }
                 uint32_t *keys_r = keys + r * stride;
                 float sum = score_row(W + i * d_in, norms, d_in, keys_r);
-                select_row(keys_r, d_in, k, N, M, sum, &guess, candidates, histogram, keep + r * groups);
+                select_row(keys_r, d_in, k, N, M, sum, &selector, keep + r * groups);
             }
             float *v = values + b * capacity;
             uint16_t *bits_b = bits + b * groups * ROWS;
@@ -553,7 +590,7 @@ void route_and_pack(const float *W, const float *norms, int64_t d_out, int64_t d
                 }
             counts[b] = v - (values + b * capacity);
         }
-        free(keys), free(histogram), free(keep);
+        free(keys), free(keep);
     }
 }
 

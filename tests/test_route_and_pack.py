@@ -27,7 +27,10 @@ def weights_and_norms(d_out: int, d_in: int, kind: str, seed: int) -> tuple[torc
     "coarse"  W on a grid of 1/4: many exact ties at the k-th score, as 4-bit checkpoints have (SmolLM2's)
     "dead"    most inputs dead: more zero scores than the rows prune, so kept weights are dead-input ones
     "adjacent" three adjacent floats, each many times: scores that differ in their last bits only, so the radix
-              select's last digit decides, with ties at the k-th"""
+              select's last digit decides, with ties at the k-th
+    "shifting" rows whose scores change shape and scale, in runs of three: normal, cubed (heavy tails), all about
+              one size, and 80% zeros (the k-th is 0). The selection guesses a row's k-th score from the rows
+              before it: here the guess holds, misses on either side, or misses both"""
     gen = torch.Generator().manual_seed(seed)
     W, sqnorms = torch.randn(d_out, d_in, generator=gen), torch.rand(d_in, generator=gen) + 0.1
     if kind == "tied":
@@ -38,6 +41,11 @@ def weights_and_norms(d_out: int, d_in: int, kind: str, seed: int) -> tuple[torc
         sqnorms[: d_in * 3 // 4] = 0
     if kind == "adjacent":
         W, sqnorms = 1 + torch.randint(0, 3, (d_out, d_in), generator=gen) * 2.0 ** -23, torch.ones(d_in)
+    if kind == "shifting":
+        shape = (torch.arange(d_out) // 3 % 4)[:, None]
+        sparse = W * (torch.rand(d_out, d_in, generator=gen) < 0.2)
+        W = torch.where(shape == 0, W, torch.where(shape == 1, W**3, torch.where(shape == 2, W.sign() + W / 64, sparse)))
+        W = W * 10 ** (4 * torch.rand(d_out, 1, generator=gen) - 2)
     if kind == "random":
         sqnorms[min(3, d_in - 1)] = 0
         W[0, d_in // 2] = 0
@@ -66,10 +74,11 @@ def assert_same_packed(got, expected, what: str) -> None:
     (8, 50, 1.0, None),     # k = d_in: every weight kept (nothing pruned)
     (3, 7, 0.6, None),      # fewer columns than one AVX2 half-group
     (40, 1000, 0.3, None),  # rows long enough for the radix select's later passes
+    (48, 1536, 0.5, None),  # SmolLM2's down_proj rows: brackets of ~100 candidates, a narrower one within
     (7, 48, 0.5, (2, 4)),   # N:M
     (4, 24, 1.0, (3, 8)),   # N:M whose M does not divide a group of 16
 ])
-@pytest.mark.parametrize("kind", ["random", "tied", "coarse", "dead", "adjacent"])
+@pytest.mark.parametrize("kind", ["random", "tied", "coarse", "dead", "adjacent", "shifting"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no bias"])
 def test_route_and_pack_equals_route_then_pack(build, d_out, d_in, rho, nm, kind, bias, threads, monkeypatch):
     monkeypatch.setattr(packed_experts, "compiled_kernel", lambda: packed_experts.build(build))
