@@ -258,7 +258,7 @@ void pack_blocks(const float *W, int64_t d_out, int64_t d_in, uint16_t *bits, fl
 
 
 /* μ-MoE's router, selection and packing in one pass (packed_experts.route_and_pack): from W (d_out, d_in) and the
-   prompt's input norms ||X_j|| (d_in,), each row's scores S_ij = |W_ij| · ||X_j|| (one float32 product, as
+   prompt's input norms ||X_j||² (d_in,), each row's scores S_ij = |W_ij| · ||X_j|| (one float32 product, as
    pruners.wanda_score computes them), its top experts kept exactly as pruners.wanda_mask keeps them (the k smallest
    scores pruned, ties to the lower index; or N of every M), and the kept W_ij written straight into the packed
    stream. A thread holds one block's ROWS rows of scores at a time: no score matrix, no W ⊙ M.
@@ -552,13 +552,21 @@ static void select_row(const uint32_t *keys, int64_t d_in, int64_t k, int64_t N,
     }
 }
 
-/* W (d_out, d_in), norms (d_in,) -> bits (as pack_blocks writes them) and each block's values at values + b · capacity
+/* W (d_out, d_in), the prompt's ||X_j||² (d_in,) -> bits (as pack_blocks writes them) and each block's values at values + b · capacity
    (capacity: what a block keeps at most, ROWS rows' kept count); counts[b]: how many it wrote (fewer where a kept W_ij
    is 0, which pack leaves out too). route_and_pack_starts then closes the gaps. `gated`, if not NULL, (d_out, d_in):
    receives W ⊙ M too, for the prompt's own gated product (a scratch matrix reused Linear after Linear). */
-void route_and_pack(const float *W, const float *norms, int64_t d_out, int64_t d_in, int64_t k, int64_t N, int64_t M,
-                    uint16_t *bits, float *values, int64_t capacity, int64_t *counts, float *gated, int threads) {
-    int64_t groups = (d_in + GROUP - 1) / GROUP, blocks = (d_out + ROWS - 1) / ROWS, stride = groups * GROUP;
+void route_and_pack(const float *W, const float *sqnorms, int64_t d_out, int64_t d_in, int64_t k, int64_t N,
+                    int64_t M, uint16_t *bits, float *values, int64_t capacity, int64_t *counts, float *gated,
+                    int threads) {
+    int64_t groups = (d_in + GROUP - 1) / GROUP, blocks = (d_out + ROWS - 1) / ROWS, stride = groups * GROUP, j = 0;
+    float *norms = malloc((d_in + GROUP) * sizeof(float));  /* ||X_j||: IEEE's square root, torch.sqrt's to the bit */
+#ifdef __AVX512F__
+    for (; j + GROUP <= d_in; j += GROUP) _mm512_storeu_ps(norms + j, _mm512_sqrt_ps(_mm512_loadu_ps(sqnorms + j)));
+#else
+    for (; j + LANES <= d_in; j += LANES) _mm256_storeu_ps(norms + j, _mm256_sqrt_ps(_mm256_loadu_ps(sqnorms + j)));
+#endif
+    for (; j < d_in; j++) _mm_store_ss(norms + j, _mm_sqrt_ss(_mm_load_ss(sqnorms + j)));
     #pragma omp parallel num_threads(threads)
     {
         uint32_t *keys = calloc(ROWS * stride + 2 * (d_in + GROUP) + HISTOGRAM_BINS, sizeof(uint32_t));
@@ -592,6 +600,7 @@ void route_and_pack(const float *W, const float *norms, int64_t d_out, int64_t d
         }
         free(keys), free(keep);
     }
+    free(norms);
 }
 
 /* starts (blocks + 1,) from route_and_pack's counts, each block's values moved down to close the gaps its

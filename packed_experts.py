@@ -152,7 +152,7 @@ def route_and_pack(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, nm=None,
     bias)`, the same masks, bits and values, without the scores or W ⊙ M ever in memory.
 
     W (d_out, d_in) and x_sqnorm (d_in,) = ||X_j||² over the prompt, float32 on the CPU. The compiled pass scores a
-    block of rows, S_ij = |W_ij| · ||X_j|| (the norms' square roots taken here, as pruners.wanda_score takes them),
+    block of rows, S_ij = |W_ij| · ||X_j|| (the square roots taken in C, IEEE-exact, as pruners.wanda_score takes them),
     keeps each row's d_in - int(d_in (1 - rho)) largest (the smallest pruned, ties to the lower index: pruners'
     prune_lowest), or with nm = (N, M) all but the N smallest of every M, and writes the kept W_ij into the stream.
     `out`: a contiguous float32 tensor like W that receives W ⊙ M as well, in the same pass (the prompt's own gated
@@ -177,17 +177,17 @@ def route_and_pack(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, nm=None,
             raise ValueError(f"out must be a contiguous {tuple(W.shape)} tensor, got {tuple(out.shape)}")
     (N, M), k = nm or (0, 0), prune_count(d_in, rho) if nm is None else 0
     kept = d_in - k if nm is None else d_in // M * (M - N)
-    W, norms = W.detach().contiguous(), x_sqnorm.detach().sqrt().contiguous()  # wanda_score's float32 ops
+    W, sqnorms = W.detach().contiguous(), x_sqnorm.detach().contiguous()  # the kernel takes the square roots
     blocks, groups = -(-d_out // ROWS), -(-d_in // GROUP)
     capacity = ROWS * kept  # a block's values at most
     bits = torch.empty(blocks, groups * ROWS * 2, dtype=torch.uint8)
     values = torch.empty(blocks * capacity + PAD, dtype=torch.float32)
     counts, starts = torch.empty(blocks, dtype=torch.int64), torch.empty(blocks + 1, dtype=torch.int64)
-    lib.route_and_pack(W.data_ptr(), norms.data_ptr(), d_out, d_in, k, N, M, bits.data_ptr(), values.data_ptr(),
+    lib.route_and_pack(W.data_ptr(), sqnorms.data_ptr(), d_out, d_in, k, N, M, bits.data_ptr(), values.data_ptr(),
                        capacity, counts.data_ptr(), None if out is None else out.data_ptr(), torch.get_num_threads())
     lib.route_and_pack_starts(values.data_ptr(), blocks, capacity, counts.data_ptr(), starts.data_ptr(), PAD)
-    end = int(starts[-1]) + PAD
-    values = values if end == values.numel() else values[:end].clone()  # padding rows or kept zeros left room
+    values = values[: int(starts[-1]) + PAD]  # a view: what padding rows or kept zeros left is a few floats, and a
+                                              # copy would write every value again into fresh pages
     return PackedLinear(bits, values, starts, d_out, d_in, None if bias is None else bias.detach().contiguous())
 
 
