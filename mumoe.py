@@ -48,8 +48,9 @@ Complexity (the paper's argument). A dense Linear with d inputs and d' outputs c
 T tokens. μ-MoE costs rho·d·d'·T for the active experts, plus routing: d·T for the norms ||X_j||²,
 d·d' to score, about d·d' to select (introselect is linear on average) and d·d' to gate. Relative to
 the dense pass, routing is (3/T + 1/d') -- 0.3% at T = 2048, d' = 768 -- so the MACs fall almost as
-rho. In wall time the selection is what costs: pruners.wanda_gated_weight fuses it on the CPU, and
-packed_experts.route_and_pack fuses it with the packing where the decode is packed. A decode step
+rho. In wall time the selection is what costs: on the CPU packed_experts' compiled router fuses it, W to W ⊙ M
+(route_and_gate; pruners.wanda_gated_weight in numpy where no compiler is found), or W to the packed experts
+where the decode is packed (route_and_pack). A decode step
 reads every weight once, so it costs bytes: the dense W ⊙ M reads what W does, the packed experts rho · 4 + 1/8
 bytes per weight instead of 4 (packed_experts); on CUDA rho · 2 + 1/8 instead of 2 in float16 (triton_experts).
 
@@ -68,7 +69,7 @@ import torch.nn.functional as F
 import decode_step
 from checkpoint import KVCache, LinearFn, UsageError, dense_linear
 from packed_experts import (ROWS, concatenate, decode_linear, kernel_problem, pack, packed_linear, part,
-                            route_and_pack)
+                            route_and_gate, route_and_pack)
 from pruners import SELECTS, check_rho, prune_count, wanda_gated_weight
 
 # -----------------------------------------------------------------------------
@@ -99,7 +100,8 @@ class MuMoE:
 
     rho      the active-weight ratio in (0, 1]: each row keeps d_in - int(d_in · (1 - rho)) of its experts
     routing  "block" or "linear": which activations route a Linear (see above)
-    select   the exact selection kernel (None: the fastest on W's device; all give the same masks)
+    select   the exact selection kernel (None: the compiled router's on the CPU, else the fastest on W's device;
+             all give the same masks)
     prefix   route on the first `prefix` tokens of a prompt only (None: on all of them)
     nm       (N, M): each prompt prunes N of every M weights of a row instead of rho
 
@@ -158,7 +160,7 @@ def micro_experts(moe: MuMoE, stats: dict | None = None, chosen: dict | None = N
       router input  x itself (one-pass "linear" routing) or, if `stats` maps the Linear to (B, d_in) norms
                     ||X_j||², those (the "block" routing, see `routed_block`); q, k and v read one tensor, so
                     its norms are computed once
-      experts       pruners.wanda_gated_weight builds W ⊙ M_b in one fused pass (moe.select: the kernel; moe.nm:
+      experts       `gated_weight` builds W ⊙ M_b in one fused pass (moe.select: the kernel; moe.nm:
                     an N:M pattern instead of rho), written into one scratch tensor and used once. `chosen`: a
                     dict that receives, per nn.Linear, each prompt's experts for later tokens, in the form the
                     decode `path` reads (`route_expert`: W ⊙ M_b for "masked"; packed for "packed", in the same
@@ -167,7 +169,7 @@ def micro_experts(moe: MuMoE, stats: dict | None = None, chosen: dict | None = N
                     nnz(W ⊙ M_b) · T summed over prompts
       rho = 1       the dense Linear itself, no routing
     """
-    rho, select, prefix, nm = moe.rho, moe.select, moe.prefix, moe.nm
+    prefix = moe.prefix
     last = {"x": None, "sqnorms": None}  # q, k and v read one tensor: its norms are computed once
     scratch = {}  # by shape: the memory that gated weights used for one product only are written into
 
@@ -186,7 +188,7 @@ def micro_experts(moe: MuMoE, stats: dict | None = None, chosen: dict | None = N
         if W.shape not in scratch and (chosen is None or path == "packed"):
             scratch[W.shape] = torch.empty_like(W)
         if chosen is None:
-            return (wanda_gated_weight(W, s_b, rho, select, nm, out=scratch[W.shape]) for s_b in sqnorms)
+            return (gated_weight(W, s_b, moe, out=scratch[W.shape]) for s_b in sqnorms)
         chosen[layer] = kept = []
 
         def noted():
@@ -219,10 +221,19 @@ def route_expert(layer: nn.Linear, sqnorms: torch.Tensor, moe: MuMoE, path: str,
     W = layer.weight
     if path == "packed":
         return route_and_pack(W, sqnorms, moe.rho, moe.nm, layer.bias, out=scratch), scratch
-    W_gated = wanda_gated_weight(W, sqnorms, moe.rho, moe.select, moe.nm)
+    W_gated = gated_weight(W, sqnorms, moe)
     if path == "triton":
         return packer(path)(W_gated, layer.bias), W_gated
     return W_gated, W_gated
+
+
+def gated_weight(W: torch.Tensor, sqnorms: torch.Tensor, moe: MuMoE, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W ⊙ M for one prompt's (d_in,) norms ||X_j||², into `out` if given: pruners.wanda_gated_weight's, with
+    moe.select's kernel; with select None, where the compiled router runs (float32 on the CPU), by its selection
+    (packed_experts.route_and_gate: the same masks, 2-3x faster than numpy's partition)."""
+    if moe.select is None and kernel_problem(W.device, W.dtype) is None:
+        return route_and_gate(W, sqnorms, moe.rho, moe.nm, out=out)
+    return wanda_gated_weight(W, sqnorms, moe.rho, moe.select, moe.nm, out=out)
 
 
 def block_statistics(block: nn.Module, x: torch.Tensor, prefix: int | None = None) -> dict:

@@ -555,7 +555,8 @@ static void select_row(const uint32_t *keys, int64_t d_in, int64_t k, int64_t N,
 /* W (d_out, d_in), the prompt's ||X_j||² (d_in,) -> bits (as pack_blocks writes them) and each block's values at values + b · capacity
    (capacity: what a block keeps at most, ROWS rows' kept count); counts[b]: how many it wrote (fewer where a kept W_ij
    is 0, which pack leaves out too). route_and_pack_starts then closes the gaps. `gated`, if not NULL, (d_out, d_in):
-   receives W ⊙ M too, for the prompt's own gated product (a scratch matrix reused Linear after Linear). */
+   receives W ⊙ M too, for the prompt's own gated product (a scratch matrix reused Linear after Linear). With bits
+   NULL, W ⊙ M alone is written (packed_experts.route_and_gate: the masked path's experts, pruners' masks). */
 void route_and_pack(const float *W, const float *sqnorms, int64_t d_out, int64_t d_in, int64_t k, int64_t N,
                     int64_t M, uint16_t *bits, float *values, int64_t capacity, int64_t *counts, float *gated,
                     int threads) {
@@ -584,6 +585,13 @@ void route_and_pack(const float *W, const float *sqnorms, int64_t d_out, int64_t
                 uint32_t *keys_r = keys + r * stride;
                 float sum = score_row(W + i * d_in, norms, d_in, keys_r);
                 select_row(keys_r, d_in, k, N, M, sum, &selector, keep + r * groups);
+            }
+            if (!bits) {  /* route_and_gate: W ⊙ M alone */
+                for (int r = 0; r < ROWS && b * ROWS + r < d_out; r++)
+                    for (int64_t g = 0, i = b * ROWS + r; g < groups; g++)
+                        store_gated(gated + i * d_in + g * GROUP, W + i * d_in + g * GROUP, keep[r * groups + g],
+                                    d_in - g * GROUP);
+                continue;
             }
             float *v = values + b * capacity;
             uint16_t *bits_b = bits + b * groups * ROWS;

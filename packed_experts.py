@@ -54,6 +54,7 @@ cannot run.
     pack(W_gated, bias)                   W ⊙ M (d_out, d_in) -> PackedLinear (by the compiled kernel too)
     route_and_pack(W, sqnorms, rho, nm)   W and a prompt's input norms -> its experts packed, in one pass: μ-MoE's
                                           scores, exact selection and packing fused, no W ⊙ M built
+    route_and_gate(W, sqnorms, rho, nm)   the same selection, W ⊙ M alone: the masked path's experts
     packed_bytes(d_out, d_in, kept)       what that costs in memory, and what a decode step reads of it
     packed_linear(x, packed)              the kernel: x (..., d_in) -> (..., d_out)
     concatenate(parts), part(packed, rows) Linears that read one input as one PackedLinear (one call), and back
@@ -159,6 +160,37 @@ def route_and_pack(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, nm=None,
     product reads it: one scratch matrix reused Linear after Linear, never one per Linear).
     """
     lib = loaded_kernel()
+    W, sqnorms, k, N, M = routing_arguments(W, x_sqnorm, rho, nm, bias, out)
+    d_out, d_in = W.shape
+    kept = d_in - k if nm is None else d_in // M * (M - N)
+    blocks, groups = -(-d_out // ROWS), -(-d_in // GROUP)
+    capacity = ROWS * kept  # a block's values at most
+    bits = torch.empty(blocks, groups * ROWS * 2, dtype=torch.uint8)
+    values = torch.empty(blocks * capacity + PAD, dtype=torch.float32)
+    counts, starts = torch.empty(blocks, dtype=torch.int64), torch.empty(blocks + 1, dtype=torch.int64)
+    lib.route_and_pack(W.data_ptr(), sqnorms.data_ptr(), d_out, d_in, k, N, M, bits.data_ptr(), values.data_ptr(),
+                       capacity, counts.data_ptr(), None if out is None else out.data_ptr(), torch.get_num_threads())
+    lib.route_and_pack_starts(values.data_ptr(), blocks, capacity, counts.data_ptr(), starts.data_ptr(), PAD)
+    values = values[: int(starts[-1]) + PAD]  # a view: what padding rows or kept zeros left is a few floats, and a
+                                              # copy would write every value again into fresh pages
+    return PackedLinear(bits, values, starts, d_out, d_in, None if bias is None else bias.detach().contiguous())
+
+
+def route_and_gate(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, nm=None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """W ⊙ M, the masked path's experts: `pruners.wanda_gated_weight(W, x_sqnorm, rho, nm=nm, out=out)`, the same
+    masks to the bit, by route_and_pack's compiled selection (a vector pass brackets each row's k-th score around
+    a guess from the rows before it; 2-3x faster than numpy's partition on SmolLM2's rows). Into `out` if given."""
+    lib = loaded_kernel()
+    W, sqnorms, k, N, M = routing_arguments(W, x_sqnorm, rho, nm, None, out)
+    out = torch.empty_like(W) if out is None else out
+    lib.route_and_pack(W.data_ptr(), sqnorms.data_ptr(), *W.shape, k, N, M, None, None, 0, None, out.data_ptr(),
+                       torch.get_num_threads())
+    return out
+
+
+def routing_arguments(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, nm, bias, out) -> tuple:
+    """What the compiled router reads, checked: (W, x_sqnorm contiguous, k pruned per row, N, M; N = M = 0 for rho)."""
     check_float32_cpu(W, "W", ndim=2)
     check_float32_cpu(x_sqnorm, "the input norms", ndim=1)
     check_rho(rho)
@@ -176,19 +208,7 @@ def route_and_pack(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, nm=None,
         if out.shape != W.shape or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous {tuple(W.shape)} tensor, got {tuple(out.shape)}")
     (N, M), k = nm or (0, 0), prune_count(d_in, rho) if nm is None else 0
-    kept = d_in - k if nm is None else d_in // M * (M - N)
-    W, sqnorms = W.detach().contiguous(), x_sqnorm.detach().contiguous()  # the kernel takes the square roots
-    blocks, groups = -(-d_out // ROWS), -(-d_in // GROUP)
-    capacity = ROWS * kept  # a block's values at most
-    bits = torch.empty(blocks, groups * ROWS * 2, dtype=torch.uint8)
-    values = torch.empty(blocks * capacity + PAD, dtype=torch.float32)
-    counts, starts = torch.empty(blocks, dtype=torch.int64), torch.empty(blocks + 1, dtype=torch.int64)
-    lib.route_and_pack(W.data_ptr(), sqnorms.data_ptr(), d_out, d_in, k, N, M, bits.data_ptr(), values.data_ptr(),
-                       capacity, counts.data_ptr(), None if out is None else out.data_ptr(), torch.get_num_threads())
-    lib.route_and_pack_starts(values.data_ptr(), blocks, capacity, counts.data_ptr(), starts.data_ptr(), PAD)
-    values = values[: int(starts[-1]) + PAD]  # a view: what padding rows or kept zeros left is a few floats, and a
-                                              # copy would write every value again into fresh pages
-    return PackedLinear(bits, values, starts, d_out, d_in, None if bias is None else bias.detach().contiguous())
+    return W.detach().contiguous(), x_sqnorm.detach().contiguous(), k, N, M  # the kernel takes the square roots
 
 
 def unpack(packed: PackedLinear) -> torch.Tensor:

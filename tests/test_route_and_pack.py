@@ -12,7 +12,7 @@ import torch
 
 import packed_experts
 import pruners
-from packed_experts import pack, packed_linear, route_and_pack, unpack
+from packed_experts import pack, packed_linear, route_and_gate, route_and_pack, unpack
 
 PROBLEM = packed_experts.kernel_problem()
 needs_kernel = pytest.mark.skipif(PROBLEM is not None, reason=f"the packed kernel cannot run here: {PROBLEM}")
@@ -93,6 +93,8 @@ def test_route_and_pack_equals_route_then_pack(build, d_out, d_in, rho, nm, kind
     if bias:  # W ⊙ M written in the same pass, for the prompt's own gated product
         assert torch.equal(out, W_gated), f"{what}: the W ⊙ M written beside the packing differs"
     assert torch.equal(unpack(got), W_gated), f"{what}: the fused experts unpack to another W ⊙ M"
+    gated = route_and_gate(W, sqnorms, rho, nm, out=torch.full_like(W, float("nan")) if bias else None)
+    assert torch.equal(gated, W_gated), f"{what}: route_and_gate's W ⊙ M differs from wanda_gated_weight's"
     x = torch.randn(3, d_in, generator=torch.Generator().manual_seed(2))
     assert torch.equal(packed_linear(x, got), packed_linear(x, expected)), f"{what}: products differ"
 
@@ -147,13 +149,38 @@ def test_a_packed_route_builds_no_masked_weights(tmp_path, routing, monkeypatch)
     from mumoe import MuMoE, route_prompt
 
     model, ids = tiny_llama(tmp_path), torch.tensor([[5, 9, 23, 17, 40, 2, 77, 31, 8]])
-    moe = MuMoE(0.5, routing=routing)
-    _, masked = route_prompt(model, ids, model.new_cache(9), moe, "masked")
-    monkeypatch.setattr(mumoe, "wanda_gated_weight", None)  # a call to it fails
-    x_packed, packed = route_prompt(model, ids, model.new_cache(9), moe, "packed")
+    _, masked = route_prompt(model, ids, model.new_cache(9), MuMoE(0.5, routing=routing, select="sort"), "masked")
+    monkeypatch.setattr(mumoe, "wanda_gated_weight", None)  # a call to either fails
+    monkeypatch.setattr(mumoe, "route_and_gate", None)
+    x_packed, packed = route_prompt(model, ids, model.new_cache(9), MuMoE(0.5, routing=routing), "packed")
     for layer, experts in masked.items():
         assert_same_packed(packed[layer][0], pack(experts[0], layer.bias), f"{routing}, {tuple(layer.weight.shape)}")
     assert x_packed.shape == (1, 9, model.config.hidden_size)
+
+
+@needs_kernel
+@pytest.mark.parametrize("routing", ["block", "linear"])
+def test_the_masked_path_selects_with_the_compiled_router(tmp_path, routing, monkeypatch):
+    """select None on the CPU: the masked path's W ⊙ M comes from route_and_gate, the same bytes as pruners' sort
+    selection gives (select "sort", which keeps pruners' own kernel); the forward's hidden states alike."""
+    import mumoe
+    from mumoe import MuMoE, route_prompt
+
+    model, ids = tiny_llama(tmp_path), torch.tensor([[5, 9, 23, 17, 40, 2, 77, 31, 8]])
+    calls = []
+    noted = mumoe.route_and_gate
+    monkeypatch.setattr(mumoe, "route_and_gate", lambda *a, **k: calls.append(1) or noted(*a, **k))
+    x_ref, reference = route_prompt(model, ids, model.new_cache(9), MuMoE(0.5, routing=routing, select="sort"))
+    assert not calls, "a select the user named was not the one that ran"
+    x, experts = route_prompt(model, ids, model.new_cache(9), MuMoE(0.5, routing=routing))
+    assert len(calls) == len(reference), f"route_and_gate ran for {len(calls)} of {len(reference)} Linears"
+    for layer in reference:
+        assert torch.equal(experts[layer][0], reference[layer][0]), f"{tuple(layer.weight.shape)}: masks differ"
+    assert torch.equal(x, x_ref)
+    calls.clear()  # the forward without `chosen` (eval_ppl's) takes it too
+    logits = mumoe.mumoe_logits(model, ids, MuMoE(0.5, routing=routing))
+    assert len(calls) == len(reference), "the routed forward built W ⊙ M without route_and_gate"
+    assert torch.equal(logits, mumoe.mumoe_logits(model, ids, MuMoE(0.5, routing=routing, select="sort")))
 
 
 @needs_kernel
