@@ -63,7 +63,8 @@ def add_select_and_decode(p: argparse.ArgumentParser, decode: bool = True) -> No
     """--select, the top-k kernel of Wanda and μ-MoE; --decode, the product later tokens run through, and --step,
     how their steps run."""
     p.add_argument("--select", choices=pruners.SELECTS, help="top-k selection of Wanda and μ-MoE (identical masks; "
-                                                             "default: the fastest on the device)")
+                                                             "default: μ-MoE's compiled router on the CPU where it "
+                                                             "runs, else the fastest on the device)")
     if decode:
         p.add_argument("--decode", choices=mumoe.DECODES, default="auto",
                        help="μ-MoE: the tokens after a routed prompt read its packed experts (packed) or the dense "

@@ -31,7 +31,7 @@ from command_line import (ArgumentParser, active_ratio, add_device_options, add_
 from models import load_model, load_tokenizer, read_config
 import triton_experts
 from packed_experts import kernel_problem
-from pruners import default_select, prune_count
+from pruners import prune_count
 
 REPEATS = 3  # alternating dense and μ-MoE generations, whose medians are printed
 WARMUP_TOKENS = 2  # a warm-up generation's length: the prompt pass and one decode step, with each path's kernels
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         return 2
 
     dense_s, mumoe_s = medians(dense_runs), medians(mumoe_runs)
-    select = args.select or default_select(device)
+    select = mumoe.selection(moe, decoding, device, dtype)
     shown = text if vision else args.prompt
     print(f"prompt ({T} tokens" + (f", {llava.config.image_tokens} per image" if images else "") + f"): {shown!r}")
     print(f"times: the medians of {args.repeats} generations of each, alternating, after a warm-up of each")

@@ -70,7 +70,7 @@ import decode_step
 from checkpoint import KVCache, LinearFn, UsageError, dense_linear
 from packed_experts import (ROWS, concatenate, decode_linear, kernel_problem, pack, packed_linear, part,
                             route_and_gate, route_and_pack)
-from pruners import SELECTS, check_rho, prune_count, wanda_gated_weight
+from pruners import SELECTS, check_rho, default_select, prune_count, wanda_gated_weight
 
 # -----------------------------------------------------------------------------
 # The method in six lines: μ-MoE's Linear for one prompt, the reference every faster path here is tested against
@@ -234,6 +234,15 @@ def gated_weight(W: torch.Tensor, sqnorms: torch.Tensor, moe: MuMoE, out: torch.
     if moe.select is None and kernel_problem(W.device, W.dtype) is None:
         return route_and_gate(W, sqnorms, moe.rho, moe.nm, out=out)
     return wanda_gated_weight(W, sqnorms, moe.rho, moe.select, moe.nm, out=out)
+
+
+def selection(moe: MuMoE, path: str, device, dtype: torch.dtype) -> str:
+    """The selection that routes prompts with `moe` for a decode `path`, as the commands print it: "compiled"
+    (packed_experts' router: route_and_pack for the packed decode, route_and_gate where select is None and it
+    runs) or pruners' kernel (moe.select, or the fastest on the device)."""
+    if path == "packed" or (moe.select is None and kernel_problem(device, dtype) is None):
+        return "compiled"
+    return moe.select or default_select(device)
 
 
 def block_statistics(block: nn.Module, x: torch.Tensor, prefix: int | None = None) -> dict:

@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
 from kit.timing import paired_blocks  # noqa: E402
 from mumoe import MuMoE, mumoe_logits  # noqa: E402
-from pruners import default_select  # noqa: E402
 
 SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
              num_key_value_heads=4, max_position_embeddings=4096)
@@ -88,7 +87,7 @@ def main():
         rows += report({k: v for k, v in times.items() if k != "transformers"}, "dense",
                        f"μ-MoE / our dense, rho = {args.rho}, T = {T}")
         with torch.inference_mode():
-            paired = paired_blocks(ours, ids, args.rho, default_select("cpu"), args.repeats)
+            paired = paired_blocks(ours, ids, args.rho, None, args.repeats)  # MuMoE's default select
         print("the same, block by block (each block in every mode back to back):")
         for name, ratios in paired.items():
             print(f"{name:>24} {'':>10} {statistics.median(ratios):7.3f}x {min(ratios):5.2f}-{max(ratios):<5.2f}")

@@ -12,19 +12,21 @@ so that noise from the rest of the machine hits all of them; the median and the 
 A whole forward takes seconds, over which a shared machine's speed drifts (per-repeat ratios of
 0.9-1.4 at T = 2048 have been seen), so the ratios are estimated a second way too: block by block,
 each block run in every mode back to back on the same input, and a repeat's forward summed from its
-blocks. The verdict is that paired estimate, for the default select (None: partition on CPU). Modes:
+blocks. The verdict is that paired estimate, for the default select (None: the compiled router,
+packed_experts.route_and_gate, where it runs; numpy's partition is timed beside it). Modes:
 
     dense                   model(ids)
     mumoe linear <select>   one pass: each Linear routes on its own input (norms, scores, selection, gate)
     mumoe block <select>    per block: a dense statistics pass, then the gated pass
 
 Then a per-step profile of one block at the largest T (linear routing, ms per Linear): the matmul, the input
-norms, and the router-and-experts step W -> W ⊙ M, unfused (W * wanda_mask) and fused (wanda_gated_weight).
+norms, and the router-and-experts step W -> W ⊙ M, unfused (W * wanda_mask), fused in numpy (wanda_gated_weight)
+and compiled (packed_experts.route_and_gate).
 
 Peak memory (Linux, --memory): for each mode a fresh process builds the model, resets its peak resident
 size (/proc/self/clear_refs) and runs one forward; VmHWM minus VmRSS before is what the forward needs.
 
-    python benchmarks/bench_mumoe.py [--tokens 128 512 2048] [--rho 0.5] [--repeats 5] [--selects partition]
+    python benchmarks/bench_mumoe.py [--tokens 128 512 2048] [--rho 0.5] [--repeats 5] [--selects default partition]
 """
 
 import argparse
@@ -47,7 +49,8 @@ from opt_model import OPTConfig  # noqa: E402
 from kit.data import random_ids  # noqa: E402
 from kit.timing import forward_modes, paired_blocks, timed  # noqa: E402
 from kit.tiny_models import random_opt  # noqa: E402
-from pruners import SELECTS, default_select, wanda_gated_weight, wanda_mask  # noqa: E402
+from packed_experts import kernel_problem, route_and_gate  # noqa: E402
+from pruners import SELECTS, wanda_gated_weight, wanda_mask  # noqa: E402
 
 TARGETS = {("linear", 2048): 1.05, ("linear", 512): 1.4, ("block", 2048): 2.0}
 
@@ -93,7 +96,9 @@ def profile_block(model, tokens: int, rho: float, repeats: int) -> list[dict]:
                          matmul=statistics.median(timed(lambda: F.linear(X, W, layer.bias), repeats)) * 1e3,
                          norms=statistics.median(timed(lambda: input_sqnorms(X), repeats)) * 1e3,
                          unfused=statistics.median(timed(lambda: W * wanda_mask(W, s, rho), repeats)) * 1e3,
-                         fused=statistics.median(timed(lambda: wanda_gated_weight(W, s, rho), repeats)) * 1e3))
+                         fused=statistics.median(timed(lambda: wanda_gated_weight(W, s, rho), repeats)) * 1e3,
+                         compiled=statistics.median(timed(lambda: route_and_gate(W, s, rho), repeats)) * 1e3
+                         if kernel_problem() is None else None))
     return rows
 
 
@@ -102,8 +107,9 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 2048])
     parser.add_argument("--rho", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--selects", nargs="*", choices=SELECTS, default=[default_select("cpu")],
-                        help="selection kernels to time (default: the default one)")
+    parser.add_argument("--selects", nargs="*", choices=["default", *SELECTS], default=["default", "partition"],
+                        help="selection kernels to time (default: MuMoE's default, the compiled router where it "
+                             "runs, and numpy's partition, pruners' fastest)")
     parser.add_argument("--memory", action="store_true", help="measure each mode's peak memory in subprocesses")
     parser.add_argument("--out", default="results_mumoe_forward.json")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: the child process of peak_extra_mb
@@ -115,7 +121,8 @@ def main():
         return measure_memory(args)
 
     model, rows = random_opt(OPTConfig()), []
-    default = default_select("cpu")
+    args.selects = [None if s == "default" else s for s in args.selects]
+    default = None
     for tokens in args.tokens:
         ids = random_ids(1, tokens, OPTConfig().vocab_size)
         modes = forward_modes(model, ids, args.rho, args.selects)
@@ -141,30 +148,31 @@ def main():
             rows.append(dict(tokens=tokens, mode=name, estimate="whole forwards", seconds=seconds,
                              ratio=seconds / dense, ratios=ratios, peak_extra_mb=memory, all_seconds=ts))
         paired = paired_blocks(model, ids, args.rho, default, args.repeats)
-        print(f"the same, block by block ({default}; each block in every mode back to back, median of {args.repeats}):")
+        print(f"the same, block by block (the default select; each block in every mode back to back, median of "
+              f"{args.repeats}):")
         for name, ratios in paired.items():
             print(f"{name:>24} {'':>8} {statistics.median(ratios):8.3f} {min(ratios):5.2f}-{max(ratios):<5.2f}")
             rows.append(dict(tokens=tokens, mode=name, estimate="block by block", ratio=statistics.median(ratios),
                              ratios=ratios))
         for (routing, T), target in TARGETS.items():
-            mode = f"mumoe {routing} {default}"
+            mode = f"mumoe {routing} default"
             ratios = [r["ratio"] for r in rows if r["tokens"] == tokens == T and r["mode"] == mode]
             if ratios:  # (whole forwards: only if --selects has the default), block by block
                 ratio = ratios[-1]
-                print(f"verdict: {routing} routing ({default}) at T = {T}: {ratio:.3f}x dense block by block"
+                print(f"verdict: {routing} routing (the default select) at T = {T}: {ratio:.3f}x dense block by block"
                       + (f" ({ratios[0]:.3f}x in whole forwards)" if len(ratios) == 2 else "")
                       + f", {'meets' if ratio <= target else 'misses'} the {target}x target")
 
     T = max(args.tokens)
     profile = profile_block(model, T, args.rho, args.repeats)
     print(f"\nblock 0 at T = {T}, ms per Linear (median of {args.repeats}):")
-    print(f"{'linear':>18} {'shape':>12} {'matmul':>8} {'norms':>8} {'unfused':>8} {'fused':>8}")
+    print(f"{'linear':>18} {'shape':>12} {'matmul':>8} {'norms':>8} {'unfused':>8} {'fused':>8} {'compiled':>8}")
     for p in profile:
         print(f"{p['linear']:>18} {str(p['shape']):>12} {p['matmul']:8.2f} {p['norms']:8.2f} "
-              f"{p['unfused']:8.2f} {p['fused']:8.2f}")
+              f"{p['unfused']:8.2f} {p['fused']:8.2f} " + (f"{p['compiled']:8.2f}" if p["compiled"] else "-"))
     matmul = sum(p["matmul"] for p in profile)
     norms = sum(p["norms"] for p in profile[3:]) + profile[0]["norms"]  # q, k and v share one input's norms
-    for step in ("unfused", "fused"):
+    for step in ("unfused", "fused", "compiled")[: 3 if profile[0]["compiled"] else 2]:
         routing = norms + sum(p[step] for p in profile)
         print(f"routing, {step}: {routing:.1f} ms per block = {routing / matmul:.3f} of the block's matmuls")
     Path(args.out).write_text(json.dumps(dict(rho=args.rho, threads=torch.get_num_threads(), torch=torch.__version__,

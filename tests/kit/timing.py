@@ -37,17 +37,17 @@ def median_and_spread(seconds: list[float]) -> dict:
 
 
 def forward_modes(model, ids, rho: float, selects) -> dict:
-    """name -> a function running one forward pass in that mode."""
+    """name -> a function running one forward pass in that mode; a select None is MuMoE's default ("default": the
+    compiled router where it runs)."""
     modes = {"dense": lambda: model(ids)}
     for routing in ("linear", "block"):
-        modes.update({f"mumoe {routing} {s}": (lambda r=routing, s=s: mumoe_logits(model, ids, MuMoE(rho, routing=r,
-                                                                                                     select=s)))
-                      for s in selects})
+        modes.update({f"mumoe {routing} {s or 'default'}": (lambda r=routing, s=s: mumoe_logits(
+                          model, ids, MuMoE(rho, routing=r, select=s))) for s in selects})
     return modes
 
 
 @torch.no_grad()
-def paired_blocks(model, ids, rho: float, select: str, repeats: int) -> dict[str, list[float]]:
+def paired_blocks(model, ids, rho: float, select: str | None, repeats: int) -> dict[str, list[float]]:
     """Each mode's forward time / dense, estimated block by block: per-repeat ratios, one per repeat.
 
     The machine's speed drifts over the seconds a whole forward takes, so here each block runs in every
@@ -57,7 +57,7 @@ def paired_blocks(model, ids, rho: float, select: str, repeats: int) -> dict[str
     modes = {"dense": lambda block, x: block(x)}
     for routing in ("linear", "block"):
         run = routed_block(MuMoE(rho, routing=routing, select=select))
-        modes[f"mumoe {routing} {select}"] = lambda block, x, run=run: run(block, x)
+        modes[f"mumoe {routing} {select or 'default'}"] = lambda block, x, run=run: run(block, x)
     x = model.embed(ids)
     outside = statistics.median(timed(lambda: model.head(x), repeats)) + statistics.median(timed(lambda: model.embed(ids), repeats))
     totals = {name: [outside] * repeats for name in modes}
