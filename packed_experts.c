@@ -263,10 +263,12 @@ void pack_blocks(const float *W, int64_t d_out, int64_t d_in, uint16_t *bits, fl
    scores pruned, ties to the lower index; or N of every M), and the kept W_ij written straight into the packed
    stream. A thread holds one block's ROWS rows of scores at a time: no score matrix, no W ⊙ M.
 
-   Non-negative floats order as their bit patterns do, so the selection runs on uint32 keys: a radix select finds
-   the k-th smallest key t of a row by its digits, high to low (RADIX_BITS), each pass counting the candidates
-   left in a histogram and keeping those in the bin that holds the k-th; what is left of k at the end is how many
-   of the keys equal to t are pruned (the lowest-index ones). */
+   Non-negative floats order as their bit patterns do, so the selection runs on uint32 keys. A row's k-th smallest
+   key t is guessed first (kth_smallest_guessed: the rows before it say where it lies, and vector passes bracket it
+   down to a few keys, counted against each other); where a guess misses, a radix select finds it by its digits,
+   high to low (RADIX_BITS), each pass counting the candidates left in a histogram and keeping those in the bin that
+   holds the k-th. What is left of k at the end is how many of the keys equal to t are pruned (the lowest-index
+   ones). */
 
 #define HISTOGRAM_BINS 4096
 #define RADIX_PASSES 4
@@ -406,8 +408,9 @@ static float score_row(const float *w, const float *norms, int64_t d_in, uint32_
     __m512i magnitude = _mm512_set1_epi32(INT32_MAX);
     for (; j < d_in; j += GROUP) {
         __mmask16 in = (__mmask16)(d_in - j >= GROUP ? 0xffffu : (1u << (d_in - j)) - 1);
-        __m512 s = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(
-                                     _mm512_maskz_loadu_ps(in, w + j)), magnitude)), _mm512_maskz_loadu_ps(in, norms + j));
+        __m512 w_abs = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(_mm512_maskz_loadu_ps(in, w + j)),
+                                                           magnitude));
+        __m512 s = _mm512_mul_ps(w_abs, _mm512_maskz_loadu_ps(in, norms + j));
         _mm512_mask_storeu_epi32(keys + j, in, _mm512_castps_si512(s));
         sum = _mm512_add_ps(sum, s);
     }
@@ -453,9 +456,10 @@ static int64_t bracket(const uint32_t *keys, int64_t n, uint32_t lo, uint32_t hi
                             _mm256_permutevar8x32_epi32(k, _mm256_loadu_si256((const __m256i *)compression[in])));
         under += __builtin_popcount(low), m += __builtin_popcount(in);
     }
-    for (; i < n; i++) {
+    for (; i < n; i++) {  /* the same signed order: a bound below 0 (sign bit set) is below every key */
+        int32_t key = (int32_t)keys[i], low = key < (int32_t)lo;
         candidates[m] = keys[i];
-        under += keys[i] < lo, m += keys[i] >= lo && keys[i] < hi;
+        under += low, m += !low && key < (int32_t)hi;
     }
 #endif
     *below = under;
@@ -505,11 +509,13 @@ static uint32_t kth_smallest_guessed(const uint32_t *keys, int64_t n, int64_t k,
     float lo = guess / GUESS_WIDTH, hi = guess * GUESS_WIDTH;
     if (guess > 0 && guess < INFINITY) {
         m = bracket(keys, n, key_of(lo), key_of(hi), s->candidates, &below);
-        if (k <= below)
-            hi = lo, lo = lo / GUESS_WIDER;
-        else if (k > below + m)
-            lo = hi, hi = hi * GUESS_WIDER;
-        if (k <= below || k > below + m) m = bracket(keys, n, key_of(lo), key_of(hi), s->candidates, &below);
+        if (k <= below || k > below + m) {  /* missed: the next bracket on the side of the k-th */
+            if (k <= below)
+                hi = lo, lo = lo / GUESS_WIDER;
+            else
+                lo = hi, hi = hi * GUESS_WIDER;
+            m = bracket(keys, n, key_of(lo), key_of(hi), s->candidates, &below);
+        }
     }
     if (below < k && k <= below + m)
         t = kth_in_bracket(s, m, k - below, lo, hi, ties_pruned);
@@ -552,11 +558,12 @@ static void select_row(const uint32_t *keys, int64_t d_in, int64_t k, int64_t N,
     }
 }
 
-/* W (d_out, d_in), the prompt's ||X_j||² (d_in,) -> bits (as pack_blocks writes them) and each block's values at values + b · capacity
-   (capacity: what a block keeps at most, ROWS rows' kept count); counts[b]: how many it wrote (fewer where a kept W_ij
-   is 0, which pack leaves out too). route_and_pack_starts then closes the gaps. `gated`, if not NULL, (d_out, d_in):
-   receives W ⊙ M too, for the prompt's own gated product (a scratch matrix reused Linear after Linear). With bits
-   NULL, W ⊙ M alone is written (packed_experts.route_and_gate: the masked path's experts, pruners' masks). */
+/* W (d_out, d_in), the prompt's ||X_j||² (d_in,) -> bits (as pack_blocks writes them) and each block's values at
+   values + b · capacity (capacity: what a block keeps at most, ROWS rows' kept count); counts[b]: how many it wrote
+   (fewer where a kept W_ij is 0, which pack leaves out too). route_and_pack_starts then closes the gaps. `gated`, if
+   not NULL, (d_out, d_in): receives W ⊙ M too, for the prompt's own gated product (a scratch matrix reused Linear
+   after Linear). With bits NULL, W ⊙ M alone is written (packed_experts.route_and_gate: the masked path's experts,
+   pruners' masks). */
 void route_and_pack(const float *W, const float *sqnorms, int64_t d_out, int64_t d_in, int64_t k, int64_t N,
                     int64_t M, uint16_t *bits, float *values, int64_t capacity, int64_t *counts, float *gated,
                     int threads) {
