@@ -68,8 +68,8 @@ import torch.nn.functional as F
 
 import decode_step
 from checkpoint import KVCache, LinearFn, UsageError, dense_linear
-from packed_experts import (ROWS, concatenate, decode_linear, kernel_problem, pack, packed_linear, part,
-                            route_and_gate, route_and_pack)
+from packed_experts import (ROWS, Arena, arena_for, concatenate, decode_linear, kernel_problem, pack, packed_linear,
+                            part, route_and_gate, route_and_pack, values_room)
 from pruners import SELECTS, check_rho, default_select, prune_count, wanda_gated_weight
 
 # -----------------------------------------------------------------------------
@@ -151,7 +151,7 @@ def gate(layer: nn.Linear, X: torch.Tensor, experts, counter: Counter | None = N
 
 
 def micro_experts(moe: MuMoE, stats: dict | None = None, chosen: dict | None = None,
-                  counter: Counter | None = None, path: str = "masked") -> LinearFn:
+                  counter: Counter | None = None, path: str = "masked", arena: Arena | None = None) -> LinearFn:
     """The μ-MoE Linear, a drop-in for `dense_linear`: `block(x, linear=micro_experts(MuMoE(0.5)))`.
 
     For each prompt b of its input x (B, T, d_in) it does what `reference_linear` does -- the norms ||X_j||², each
@@ -164,7 +164,8 @@ def micro_experts(moe: MuMoE, stats: dict | None = None, chosen: dict | None = N
                     an N:M pattern instead of rho), written into one scratch tensor and used once. `chosen`: a
                     dict that receives, per nn.Linear, each prompt's experts for later tokens, in the form the
                     decode `path` reads (`route_expert`: W ⊙ M_b for "masked"; packed for "packed", in the same
-                    compiled pass that routes and selects, or "triton")
+                    compiled pass that routes and selects, its values taken from `arena` if given, or
+                    "triton")
       gate          `gate`; `counter`: a Counter that gets, per nn.Linear, the MACs done with nonzero weights,
                     nnz(W ⊙ M_b) · T summed over prompts
       rho = 1       the dense Linear itself, no routing
@@ -193,7 +194,7 @@ def micro_experts(moe: MuMoE, stats: dict | None = None, chosen: dict | None = N
 
         def noted():
             for s_b in sqnorms:
-                expert, W_b = route_expert(layer, s_b, moe, path, scratch.get(W.shape))
+                expert, W_b = route_expert(layer, s_b, moe, path, scratch.get(W.shape), arena)
                 kept.append(expert)
                 yield W_b
         return noted()
@@ -211,16 +212,18 @@ def micro_experts(moe: MuMoE, stats: dict | None = None, chosen: dict | None = N
     return routed_linear
 
 
-def route_expert(layer: nn.Linear, sqnorms: torch.Tensor, moe: MuMoE, path: str, scratch=None) -> tuple:
+def route_expert(layer: nn.Linear, sqnorms: torch.Tensor, moe: MuMoE, path: str, scratch=None,
+                 arena: Arena | None = None) -> tuple:
     """A Linear's experts for one prompt, routed on its (d_in,) input norms ||X_j||² -> (the experts in the form
     `path` decodes with, the W ⊙ M the prompt's own gated product reads). "masked": W ⊙ M itself
     (pruners.wanda_gated_weight), both. "packed": the experts packed straight from W and the norms in one pass
     (packed_experts.route_and_pack: the same masks), W ⊙ M written into `scratch` in that pass, a matrix that the
-    next Linear of this shape overwrites: the prompt's W ⊙ M is never held for every Linear at once. "triton":
+    next Linear of this shape overwrites: the prompt's W ⊙ M is never held for every Linear at once (the values
+    into `arena`, packed_experts.arena_for's, where given). "triton":
     W ⊙ M packed for CUDA's kernel (triton_experts.pack) as soon as it is built, for the gated product only."""
     W = layer.weight
     if path == "packed":
-        return route_and_pack(W, sqnorms, moe.rho, moe.nm, layer.bias, out=scratch), scratch
+        return route_and_pack(W, sqnorms, moe.rho, moe.nm, layer.bias, out=scratch, arena=arena), scratch
     W_gated = gated_weight(W, sqnorms, moe)
     if path == "triton":
         return packer(path)(W_gated, layer.bias), W_gated
@@ -265,7 +268,8 @@ def block_statistics(block: nn.Module, x: torch.Tensor, prefix: int | None = Non
     return stats
 
 
-def routed_block(moe: MuMoE, chosen: dict | None = None, counter: Counter | None = None, path: str = "masked"):
+def routed_block(moe: MuMoE, chosen: dict | None = None, counter: Counter | None = None, path: str = "masked",
+                 arena: Arena | None = None):
     """(block, x) -> the block's output for x (B, T, hidden), each prompt routed on itself.
 
         routing="block"   the block's Linears route on the statistics of a dense pass of the block over the
@@ -273,12 +277,12 @@ def routed_block(moe: MuMoE, chosen: dict | None = None, counter: Counter | None
         routing="linear"  each Linear routes on the input it receives in the gated pass itself: one pass,
                           nothing dense
 
-    `chosen`, `counter` and `path` are `micro_experts`'. `run(block, x, cache)` fills the block's KVCache in the
+    `chosen`, `counter`, `path` and `arena` are `micro_experts`'. `run(block, x, cache)` fills the block's KVCache in the
     gated pass (the statistics pass leaves it alone): how `generate` routes the prompt.
     """
     prefix = moe.prefix
     stats = {} if moe.routing == "block" and not moe.dense else None  # each block's statistics, as it runs
-    linear = micro_experts(moe, stats, chosen, counter, path)
+    linear = micro_experts(moe, stats, chosen, counter, path, arena)
 
     def run(block: nn.Module, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         if prefix is not None and prefix > x.shape[1]:
@@ -535,10 +539,14 @@ def route_prompt(model, prompts: torch.Tensor, cache: list[KVCache], moe: MuMoE 
     experts, with which later tokens run through the cache (`decode_experts(chosen, path)`), in the form the
     decode `path` reads: "masked", the gated weights W ⊙ M_b; "packed" (or "triton"), the experts packed as each
     Linear is routed (`route_expert`), so that the prompt's W ⊙ M is never held for every Linear at once, never a
-    second copy of the model (the dense model, rho = 1, keeps W itself).
+    second copy of the model (the dense model, rho = 1, keeps W itself). The packed experts' values lie in one
+    block of memory for all Linears (packed_experts.arena_for): the last prompt's again once nothing holds it.
     """
-    chosen = {}
-    run = routed_block(moe, chosen=chosen, path=path)
+    chosen, arena = {}, None
+    if path == "packed" and not moe.dense:
+        linears = [layer for block in model.blocks for layer in block.linears().values()]
+        arena = arena_for(len(prompts) * sum(values_room(layer.weight, moe.rho, moe.nm) for layer in linears))
+    run = routed_block(moe, chosen=chosen, path=path, arena=arena)
     x = prompts if prompts.is_floating_point() else model.embed(prompts)
     for block, block_cache in zip(model.blocks, cache):
         x = run(block, x, block_cache)

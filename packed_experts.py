@@ -55,6 +55,7 @@ cannot run.
     route_and_pack(W, sqnorms, rho, nm)   W and a prompt's input norms -> its experts packed, in one pass: μ-MoE's
                                           scores, exact selection and packing fused, no W ⊙ M built
     route_and_gate(W, sqnorms, rho, nm)   the same selection, W ⊙ M alone: the masked path's experts
+    arena_for(floats), values_room(W, ..) one block of memory for a whole prompt's packed values, reused
     packed_bytes(d_out, d_in, kept)       what that costs in memory, and what a decode step reads of it
     packed_linear(x, packed)              the kernel: x (..., d_in) -> (..., d_out)
     concatenate(parts), part(packed, rows) Linears that read one input as one PackedLinear (one call), and back
@@ -148,7 +149,8 @@ def pack(W_gated: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinea
 
 
 def route_and_pack(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, nm=None,
-                   bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> PackedLinear:
+                   bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                   arena: "Arena | None" = None) -> PackedLinear:
     """μ-MoE's router, selection and packing in one pass: `pack(pruners.wanda_gated_weight(W, x_sqnorm, rho, nm=nm),
     bias)`, the same masks, bits and values, without the scores or W ⊙ M ever in memory.
 
@@ -157,7 +159,8 @@ def route_and_pack(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, nm=None,
     keeps each row's d_in - int(d_in (1 - rho)) largest (the smallest pruned, ties to the lower index: pruners'
     prune_lowest), or with nm = (N, M) all but the N smallest of every M, and writes the kept W_ij into the stream.
     `out`: a contiguous float32 tensor like W that receives W ⊙ M as well, in the same pass (the prompt's own gated
-    product reads it: one scratch matrix reused Linear after Linear, never one per Linear).
+    product reads it: one scratch matrix reused Linear after Linear, never one per Linear). `arena`: where the values
+    go (`arena_for`: one block of memory for a whole prompt's Linears), a fresh tensor otherwise.
     """
     lib = loaded_kernel()
     W, sqnorms, k, N, M = routing_arguments(W, x_sqnorm, rho, nm, bias, out)
@@ -166,7 +169,7 @@ def route_and_pack(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, nm=None,
     blocks, groups = -(-d_out // ROWS), -(-d_in // GROUP)
     capacity = ROWS * kept  # a block's values at most
     bits = torch.empty(blocks, groups * ROWS * 2, dtype=torch.uint8)
-    values = torch.empty(blocks * capacity + PAD, dtype=torch.float32)
+    values = torch.empty(blocks * capacity + PAD) if arena is None else arena.take(blocks * capacity + PAD)
     counts, starts = torch.empty(blocks, dtype=torch.int64), torch.empty(blocks + 1, dtype=torch.int64)
     lib.route_and_pack(W.data_ptr(), sqnorms.data_ptr(), d_out, d_in, k, N, M, bits.data_ptr(), values.data_ptr(),
                        capacity, counts.data_ptr(), None if out is None else out.data_ptr(), torch.get_num_threads())
@@ -174,6 +177,58 @@ def route_and_pack(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, nm=None,
     values = values[: int(starts[-1]) + PAD]  # a view: what padding rows or kept zeros left is a few floats, and a
                                               # copy would write every value again into fresh pages
     return PackedLinear(bits, values, starts, d_out, d_in, None if bias is None else bias.detach().contiguous())
+
+
+def values_room(W: torch.Tensor, rho: float, nm=None) -> int:
+    """The floats route_and_pack writes a Linear's values into: ROWS rows' kept weights a block, and PAD."""
+    d_out, d_in = W.shape
+    kept = d_in - prune_count(d_in, rho) if nm is None else d_in // nm[1] * (nm[1] - nm[0])
+    return -(-d_out // ROWS) * ROWS * kept + PAD
+
+
+class Arena:
+    """One block of memory that a routed prompt's Linears take their packed values from, one after the other."""
+
+    def __init__(self, buffer: torch.Tensor):
+        self.buffer, self.used = buffer, 0
+
+    def take(self, floats: int) -> torch.Tensor:
+        if self.used + floats > self.buffer.numel():
+            raise ValueError(f"the arena holds {self.buffer.numel()} floats, {self.used} taken: no room for {floats}")
+        self.used += floats
+        return self.buffer[self.used - floats : self.used]
+
+
+_last_arena: torch.Tensor | None = None  # the memory of the last prompt's values, kept for the next prompt's
+
+
+def arena_for(floats: int) -> Arena:
+    """An Arena of at least `floats` floats for a prompt's packed values: the last prompt's memory again where none
+    of its experts is held any more, else a new block, kept in its place.
+
+    Memory a process has not written yet costs the kernel a page fault each 4 KB at its first write: packing
+    SmolLM2's 212 MB of values at rho 0.5 into fresh pages took ~60 ms more than into pages written before
+    (benchmarks/bench_route.py; two dense decode steps), and the allocator returns freed blocks this large to the
+    system. So the process keeps the last prompt's block between prompts, and hands it out again once nothing uses
+    it: no PackedLinear of that prompt and no view of its values (torch's count of the storage's users; where this
+    torch cannot count them, a new block every time)."""
+    global _last_arena
+    last, _last_arena = _last_arena, None
+    if last is not None and last.numel() >= floats and storage_users(last) == 1:
+        _last_arena = last
+    else:
+        del last  # its memory back before the new block takes its own, unless a prompt's experts still hold it
+        _last_arena = torch.empty(floats, dtype=torch.float32)
+    return Arena(_last_arena)
+
+
+def storage_users(t: torch.Tensor) -> int | None:
+    """How many tensors (views included) share t's memory, t counted; None where this torch cannot tell."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return None
+    storage = t.untyped_storage()  # a handle that counts itself as one more user while it lives
+    return count(storage._cdata) - 1
 
 
 def route_and_gate(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, nm=None,

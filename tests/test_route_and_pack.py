@@ -211,6 +211,47 @@ def test_auto_takes_the_packed_path_where_the_kernel_runs(tmp_path, monkeypatch)
 
 
 # -----------------------------------------------------------------------------
+# One block of memory for a prompt's values, the last prompt's again once nothing holds it
+
+
+@needs_kernel
+def test_a_prompts_values_reuse_the_last_prompts_memory_only_once_it_is_free(tmp_path):
+    """route_prompt packs every Linear's values into one block of memory (packed_experts.arena_for). The next prompt
+    takes the same block when no expert of the last one is held, and a new one while one is (a PackedLinear, or
+    only a view of its values): held experts keep their bytes, and experts in reused memory are their route's."""
+    from mumoe import MuMoE, route_prompt
+
+    model, moe = tiny_llama(tmp_path), MuMoE(0.5, routing="linear")
+    a, b = torch.tensor([[5, 9, 23, 17, 40, 2, 77, 31, 8]]), torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5]])
+
+    def route(ids) -> dict:
+        _, chosen = route_prompt(model, ids, model.new_cache(9), moe, "packed")
+        return {layer: experts[0] for layer, experts in chosen.items()}
+
+    def blocks_of(experts: dict) -> set:
+        return {packed.values.untyped_storage().data_ptr() for packed in experts.values()}
+
+    first_a = route(a)
+    assert len(blocks_of(first_a)) == 1, "a prompt's Linears took their values from more than one block of memory"
+    kept = {layer: packed.values.clone() for layer, packed in first_a.items()}
+    first_b = route(b)  # first_a is held: b must not write into its block
+    assert blocks_of(first_b) != blocks_of(first_a), "a prompt's values went into memory whose experts are held"
+    assert all(torch.equal(packed.values, kept[layer]) for layer, packed in first_a.items()), "held values changed"
+    free_block = next(iter(first_b.values())).values._base  # the block itself (a reference: not a user of it)
+    del first_b
+    again_a = route(a)  # nothing holds b's block now
+    assert all(packed.values._base is free_block for packed in again_a.values()), (
+        "the last prompt's memory was free, and a new block was taken")
+    for layer, packed in again_a.items():
+        assert_same_packed(packed, first_a[layer], f"{tuple(layer.weight.shape)}, in reused memory")
+    view, held_block = next(iter(again_a.values())).values[3:], blocks_of(again_a)
+    del again_a, packed
+    then_b = route(b)  # only a view of again_a's values is left, and it holds the block
+    assert blocks_of(then_b) != held_block, "memory that a view of the last prompt's values holds was reused"
+    assert view.untyped_storage().data_ptr() in held_block
+
+
+# -----------------------------------------------------------------------------
 # Fewer calls: the Linears that read one input run as one product
 
 
