@@ -71,6 +71,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
@@ -200,6 +201,7 @@ class Arena:
 
 
 _last_arena: torch.Tensor | None = None  # the memory of the last prompt's values, kept for the next prompt's
+_arena_lock = threading.Lock()
 
 
 def arena_for(floats: int) -> Arena:
@@ -211,15 +213,17 @@ def arena_for(floats: int) -> Arena:
     (benchmarks/bench_route.py; two dense decode steps), and the allocator returns freed blocks this large to the
     system. So the process keeps the last prompt's block between prompts, and hands it out again once nothing uses
     it: no PackedLinear of that prompt and no view of its values (torch's count of the storage's users; where this
-    torch cannot count them, a new block every time)."""
+    torch cannot count them, a new block every time). The Arena holds a view of the block from the start, so that
+    a prompt routed meanwhile (another thread) takes a block of its own."""
     global _last_arena
-    last, _last_arena = _last_arena, None
-    if last is not None and last.numel() >= floats and storage_users(last) == 1:
-        _last_arena = last
-    else:
-        del last  # its memory back before the new block takes its own, unless a prompt's experts still hold it
-        _last_arena = torch.empty(floats, dtype=torch.float32)
-    return Arena(_last_arena)
+    with _arena_lock:
+        last, _last_arena = _last_arena, None
+        if last is not None and last.numel() >= floats and storage_users(last) == 1:
+            _last_arena = last
+        else:
+            del last  # its memory back before the new block takes its own, unless a prompt's experts still hold it
+            _last_arena = torch.empty(floats, dtype=torch.float32)
+        return Arena(_last_arena[:])
 
 
 def storage_users(t: torch.Tensor) -> int | None:

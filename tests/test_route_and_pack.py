@@ -249,6 +249,12 @@ def test_a_prompts_values_reuse_the_last_prompts_memory_only_once_it_is_free(tmp
     then_b = route(b)  # only a view of again_a's values is left, and it holds the block
     assert blocks_of(then_b) != held_block, "memory that a view of the last prompt's values holds was reused"
     assert view.untyped_storage().data_ptr() in held_block
+    del then_b, view
+    from packed_experts import arena_for
+
+    first, meanwhile = arena_for(100), arena_for(100)  # a second prompt routed before the first took any values
+    assert first.buffer.untyped_storage().data_ptr() != meanwhile.buffer.untyped_storage().data_ptr(), (
+        "two prompts routed at once were handed the same memory")
 
 
 # -----------------------------------------------------------------------------
