@@ -24,7 +24,9 @@ warm-up of each (kit.timing.timed), and reports medians with their spread. GB/s 
 
     flock /work/bench.lock python benchmarks/bench_decode.py [--smollm2 /tmp/smollm2-135m] [--repeats 9]
         [--generation-repeats 3] [--threads 2] [--out docs/packed_decode.json] [--skip generation ...]
-        [--requests 32+64 512+128]
+        [--requests 32+64 512+128] [--avx2]
+
+--avx2 times the AVX2 path on a CPU with AVX-512 (kit.isa: torch held to AVX2, the kernel built with -mno-avx512f).
 """
 
 import argparse
@@ -47,6 +49,7 @@ from opt_model import OPTConfig  # noqa: E402
 from packed_experts import decode_linear, kernel_problem  # noqa: E402
 from results_file import write_json  # noqa: E402
 from kit.data import random_ids  # noqa: E402
+from kit import isa  # noqa: E402
 from kit.timing import median_and_spread, timed  # noqa: E402
 from kit.tiny_models import random_opt  # noqa: E402
 
@@ -231,15 +234,17 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip", nargs="*", default=[], choices=["smollm2", "opt", "llama", "generation", "batch"])
     parser.add_argument("--out", type=Path, default=Path("docs/packed_decode.json"))
+    parser.add_argument("--avx2", action="store_true", help=isa.HELP)
     args = parser.parse_args()
+    instruction_set = isa.hold_to_avx2()
     problem = kernel_problem("cpu", torch.float32)
     if problem is not None:
         sys.exit(f"bench_decode.py: {problem}")
     print(thread_policy.use_threads(args.threads))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; medians of {args.repeats} steps "
-          f"alternating dense / masked / packed", flush=True)
-    report = {**thread_policy.settings(), "repeats": args.repeats, "cached_tokens": CACHED, "steps": [],
-              "generation": [], "batch": []}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, instructions: {instruction_set}; "
+          f"medians of {args.repeats} steps alternating dense / masked / packed", flush=True)
+    report = {**thread_policy.settings(), "instruction_set": instruction_set, "repeats": args.repeats,
+              "cached_tokens": CACHED, "steps": [], "generation": [], "batch": []}
 
     def save():
         args.out.parent.mkdir(parents=True, exist_ok=True)

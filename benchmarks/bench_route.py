@@ -20,6 +20,7 @@ values is memory the allocator has just had from the system: its pages are fault
 
     flock /work/bench.lock python benchmarks/bench_route.py [--smollm2 /tmp/smollm2-135m] [--rho 0.5]
         [--tokens 32] [--data-dir ../shared/data/rows] [--repeats 7] [--threads 2] [--out results_route.json]
+        [--avx2]   (the AVX2 path on a CPU with AVX-512: kit.isa)
 """
 
 import argparse
@@ -38,6 +39,7 @@ from mumoe import input_sqnorms  # noqa: E402
 from packed_experts import arena_for, kernel_problem, route_and_gate, route_and_pack, values_room  # noqa: E402
 from pruners import wanda_gated_weight  # noqa: E402
 from results_file import write_json  # noqa: E402
+from kit import isa  # noqa: E402
 from kit.timing import median_and_spread, timed  # noqa: E402
 
 
@@ -66,7 +68,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("results_route.json"))
+    parser.add_argument("--avx2", action="store_true", help=isa.HELP)
     args = parser.parse_args()
+    instruction_set = isa.hold_to_avx2()
     problem = kernel_problem()
     if problem is not None or not (args.smollm2 / "config.json").is_file():
         print(f"bench_route.py: error: {problem or f'no SmolLM2-135M at {args.smollm2} (see --smollm2)'}",
@@ -99,7 +103,8 @@ def main():
     seconds = timed(candidates, args.repeats)
     base = statistics.median(seconds["route_and_gate"])
     print(f"SmolLM2-135M's {len(norms)} decoder Linears ({weights / 1e6:.1f}M weights), rho {args.rho}, the norms of "
-          f"a {args.tokens}-token prompt, {args.threads} threads, medians of {args.repeats} alternating rounds:")
+          f"a {args.tokens}-token prompt, {args.threads} threads, instructions: {instruction_set}, medians of "
+          f"{args.repeats} alternating rounds:")
     rows = []
     for name, s in seconds.items():
         median = statistics.median(s)
@@ -107,7 +112,7 @@ def main():
                          over_route_and_gate=median / base))
         print(f"{name:>24} {1e3 * median:7.1f} ms [{1e3 * min(s):.1f}-{1e3 * max(s):.1f}] "
               f"{median / weights * 1e9:5.2f} ns a weight, {median / base:5.2f}x route_and_gate")
-    write_json(args.out, {**thread_policy.settings(), "rho": args.rho, "tokens": args.tokens, "weights": weights,
+    write_json(args.out, {**thread_policy.settings(), "instruction_set": instruction_set, "rho": args.rho, "tokens": args.tokens, "weights": weights,
                           "rows": rows})
     print(f"results: {args.out}")
 
