@@ -216,7 +216,7 @@ def route_expert(layer: nn.Linear, sqnorms: torch.Tensor, moe: MuMoE, path: str,
                  arena: Arena | None = None) -> tuple:
     """A Linear's experts for one prompt, routed on its (d_in,) input norms ||X_j||² -> (the experts in the form
     `path` decodes with, the W ⊙ M the prompt's own gated product reads). "masked": W ⊙ M itself
-    (pruners.wanda_gated_weight), both. "packed": the experts packed straight from W and the norms in one pass
+    (`gated_weight`), both. "packed": the experts packed straight from W and the norms in one pass
     (packed_experts.route_and_pack: the same masks), W ⊙ M written into `scratch` in that pass, a matrix that the
     next Linear of this shape overwrites: the prompt's W ⊙ M is never held for every Linear at once (the values
     into `arena`, packed_experts.arena_for's, where given). "triton":
@@ -277,8 +277,8 @@ def routed_block(moe: MuMoE, chosen: dict | None = None, counter: Counter | None
         routing="linear"  each Linear routes on the input it receives in the gated pass itself: one pass,
                           nothing dense
 
-    `chosen`, `counter`, `path` and `arena` are `micro_experts`'. `run(block, x, cache)` fills the block's KVCache in the
-    gated pass (the statistics pass leaves it alone): how `generate` routes the prompt.
+    `chosen`, `counter`, `path` and `arena` are `micro_experts`'. `run(block, x, cache)` fills the block's KVCache
+    in the gated pass (the statistics pass leaves it alone): how `generate` routes the prompt.
     """
     prefix = moe.prefix
     stats = {} if moe.routing == "block" and not moe.dense else None  # each block's statistics, as it runs

@@ -156,9 +156,9 @@ def route_and_pack(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, nm=None,
     bias)`, the same masks, bits and values, without the scores or W ⊙ M ever in memory.
 
     W (d_out, d_in) and x_sqnorm (d_in,) = ||X_j||² over the prompt, float32 on the CPU. The compiled pass scores a
-    block of rows, S_ij = |W_ij| · ||X_j|| (the square roots taken in C, IEEE-exact, as pruners.wanda_score takes them),
-    keeps each row's d_in - int(d_in (1 - rho)) largest (the smallest pruned, ties to the lower index: pruners'
-    prune_lowest), or with nm = (N, M) all but the N smallest of every M, and writes the kept W_ij into the stream.
+    block of rows, S_ij = |W_ij| · ||X_j|| (its square roots IEEE-exact, as pruners.wanda_score's), keeps each row's
+    d_in - int(d_in (1 - rho)) largest (the smallest pruned, ties to the lower index: pruners' prune_lowest), or
+    with nm = (N, M) all but the N smallest of every M, and writes the kept W_ij into the stream.
     `out`: a contiguous float32 tensor like W that receives W ⊙ M as well, in the same pass (the prompt's own gated
     product reads it: one scratch matrix reused Linear after Linear, never one per Linear). `arena`: where the values
     go (`arena_for`: one block of memory for a whole prompt's Linears), a fresh tensor otherwise.
@@ -170,7 +170,8 @@ def route_and_pack(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, nm=None,
     blocks, groups = -(-d_out // ROWS), -(-d_in // GROUP)
     capacity = ROWS * kept  # a block's values at most
     bits = torch.empty(blocks, groups * ROWS * 2, dtype=torch.uint8)
-    values = torch.empty(blocks * capacity + PAD) if arena is None else arena.take(blocks * capacity + PAD)
+    room = blocks * capacity + PAD
+    values = torch.empty(room, dtype=torch.float32) if arena is None else arena.take(room)
     counts, starts = torch.empty(blocks, dtype=torch.int64), torch.empty(blocks + 1, dtype=torch.int64)
     lib.route_and_pack(W.data_ptr(), sqnorms.data_ptr(), d_out, d_in, k, N, M, bits.data_ptr(), values.data_ptr(),
                        capacity, counts.data_ptr(), None if out is None else out.data_ptr(), torch.get_num_threads())
@@ -231,7 +232,7 @@ def storage_users(t: torch.Tensor) -> int | None:
     count = getattr(torch._C, "_storage_Use_Count", None)
     if count is None:
         return None
-    storage = t.untyped_storage()  # a handle that counts itself as one more user while it lives
+    storage = t.untyped_storage()  # its Python handle: one reference of its own (one handle per storage)
     return count(storage._cdata) - 1
 
 

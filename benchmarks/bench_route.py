@@ -64,7 +64,8 @@ def main():
     parser.add_argument("--smollm2", type=Path, default=Path("/tmp/smollm2-135m"), help="SmolLM2-135M's directory")
     parser.add_argument("--rho", type=float, default=0.5)
     parser.add_argument("--tokens", type=int, default=32, help="the prompt's tokens (default 32)")
-    parser.add_argument("--data-dir", type=Path, help="the rows of the datasets (../shared/data/rows; default: the hub)")
+    parser.add_argument("--data-dir", type=Path,
+                        help="the rows of the datasets (../shared/data/rows; default: the hub)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("results_route.json"))
@@ -112,8 +113,8 @@ def main():
                          over_route_and_gate=median / base))
         print(f"{name:>24} {1e3 * median:7.1f} ms [{1e3 * min(s):.1f}-{1e3 * max(s):.1f}] "
               f"{median / weights * 1e9:5.2f} ns a weight, {median / base:5.2f}x route_and_gate")
-    write_json(args.out, {**thread_policy.settings(), "instruction_set": instruction_set, "rho": args.rho, "tokens": args.tokens, "weights": weights,
-                          "rows": rows})
+    write_json(args.out, {**thread_policy.settings(), "instruction_set": instruction_set, "rho": args.rho,
+                          "tokens": args.tokens, "weights": weights, "rows": rows})
     print(f"results: {args.out}")
 
 

@@ -44,7 +44,8 @@ def weights_and_norms(d_out: int, d_in: int, kind: str, seed: int) -> tuple[torc
     if kind == "shifting":
         shape = (torch.arange(d_out) // 3 % 4)[:, None]
         sparse = W * (torch.rand(d_out, d_in, generator=gen) < 0.2)
-        W = torch.where(shape == 0, W, torch.where(shape == 1, W**3, torch.where(shape == 2, W.sign() + W / 64, sparse)))
+        alike = W.sign() + W / 64  # all about one size
+        W = torch.where(shape == 0, W, torch.where(shape == 1, W**3, torch.where(shape == 2, alike, sparse)))
         W = W * 10 ** (4 * torch.rand(d_out, 1, generator=gen) - 2)
     if kind == "random":
         sqnorms[min(3, d_in - 1)] = 0
