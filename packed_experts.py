@@ -166,11 +166,10 @@ def route_and_pack(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, nm=None,
     lib = loaded_kernel()
     W, sqnorms, k, N, M = routing_arguments(W, x_sqnorm, rho, nm, bias, out)
     d_out, d_in = W.shape
-    kept = d_in - k if nm is None else d_in // M * (M - N)
     blocks, groups = -(-d_out // ROWS), -(-d_in // GROUP)
-    capacity = ROWS * kept  # a block's values at most
+    capacity = ROWS * kept_per_row(d_in, rho, nm)  # a block's values at most
     bits = torch.empty(blocks, groups * ROWS * 2, dtype=torch.uint8)
-    room = blocks * capacity + PAD
+    room = values_room(W, rho, nm)  # blocks · capacity + PAD
     values = torch.empty(room, dtype=torch.float32) if arena is None else arena.take(room)
     counts, starts = torch.empty(blocks, dtype=torch.int64), torch.empty(blocks + 1, dtype=torch.int64)
     lib.route_and_pack(W.data_ptr(), sqnorms.data_ptr(), d_out, d_in, k, N, M, bits.data_ptr(), values.data_ptr(),
@@ -181,11 +180,14 @@ def route_and_pack(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, nm=None,
     return PackedLinear(bits, values, starts, d_out, d_in, None if bias is None else bias.detach().contiguous())
 
 
+def kept_per_row(d_in: int, rho: float, nm=None) -> int:
+    """The experts a prompt keeps of each row: d_in - int(d_in (1 - rho)), or with nm = (N, M) M - N of every M."""
+    return d_in - prune_count(d_in, rho) if nm is None else d_in // nm[1] * (nm[1] - nm[0])
+
+
 def values_room(W: torch.Tensor, rho: float, nm=None) -> int:
     """The floats route_and_pack writes a Linear's values into: ROWS rows' kept weights a block, and PAD."""
-    d_out, d_in = W.shape
-    kept = d_in - prune_count(d_in, rho) if nm is None else d_in // nm[1] * (nm[1] - nm[0])
-    return -(-d_out // ROWS) * ROWS * kept + PAD
+    return -(-W.shape[0] // ROWS) * ROWS * kept_per_row(W.shape[1], rho, nm) + PAD
 
 
 class Arena:
