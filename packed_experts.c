@@ -619,13 +619,14 @@ void route_and_pack(const float *W, const float *sqnorms, int64_t d_out, int64_t
 }
 
 /* starts (blocks + 1,) from route_and_pack's counts, each block's values moved down to close the gaps its
-   neighbours left (none unless a kept weight was 0), and `pad` zeros after the last one */
-void route_and_pack_starts(float *values, int64_t blocks, int64_t capacity, const int64_t *counts, int64_t *starts,
-                           int64_t pad) {
+   neighbours left (none unless a kept weight was 0), and `pad` zeros after the last one -> how many values */
+int64_t route_and_pack_starts(float *values, int64_t blocks, int64_t capacity, const int64_t *counts, int64_t *starts,
+                              int64_t pad) {
     starts[0] = 0;
     for (int64_t b = 0; b < blocks; b++) {
         if (starts[b] != b * capacity) memmove(values + starts[b], values + b * capacity, counts[b] * sizeof(float));
         starts[b + 1] = starts[b] + counts[b];
     }
     memset(values + starts[blocks], 0, pad * sizeof(float));
+    return starts[blocks];
 }

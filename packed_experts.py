@@ -166,18 +166,27 @@ def route_and_pack(W: torch.Tensor, x_sqnorm: torch.Tensor, rho: float, nm=None,
     lib = loaded_kernel()
     W, sqnorms, k, N, M = routing_arguments(W, x_sqnorm, rho, nm, bias, out)
     d_out, d_in = W.shape
-    blocks, groups = -(-d_out // ROWS), -(-d_in // GROUP)
-    capacity = ROWS * kept_per_row(d_in, rho, nm)  # a block's values at most
+    blocks, groups, capacity, room = packing_layout(d_out, d_in, rho, None if nm is None else tuple(nm))
     bits = torch.empty(blocks, groups * ROWS * 2, dtype=torch.uint8)
-    room = values_room(W, rho, nm)  # blocks · capacity + PAD
     values = torch.empty(room, dtype=torch.float32) if arena is None else arena.take(room)
-    counts, starts = torch.empty(blocks, dtype=torch.int64), torch.empty(blocks + 1, dtype=torch.int64)
+    counts = torch.empty(2 * blocks + 1, dtype=torch.int64)  # each block's count of values, then the starts
     lib.route_and_pack(W.data_ptr(), sqnorms.data_ptr(), d_out, d_in, k, N, M, bits.data_ptr(), values.data_ptr(),
                        capacity, counts.data_ptr(), None if out is None else out.data_ptr(), torch.get_num_threads())
-    lib.route_and_pack_starts(values.data_ptr(), blocks, capacity, counts.data_ptr(), starts.data_ptr(), PAD)
-    values = values[: int(starts[-1]) + PAD]  # a view: what padding rows or kept zeros left is a few floats, and a
-                                              # copy would write every value again into fresh pages
+    starts = counts[blocks:]
+    total = lib.route_and_pack_starts(values.data_ptr(), blocks, capacity, counts.data_ptr(), starts.data_ptr(), PAD)
+    values = values[: total + PAD]  # a view: what padding rows or kept zeros left is a few floats, and a
+                                    # copy would write every value again into fresh pages
     return PackedLinear(bits, values, starts, d_out, d_in, None if bias is None else bias.detach().contiguous())
+
+
+@cache
+def packing_layout(d_out: int, d_in: int, rho: float, nm=None) -> tuple[int, int, int, int]:
+    """route_and_pack's sizes for a (d_out, d_in) W: (blocks of ROWS rows, groups of GROUP columns, a block's values
+    at most, the floats its values are written into: values_room). Computed once per shape: a routed prompt asks
+    for them ~200 times, and the interpreter's time between the compiled passes adds up (docs/packed_decode.md)."""
+    capacity = ROWS * kept_per_row(d_in, rho, nm)
+    blocks = -(-d_out // ROWS)
+    return blocks, -(-d_in // GROUP), capacity, blocks * capacity + PAD
 
 
 def kept_per_row(d_in: int, rho: float, nm=None) -> int:
@@ -187,7 +196,7 @@ def kept_per_row(d_in: int, rho: float, nm=None) -> int:
 
 def values_room(W: torch.Tensor, rho: float, nm=None) -> int:
     """The floats route_and_pack writes a Linear's values into: ROWS rows' kept weights a block, and PAD."""
-    return -(-W.shape[0] // ROWS) * ROWS * kept_per_row(W.shape[1], rho, nm) + PAD
+    return packing_layout(*W.shape, rho, None if nm is None else tuple(nm))[3]
 
 
 class Arena:
@@ -324,7 +333,7 @@ def build(extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str | 
     lib.route_and_pack.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ctypes.c_int]
     lib.route_and_pack.restype = None
     lib.route_and_pack_starts.argtypes = [ptr, i64, i64, ptr, ptr, i64]
-    lib.route_and_pack_starts.restype = None
+    lib.route_and_pack_starts.restype = i64
     lib.streamed_linear.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ctypes.c_int]
     lib.streamed_linear.restype = None
     lib.decode_block.argtypes = [ptr, ptr, i64, ptr, ctypes.c_int]
@@ -346,7 +355,7 @@ def loaded_kernel() -> ctypes.CDLL:
 
 def check_float32_cpu(t: torch.Tensor, what: str, ndim: int | None = None) -> None:
     """The C boundary takes raw pointers: anything but a float32 CPU tensor would be read as the wrong numbers."""
-    if t.device.type != "cpu" or t.dtype != torch.float32:
+    if not t.is_cpu or t.dtype != torch.float32:  # (is_cpu: ~200 calls a routed prompt, t.device costs more)
         raise ValueError(f"{what} must be a float32 CPU tensor for the packed kernel, got {t.dtype} on {t.device}")
     if ndim is not None and t.ndim != ndim:
         raise ValueError(f"{what} must have {ndim} dimensions, got shape {tuple(t.shape)}")
