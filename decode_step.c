@@ -95,7 +95,7 @@ void decode_block(const block_t *B, float *x, int64_t pos, float *scratch, int t
     int64_t d = B->d, hs = B->head_dim, nh = B->n_head, nkv = B->n_kv, group = nh / nkv;
     float *xn = scratch, *qkv = xn + d, *att = qkv + (nh + 2 * nkv) * hs, *out = att + nh * hs, *h = out + d;
     float *scores = h + 2 * B->ffn;
-    float *q = qkv, *k = qkv + nh * hs, *v = k + nkv * hs;
+    float *q = qkv;
     int64_t first = B->window > 0 && pos - B->window + 1 > 0 ? pos - B->window + 1 : 0;  /* the first key seen */
 
     #pragma omp parallel num_threads(threads)

@@ -74,18 +74,23 @@ static inline float hsum(__m256 a) {
                               rho 0.5 in a C loop read 20 GB/s without, 35 at 2 KB ahead, 41 at 8 KB */
 
 /* One block of ROWS rows, NT tokens:  acc_rt += expand(values, bits_gr) * x[t, group g], the block's stream
-   read front to back. Each load of x serves the ROWS rows, each expanded w the NT tokens. */
+   read front to back. Each load of x serves the ROWS rows, each expanded w the NT tokens. x's rows are `stride`
+   floats apart and hold whole groups (packed_rows pads them with zeros where d_in is not a multiple of GROUP), so
+   every load of x is a plain one. The loops over a group's halves and over the sums at the end are unrolled by
+   pragma: left as loops, gcc 12 kept the accumulators on the stack as well, storing each of them at every group (seen
+   in the assembly: ROWS x NT extra 64-byte stores a group). */
 #define PASS_KERNEL(NT)                                                                                       \
-static void pass_##NT(const float *x, int64_t d_in, const uint16_t *bits, const float *v, float *sums) {      \
+static void pass_##NT(const float *x, int64_t stride, int64_t groups, const uint16_t *bits, const float *v,   \
+                      float *sums) {                                                                          \
     vec acc[ROWS][NT];                                                                                        \
     for (int r = 0; r < ROWS; r++)                                                                            \
         for (int t = 0; t < NT; t++) acc[r][t] = zero();                                                      \
-    for (int64_t j = 0; j < d_in; j += GROUP, bits += ROWS) {                                                 \
+    for (int64_t j = 0; j < groups * GROUP; j += GROUP, bits += ROWS) {                                       \
         vec xv[HALVES][NT];                                                                                   \
         for (int h = 0; h < HALVES; h++)                                                                      \
-            for (int t = 0; t < NT; t++) xv[h][t] = load_x(x + t * d_in + j + h * LANES, (int)(d_in - j) - h * LANES); \
+            for (int t = 0; t < NT; t++) xv[h][t] = load_x(x + t * stride + j + h * LANES, LANES);            \
         for (int r = 0; r < ROWS; r++)                                                                        \
-            for (int h = 0; h < HALVES; h++) {                                                                \
+            _Pragma("GCC unroll 2") for (int h = 0; h < HALVES; h++) {                                        \
                 unsigned m = (bits[r] >> (h * LANES)) & LANE_BITS;                                            \
                 _mm_prefetch((const char *)v + PREFETCH_BYTES, _MM_HINT_T1);                                  \
                 vec w = expand(v, m);                                                                         \
@@ -93,12 +98,12 @@ static void pass_##NT(const float *x, int64_t d_in, const uint16_t *bits, const 
                 for (int t = 0; t < NT; t++) acc[r][t] = fma(w, xv[h][t], acc[r][t]);                         \
             }                                                                                                 \
     }                                                                                                         \
-    for (int r = 0; r < ROWS; r++)                                                                            \
-        for (int t = 0; t < NT; t++) sums[r * TOKENS_PER_PASS + t] = hsum(acc[r][t]);                         \
+    _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++)                                                    \
+        _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) sums[r * TOKENS_PER_PASS + t] = hsum(acc[r][t]); \
 }
 
 PASS_KERNEL(1) PASS_KERNEL(2) PASS_KERNEL(3) PASS_KERNEL(4)
-typedef void (*pass_kernel)(const float *, int64_t, const uint16_t *, const float *, float *);
+typedef void (*pass_kernel)(const float *, int64_t, int64_t, const uint16_t *, const float *, float *);
 static const pass_kernel PASSES[TOKENS_PER_PASS + 1] = {0, pass_1, pass_2, pass_3, pass_4};
 
 /* y (n, d_out) = x (n, d_in) (W ⊙ M)^T + bias, with W ⊙ M packed as bits, values and starts, by the threads of the
@@ -106,20 +111,28 @@ static const pass_kernel PASSES[TOKENS_PER_PASS + 1] = {0, pass_1, pass_2, pass_
    thread, so the split never changes a digit), without a barrier at the end */
 static void packed_rows(const float *x, int64_t n, int64_t d_in, const uint16_t *bits, const float *values,
                         const int64_t *starts, const float *bias, float *y, int64_t d_out) {
-    int64_t groups = (d_in + GROUP - 1) / GROUP, blocks = (d_out + ROWS - 1) / ROWS;
+    int64_t groups = (d_in + GROUP - 1) / GROUP, blocks = (d_out + ROWS - 1) / ROWS, stride = d_in;
+    float *padded = NULL;  /* x's rows, zeros after d_in up to whole groups, where d_in is not a multiple of GROUP */
+    if (d_in % GROUP) {
+        stride = groups * GROUP;
+        padded = calloc(n * stride, sizeof(float));
+        for (int64_t t = 0; t < n; t++) memcpy(padded + t * stride, x + t * d_in, d_in * sizeof(float));
+        x = padded;
+    }
     #pragma omp for schedule(static) nowait
     for (int64_t b = 0; b < blocks; b++) {
         float sums[ROWS * TOKENS_PER_PASS];
         int rows = d_out - b * ROWS < ROWS ? (int)(d_out - b * ROWS) : ROWS;  /* the last block's real rows */
         for (int64_t t0 = 0; t0 < n; t0 += TOKENS_PER_PASS) {  /* later passes find the block in cache */
             int nt = n - t0 < TOKENS_PER_PASS ? (int)(n - t0) : TOKENS_PER_PASS;
-            PASSES[nt](x + t0 * d_in, d_in, bits + b * groups * ROWS, values + starts[b], sums);
+            PASSES[nt](x + t0 * stride, stride, groups, bits + b * groups * ROWS, values + starts[b], sums);
             for (int r = 0; r < rows; r++)
                 for (int t = 0; t < nt; t++)
                     y[(t0 + t) * d_out + b * ROWS + r] =
                         sums[r * TOKENS_PER_PASS + t] + (bias ? bias[b * ROWS + r] : 0.0f);
         }
     }
+    free(padded);
 }
 
 void packed_linear(const float *x, int64_t n, int64_t d_in, const uint16_t *bits, const float *values,
