@@ -417,17 +417,25 @@ static inline unsigned compare_keys(const uint32_t *keys, uint32_t t, unsigned *
 static float score_row(const float *w, const float *norms, int64_t d_in, uint32_t *keys) {
     int64_t j = 0;
 #ifdef __AVX512F__
-    __m512 sum = _mm512_setzero_ps();
+    __m512 sum = _mm512_setzero_ps(), sum2 = _mm512_setzero_ps();  /* two running sums: half the adds' chain */
     __m512i magnitude = _mm512_set1_epi32(INT32_MAX);
+#define SCORE(in, at)                                                                                         \
+    _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(_mm512_maskz_loadu_ps(in, w + (at))), \
+                                                       magnitude)), _mm512_maskz_loadu_ps(in, norms + (at)))
+    for (; j + 2 * GROUP <= d_in; j += 2 * GROUP) {  /* whole groups, two at a time */
+        __m512 s = SCORE(0xffff, j), s2 = SCORE(0xffff, j + GROUP);
+        _mm512_storeu_si512(keys + j, _mm512_castps_si512(s));
+        _mm512_storeu_si512(keys + j + GROUP, _mm512_castps_si512(s2));
+        sum = _mm512_add_ps(sum, s), sum2 = _mm512_add_ps(sum2, s2);
+    }
     for (; j < d_in; j += GROUP) {
         __mmask16 in = (__mmask16)(d_in - j >= GROUP ? 0xffffu : (1u << (d_in - j)) - 1);
-        __m512 w_abs = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(_mm512_maskz_loadu_ps(in, w + j)),
-                                                           magnitude));
-        __m512 s = _mm512_mul_ps(w_abs, _mm512_maskz_loadu_ps(in, norms + j));
+        __m512 s = SCORE(in, j);
         _mm512_mask_storeu_epi32(keys + j, in, _mm512_castps_si512(s));
         sum = _mm512_add_ps(sum, s);
     }
-    return _mm512_reduce_add_ps(sum);
+#undef SCORE
+    return _mm512_reduce_add_ps(_mm512_add_ps(sum, sum2));
 #else
     __m256 sum = _mm256_setzero_ps(), magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(INT32_MAX));
     for (; j + LANES <= d_in; j += LANES) {
@@ -451,10 +459,17 @@ static int64_t bracket(const uint32_t *keys, int64_t n, uint32_t lo, uint32_t hi
     int64_t m = 0, under = 0, i = 0;
 #ifdef __AVX512F__
     __m512i lo_v = _mm512_set1_epi32((int)lo), hi_v = _mm512_set1_epi32((int)hi);
-    for (; i < n; i += GROUP) {
-        __mmask16 valid = (__mmask16)(n - i >= GROUP ? 0xffffu : (1u << (n - i)) - 1);
+    for (; i + GROUP <= n; i += GROUP) {  /* whole groups, then the last, masked */
+        __m512i k = _mm512_loadu_si512(keys + i);
+        __mmask16 low = _mm512_cmplt_epi32_mask(k, lo_v);  /* keys < 2^31: signed order is theirs */
+        __mmask16 in = _mm512_mask_cmplt_epi32_mask(~low, k, hi_v);
+        _mm512_storeu_si512(candidates + m, _mm512_maskz_compress_epi32(in, k));
+        under += __builtin_popcount(low), m += __builtin_popcount(in);
+    }
+    if (i < n) {
+        __mmask16 valid = (__mmask16)((1u << (n - i)) - 1);
         __m512i k = _mm512_maskz_loadu_epi32(valid, keys + i);
-        __mmask16 low = _mm512_mask_cmplt_epi32_mask(valid, k, lo_v);  /* keys < 2^31: signed order is theirs */
+        __mmask16 low = _mm512_mask_cmplt_epi32_mask(valid, k, lo_v);
         __mmask16 in = _mm512_mask_cmplt_epi32_mask(valid & ~low, k, hi_v);
         _mm512_storeu_si512(candidates + m, _mm512_maskz_compress_epi32(in, k));
         under += __builtin_popcount(low), m += __builtin_popcount(in);
@@ -608,9 +623,12 @@ void route_and_pack(const float *W, const float *sqnorms, int64_t d_out, int64_t
             }
             if (!bits) {  /* route_and_gate: W ⊙ M alone */
                 for (int r = 0; r < ROWS && b * ROWS + r < d_out; r++)
-                    for (int64_t g = 0, i = b * ROWS + r; g < groups; g++)
+                    for (int64_t g = 0, i = b * ROWS + r; g < groups; g++) {
+                        if (i + ROWS < d_out)  /* the next block's W into L2 meanwhile, as below */
+                            _mm_prefetch((const char *)(W + (i + ROWS) * d_in + g * GROUP), _MM_HINT_T1);
                         store_gated(gated + i * d_in + g * GROUP, W + i * d_in + g * GROUP, keep[r * groups + g],
                                     d_in - g * GROUP);
+                    }
                 continue;
             }
             float *v = values + b * capacity;
@@ -618,6 +636,8 @@ void route_and_pack(const float *W, const float *sqnorms, int64_t d_out, int64_t
             for (int64_t g = 0; g < groups; g++)
                 for (int r = 0; r < ROWS; r++) {
                     int64_t i = b * ROWS + r, j0 = g * GROUP;
+                    if (i + ROWS < d_out)  /* the next block's W into L2 meanwhile: its scoring waits less on memory */
+                        _mm_prefetch((const char *)(W + (i + ROWS) * d_in + j0), _MM_HINT_T1);
                     unsigned m = i < d_out ? keep[r * groups + g] & kept_bits(W + i * d_in + j0, d_in - j0) : 0;
                     bits_b[g * ROWS + r] = (uint16_t)m;
                     if (gated && i < d_out) store_gated(gated + i * d_in + j0, W + i * d_in + j0, m, d_in - j0);
