@@ -393,6 +393,17 @@ static inline void store_gated(float *out, const float *w, unsigned m, int64_t n
 #endif
 }
 
+/* one row's group of n <= GROUP columns at w, packed: the bits of the experts kept (`keep`) whose W_ij is not 0
+   (pack leaves out zeros too), their values side by side at v (room: floats writable from v on), and W ⊙ M at
+   `gated` if not NULL -> those bits */
+static inline __attribute__((always_inline)) unsigned pack_group(const float *w, int64_t n, unsigned keep,
+                                                                 float *gated, float *v, int64_t room) {
+    unsigned m = keep & kept_bits(w, n);
+    if (gated) store_gated(gated, w, m, n);
+    store_kept(v, w, m, room);
+    return m;
+}
+
 /* for the GROUP keys at `keys` (the row's scratch, zeros after its end): bits of those > t, and of those == t */
 static inline unsigned compare_keys(const uint32_t *keys, uint32_t t, unsigned *equal) {
 #ifdef __AVX512F__
@@ -558,13 +569,19 @@ static uint32_t kth_smallest_guessed(const uint32_t *keys, int64_t n, int64_t k,
     return t;
 }
 
-/* One row's kept-expert bits, group by group (keep[g], GROUP columns each): its keys > t, and of those == t all but
-   the first ties_pruned; or, with M > 0, in each M columns all but the N smallest (ties: lower index first). */
+/* Where a row is cut: its keys > t are kept, and of those == t all but the first `ties` (lowest index first) */
+typedef struct {
+    uint32_t t;
+    int64_t ties;
+} cut_t;
+
+/* One row's selection: with M > 0 (N:M), its kept-expert bits group by group (keep[g], GROUP columns each), in each
+   M columns all but the N smallest (ties: lower index first); else where it is cut, its k smallest pruned (k = 0:
+   t = 0, no ties: every key is kept) -- kept_in_group then reads the bits off the keys as the row is packed. */
 static void select_row(const uint32_t *keys, int64_t d_in, int64_t k, int64_t N, int64_t M, float sum, selector_t *s,
-                       uint16_t *keep) {
-    int64_t groups = (d_in + GROUP - 1) / GROUP;
+                       uint16_t *keep, cut_t *cut) {
     if (M > 0) {
-        memset(keep, 0, groups * sizeof(uint16_t));
+        memset(keep, 0, (d_in + GROUP - 1) / GROUP * sizeof(uint16_t));
         for (int64_t j0 = 0; j0 < d_in; j0 += M)
             for (int64_t j = j0; j < j0 + M; j++) {
                 int64_t rank = 0;  /* how many of its M come before it in the order (score, index) */
@@ -573,17 +590,19 @@ static void select_row(const uint32_t *keys, int64_t d_in, int64_t k, int64_t N,
             }
         return;
     }
-    int64_t ties_pruned = 0;
-    uint32_t t = k > 0 ? kth_smallest_guessed(keys, d_in, k, sum, s, &ties_pruned) : 0;
-    for (int64_t g = 0; g < groups; g++) {
-        int64_t n = d_in - g * GROUP;
-        unsigned columns = n >= GROUP ? 0xffffu : (1u << n) - 1, equal;
-        unsigned m = k > 0 ? compare_keys(keys + g * GROUP, t, &equal) : (equal = 0, columns);
-        for (equal &= columns; equal; equal &= equal - 1)  /* ties at t, lowest index first: the first are pruned */
-            if (ties_pruned > 0) ties_pruned--;
-            else m |= equal & -equal;
-        keep[g] = (uint16_t)(m & columns);
-    }
+    cut->ties = 0;
+    cut->t = k > 0 ? kth_smallest_guessed(keys, d_in, k, sum, s, &cut->ties) : 0;
+}
+
+/* the kept-expert bits of a row's n <= GROUP keys at `keys` (its groups taken in order: the ties pruned are the
+   first ones met) */
+static inline __attribute__((always_inline)) unsigned kept_in_group(const uint32_t *keys, int64_t n, cut_t *cut) {
+    unsigned columns = n >= GROUP ? 0xffffu : (1u << n) - 1, equal;
+    unsigned m = compare_keys(keys, cut->t, &equal);
+    for (equal &= columns; equal; equal &= equal - 1)  /* ties at t, lowest index first: the first are pruned */
+        if (cut->ties > 0) cut->ties--;
+        else m |= equal & -equal;
+    return m & columns;
 }
 
 /* W (d_out, d_in), the prompt's ||X_j||² (d_in,) -> bits (as pack_blocks writes them) and each block's values at
@@ -608,7 +627,8 @@ void route_and_pack(const float *W, const float *sqnorms, int64_t d_out, int64_t
         uint32_t *keys = calloc(ROWS * stride + 2 * (d_in + GROUP) + HISTOGRAM_BINS, sizeof(uint32_t));
         selector_t selector = {keys + ROWS * stride, keys + ROWS * stride + d_in + GROUP,
                                keys + ROWS * stride + 2 * (d_in + GROUP), 0};
-        uint16_t *keep = malloc(ROWS * groups * sizeof(uint16_t));
+        uint16_t *keep = malloc(ROWS * groups * sizeof(uint16_t));  /* N:M's bits */
+        cut_t cut[ROWS];
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
             for (int r = 0; r < ROWS; r++) {
@@ -619,32 +639,39 @@ void route_and_pack(const float *W, const float *sqnorms, int64_t d_out, int64_t
                 }
                 uint32_t *keys_r = keys + r * stride;
                 float sum = score_row(W + i * d_in, norms, d_in, keys_r);
-                select_row(keys_r, d_in, k, N, M, sum, &selector, keep + r * groups);
+                select_row(keys_r, d_in, k, N, M, sum, &selector, keep + r * groups, cut + r);
             }
+/* the row's kept-expert bits in group g (of n <= GROUP columns): N:M's, or read off its keys where it is cut */
+#define KEPT(r, g, n) (M > 0 ? keep[(r) * groups + (g)] : kept_in_group(keys + (r) * stride + (g) * GROUP, n, cut + (r)))
             if (!bits) {  /* route_and_gate: W ⊙ M alone */
                 for (int r = 0; r < ROWS && b * ROWS + r < d_out; r++)
                     for (int64_t g = 0, i = b * ROWS + r; g < groups; g++) {
                         if (i + ROWS < d_out)  /* the next block's W into L2 meanwhile, as below */
                             _mm_prefetch((const char *)(W + (i + ROWS) * d_in + g * GROUP), _MM_HINT_T1);
-                        store_gated(gated + i * d_in + g * GROUP, W + i * d_in + g * GROUP, keep[r * groups + g],
+                        store_gated(gated + i * d_in + g * GROUP, W + i * d_in + g * GROUP, KEPT(r, g, d_in - g * GROUP),
                                     d_in - g * GROUP);
                     }
                 continue;
             }
-            float *v = values + b * capacity;
+            float *v = values + b * capacity, *end = values + (b + 1) * capacity;
             uint16_t *bits_b = bits + b * groups * ROWS;
             for (int64_t g = 0; g < groups; g++)
                 for (int r = 0; r < ROWS; r++) {
                     int64_t i = b * ROWS + r, j0 = g * GROUP;
                     if (i + ROWS < d_out)  /* the next block's W into L2 meanwhile: its scoring waits less on memory */
                         _mm_prefetch((const char *)(W + (i + ROWS) * d_in + j0), _MM_HINT_T1);
-                    unsigned m = i < d_out ? keep[r * groups + g] & kept_bits(W + i * d_in + j0, d_in - j0) : 0;
+                    unsigned m = 0;  /* padding rows: empty */
+                    if (i < d_out && j0 + GROUP <= d_in)  /* a whole group: its masks known at compile time */
+                        m = pack_group(W + i * d_in + j0, GROUP, KEPT(r, g, GROUP), gated ? gated + i * d_in + j0 : NULL,
+                                       v, end - v);
+                    else if (i < d_out)
+                        m = pack_group(W + i * d_in + j0, d_in - j0, KEPT(r, g, d_in - j0),
+                                       gated ? gated + i * d_in + j0 : NULL, v, end - v);
                     bits_b[g * ROWS + r] = (uint16_t)m;
-                    if (gated && i < d_out) store_gated(gated + i * d_in + j0, W + i * d_in + j0, m, d_in - j0);
-                    store_kept(v, W + i * d_in + j0, m, values + (b + 1) * capacity - v);
                     v += __builtin_popcount(m);
                 }
             counts[b] = v - (values + b * capacity);
+#undef KEPT
         }
         free(keys), free(keep);
     }
