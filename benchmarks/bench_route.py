@@ -34,6 +34,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the helpers the tests share
 import models  # noqa: E402
+from checkpoint import UsageError  # noqa: E402
 from corpora import load_rows  # noqa: E402
 from mumoe import input_sqnorms  # noqa: E402
 from packed_experts import arena_for, kernel_problem, route_and_gate, route_and_pack, values_room  # noqa: E402
@@ -44,9 +45,8 @@ from kit.timing import median_and_spread, timed  # noqa: E402
 
 
 @torch.no_grad()
-def prompt_norms(model, tokenizer, tokens: int, data_dir) -> dict:
-    """Each decoder Linear -> ||X_j||² of its input over a real prompt's first `tokens` tokens (a dense forward)."""
-    text = "\n".join(load_rows("wikitext2", "test", data_dir)[:200])
+def prompt_norms(model, tokenizer, tokens: int, text: str) -> dict:
+    """Each decoder Linear -> ||X_j||² of its input over `text`'s first `tokens` tokens (a dense forward)."""
     ids = torch.tensor([tokenizer.encode(text)[:tokens]])
     norms, hooks = {}, []
     for block in model.blocks:
@@ -77,9 +77,14 @@ def main():
         print(f"bench_route.py: error: {problem or f'no SmolLM2-135M at {args.smollm2} (see --smollm2)'}",
               file=sys.stderr)
         return 2
+    try:  # WikiText-2's test text, the prompt: one line if it cannot be read, before any long work
+        text = "\n".join(load_rows("wikitext2", "test", args.data_dir)[:200])
+    except UsageError as e:
+        print(f"bench_route.py: error: {e}", file=sys.stderr)
+        return 2
     print(thread_policy.use_threads(args.threads))
     model, tokenizer = models.load_model(args.smollm2), models.load_tokenizer(args.smollm2)
-    norms = prompt_norms(model, tokenizer, args.tokens, args.data_dir)
+    norms = prompt_norms(model, tokenizer, args.tokens, text)
     scratch = {layer.weight.shape: torch.empty_like(layer.weight) for layer in norms}
     weights = sum(layer.weight.numel() for layer in norms)
 
