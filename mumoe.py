@@ -234,7 +234,7 @@ def gated_weight(W: torch.Tensor, sqnorms: torch.Tensor, moe: MuMoE, out: torch.
     """W ⊙ M for one prompt's (d_in,) norms ||X_j||², into `out` if given: pruners.wanda_gated_weight's, with
     moe.select's kernel; with select None, where the compiled router runs (float32 on the CPU), by its selection
     (packed_experts.route_and_gate: the same masks, 5-7x faster than numpy's partition)."""
-    if moe.select is None and kernel_problem(W.device, W.dtype) is None:
+    if compiled_router(moe, W.device, W.dtype):
         return route_and_gate(W, sqnorms, moe.rho, moe.nm, out=out)
     return wanda_gated_weight(W, sqnorms, moe.rho, moe.select, moe.nm, out=out)
 
@@ -243,9 +243,14 @@ def selection(moe: MuMoE, path: str, device, dtype: torch.dtype) -> str:
     """The selection that routes prompts with `moe` for a decode `path`, as the commands print it: "compiled"
     (packed_experts' router: route_and_pack for the packed decode, route_and_gate where select is None and it
     runs) or pruners' kernel (moe.select, or the fastest on the device)."""
-    if path == "packed" or (moe.select is None and kernel_problem(device, dtype) is None):
+    if path == "packed" or compiled_router(moe, device, dtype):
         return "compiled"
     return moe.select or default_select(device)
+
+
+def compiled_router(moe: MuMoE, device, dtype: torch.dtype) -> bool:
+    """Whether the masked path's W ⊙ M comes from packed_experts' compiled router: select None, where it runs."""
+    return moe.select is None and kernel_problem(device, dtype) is None
 
 
 def block_statistics(block: nn.Module, x: torch.Tensor, prefix: int | None = None) -> dict:
